@@ -1,0 +1,467 @@
+// kvq: the single binary. Subcommands parse flags, build the engine pieces and
+// turn library errors into "kvq: error: ..." with exit status 1 (usage: 2).
+#include <cblas.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <optional>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "core/run_report.h"
+#include "cpu/cpu_backend.h"
+#include "engine/generator.h"
+#include "engine/loaded_model.h"
+#include "eval/perplexity.h"
+#include "kv/page_tables.h"
+#include "model/dequant.h"
+#ifdef KVQ_HAS_CUDA
+#include "cuda/device.h"
+#endif
+
+namespace kvq {
+namespace {
+
+constexpr const char* kDefaultModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+constexpr double kDefaultCpuPoolGib = 4.0;  // host memory is committed only as pages are written
+constexpr double kGib = 1024.0 * 1024.0 * 1024.0;
+
+// Flags every subcommand shares (DESIGN.md); calibration-related ones arrive with the quantized formats.
+struct CommonOptions {
+  std::string model = kDefaultModel;
+  std::string device = "cpu";
+  int32_t page = 64;
+  int32_t chunk = 2048;
+  double pool_gib = 0;  // 0: the device default
+  int threads = 0;      // 0: all cores
+  std::string json_path;
+  std::string csv_path;
+};
+
+void add_common(CLI::App& cmd, CommonOptions& o) {
+  cmd.add_option("-m,--model", o.model, "GGUF model file")->capture_default_str();
+  cmd.add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  cmd.add_option("--page", o.page, "tokens per KV page")->check(CLI::Range(1, 1 << 16))->capture_default_str();
+  cmd.add_option("--chunk", o.chunk, "most tokens per forward step")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  cmd.add_option("--pool-gib", o.pool_gib, "KV pool size in GiB (default: 4 on cpu)")->check(CLI::Range(0.0, 1e6));
+  cmd.add_option("--threads", o.threads, "CPU threads (default: all cores)")->check(CLI::Range(0, 4096));
+  cmd.add_option("--json", o.json_path, "write results as JSON");
+  cmd.add_option("--csv", o.csv_path, "write results as CSV");
+}
+
+std::vector<std::string> parse_kv_formats(const std::string& list) {
+  std::vector<std::string> formats;
+  std::stringstream stream(list);
+  for (std::string name; std::getline(stream, name, ',');) {
+    if (name != "fp16") throw UsageError(fmt::format("unknown KV format '{}' (available: fp16)", name));
+    formats.push_back(name);
+  }
+  if (formats.empty()) throw UsageError("--kv needs at least one format");
+  return formats;
+}
+
+void apply_threads(const CommonOptions& o) {
+  if (o.threads > 0) {
+    omp_set_num_threads(o.threads);
+    openblas_set_num_threads(o.threads);
+  }
+}
+
+void require_cpu(const CommonOptions& o) {
+  if (o.device == "cuda") fail("--device cuda: the CUDA backend is not available in this build yet; use --device cpu");
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot read '{}'", path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::string format_bytes(double bytes) {
+  if (bytes >= kGib) return fmt::format("{:.2f} GiB", bytes / kGib);
+  if (bytes >= 1024.0 * 1024.0) return fmt::format("{:.1f} MiB", bytes / (1024.0 * 1024.0));
+  return fmt::format("{:.1f} KiB", bytes / 1024.0);
+}
+
+// The pool, its page tables and a backend over it.
+struct Runtime {
+  Runtime(const LoadedModel& model, const CommonOptions& o)
+      : n_pages(pool_pages(model.config, o)),
+        tables(n_pages, o.page),
+        backend(model.config, model.weights, n_pages, o.page) {}
+
+  static int32_t pool_pages(const LlamaConfig& config, const CommonOptions& o) {
+    const double gib = o.pool_gib > 0 ? o.pool_gib : kDefaultCpuPoolGib;
+    const double pages = gib * kGib / static_cast<double>(CpuKvPages::bytes_per_page(config, o.page));
+    if (pages < 1) fail("--pool-gib {} holds no page of {} tokens", gib, o.page);
+    return static_cast<int32_t>(std::min(pages, 2.0e9));
+  }
+
+  int32_t n_pages;
+  PageTables tables;
+  CpuBackend backend;
+};
+
+// Effective bits per stored K/V element, from the bytes the pages occupy.
+double kv_bits_per_element(const LlamaConfig& config, int64_t page_bytes, int64_t pages, int64_t tokens) {
+  const double elements = static_cast<double>(tokens) * config.n_layers * 2 * config.kv_dim();
+  return elements > 0 ? static_cast<double>(page_bytes) * pages * 8.0 / elements : 0.0;
+}
+
+void write_csv(const std::string& path, const nlohmann::json& results) {
+  if (path.empty()) return;
+  std::vector<std::string> columns;
+  for (const auto& row : results) {
+    for (const auto& [key, value] : row.items()) {
+      if (!value.is_structured() && std::find(columns.begin(), columns.end(), key) == columns.end()) {
+        columns.push_back(key);
+      }
+    }
+  }
+  std::ofstream out(path);
+  if (!out) fail("--csv: cannot write '{}'", path);
+  out << fmt::format("{}\n", fmt::join(columns, ","));
+  for (const auto& row : results) {
+    std::vector<std::string> cells;
+    for (const std::string& key : columns) {
+      if (!row.contains(key)) {
+        cells.emplace_back();
+      } else if (row[key].is_string()) {
+        cells.push_back(row[key].get<std::string>());
+      } else {
+        cells.push_back(row[key].dump());
+      }
+    }
+    out << fmt::format("{}\n", fmt::join(cells, ","));
+  }
+}
+
+// ---- kvq info ----------------------------------------------------------------
+int cmd_info(const CommonOptions& o, RunReport& report) {
+  LoadedModel model(o.model, false);
+  const LlamaConfig& c = model.config;
+  report.set_model(o.model);
+  fmt::print("model        {}\n", o.model);
+  fmt::print("name         {}\n", c.name);
+  fmt::print("gguf         version {}, {} metadata keys, {} tensors, alignment {}\n", model.file.version(),
+             model.file.metadata().size(), model.file.tensors().size(), model.file.alignment());
+  std::vector<std::string> types;
+  for (const auto& [name, count] : tensor_type_histogram(model.file)) types.push_back(fmt::format("{} x{}", name, count));
+  fmt::print("tensor types {}\n", fmt::join(types, ", "));
+  fmt::print("architecture llama: {} layers, hidden {}, ffn {}, heads {}/{} (query/kv), head_dim {}, vocab {}\n",
+             c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab);
+  fmt::print("             context {}, rope theta {}, rms eps {}, {:.1f}M parameters\n", c.context, c.rope_theta,
+             c.rms_eps, c.parameter_count() / 1e6);
+  fmt::print("tokenizer    {} tokens, bos {}, eos {}, add_bos {}\n", model.tokenizer.n_vocab(),
+             model.tokenizer.bos_id(), model.tokenizer.eos_id(), model.tokenizer.add_bos());
+  const int64_t kv_token_bytes = CpuKvPages::bytes_per_page(c, 1);
+  fmt::print("kv cache     fp16: {} bytes per token ({} per page of {} tokens)\n", kv_token_bytes,
+             format_bytes(static_cast<double>(kv_token_bytes) * o.page), o.page);
+  nlohmann::json gpus = nlohmann::json::array();
+#ifdef KVQ_HAS_CUDA
+  for (const GpuInfo& g : list_cuda_devices()) {
+    fmt::print("gpu          {} (sm_{}{}), {} free of {}\n", g.name, g.compute_major, g.compute_minor,
+               format_bytes(static_cast<double>(g.free_bytes)), format_bytes(static_cast<double>(g.total_bytes)));
+    gpus.push_back({{"name", g.name}, {"free_bytes", g.free_bytes}, {"total_bytes", g.total_bytes}});
+  }
+#endif
+  fmt::print("fingerprint  {:016x}\n", model.file.fingerprint());
+  nlohmann::json types_json = nlohmann::json::object();
+  for (const auto& [name, count] : tensor_type_histogram(model.file)) types_json[name] = count;
+  report.add_result({{"name", c.name},
+                     {"n_layers", c.n_layers},
+                     {"hidden", c.hidden},
+                     {"ffn", c.ffn},
+                     {"n_heads", c.n_heads},
+                     {"n_kv_heads", c.n_kv_heads},
+                     {"head_dim", c.head_dim},
+                     {"vocab", c.vocab},
+                     {"context", c.context},
+                     {"rope_theta", c.rope_theta},
+                     {"parameters", c.parameter_count()},
+                     {"tensor_types", types_json},
+                     {"kv_bytes_per_token_fp16", kv_token_bytes},
+                     {"fingerprint", fmt::format("{:016x}", model.file.fingerprint())},
+                     {"gpus", gpus}});
+  return 0;
+}
+
+// ---- kvq tokenize ------------------------------------------------------------
+int cmd_tokenize(const CommonOptions& o, const std::string& prompt, const std::string& file, bool special,
+                 RunReport& report) {
+  LoadedModel model(o.model, false);
+  const std::string text = file.empty() ? prompt : read_file(file);
+  std::vector<int32_t> ids = model.tokenizer.encode(text, special);
+  fmt::print("{}\n", nlohmann::json(ids).dump());
+  report.set_model(o.model);
+  report.add_result({{"tokens", ids.size()}, {"ids", ids}});
+  return 0;
+}
+
+// ---- kvq run -----------------------------------------------------------------
+struct RunOptions {
+  std::string prompt, prompt_file, batch_file;
+  int32_t n = 64;
+  std::string kv = "fp16";
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  bool chat = false;
+};
+
+std::vector<GenerationRequest> build_requests(const LoadedModel& model, const RunOptions& r,
+                                              std::vector<std::string>& prompts) {
+  if (!r.batch_file.empty()) {
+    std::ifstream in(r.batch_file);
+    if (!in) fail("cannot read --batch-file '{}'", r.batch_file);
+    int line_number = 0;
+    std::vector<int32_t> counts;
+    for (std::string line; std::getline(in, line);) {
+      ++line_number;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      nlohmann::json object;
+      try {
+        object = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::exception& e) {
+        fail("--batch-file {} line {}: not JSON ({})", r.batch_file, line_number, e.what());
+      }
+      if (!object.is_object() || !object.contains("prompt") || !object["prompt"].is_string()) {
+        fail("--batch-file {} line {}: expected {{\"prompt\": string, \"n\": integer}}", r.batch_file, line_number);
+      }
+      if (object.contains("n") && !object["n"].is_number_integer()) {
+        fail("--batch-file {} line {}: \"n\" must be an integer", r.batch_file, line_number);
+      }
+      prompts.push_back(object["prompt"].get<std::string>());
+      counts.push_back(object.value("n", r.n));
+    }
+    if (prompts.empty()) fail("--batch-file {} holds no request", r.batch_file);
+    std::vector<GenerationRequest> requests;
+    for (size_t k = 0; k < prompts.size(); ++k) requests.push_back({{}, counts[k]});
+    for (size_t k = 0; k < prompts.size(); ++k) {
+      const std::string text = r.chat ? model.tokenizer.apply_chat_template(prompts[k]) : prompts[k];
+      requests[k].prompt = model.tokenizer.encode(text, r.chat);
+      if (model.tokenizer.add_bos()) requests[k].prompt.insert(requests[k].prompt.begin(), model.tokenizer.bos_id());
+    }
+    return requests;
+  }
+  prompts.push_back(r.prompt_file.empty() ? r.prompt : read_file(r.prompt_file));
+  const std::string text = r.chat ? model.tokenizer.apply_chat_template(prompts[0]) : prompts[0];
+  GenerationRequest request{model.tokenizer.encode(text, r.chat), r.n};
+  if (model.tokenizer.add_bos()) request.prompt.insert(request.prompt.begin(), model.tokenizer.bos_id());
+  return {request};
+}
+
+int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
+  const int sources = !r.prompt.empty() + !r.prompt_file.empty() + !r.batch_file.empty();
+  if (sources != 1) {
+    throw UsageError("kvq run needs exactly one of -p TEXT, -f FILE or --batch-file JSONL");
+  }
+  parse_kv_formats(r.kv);
+  require_cpu(o);
+  apply_threads(o);
+  LoadedModel model(o.model, true);
+  std::vector<std::string> prompts;
+  std::vector<GenerationRequest> requests = build_requests(model, r, prompts);
+  Runtime runtime(model, o);
+  GeneratorOptions options{o.chunk, {r.temperature, r.top_p, r.seed}};
+  Generator generator(model.config, runtime.backend, runtime.tables, options,
+                      [&](int32_t id) { return model.tokenizer.is_end_of_generation(id); });
+  const bool stream = requests.size() == 1;
+  std::vector<GenerationResult> results = generator.generate(requests, [&](size_t, int32_t token) {
+    if (!stream) return;
+    fmt::print("{}", model.tokenizer.token_text(token));
+    std::fflush(stdout);
+  });
+  if (stream) {
+    fmt::print("\n");
+  } else {
+    for (size_t k = 0; k < results.size(); ++k) {
+      fmt::print("[{}] {}\n", k + 1, model.tokenizer.decode(results[k].tokens));
+    }
+  }
+
+  const GenerationStats& s = generator.stats();
+  const int64_t page_bytes = runtime.backend.kv_bytes_per_page();
+  int64_t kv_tokens = 0;
+  for (size_t k = 0; k < requests.size(); ++k) kv_tokens += requests[k].prompt.size() + results[k].tokens.size();
+  const double prefill_tok_s = s.prefill_s > 0 ? s.prompt_tokens / s.prefill_s : 0;
+  const int64_t decode_tokens = s.generated_tokens - static_cast<int64_t>(requests.size());
+  const double decode_tok_s = s.decode_s > 0 ? std::max<int64_t>(decode_tokens, 0) / s.decode_s : 0;
+  fmt::print(stderr, "prefill: {} prompt tokens in {:.3f} s ({:.1f} tok/s); decode: {} tokens in {:.3f} s ({:.1f} tok/s)\n",
+             s.prompt_tokens, s.prefill_s, prefill_tok_s, std::max<int64_t>(decode_tokens, 0), s.decode_s, decode_tok_s);
+  fmt::print(stderr, "kv cache: fp16, peak {} pages of {} tokens = {} (pool {} pages, {}); {:.2f} bits/element\n",
+             s.peak_used_pages, o.page, format_bytes(static_cast<double>(s.peak_used_pages) * page_bytes),
+             runtime.n_pages, format_bytes(static_cast<double>(runtime.n_pages) * page_bytes),
+             kv_bits_per_element(model.config, page_bytes, s.peak_used_pages, kv_tokens));
+
+  report.set_model(o.model);
+  report.set_device(runtime.backend.device_name());
+  report.settings() = {{"kv", r.kv}, {"n", r.n}, {"temp", r.temperature}, {"top_p", r.top_p}, {"seed", r.seed},
+                       {"chat", r.chat}, {"page", o.page}, {"chunk", o.chunk}, {"pool_pages", runtime.n_pages}};
+  for (size_t k = 0; k < results.size(); ++k) {
+    report.add_result({{"request", k + 1},
+                       {"kv", r.kv},
+                       {"prompt_tokens", requests[k].prompt},
+                       {"tokens", results[k].tokens},
+                       {"text", model.tokenizer.decode(results[k].tokens)},
+                       {"stop_reason", results[k].stop_reason},
+                       {"ttft_s", results[k].first_token_s},
+                       {"finish_s", results[k].finish_s},
+                       {"prefill_tok_s", prefill_tok_s},
+                       {"decode_tok_s", decode_tok_s},
+                       {"peak_kv_bytes", static_cast<int64_t>(s.peak_used_pages) * page_bytes}});
+  }
+  return 0;
+}
+
+// ---- kvq ppl -----------------------------------------------------------------
+struct PplOptions {
+  std::string file;
+  int32_t ctx = 2048;
+  int32_t stride = 0;  // 0: ctx / 2
+  int64_t max_tokens = 0;  // 0: all
+  std::string kv = "fp16";
+};
+
+int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
+  const std::vector<std::string> formats = parse_kv_formats(p.kv);
+  require_cpu(o);
+  apply_threads(o);
+  LoadedModel model(o.model, true);
+  std::vector<int32_t> tokens = model.tokenizer.encode(read_file(p.file), false);
+  if (p.max_tokens > 0 && static_cast<int64_t>(tokens.size()) > p.max_tokens) tokens.resize(p.max_tokens);
+  PerplexityOptions options;
+  options.ctx = p.ctx;
+  options.stride = p.stride > 0 ? p.stride : p.ctx / 2;
+  options.chunk = o.chunk;
+  options.bos_id = model.tokenizer.add_bos() ? model.tokenizer.bos_id() : -1;
+  Runtime runtime(model, o);
+  report.set_model(o.model);
+  report.set_device(runtime.backend.device_name());
+  report.settings() = {{"file", p.file}, {"ctx", p.ctx}, {"stride", options.stride}, {"max_tokens", p.max_tokens},
+                       {"text_tokens", tokens.size()}, {"page", o.page}, {"chunk", o.chunk}};
+
+  fmt::print("{:<8} {:>6} {:>7} {:>8} {:>10} {:>8} {:>10} {:>9}\n", "kv", "ctx", "stride", "tokens", "ppl", "+-",
+             "bits/elem", "overflow");
+  for (const std::string& kv : formats) {
+    ProgressBar bar(fmt::format("ppl {} windows", kv));
+    const auto start = std::chrono::steady_clock::now();
+    PerplexityResult result = evaluate_perplexity(model.config, runtime.backend, runtime.tables, tokens, options,
+                                                  [&](int64_t done, int64_t total) { bar.update(done, total); });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double bits = kv_bits_per_element(model.config, runtime.backend.kv_bytes_per_page(),
+                                            runtime.tables.pages_for_tokens(p.ctx), p.ctx);
+    fmt::print("{:<8} {:>6} {:>7} {:>8} {:>10.4f} {:>8.4f} {:>10.2f} {:>9}\n", kv, p.ctx, options.stride,
+               result.tokens_scored, result.ppl, result.ppl_stderr, bits, 0);
+    report.add_result({{"kv", kv},
+                       {"ctx", p.ctx},
+                       {"stride", options.stride},
+                       {"tokens", result.tokens_scored},
+                       {"windows", result.windows},
+                       {"ppl", result.ppl},
+                       {"ppl_stderr", result.ppl_stderr},
+                       {"mean_nll", result.mean_nll},
+                       {"bits_per_element", bits},
+                       {"outliers_over_capacity", 0},
+                       {"seconds", seconds},
+                       {"tok_s", result.tokens_scored / seconds}});
+  }
+  return 0;
+}
+
+int run_main(int argc, char** argv) {
+  CLI::App app{"kvq: LLM inference with a quantized, paged KV cache"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string(kKvqVersion) + " (" + git_commit() + ")");
+  CommonOptions common;
+
+  CLI::App* info = app.add_subcommand("info", "show the model's metadata, shapes and tensor types");
+  add_common(*info, common);
+
+  CLI::App* tokenize = app.add_subcommand("tokenize", "print the token ids of a text as JSON");
+  add_common(*tokenize, common);
+  std::string tok_prompt, tok_file;
+  bool tok_special = false;
+  tokenize->add_option("-p,--prompt", tok_prompt, "text");
+  tokenize->add_option("-f,--file", tok_file, "text file")->check(CLI::ExistingFile);
+  tokenize->add_flag("--special", tok_special, "match special-token text such as <|im_start|>");
+
+  CLI::App* run = app.add_subcommand("run", "generate text from a prompt or a batch of prompts");
+  add_common(*run, common);
+  RunOptions run_options;
+  run->add_option("-p,--prompt", run_options.prompt, "prompt text");
+  run->add_option("-f,--file", run_options.prompt_file, "prompt file")->check(CLI::ExistingFile);
+  run->add_option("--batch-file", run_options.batch_file, "JSONL requests {\"prompt\", \"n\"}")->check(CLI::ExistingFile);
+  run->add_option("-n", run_options.n, "tokens to generate")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  run->add_option("--kv", run_options.kv, "KV format")->capture_default_str();
+  run->add_option("--temp", run_options.temperature, "temperature; 0 is greedy")->check(CLI::Range(0.0f, 100.0f))->capture_default_str();
+  run->add_option("--top-p", run_options.top_p, "nucleus mass")->check(CLI::Range(0.0f, 1.0f))->capture_default_str();
+  run->add_option("--seed", run_options.seed, "sampling seed")->capture_default_str();
+  run->add_flag("--chat", run_options.chat, "wrap the prompt in the model's chat template");
+
+  CLI::App* ppl = app.add_subcommand("ppl", "perplexity of a text with sliding windows");
+  add_common(*ppl, common);
+  PplOptions ppl_options;
+  ppl->add_option("-f,--file", ppl_options.file, "text file")->required()->check(CLI::ExistingFile);
+  ppl->add_option("--ctx", ppl_options.ctx, "window length in tokens")->check(CLI::Range(2, 1 << 24))->capture_default_str();
+  ppl->add_option("--stride", ppl_options.stride, "window advance (default ctx/2)")->check(CLI::Range(1, 1 << 24));
+  ppl->add_option("--max-tokens", ppl_options.max_tokens, "use only the text's first N tokens")->check(CLI::Range(int64_t{2}, int64_t{1} << 40));
+  ppl->add_option("--kv", ppl_options.kv, "KV formats, comma-separated")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    fmt::print(stderr, "kvq: error: {}\n", e.what());
+    return 2;
+  }
+
+  CLI::App* chosen = app.get_subcommands().front();
+  RunReport report(chosen->get_name(), argc, argv);
+  int status = 0;
+  if (chosen == info) {
+    status = cmd_info(common, report);
+  } else if (chosen == tokenize) {
+    if (tok_prompt.empty() == tok_file.empty()) throw UsageError("kvq tokenize needs exactly one of -p TEXT or -f FILE");
+    status = cmd_tokenize(common, tok_prompt, tok_file, tok_special, report);
+  } else if (chosen == run) {
+    status = cmd_run(common, run_options, report);
+  } else if (chosen == ppl) {
+    status = cmd_ppl(common, ppl_options, report);
+  }
+  report.write(common.json_path);
+  write_csv(common.csv_path, report.to_json()["results"]);
+  return status;
+}
+
+}  // namespace
+}  // namespace kvq
+
+int main(int argc, char** argv) {
+  try {
+    return kvq::run_main(argc, argv);
+  } catch (const kvq::UsageError& e) {
+    fmt::print(stderr, "kvq: error: {}\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    fmt::print(stderr, "kvq: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "kvq: error: {}\n", e.what());
+    return 1;
+  }
+}

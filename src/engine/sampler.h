@@ -1,0 +1,26 @@
+// Next-token choice from one row of logits: greedy, or temperature + top-p.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+
+namespace kvq {
+
+struct SamplerOptions {
+  float temperature = 0.0f;  // <= 0: greedy (argmax, lowest id on ties)
+  float top_p = 1.0f;        // nucleus mass kept, in (0, 1]
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(SamplerOptions options);
+  int32_t sample(std::span<const float> logits);  // (vocab)
+
+ private:
+  SamplerOptions options_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace kvq
