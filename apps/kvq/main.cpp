@@ -15,6 +15,11 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/resource.h>
+
+#include <random>
+
+#include "bench/cpu_gemm_ceiling.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/run_report.h"
@@ -378,6 +383,121 @@ int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
   return 0;
 }
 
+// ---- kvq bench ---------------------------------------------------------------
+struct BenchOptions {
+  std::vector<int32_t> prompt_lengths = {512};
+  std::vector<int32_t> batches = {1};
+  int32_t gen = 16;
+  std::string kv = "fp16";
+  bool ragged = false;
+  int repeats = 3;
+  uint64_t seed = 0;
+};
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) {
+  const std::vector<std::string> formats = parse_kv_formats(b.kv);
+  require_cpu(o);
+  apply_threads(o);
+  LoadedModel model(o.model, true);
+  const LlamaConfig& c = model.config;
+  Runtime runtime(model, o);
+  report.set_model(o.model);
+  report.set_device(runtime.backend.device_name());
+  report.settings() = {{"prompt_len", b.prompt_lengths}, {"batch", b.batches}, {"gen", b.gen}, {"ragged", b.ragged},
+                       {"repeats", b.repeats}, {"page", o.page}, {"chunk", o.chunk}, {"threads", omp_get_max_threads()}};
+  fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10} {:>12} {:>14} {:>8} {:>12} {:>10} {:>6}\n", "kv", "prompt", "batch",
+             "gen", "prefill_s", "prefill t/s", "GEMM-only t/s", "ratio", "decode t/s", "kv MiB", "bits");
+  std::mt19937_64 rng(b.seed);
+  for (const std::string& kv : formats) {
+    for (int32_t length : b.prompt_lengths) {
+      for (int32_t batch : b.batches) {
+        if (length < 1 || batch < 1 || length > c.context) fail("--prompt-len must be in 1..{}, --batch >= 1", c.context);
+        std::vector<GenerationRequest> requests(batch);
+        int64_t prompt_tokens = 0;
+        int32_t pages_needed = 0;
+        for (GenerationRequest& r : requests) {
+          const int32_t n = b.ragged ? std::uniform_int_distribution<int32_t>(std::max(1, length / 4), length)(rng) : length;
+          r.prompt.resize(n);
+          for (int32_t& id : r.prompt) id = std::uniform_int_distribution<int32_t>(0, c.vocab - 1)(rng);
+          r.max_new_tokens = b.gen;
+          prompt_tokens += n;
+          pages_needed += runtime.tables.pages_for_tokens(std::min<int64_t>(n + b.gen - 1, c.context));
+        }
+        nlohmann::json point = {{"kv", kv}, {"prompt_len", length}, {"batch", batch}, {"gen", b.gen},
+                                {"page", o.page}, {"ragged", b.ragged}, {"prompt_tokens", prompt_tokens},
+                                {"energy_status", "unsupported: energy is measured on GPUs through NVML only"}};
+        if (pages_needed > runtime.tables.n_pages()) {
+          point["status"] = "oom";
+          fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10}\n", kv, length, batch, b.gen, "oom (pool)");
+          report.add_result(point);
+          continue;
+        }
+        std::vector<double> prefill_s, decode_s, ttft_s;
+        GenerationStats stats;
+        for (int rep = 0; rep <= b.repeats; ++rep) {  // repetition 0 warms up
+          Generator generator(c, runtime.backend, runtime.tables, {o.chunk, {}}, [](int32_t) { return false; });
+          std::vector<GenerationResult> results = generator.generate(requests);
+          stats = generator.stats();
+          if (rep == 0) continue;
+          prefill_s.push_back(stats.prefill_s);
+          decode_s.push_back(stats.decode_s);
+          ttft_s.push_back(results.front().first_token_s);
+        }
+        // GEMM-only time of the same prefill steps: full chunks plus the remainder.
+        const int64_t full_steps = prompt_tokens / o.chunk;
+        const int32_t remainder = static_cast<int32_t>(prompt_tokens % o.chunk);
+        double gemm_s = 0, gemm_flops = 0;
+        if (full_steps > 0) {
+          GemmCeiling g = measure_cpu_gemm_ceiling(c, model.weights, o.chunk, 1, b.repeats);
+          gemm_s += g.seconds * full_steps;
+          gemm_flops += g.flops * full_steps;
+        }
+        if (remainder > 0) {
+          GemmCeiling g = measure_cpu_gemm_ceiling(c, model.weights, remainder, batch, b.repeats);
+          gemm_s += g.seconds;
+          gemm_flops += g.flops;
+        }
+        const double prefill = median(prefill_s);
+        const double decode = b.gen > 1 ? median(decode_s) : 0;
+        const int64_t decode_tokens = int64_t{batch} * (b.gen - 1);
+        const int64_t page_bytes = runtime.backend.kv_bytes_per_page();
+        const int64_t kv_bytes = int64_t{stats.peak_used_pages} * page_bytes;
+        const double bits = kv_bits_per_element(c, page_bytes, stats.peak_used_pages, prompt_tokens + decode_tokens);
+        struct rusage usage {};
+        getrusage(RUSAGE_SELF, &usage);
+        point.update({{"prefill_s", prefill},
+                      {"prefill_tok_s", prompt_tokens / prefill},
+                      {"ttft_s", median(ttft_s)},
+                      {"decode_s", decode},
+                      {"decode_tok_s", decode > 0 ? decode_tokens / decode : 0.0},
+                      {"gemm_only_s", gemm_s},
+                      {"gemm_only_tok_s", prompt_tokens / gemm_s},
+                      {"gemm_gflop_s", gemm_flops / gemm_s / 1e9},
+                      {"prefill_over_gemm_only", prefill / gemm_s},
+                      {"peak_mem_bytes", int64_t{usage.ru_maxrss} * 1024},
+                      {"kv_bytes", kv_bytes},
+                      {"bits_per_element", bits},
+                      {"energy_j_per_token", nullptr},
+                      {"avg_watts", nullptr},
+                      {"status", "ok"}});
+        fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10.3f} {:>12.1f} {:>14.1f} {:>8.2f} {:>12.2f} {:>10.1f} {:>6.2f}\n", kv,
+                   length, batch, b.gen, prefill, prompt_tokens / prefill, prompt_tokens / gemm_s, prefill / gemm_s,
+                   decode > 0 ? decode_tokens / decode : 0.0, kv_bytes / 1048576.0, bits);
+        std::fflush(stdout);
+        report.add_result(point);
+      }
+    }
+  }
+  fmt::print("GEMM-only: the forward's matrix products alone with the same weights and shapes (OpenBLAS sgemm, "
+             "{} threads); ratio = prefill time / GEMM-only time.\n", omp_get_max_threads());
+  return 0;
+}
+
 int run_main(int argc, char** argv) {
   CLI::App app{"kvq: LLM inference with a quantized, paged KV cache"};
   app.require_subcommand(1);
@@ -417,6 +537,18 @@ int run_main(int argc, char** argv) {
   ppl->add_option("--max-tokens", ppl_options.max_tokens, "use only the text's first N tokens")->check(CLI::Range(int64_t{2}, int64_t{1} << 40));
   ppl->add_option("--kv", ppl_options.kv, "KV formats, comma-separated")->capture_default_str();
 
+  CLI::App* bench = app.add_subcommand("bench", "prefill and decode speed over prompt lengths and batches");
+  add_common(*bench, common);
+  BenchOptions bench_options;
+  bench->add_option("--prompt-len", bench_options.prompt_lengths, "prompt lengths")->delimiter(',')->capture_default_str();
+  bench->add_option("--batch", bench_options.batches, "batch sizes")->delimiter(',')->capture_default_str();
+  bench->add_option("--gen", bench_options.gen, "decode steps after prefill")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  bench->add_option("--kv", bench_options.kv, "KV formats, comma-separated")->capture_default_str();
+  bench->add_flag("--ragged", bench_options.ragged, "prompt lengths uniform in [L/4, L]");
+  bench->add_option("--repeats", bench_options.repeats, "timed repetitions after one warm-up (median reported)")
+      ->check(CLI::Range(1, 1000))->capture_default_str();
+  bench->add_option("--seed", bench_options.seed, "seed of the random prompts")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -442,6 +574,8 @@ int run_main(int argc, char** argv) {
     status = cmd_run(common, run_options, report);
   } else if (chosen == ppl) {
     status = cmd_ppl(common, ppl_options, report);
+  } else if (chosen == bench) {
+    status = cmd_bench(common, bench_options, report);
   }
   report.write(common.json_path);
   write_csv(common.csv_path, report.to_json()["results"]);

@@ -246,7 +246,7 @@ struct MergeCandidate {
 
 // Heap order: the top is the lowest rank, then the leftmost pair.
 bool later_merge(const MergeCandidate& a, const MergeCandidate& b) {
-  return a.rank != b.rank ? a.rank > b.rank : a.left < b.left;
+  return a.rank != b.rank ? a.rank > b.rank : a.left > b.left;
 }
 
 }  // namespace

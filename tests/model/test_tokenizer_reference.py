@@ -222,6 +222,24 @@ def test_random_strings(smollm):
             assert_same_ids(ids, reference_ids(llm, text, special), text, f"random string, special={special}")
 
 
+def test_codepoint_class_boundaries(smollm, repo_root):
+    """The first and last codepoint of every range in unicode_tables.h, between
+    letters, digits and punctuation, where its class decides the word split."""
+    import re
+
+    header = (repo_root / "src" / "tokenizer" / "unicode_tables.h").read_text()
+    starts = [int(v, 16) >> 3 for v in re.findall(r"0x([0-9A-F]{8})u", header)]
+    codepoints = sorted({c for s in starts for c in (s, s - 1) if 0 <= c <= 0x10FFFF})
+    assert len(codepoints) > 3000
+    texts = []
+    for cpt in codepoints:
+        c = chr(cpt)
+        texts.append(f"a{c}a 1{c}1 .{c}. {c}{c} {c}\n".encode("utf-8", "surrogatepass"))
+    ours, llm = smollm
+    for text, (ids, _) in zip(texts, ours.encode([(t, False) for t in texts])):
+        assert_same_ids(ids, reference_ids(llm, text, False), text, "codepoint class")
+
+
 def test_evaluation_split(smollm):
     ours, llm = smollm
     text = eval_text()
