@@ -171,17 +171,16 @@ def numpy_forward(model_path, token_batches, kv_fp16=True):
 
 def numpy_greedy(model_path, tokens, n, kv_fp16=True):
     """Greedy (argmax) continuation of n tokens with the numpy forward, decoding
-    one token per step against its KV cache. Returns (ids, logits (n, vocab)):
-    logits[i] is the distribution ids[i] was chosen from, for tie checks."""
+    one token per step against its KV cache (its logits equal a full forward's)."""
     config, weights = _model(str(model_path))
     state = _NumpyState(config["n_layers"])
-    step_logits = _numpy_step(config, weights, state, list(tokens), kv_fp16)[-1]
-    ids, chosen_from = [], []
-    for _ in range(n):
-        chosen_from.append(step_logits)
-        ids.append(int(np.argmax(step_logits)))
-        step_logits = _numpy_step(config, weights, state, [ids[-1]], kv_fp16)[-1]
-    return ids, np.stack(chosen_from)
+    logits = _numpy_step(config, weights, state, list(tokens), kv_fp16)[-1]
+    ids = []
+    for i in range(n):
+        if i > 0:
+            logits = _numpy_step(config, weights, state, [ids[-1]], kv_fp16)[-1]
+        ids.append(int(np.argmax(logits)))
+    return ids
 
 
 def _llama(model_path, n_ctx, logits_all=False, vocab_only=False):

@@ -38,6 +38,10 @@ void rope_rotate(float* x, const float* cos, const float* sin, int head_dim) {
 // C (m, n) = A (m, k) * B^T with B (n, k), row-major; beta 1 accumulates into C.
 void gemm_abt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc,
               float alpha = 1.0f, float beta = 0.0f) {
+  if (m == 1) {  // decode rows: GEMV streams the weight matrix once, without GEMM packing
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 

@@ -108,7 +108,6 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
 
     // Consume the logits rows (one per chunk) and retire finished sequences.
     std::vector<LiveSequence> still_live;
-    size_t chunk_index = 0;
     for (LiveSequence& s : live) {
       auto chunk_it = std::find_if(batch.chunks.begin(), batch.chunks.end(),
                                    [&](const SequenceChunk& c) { return c.seq == static_cast<int32_t>(s.request); });
@@ -116,7 +115,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
         still_live.push_back(s);
         continue;
       }
-      chunk_index = static_cast<size_t>(chunk_it - batch.chunks.begin());
+      const size_t logits_row = static_cast<size_t>(chunk_it - batch.chunks.begin());  // one row per chunk
       const int32_t seq = static_cast<int32_t>(s.request);
       tables_.append(seq, chunk_it->n_tokens);
       const GenerationRequest& req = requests[s.request];
@@ -131,7 +130,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
         result.first_token_s = seconds_since(start);
       }
       const int32_t token = sampler.sample(
-          std::span<const float>(logits.data() + chunk_index * config_.vocab, static_cast<size_t>(config_.vocab)));
+          std::span<const float>(logits.data() + logits_row * config_.vocab, static_cast<size_t>(config_.vocab)));
       bool done = false;
       if (is_end_of_generation_(token)) {
         result.stop_reason = "eos";

@@ -35,6 +35,7 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
   while ((n_windows - 1) * options.stride + text_per_window < n) ++n_windows;
 
   double sum_nll = 0, sum_nll_sq = 0;
+  int64_t scored = 0;
   int64_t scored_until = bos ? 0 : 1;  // first text index not yet scored
   PerplexityResult result;
   StepBatch batch;
@@ -59,6 +60,7 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
       backend.forward(batch, tables, logits);
       tables.append(seq, len);
       // Row r predicts window[pos + r + 1], i.e. text index begin + pos + r + 1 - offset.
+#pragma omp parallel for schedule(static) reduction(+ : sum_nll, sum_nll_sq, scored)
       for (int32_t r = 0; r < len; ++r) {
         const int64_t target = begin + pos + r + 1 - offset;
         if (target < scored_until || target >= end) continue;
@@ -69,7 +71,7 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
         const double nll = std::log(sum_exp) + max_logit - row[tokens[target]];
         sum_nll += nll;
         sum_nll_sq += nll * nll;
-        ++result.tokens_scored;
+        ++scored;
       }
     }
     tables.free_sequence(seq);
@@ -78,7 +80,8 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
     if (progress) progress(w + 1, n_windows);
   }
 
-  const double count = static_cast<double>(result.tokens_scored);
+  result.tokens_scored = scored;
+  const double count = static_cast<double>(scored);
   result.mean_nll = sum_nll / count;
   const double variance = std::max(0.0, sum_nll_sq / count - result.mean_nll * result.mean_nll);
   result.ppl = std::exp(result.mean_nll);

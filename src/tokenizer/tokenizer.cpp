@@ -6,7 +6,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
-#include <cstdio>
+#include <charconv>
 #include <utility>
 
 #include "core/error.h"
@@ -38,6 +38,7 @@ constexpr std::array<uint32_t, 256> make_byte_codepoints() {
 }
 constexpr std::array<uint32_t, 256> kByteCodepoints = make_byte_codepoints();
 constexpr uint32_t kByteCodepointLimit = 0x100 + 68;  // every byte-level character is below this
+static_assert(*std::max_element(kByteCodepoints.begin(), kByteCodepoints.end()) == kByteCodepointLimit - 1);
 
 void append_utf8(uint32_t cpt, std::string& out) {
   if (cpt < 0x80) {
@@ -251,8 +252,7 @@ bool later_merge(const MergeCandidate& a, const MergeCandidate& b) {
 
 }  // namespace
 
-// Buffers reused across the words of one encode call.
-struct EncodeScratch {
+struct Tokenizer::EncodeScratch {
   std::vector<uint32_t> cpts;
   std::vector<CodepointClass> classes;
   std::vector<size_t> word_ends;
@@ -343,9 +343,10 @@ Tokenizer::Tokenizer(TokenizerVocab vocab) : vocab_(std::move(vocab)) {
         bytes = text;
         break;
       case kTokenByte: {  // "<0xAB>"
-        unsigned value = 0;
+        uint8_t value = 0;
+        const char* hex_end = text.data() + std::min<size_t>(text.size(), 5);
         if (text.size() != 6 || !text.starts_with("<0x") || text[5] != '>' ||
-            std::sscanf(text.c_str() + 3, "%2x", &value) != 1) {
+            std::from_chars(text.data() + 3, hex_end, value, 16).ptr != hex_end) {
           fail("tokenizer: byte token {} '{}' is not of the form <0xAB>", id, text);
         }
         bytes.push_back(static_cast<char>(value));
@@ -368,7 +369,7 @@ Tokenizer::Tokenizer(TokenizerVocab vocab) : vocab_(std::move(vocab)) {
     return vocab_.tokens[a].size() > vocab_.tokens[b].size();
   });
 
-  // llama.cpp's end-of-generation texts that occur in ChatML-style vocabularies.
+  // Control tokens that end a turn: the common ones of llama.cpp's end-of-generation list.
   end_of_generation_.assign(n_tokens, false);
   if (vocab_.eos_id >= 0) end_of_generation_[vocab_.eos_id] = true;
   for (const char* text : {"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<|eom_id|>", "<end_of_turn>",

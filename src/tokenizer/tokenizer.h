@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -26,8 +27,7 @@ struct TokenizerVocab {
   std::string chat_template;          // raw Jinja text (only used to recognise the template family)
 };
 
-class GgufFile;        // src/model/gguf.h
-struct EncodeScratch;  // buffers of one encode call
+class GgufFile;  // src/model/gguf.h
 
 class Tokenizer {
  public:
@@ -37,7 +37,7 @@ class Tokenizer {
   // Reads the tokenizer.* metadata; throws naming a missing required key.
   static TokenizerVocab vocab_from_gguf(const GgufFile& file);
 
-  // No BOS is added here. parse_special: control tokens written in the text
+  // No BOS is added here. Safe to call from several threads at once. parse_special: control tokens written in the text
   // (e.g. "<|im_start|>") become their ids; otherwise they are tokenized as text.
   // Invalid UTF-8 is tokenized as U+FFFD per bad byte, as llama.cpp does.
   std::vector<int32_t> encode(std::string_view text, bool parse_special) const;
@@ -66,6 +66,7 @@ class Tokenizer {
     int32_t rank;       // position in the merge list: lower merges first
     int32_t merged_id;  // token made by the merge
   };
+  struct EncodeScratch;  // buffers reused across the words of one encode call
   struct StringHash {
     using is_transparent = void;
     size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }

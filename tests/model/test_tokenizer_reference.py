@@ -6,8 +6,8 @@ by jinja2. The "gpt-2" and "default" pre-tokenizers are checked the same way on
 copies of the GGUF whose tokenizer.ggml.pre is changed.
 
 Needs llama-cpp-python (run with ~/.cache/kvq/venv/bin/python -m pytest) and
-`kvq-testtool tokenize MODEL INPUT OUTPUT` in the build directory, which answers
-one request per input line:
+`kvq-testtool tokenize -m MODEL --requests F --out F` in the build directory,
+which answers each line of the requests file with one line of the output:
     encode <parse_special 0|1> <hex text>  ->  "<ids, space-separated>\\t<hex of decode(ids)>"
     decode <id> <id> ...                    ->  "<hex of decode(ids)>"
     chat <hex user message>                 ->  "<hex of apply_chat_template(message)>"
@@ -17,6 +17,7 @@ The evaluation text is data/evaluation.txt (KVQ_EVAL_TEXT overrides).
 import os
 import random
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -84,8 +85,8 @@ class Ours:
         request_file = self.tmp_path / "requests.txt"
         answer_file = self.tmp_path / "answers.txt"
         request_file.write_text("".join(r + "\n" for r in requests))
-        result = subprocess.run([str(self.testtool), "tokenize", str(self.model), str(request_file), str(answer_file)],
-                                capture_output=True, text=True)
+        result = subprocess.run([str(self.testtool), "tokenize", "-m", str(self.model), "--requests", str(request_file),
+                                 "--out", str(answer_file)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         print(result.stderr.strip())
         answers = answer_file.read_text().split("\n")[:-1]
@@ -147,12 +148,9 @@ def random_strings(seed, count):
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 24))).encode() for _ in range(count)]
 
 
-def eval_text():
-    path = os.environ.get("KVQ_EVAL_TEXT") or (os.path.join(os.path.dirname(__file__), "../../data/evaluation.txt"))
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found: run the setup script to make the evaluation split (or set KVQ_EVAL_TEXT)")
-    with open(path, "rb") as f:
-        return f.read()
+@pytest.fixture(scope="session")
+def eval_text_path(repo_root):
+    return Path(os.environ.get("KVQ_EVAL_TEXT", repo_root / "data" / "evaluation.txt"))
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +238,12 @@ def test_codepoint_class_boundaries(smollm, repo_root):
         assert_same_ids(ids, reference_ids(llm, text, False), text, "codepoint class")
 
 
-def test_evaluation_split(smollm):
+def test_evaluation_split(smollm, eval_text_path):
+    if not eval_text_path.is_file():
+        pytest.skip(f"{eval_text_path} not found: run the setup script to make the evaluation split "
+                    "(or set KVQ_EVAL_TEXT)")
     ours, llm = smollm
-    text = eval_text()
+    text = eval_text_path.read_bytes()
     (plain, decoded), (parsed, _) = ours.encode([(text, False), (text, True)])
     assert_same_ids(plain, reference_ids(llm, text, False), text, "evaluation split")
     assert_same_ids(parsed, reference_ids(llm, text, True), text, "evaluation split, special")
@@ -270,14 +271,12 @@ def test_chat_template_matches_jinja(smollm):
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "default"])
-def test_other_pre_tokenizers(testtool, model_path, tmp_path, pre):
+def test_other_pre_tokenizers(testtool, model_path, eval_text_path, tmp_path, pre):
     variant = tmp_path / f"smollm2-pre-{pre}.gguf"
     write_pre_variant(model_path, variant, pre)
     ours, llm = Ours(testtool, variant, tmp_path), reference(variant)
     texts = [t for t, _ in HARD_STRINGS] + random_strings(seed=99, count=1000)
-    try:
-        texts.append(eval_text()[:300_000])
-    except pytest.skip.Exception:
-        pass  # the evaluation split is optional here; test_evaluation_split reports its absence
+    if eval_text_path.is_file():  # optional here; test_evaluation_split reports its absence
+        texts.append(eval_text_path.read_bytes()[:300_000])
     for text, (ids, _) in zip(texts, ours.encode([(t, False) for t in texts])):
         assert_same_ids(ids, reference_ids(llm, text, False), text, f"pre-tokenizer {pre}")

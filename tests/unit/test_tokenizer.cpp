@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "gguf_builder.h"
 #include "model/gguf.h"
 #include "tokenizer/tokenizer.h"
 
@@ -123,9 +124,10 @@ TEST(Tokenizer, ByteMissingFromVocabularyIsDropped) {
 
 TEST(Tokenizer, DigitsSplitOneByOneInSmolLM) {
   VocabBuilder smollm("smollm"), gpt2("gpt-2");
-  for (VocabBuilder* b : {&smollm, &gpt2}) b->merge("1", "2").merge("Ġ", "1");
+  for (VocabBuilder* b : {&smollm, &gpt2}) b->merge("Ġ", "1").merge("1", "2");
   EXPECT_EQ(Tokenizer(smollm.vocab).encode(" 12", false), (Ids{' ', '1', '2'}));
   EXPECT_EQ(Tokenizer(gpt2.vocab).encode(" 12", false), (Ids{gpt2.id("Ġ1"), '2'}));
+  EXPECT_EQ(Tokenizer(gpt2.vocab).encode("12", false), (Ids{gpt2.id("12")}));
   // Non-ASCII digits too (ARABIC-INDIC DIGIT ONE, TWO: two bytes each).
   VocabBuilder arabic("smollm");
   arabic.merge(byte_char(0xD9), byte_char(0xA1)).merge(byte_char(0xD9) + byte_char(0xA1), byte_char(0xD9));
@@ -329,85 +331,20 @@ TEST(Tokenizer, ChatTemplateMustBeChatML) {
   EXPECT_THROW(Tokenizer(b.vocab).apply_chat_template("x"), Error);
 }
 
-// A minimal GGUF v3 writer for metadata-only files.
-class GgufBuilder {
- public:
-  GgufBuilder& string(const std::string& key, const std::string& value) {
-    header(key, 8);
-    put_string(value);
-    return *this;
-  }
-  GgufBuilder& uint32(const std::string& key, uint32_t value) {
-    header(key, 4);
-    put(value);
-    return *this;
-  }
-  GgufBuilder& boolean(const std::string& key, bool value) {
-    header(key, 7);
-    put(static_cast<uint8_t>(value));
-    return *this;
-  }
-  GgufBuilder& strings(const std::string& key, const std::vector<std::string>& values) {
-    header(key, 9);
-    put(uint32_t{8});
-    put(static_cast<uint64_t>(values.size()));
-    for (const std::string& v : values) put_string(v);
-    return *this;
-  }
-  GgufBuilder& int32s(const std::string& key, const std::vector<int32_t>& values) {
-    header(key, 9);
-    put(uint32_t{5});
-    put(static_cast<uint64_t>(values.size()));
-    for (int32_t v : values) put(v);
-    return *this;
-  }
-  std::vector<uint8_t> bytes() const {
-    std::vector<uint8_t> out;
-    auto append = [&](auto value) {
-      const auto* p = reinterpret_cast<const uint8_t*>(&value);
-      out.insert(out.end(), p, p + sizeof(value));
-    };
-    append(uint32_t{0x46554747});  // "GGUF"
-    append(uint32_t{3});
-    append(uint64_t{0});  // tensors
-    append(n_entries_);
-    out.insert(out.end(), body_.begin(), body_.end());
-    return out;
-  }
-
- private:
-  template <typename T>
-  void put(T value) {
-    const auto* p = reinterpret_cast<const uint8_t*>(&value);
-    body_.insert(body_.end(), p, p + sizeof(value));
-  }
-  void put_string(const std::string& s) {
-    put(static_cast<uint64_t>(s.size()));
-    body_.insert(body_.end(), s.begin(), s.end());
-  }
-  void header(const std::string& key, uint32_t type) {
-    put_string(key);
-    put(type);
-    ++n_entries_;
-  }
-  std::vector<uint8_t> body_;
-  uint64_t n_entries_ = 0;
-};
-
 TEST(Tokenizer, VocabFromGguf) {
   VocabBuilder b;
   b.merge("h", "i");
   const int32_t im_end = b.add("<|im_end|>", kControl);
-  GgufBuilder gguf;
-  gguf.string("tokenizer.ggml.model", "gpt2")
-      .string("tokenizer.ggml.pre", "smollm")
-      .strings("tokenizer.ggml.tokens", b.vocab.tokens)
-      .int32s("tokenizer.ggml.token_type", b.vocab.token_types)
-      .strings("tokenizer.ggml.merges", b.vocab.merges)
-      .uint32("tokenizer.ggml.bos_token_id", 1)
-      .uint32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(im_end))
-      .boolean("tokenizer.ggml.add_bos_token", false)
-      .string("tokenizer.chat_template", kSmolLM2Template);
+  test::GgufBuilder gguf;
+  gguf.add_string("tokenizer.ggml.model", "gpt2");
+  gguf.add_string("tokenizer.ggml.pre", "smollm");
+  gguf.add_string_array("tokenizer.ggml.tokens", b.vocab.tokens);
+  gguf.add_i32_array("tokenizer.ggml.token_type", b.vocab.token_types);
+  gguf.add_string_array("tokenizer.ggml.merges", b.vocab.merges);
+  gguf.add_u32("tokenizer.ggml.bos_token_id", 1);
+  gguf.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(im_end));
+  gguf.add_bool("tokenizer.ggml.add_bos_token", false);
+  gguf.add_string("tokenizer.chat_template", kSmolLM2Template);
   const std::vector<uint8_t> bytes = gguf.bytes();
   const GgufFile file = GgufFile::parse(bytes, "tiny.gguf");
   const TokenizerVocab vocab = Tokenizer::vocab_from_gguf(file);
@@ -426,8 +363,8 @@ TEST(Tokenizer, VocabFromGguf) {
 }
 
 TEST(Tokenizer, VocabFromGgufNamesMissingKey) {
-  GgufBuilder gguf;
-  gguf.string("tokenizer.ggml.model", "gpt2");
+  test::GgufBuilder gguf;
+  gguf.add_string("tokenizer.ggml.model", "gpt2");
   const std::vector<uint8_t> bytes = gguf.bytes();
   const GgufFile file = GgufFile::parse(bytes, "no-tokens.gguf");
   try {
