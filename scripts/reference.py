@@ -197,6 +197,24 @@ def llama_cpp_tokenize(model_path, text, special):
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
 
+def llama_cpp_chat_prompt(model_path, user_text):
+    """user_text as one user turn in the model's chat template (from its GGUF
+    metadata), ending with the assistant's turn opened, rendered the way
+    llama-cpp-python renders it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = _llama(model_path, n_ctx=64, vocab_only=True)
+
+    def token_text(token):
+        return llm.detokenize([token], special=True).decode("utf-8")
+
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        bos_token=token_text(llm.token_bos()), eos_token=token_text(llm.token_eos()),
+        add_generation_prompt=True)
+    return formatter(messages=[{"role": "user", "content": user_text}]).prompt
+
+
 def llama_cpp_logits(model_path, tokens):
     """llama.cpp's logits (n_tokens, vocab) float32 for every position of tokens."""
     llm = _llama(model_path, n_ctx=max(len(tokens), 64), logits_all=True)

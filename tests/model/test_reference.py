@@ -27,17 +27,20 @@ import reference  # noqa: E402  (scripts/ is put on sys.path by conftest.py)
 # against float64. Without the fp16 rounding, an fp32 copy of the forward lands
 # within 1e-4 of float64; with it, fp32 and float64 values round to different
 # fp16 neighbours now and then (2^-11 relative) and those flips carry through
-# 30 layers: max |diff| 3e-3 (7 tokens) .. 2.5e-2 (300 tokens), mean 1.3e-3.
-# The tolerances leave 4x for kvq's different summation order.
+# 30 layers: the fp32 copy is off by max 3e-3 (7 tokens) .. 2.5e-2 (300 tokens),
+# mean 1.3e-3; kvq's CPU backend by max 2.1e-2, mean 2e-3 on LOGITS_BATCH.
+# The tolerances leave 4x (max) and 2.5x (mean) for other summation orders.
+# (A consequence: these tolerances can't tell fp16 from fp32 KV storage; a
+# wrong RoPE base, for one, fails them by 20x.)
 NUMPY_MAX_ABS = 0.1
 NUMPY_MEAN_ABS = 5e-3
 # kvq vs llama.cpp: llama.cpp quantizes activations to 8 bits (q8_1/q8_0, blocks
 # of 32) for its Q4_1/Q8_0 matmuls; kvq does not. Measured numpy vs llama.cpp on
-# 1..1000-token prompts: max |diff| 0.5..2.1 (logits reach |40|), mean 0.08..0.27,
-# argmax agreement 96-100% with every disagreement at a near tie (top-2 gap
-# <= 0.27). (numpy vs llama.cpp running the same weights stored as F32 with an
-# F32 KV cache agree to 1.9e-4: the gap above is llama.cpp's quantization, not
-# a reference error.)
+# 1..1000-token prompts (kvq vs llama.cpp: the same): max |diff| 0.5..2.4
+# (logits reach |40|), mean 0.08..0.27, argmax agreement 94-100% with every
+# disagreement at a near tie (llama.cpp's top two <= 0.27 apart). numpy vs
+# llama.cpp running the same weights stored as F32 with an F32 KV cache agree
+# to 1.9e-4: the gap is llama.cpp's quantization, not a reference error.
 LLAMA_MAX_ABS = 4.0
 LLAMA_MEAN_ABS = 0.5
 LLAMA_MIN_ARGMAX_AGREEMENT = 0.9
@@ -84,13 +87,17 @@ LOGITS_BATCH = (
     (PROSE, 300),
 )
 
-# Prompts whose 32-token greedy continuations from numpy and llama.cpp are
-# identical (the top-2 gap never drops below 0.05), so kvq must match both
-# exactly. The chat prompt answers and emits <|im_end|> (EOS) after 8 tokens.
+# (prompt, through the chat template?): prompts whose 32-token greedy
+# continuations from numpy and llama.cpp are identical and whose top-2 gap in
+# numpy never drops below 0.1 (kvq deviates from numpy by <= 2e-2), so kvq must
+# match both exactly. Many prompts don't qualify: with SmolLM2's default system
+# prompt, "What is the capital of France?" opens with a near tie ("The" 25.34
+# vs "L" 25.25 in numpy) that llama.cpp's 8-bit activations flip. The chat
+# answer ends with <|im_end|> (EOS) after 11 tokens.
 GREEDY_PROMPTS = (
-    "The first five prime numbers are",
-    "In the beginning God created",
-    chat("What is the capital of France?"),
+    ("The first five prime numbers are", False),
+    ("The alphabet: A, B, C,", False),
+    ("What is 2+2?", True),
 )
 GREEDY_TOKENS = 32
 
@@ -245,13 +252,13 @@ def test_logits_match_numpy(model_path, logits_batch, kvq_logits):
         what = f"sequence of {len(tokens)} tokens"
         assert diff.max() <= NUMPY_MAX_ABS, (
             f"{what}: max |kvq - numpy| {diff.max():.3g} at (position, token) "
-            f"{np.unravel_index(diff.argmax(), diff.shape)}")
+            f"{tuple(int(i) for i in np.unravel_index(diff.argmax(), diff.shape))}")
         assert diff.mean() <= NUMPY_MEAN_ABS, f"{what}: mean |kvq - numpy| {diff.mean():.3g}"
         # The argmax may differ only where numpy's top two are within the tolerance.
         top2 = np.sort(want, axis=1)[:, -2:]
         decided = top2[:, 1] - top2[:, 0] > 2 * NUMPY_MAX_ABS
         flipped = np.flatnonzero(decided & (got.argmax(1) != want.argmax(1)))
-        assert flipped.size == 0, f"{what}: argmax differs from numpy at positions {flipped}"
+        assert flipped.size == 0, f"{what}: argmax differs from numpy at positions {flipped.tolist()}"
 
 
 # (3b) Loose: llama.cpp as its users run it.
@@ -268,20 +275,20 @@ def test_logits_match_llama_cpp(model_path, logits_batch, kvq_logits):
         gap = want.max(1) - want[np.arange(len(tokens)), got.argmax(1)]
         far = np.flatnonzero(gap > LLAMA_TIE)
         assert far.size == 0, (
-            f"{what}: kvq's argmax is {gap[far].max():.3g} below llama.cpp's best at positions {far}")
+            f"{what}: kvq's argmax is {gap[far].max():.3g} below llama.cpp's best at positions {far.tolist()}")
 
 
 @pytest.fixture(scope="module")
 def kvq_greedy(kvq, model_path, tmp_path_factory):
-    """{prompt: (prompt token ids, generated ids)} from `kvq run --temp 0`."""
+    """{(prompt, chat): (prompt token ids, generated ids)} from `kvq run --temp 0`."""
     tmp = tmp_path_factory.mktemp("greedy")
     runs = {}
-    for i, prompt in enumerate(GREEDY_PROMPTS):
+    for i, (prompt, chat) in enumerate(GREEDY_PROMPTS):
         out = tmp / f"run{i}.json"
         run([kvq, "run", "-m", model_path, "-p", prompt, "-n", GREEDY_TOKENS,
-             "--temp", "0", "--json", out])
+             "--temp", "0", "--json", out] + (["--chat"] if chat else []))
         result = json.loads(out.read_text())["results"][0]
-        runs[prompt] = (result["prompt_tokens"], result["tokens"])
+        runs[prompt, chat] = (result["prompt_tokens"], result["tokens"])
     return runs
 
 
@@ -297,12 +304,13 @@ def assert_same_continuation(got, want, eos, what):
         f"{want[first_diff]}\n kvq {got}\n ref {want}")
 
 
-# (4) Greedy continuations: the prompt is tokenized like llama.cpp (special
-# tokens parsed) and every generated token matches both references.
-@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
-def test_greedy_matches_references(model_path, model_reader, kvq_greedy, prompt):
-    prompt_tokens, got = kvq_greedy[prompt]
-    assert prompt_tokens == reference.llama_cpp_tokenize(model_path, prompt, special=True)
+# (4) Greedy continuations: the prompt (through the chat template with --chat)
+# is tokenized as llama.cpp does, and every generated token matches both references.
+@pytest.mark.parametrize("prompt, chat", GREEDY_PROMPTS)
+def test_greedy_matches_references(model_path, model_reader, kvq_greedy, prompt, chat):
+    prompt_tokens, got = kvq_greedy[prompt, chat]
+    text = reference.llama_cpp_chat_prompt(model_path, prompt) if chat else prompt
+    assert prompt_tokens == reference.llama_cpp_tokenize(model_path, text, special=chat)
     assert len(got) <= GREEDY_TOKENS
     want_llama = reference.llama_cpp_greedy(model_path, prompt_tokens, GREEDY_TOKENS)
     want_numpy = reference.numpy_greedy(model_path, prompt_tokens, GREEDY_TOKENS)
