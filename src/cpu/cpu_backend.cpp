@@ -11,39 +11,13 @@
 
 #include "core/dtypes.h"
 #include "core/error.h"
+#include "cpu/llama_ops.h"
 #include "kv/page_tables.h"
 
 namespace kvq {
 namespace {
 
 constexpr int kQueryBlock = 256;  // query rows per score block: bounds scratch to 256 x keys floats
-
-// y = x / rms(x) * w over `width` values.
-void rms_norm(const float* x, const float* w, float* y, int width, float eps) {
-  double sum_sq = 0;
-  for (int k = 0; k < width; ++k) sum_sq += static_cast<double>(x[k]) * x[k];
-  float scale = static_cast<float>(1.0 / std::sqrt(sum_sq / width + eps));
-  for (int k = 0; k < width; ++k) y[k] = x[k] * scale * w[k];
-}
-
-// Rotates adjacent pairs (x[2i], x[2i+1]) by the angle of pair i at one position.
-void rope_rotate(float* x, const float* cos, const float* sin, int head_dim) {
-  for (int i = 0; i < head_dim / 2; ++i) {
-    float x0 = x[2 * i], x1 = x[2 * i + 1];
-    x[2 * i] = x0 * cos[i] - x1 * sin[i];
-    x[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
-  }
-}
-
-// C (m, n) = A (m, k) * B^T with B (n, k), row-major; beta 1 accumulates into C.
-void gemm_abt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc,
-              float alpha = 1.0f, float beta = 0.0f) {
-  if (m == 1) {  // decode rows: GEMV streams the weight matrix once, without GEMM packing
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
 
 template <typename T>
 void grow(std::vector<T>& v, size_t n) {
@@ -74,19 +48,7 @@ uint16_t* CpuKvPages::keys(int layer, int32_t page, int kv_head) { return block(
 uint16_t* CpuKvPages::values(int layer, int32_t page, int kv_head) { return block(layer, 1, page, kv_head); }
 
 CpuBackend::CpuBackend(const LlamaConfig& config, const LlamaWeights& weights, int32_t n_pages, int32_t page_size)
-    : config_(config), weights_(weights), page_size_(page_size), kv_(config, n_pages, page_size) {
-  const int half = config.head_dim / 2;
-  rope_cos_.resize(static_cast<size_t>(config.context) * half);
-  rope_sin_.resize(rope_cos_.size());
-  for (int64_t pos = 0; pos < config.context; ++pos) {
-    for (int i = 0; i < half; ++i) {
-      // Angles in double: float accumulation drifts by ~1e-3 rad at long positions.
-      double angle = static_cast<double>(pos) * std::pow(static_cast<double>(config.rope_theta), -2.0 * i / config.head_dim);
-      rope_cos_[pos * half + i] = static_cast<float>(std::cos(angle));
-      rope_sin_[pos * half + i] = static_cast<float>(std::sin(angle));
-    }
-  }
-}
+    : config_(config), weights_(weights), page_size_(page_size), kv_(config, n_pages, page_size), rope_(config) {}
 
 std::string CpuBackend::device_name() const {
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -124,7 +86,6 @@ void CpuBackend::write_kv(int layer, const StepBatch& batch, const PageTables& t
 
 void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& tables) {
   const int hd = config_.head_dim;
-  const int half = hd / 2;
   const int group = config_.n_heads / config_.n_kv_heads;
   const int qkv_dim = config_.qkv_dim();
   const int q_dim = config_.q_dim();
@@ -156,7 +117,7 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
           k_out[d] = fp16_to_fp32(k[d]);
           v_out[d] = fp16_to_fp32(v[d]);
         }
-        rope_rotate(k_out, &rope_cos_[pos * half], &rope_sin_[pos * half], hd);
+        rope_.rotate(k_out, pos);
       }
 
       for (int g = 0; g < group; ++g) {
@@ -225,14 +186,13 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
     gemm_abt(n, c.qkv_dim(), h, xn_.data(), h, w.wqkv.data(), h, qkv_.data(), c.qkv_dim());
     write_kv(layer, batch, tables);
     // Queries are rotated here; keys after they are read back from the pages.
-    const int half = c.head_dim / 2;
     for (const SequenceChunk& chunk : batch.chunks) {
 #pragma omp parallel for schedule(static)
       for (int t = 0; t < chunk.n_tokens; ++t) {
         const int64_t pos = chunk.start_pos + t;
         float* q = &qkv_[size_t(chunk.first_row + t) * c.qkv_dim()];
         for (int head = 0; head < c.n_heads; ++head) {
-          rope_rotate(q + head * c.head_dim, &rope_cos_[pos * half], &rope_sin_[pos * half], c.head_dim);
+          rope_.rotate(q + head * c.head_dim, pos);
         }
       }
     }
@@ -247,7 +207,7 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
       const float* gate = &gate_up_[size_t(t) * 2 * c.ffn];
       const float* up = gate + c.ffn;
       float* out = &act_[size_t(t) * c.ffn];
-      for (int k = 0; k < c.ffn; ++k) out[k] = gate[k] / (1.0f + std::exp(-gate[k])) * up[k];
+      swiglu(gate, up, out, c.ffn);
     }
     gemm_abt(n, h, c.ffn, act_.data(), c.ffn, w.w_down.data(), c.ffn, x_.data(), h, 1.0f, 1.0f);
   }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/step_batch.h"
+#include "cpu/llama_ops.h"
 #include "model/llama.h"
 
 namespace kvq {
@@ -49,7 +50,7 @@ class CpuBackend final : public Backend {
   const LlamaWeights& weights_;
   int32_t page_size_;
   CpuKvPages kv_;
-  std::vector<float> rope_cos_, rope_sin_;  // (context, head_dim / 2)
+  RopeTable rope_;
   // Step workspace, grown on demand: T = tokens in the step.
   std::vector<float> x_;        // (T, hidden) residual stream
   std::vector<float> xn_;       // (T, hidden) normalized
