@@ -23,6 +23,7 @@ class CpuKvPages {
   uint16_t* keys(int layer, int32_t page, int kv_head);
   uint16_t* values(int layer, int32_t page, int kv_head);
   int64_t bytes() const { return static_cast<int64_t>(n_elements_) * 2; }
+  int32_t n_pages() const { return n_pages_; }
 
  private:
   uint16_t* block(int layer, int kind, int32_t page, int kv_head);
@@ -41,6 +42,7 @@ class CpuBackend final : public Backend {
   void forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) override;
   std::string device_name() const override;
   int64_t kv_bytes_per_page() const override { return CpuKvPages::bytes_per_page(config_, page_size_); }
+  int32_t n_pages() const override { return kv_.n_pages(); }
 
  private:
   void write_kv(int layer, const StepBatch& batch, const PageTables& tables);

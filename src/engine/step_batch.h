@@ -38,6 +38,8 @@ class Backend {
   virtual std::string device_name() const = 0;
   // Bytes the pool allocates per page (all layers, K and V, with any metadata).
   virtual int64_t kv_bytes_per_page() const = 0;
+  // Pages in the pool the backend allocated; PageTables hands out indices below it.
+  virtual int32_t n_pages() const = 0;
 };
 
 }  // namespace kvq
