@@ -32,6 +32,7 @@ class SensitivityPass {
         options_(options),
         with_gradients_(with_gradients),
         n_(static_cast<int>(tokens.size())),
+        threaded_(n_ >= kMinTokensForThreads),
         rope_(config) {
     validate();
   }
@@ -71,7 +72,7 @@ class SensitivityPass {
   // rows and copied to the result.
   void capture_kv(int layer, float* qkv) {
     const int kv_dim = c_.kv_dim(), qkv_dim = c_.qkv_dim();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
     for (int t = 0; t < n_; ++t) {
       const size_t out = (size_t(layer) * n_ + t) * kv_dim;
       float* k = qkv + size_t(t) * qkv_dim + c_.q_dim();
@@ -101,7 +102,7 @@ class SensitivityPass {
     std::vector<float> attn(size_t(n_) * q_dim);  // (T, q_dim) attention output
     std::vector<float> act(size_t(n_) * ffn);     // (T, ffn) SwiGLU output
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
     for (int t = 0; t < n_; ++t) {
       std::copy_n(w_.token_embd.data() + size_t(tokens_[t]) * h, h, x_.data() + size_t(t) * h);
     }
@@ -113,11 +114,11 @@ class SensitivityPass {
       float* gate_up = saved_.gate_up.data() + slot(layer, 2 * ffn);
 
       std::copy(x_.begin(), x_.end(), x_in);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) rms_norm(&x_[size_t(t) * h], lw.attn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
       gemm_abt(n_, qkv_dim, h, xn.data(), h, lw.wqkv.data(), h, qkv, qkv_dim);
       capture_kv(layer, qkv);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         float* row = qkv + size_t(t) * qkv_dim;
         for (int head = 0; head < c_.n_heads; ++head) rope_.rotate(row + head * c_.head_dim, t);
@@ -127,10 +128,10 @@ class SensitivityPass {
       gemm_abt(n_, h, q_dim, attn.data(), q_dim, lw.wo.data(), q_dim, x_.data(), h, 1.0f, 1.0f);
 
       std::copy(x_.begin(), x_.end(), x_mid);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) rms_norm(&x_[size_t(t) * h], lw.ffn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
       gemm_abt(n_, 2 * ffn, h, xn.data(), h, lw.w_gate_up.data(), h, gate_up, 2 * ffn);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         const float* gate = gate_up + size_t(t) * 2 * ffn;
         swiglu(gate, gate + ffn, &act[size_t(t) * ffn], ffn);
@@ -150,7 +151,7 @@ class SensitivityPass {
     const float grad_scale = 1.0f / static_cast<float>(n_rows);
     std::vector<double> row_loss(n_rows);
     if (with_gradients_) dx_.assign(size_t(n_) * h, 0.0f);  // the last row has no target: zero
-#pragma omp parallel
+#pragma omp parallel if (threaded_)
     {
       std::vector<float> xn(size_t(kLogitRows) * h), dxn(size_t(kLogitRows) * h);
       std::vector<float> logits(size_t(kLogitRows) * vocab);  // (rows, vocab), then their gradient
@@ -195,14 +196,14 @@ class SensitivityPass {
 
       // x_out = x_mid + swiglu(x_mid normalized W_gate_up^T) W_down^T
       linear_backward(n_, h, ffn, dx_.data(), h, lw.w_down.data(), d_act.data(), ffn);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         const float* gate = gate_up + size_t(t) * 2 * ffn;
         float* d_gate = &d_gate_up[size_t(t) * 2 * ffn];
         swiglu_backward(gate, gate + ffn, &d_act[size_t(t) * ffn], d_gate, d_gate + ffn, ffn);
       }
       linear_backward(n_, 2 * ffn, h, d_gate_up.data(), 2 * ffn, lw.w_gate_up.data(), dxn.data(), h);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         rms_norm_backward(x_mid + size_t(t) * h, lw.ffn_norm.data(), &dxn[size_t(t) * h], &dx_[size_t(t) * h], h,
                           c_.rms_eps);
@@ -212,7 +213,7 @@ class SensitivityPass {
       linear_backward(n_, h, q_dim, dx_.data(), h, lw.wo.data(), d_attn.data(), q_dim);
       causal_attention_backward(c_, n_, qkv, qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, d_attn.data(), q_dim,
                                 d_qkv.data(), d_qkv.data() + q_dim, d_qkv.data() + q_dim + kv_dim, qkv_dim);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         float* row = &d_qkv[size_t(t) * qkv_dim];
         for (int head = 0; head < c_.n_heads; ++head) rope_backward(rope_, row + head * hd, t, hd);
@@ -222,7 +223,7 @@ class SensitivityPass {
         std::copy_n(row + q_dim + kv_dim, kv_dim, &result_.value_grads[out]);
       }
       linear_backward(n_, qkv_dim, h, d_qkv.data(), qkv_dim, lw.wqkv.data(), dxn.data(), h);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         rms_norm_backward(x_in + size_t(t) * h, lw.attn_norm.data(), &dxn[size_t(t) * h], &dx_[size_t(t) * h], h,
                           c_.rms_eps);
@@ -236,6 +237,7 @@ class SensitivityPass {
   const KvSensitivityOptions& options_;
   const bool with_gradients_;
   const int n_;  // T
+  const bool threaded_;
   RopeTable rope_;
   SavedActivations saved_;
   std::vector<float> x_;   // (T, hidden) residual stream

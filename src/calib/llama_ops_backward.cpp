@@ -94,7 +94,7 @@ void causal_attention(const LlamaConfig& config, int n_tokens, const float* q, c
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int n_blocks = (n_tokens + kQueryBlock - 1) / kQueryBlock;
   const int n_tasks = config.n_heads * n_blocks;
-#pragma omp parallel
+#pragma omp parallel if (n_tokens >= kMinTokensForThreads)
   {
     std::vector<float> scores(static_cast<size_t>(std::min(kQueryBlock, n_tokens)) * n_tokens);  // (rows, visible)
 #pragma omp for schedule(dynamic, 1)
@@ -123,7 +123,7 @@ void causal_attention_backward(const LlamaConfig& config, int n_tokens, const fl
   // Per query head: its share of dK and dV, (n_heads, n_tokens, head_dim), summed
   // over each group afterwards in a fixed order so results don't depend on threads.
   std::vector<float> head_dk(config.n_heads * head_block, 0.0f), head_dv(config.n_heads * head_block, 0.0f);
-#pragma omp parallel
+#pragma omp parallel if (n_tokens >= kMinTokensForThreads)
   {
     const size_t scratch = static_cast<size_t>(std::min(kQueryBlock, n_tokens)) * n_tokens;
     std::vector<float> probs(scratch), d_scores(scratch);  // (rows, visible) each

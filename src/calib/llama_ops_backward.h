@@ -16,6 +16,11 @@
 
 namespace kvq {
 
+// Sequences shorter than this run single-threaded: their work is smaller than an
+// OpenMP fork/join, which costs a whole scheduler time slice when the cores are
+// shared (the finite-difference tests run ~1000 tiny forwards).
+constexpr int kMinTokensForThreads = 64;
+
 // dx += J^T dy for y = rms_norm(x, w, eps) over `width` values: adds, because the
 // residual stream's gradient already holds the skip path. (w needs no gradient.)
 void rms_norm_backward(const float* x, const float* w, const float* dy, float* dx, int width, float eps);

@@ -228,10 +228,11 @@ TEST(Backward, CausalAttentionMatchesFiniteDifferences) { check_attention(9, {})
 
 TEST(Backward, CausalAttentionAcrossQueryBlocksMatchesFiniteDifferences) {
   // 140 tokens: two blocks of query rows; positions on both sides of the block
-  // boundary (128), each with Q, K and V columns of both KV heads.
+  // boundary (128), each with Q, K and V columns of both KV heads. (Few: each
+  // finite difference runs the threaded attention twice.)
   std::vector<size_t> indices;
   const size_t stride = tiny_config().qkv_dim();
-  for (size_t t : {0, 5, 64, 126, 127, 128, 129, 139}) {
+  for (size_t t : {0, 127, 128, 139}) {
     for (size_t col : {1, 14, 17, 22, 26, 31}) indices.push_back(t * stride + col);
   }
   check_attention(140, indices);
