@@ -1,0 +1,322 @@
+// kvq-gpu-bench: the CUDA backend's benchmarks (scripts/gpu_check.sh runs it
+// beside scripts/baseline_torch.py on the same card).
+//   copy      device-to-device copy, GB/s counting bytes read + written (the ceiling)
+//   prefill   prefill attention kernel TFLOP/s (4 S^2 H D per sequence, halved for causal)
+//   decode    decode attention kernel GB/s (K and V bytes read) and % of copy
+//   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets
+// Each point: warm-up, then the median of repeats timed with events (kernels)
+// or around forward() (which ends with a stream sync). Writes one JSON object.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <numeric>
+
+#include "core/error.h"
+#include "cuda/attention.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/llama_kernels.h"
+#include "gpu_test_util.h"
+#include "kv/page_tables.h"
+#include "model/dummy_presets.h"
+
+using namespace kvq;
+using namespace kvq::gputest;
+using nlohmann::json;
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <typename F>
+double time_kernel_ms(F&& launch, int warmup, int repeats) {
+  for (int k = 0; k < warmup; ++k) launch();
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> ms;
+  for (int k = 0; k < repeats; ++k) {
+    CUDA_CHECK(cudaEventRecord(start));
+    launch();
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  return median(ms);
+}
+
+double measure_copy_gbs() {
+  const size_t bytes = size_t(2) << 30;
+  DeviceArray<char> a(bytes), b(bytes);
+  CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
+  const double ms = time_kernel_ms([&] { CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice)); }, 3, 15);
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
+// One layer's pool with `n_seqs` sequences of `seq_len` keys on shuffled pages, random contents.
+struct AttentionSetup {
+  AttentionSetup(int n_seqs, int seq_len, int n_tokens_per_seq, int head_dim, int n_heads, int n_kv_heads, int page) {
+    std::mt19937 rng(1);
+    const int pages_per_seq = (seq_len + page - 1) / page;
+    const int n_pages = pages_per_seq * n_seqs;
+    std::vector<int32_t> order(n_pages);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    int32_t rows = 0;
+    for (int s = 0; s < n_seqs; ++s) {
+      chunks.push_back({rows, n_tokens_per_seq, seq_len - n_tokens_per_seq, s * pages_per_seq});
+      ids.push_back(s);
+      rows += n_tokens_per_seq;
+    }
+    const size_t pool = size_t(n_pages) * n_kv_heads * page * head_dim;
+    keys.resize(pool);
+    values.resize(pool);
+    q.resize(size_t(rows) * n_heads * head_dim);
+    out.resize(q.size());
+    cuda::launch_fill_uniform(keys.get(), int64_t(pool), 1, 1.7f, nullptr);
+    cuda::launch_fill_uniform(values.get(), int64_t(pool), 2, 1.7f, nullptr);
+    cuda::launch_fill_uniform(q.get(), int64_t(q.size()), 3, 1.7f, nullptr);
+    d_pages.resize(order.size());
+    d_pages.upload(order);
+    d_chunks.resize(chunks.size());
+    d_chunks.upload(chunks);
+    LlamaConfig c;
+    c.head_dim = head_dim;
+    c.context = seq_len;
+    c.rope_theta = 10000.0f;
+    d_rope.resize(size_t(seq_len) * head_dim / 2);
+    d_rope.upload(rope_table(c));
+    query = {q.get(), n_heads * head_dim, out.get(), n_heads * head_dim, n_heads, head_dim, 1.0f / std::sqrt(float(head_dim))};
+    kv = {keys.get(), values.get(), d_pages.get(), d_rope.get(), page, n_kv_heads};
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  std::vector<cuda::AttentionChunk> chunks;
+  std::vector<int32_t> ids;
+  DeviceArray<__half> keys, values, q, out;
+  DeviceArray<int32_t> d_pages;
+  DeviceArray<cuda::AttentionChunk> d_chunks;
+  DeviceArray<float2> d_rope;
+  cuda::AttentionQuery query{};
+  cuda::PagedKv kv{};
+};
+
+struct AttnShape {
+  const char* name;
+  int head_dim, n_heads, n_kv_heads;
+};
+const AttnShape kShapes[] = {{"hd64 9/3", 64, 9, 3}, {"hd128 32/32", 128, 32, 32}, {"hd128 32/8", 128, 32, 8}};
+
+json bench_prefill(const std::vector<int>& lengths, int tokens_per_point) {
+  json results = json::array();
+  for (const AttnShape& shape : kShapes) {
+    for (int S : lengths) {
+      const int batch = std::max(1, tokens_per_point / S);
+      AttentionSetup setup(batch, S, S, shape.head_dim, shape.n_heads, shape.n_kv_heads, 64);
+      const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(setup.chunks, setup.ids, shape.head_dim);
+      DeviceArray<cuda::PrefillWork> d_work(work);
+      const double ms = time_kernel_ms(
+          [&] { cuda::launch_prefill_attention(setup.query, setup.kv, setup.d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr); },
+          3, 10);
+      const double flops = double(batch) * 4.0 * S * double(S) * shape.n_heads * shape.head_dim / 2.0;
+      const double tflops = flops / (ms * 1e-3) / 1e12;
+      results.push_back({{"shape", shape.name}, {"head_dim", shape.head_dim}, {"n_heads", shape.n_heads},
+                         {"n_kv_heads", shape.n_kv_heads}, {"seq_len", S}, {"batch", batch}, {"ms", ms}, {"tflops", tflops}});
+      std::printf("prefill-attn %-12s S=%-6d B=%-3d %8.3f ms %7.1f TFLOP/s\n", shape.name, S, batch, ms, tflops);
+      std::fflush(stdout);
+    }
+  }
+  return results;
+}
+
+json bench_decode(double copy_gbs) {
+  struct Point {
+    const char* model;
+    AttnShape shape;
+    int batch, context;
+  };
+  const Point points[] = {{"smollm2-135m", kShapes[0], 64, 8192},
+                          {"smollm2-135m", kShapes[0], 1, 8192},
+                          {"llama3-8b", kShapes[2], 16, 8192},
+                          {"llama2-7b", kShapes[1], 1, 32768}};
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  json results = json::array();
+  for (const Point& p : points) {
+    AttentionSetup setup(p.batch, p.context, 1, p.shape.head_dim, p.shape.n_heads, p.shape.n_kv_heads, 64);
+    const cuda::DecodePlan plan = cuda::plan_decode(setup.chunks, setup.ids, p.shape.n_kv_heads, prop.multiProcessorCount);
+    DeviceArray<cuda::DecodeSplit> d_splits(plan.splits);
+    DeviceArray<cuda::DecodeChunk> d_dchunks(plan.chunks);
+    DeviceArray<char> ws(cuda::decode_workspace_bytes(int32_t(plan.splits.size()), p.shape.n_heads, p.shape.head_dim));
+    const double ms = time_kernel_ms(
+        [&] {
+          cuda::launch_decode_attention(setup.query, setup.kv, setup.d_chunks.get(), d_splits.get(), int32_t(plan.splits.size()),
+                                        d_dchunks.get(), int32_t(plan.chunks.size()), ws.get(), nullptr);
+        },
+        5, 30);
+    const double bytes = double(p.batch) * p.context * p.shape.n_kv_heads * p.shape.head_dim * 2.0 * 2.0;
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"batch", p.batch}, {"context", p.context},
+                       {"splits", plan.splits.size()}, {"ms", ms}, {"gb_s", gbs}, {"fraction_of_copy", gbs / copy_gbs}});
+    std::printf("decode-attn %-12s %-12s B=%-3d ctx=%-6d %8.4f ms %7.0f GB/s (%.0f%% of copy)\n", p.model, p.shape.name,
+                p.batch, p.context, ms, gbs, 100.0 * gbs / copy_gbs);
+    std::fflush(stdout);
+  }
+  return results;
+}
+
+json bench_e2e(const std::string& preset, const std::vector<std::pair<int, int>>& prefill_points, bool ragged,
+               const std::vector<int>& decode_batches, int decode_context) {
+  const LlamaConfig c = dummy_preset(preset);
+  int max_tokens = 0;
+  for (auto [L, B] : prefill_points) max_tokens = std::max(max_tokens, L * B);
+  for (int B : decode_batches) max_tokens = std::max(max_tokens, decode_context * B > 32768 ? 32768 : decode_context * B);
+  CudaBackendOptions options;
+  options.max_step_tokens = max_tokens;
+  options.dummy_seed = 1;
+  options.pool_bytes = int64_t{12} << 30;
+  std::unique_ptr<Backend> backend = make_cuda_backend(c, nullptr, options);
+  json results = json::array();
+  std::mt19937 rng(5);
+  auto random_ids = [&](int n) {
+    std::vector<int32_t> ids(n);
+    for (int32_t& id : ids) id = int32_t(rng() % c.vocab);
+    return ids;
+  };
+  std::vector<float> logits;
+  for (auto [L, B] : prefill_points) {
+    for (int variant = 0; variant < (ragged ? 2 : 1); ++variant) {
+      std::vector<int> lengths(B, L);
+      if (variant == 1) {
+        std::uniform_int_distribution<int> pick(L / 4, L);
+        for (int& n : lengths) n = pick(rng);
+      }
+      PageTables tables(backend->n_pages(), options.page_size);
+      StepBatch batch;
+      std::vector<std::vector<int32_t>> ids;
+      for (int s = 0; s < B; ++s) {
+        tables.add_sequence(s);
+        if (!tables.reserve(s, lengths[s])) throw kvq::Error("bench: pool too small");
+        ids.push_back(random_ids(lengths[s]));
+        batch.add_chunk(s, 0, ids.back().data(), lengths[s], false);
+      }
+      std::vector<double> seconds;
+      for (int rep = 0; rep < 6; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        backend->forward(batch, tables, logits);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (rep > 0) seconds.push_back(s);
+      }
+      const double t = median(seconds);
+      const int tokens = batch.n_tokens();
+      results.push_back({{"mode", "prefill"}, {"model", preset}, {"prompt_len", L}, {"batch", B}, {"ragged", variant == 1},
+                         {"tokens", tokens}, {"prefill_s", t}, {"prefill_tok_s", tokens / t}});
+      std::printf("e2e-prefill %-13s L=%-5d B=%-3d %-7s %8.2f ms %9.0f tok/s\n", preset.c_str(), L, B,
+                  variant ? "ragged" : "full", t * 1e3, tokens / t);
+      std::fflush(stdout);
+    }
+  }
+  for (int B : decode_batches) {
+    PageTables tables(backend->n_pages(), options.page_size);
+    std::vector<std::vector<int32_t>> ids;
+    const int steps = 16;
+    for (int s = 0; s < B; ++s) {
+      tables.add_sequence(s);
+      if (!tables.reserve(s, decode_context + steps + 6)) throw kvq::Error("bench: pool too small");
+      ids.push_back(random_ids(decode_context + steps + 6));
+    }
+    // Prefill the context in steps of at most 32768 tokens.
+    for (int s0 = 0; s0 < B;) {
+      StepBatch batch;
+      int s = s0;
+      for (; s < B && batch.n_tokens() + decode_context <= std::max(32768, decode_context); ++s) {
+        batch.add_chunk(s, 0, ids[s].data(), decode_context, false);
+      }
+      backend->forward(batch, tables, logits);
+      for (int k = s0; k < s; ++k) tables.append(k, decode_context);
+      s0 = s;
+    }
+    std::vector<double> seconds;
+    for (int step = 0; step < steps + 2; ++step) {
+      StepBatch batch;
+      for (int s = 0; s < B; ++s) batch.add_chunk(s, tables.length(s), ids[s].data() + tables.length(s), 1, false);
+      const auto t0 = std::chrono::steady_clock::now();
+      backend->forward(batch, tables, logits);
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (int s = 0; s < B; ++s) tables.append(s, 1);
+      if (step >= 2) seconds.push_back(t);
+    }
+    const double t = median(seconds);
+    results.push_back({{"mode", "decode"}, {"model", preset}, {"context", decode_context}, {"batch", B},
+                       {"step_s", t}, {"decode_tok_s", B / t}});
+    std::printf("e2e-decode  %-13s ctx=%-5d B=%-3d %8.3f ms/step %9.0f tok/s\n", preset.c_str(), decode_context, B,
+                t * 1e3, B / t);
+    std::fflush(stdout);
+  }
+  return results;
+}
+
+std::vector<int> parse_ints(const std::string& s) {
+  std::vector<int> v;
+  size_t k = 0;
+  while (k < s.size()) {
+    size_t e = s.find(',', k);
+    if (e == std::string::npos) e = s.size();
+    v.push_back(std::stoi(s.substr(k, e - k)));
+    k = e + 1;
+  }
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"kvq-gpu-bench: CUDA attention and end-to-end benchmarks"};
+  std::string parts = "copy,prefill,decode,e2e", json_path, lengths = "512,2048,8192,16384";
+  int tokens_per_point = 16384;
+  app.add_option("--parts", parts, "which of copy,prefill,decode,e2e");
+  app.add_option("--lengths", lengths, "prefill attention sequence lengths");
+  app.add_option("--tokens", tokens_per_point, "prefill attention: batch = max(1, tokens / S)");
+  app.add_option("--json", json_path, "write the results here");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (!has_cuda_device()) {
+      std::cerr << "kvq-gpu-bench: no CUDA device\n";
+      return 1;
+    }
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+    json out = {{"device", prop.name}, {"date", date}, {"argv", std::vector<std::string>(argv, argv + argc)}};
+    auto wants = [&](const char* part) { return parts.find(part) != std::string::npos; };
+    const double copy_gbs = measure_copy_gbs();
+    out["copy_gb_s"] = copy_gbs;
+    std::printf("copy %.0f GB/s (read + write) on %s\n", copy_gbs, prop.name);
+    if (wants("prefill")) out["prefill_attention"] = bench_prefill(parse_ints(lengths), tokens_per_point);
+    if (wants("decode")) out["decode_attention"] = bench_decode(copy_gbs);
+    if (wants("e2e")) {
+      json e2e = json::array();
+      for (auto& r : bench_e2e("smollm2-135m", {{2048, 64}}, true, {1, 64}, 2048)) e2e.push_back(r);
+      for (auto& r : bench_e2e("llama2-7b", {{2048, 1}, {2048, 4}, {2048, 16}}, true, {1}, 2048)) e2e.push_back(r);
+      out["e2e"] = e2e;
+    }
+    if (!json_path.empty()) std::ofstream(json_path) << out.dump(2) << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "kvq-gpu-bench: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,84 @@
+#include "gpu_test_util.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/dtypes.h"
+#include "cpu/llama_ops.h"
+#include "cuda/device.h"
+
+namespace kvq::gputest {
+
+bool has_cuda_device() { return !list_cuda_devices().empty(); }
+
+std::vector<uint16_t> random_half(std::mt19937& rng, size_t n, float scale) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<uint16_t> v(n);
+  for (uint16_t& x : v) x = fp32_to_fp16(normal(rng));
+  return v;
+}
+
+std::vector<float2> rope_table(const LlamaConfig& config) {
+  const RopeTable table(config);
+  const int half = config.head_dim / 2;
+  std::vector<float2> out(size_t(config.context) * half);
+  for (int64_t pos = 0; pos < config.context; ++pos)
+    for (int i = 0; i < half; ++i) out[pos * half + i] = make_float2(table.cos(pos)[i], table.sin(pos)[i]);
+  return out;
+}
+
+PagedLayer make_paged_layer(std::mt19937& rng, const std::vector<int64_t>& seq_lengths, int32_t page_size,
+                            int32_t n_kv_heads, int32_t head_dim, float scale) {
+  PagedLayer layer;
+  layer.page_size = page_size;
+  layer.n_kv_heads = n_kv_heads;
+  layer.head_dim = head_dim;
+  int32_t total = 0;
+  for (int64_t n : seq_lengths) total += static_cast<int32_t>((n + page_size - 1) / page_size);
+  layer.n_pages = total + 3;  // a few pages nobody owns
+  std::vector<int32_t> order(layer.n_pages);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  size_t next = 0;
+  for (int64_t n : seq_lengths) {
+    std::vector<int32_t> pages;
+    for (int64_t p = 0; p < (n + page_size - 1) / page_size; ++p) pages.push_back(order[next++]);
+    layer.seq_pages.push_back(pages);
+  }
+  const size_t elements = size_t(layer.n_pages) * n_kv_heads * page_size * head_dim;
+  layer.keys = random_half(rng, elements, scale);
+  layer.values = random_half(rng, elements, 1.0f);
+  return layer;
+}
+
+void reference_attention_row(const PagedLayer& layer, const RopeTable& rope, int seq,
+                             int kv_head, const uint16_t* q, int64_t n_keys, float scale, double* out) {
+  const int hd = layer.head_dim;
+  std::vector<double> scores(n_keys);
+  std::vector<float> key(hd);
+  std::vector<double> qd(hd);
+  for (int d = 0; d < hd; ++d) qd[d] = fp16_to_fp32(q[d]);
+  double max_score = -1e300;
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const int32_t page = layer.seq_pages[seq][pos / layer.page_size];
+    const size_t offset = ((size_t(page) * layer.n_kv_heads + kv_head) * layer.page_size + pos % layer.page_size) * hd;
+    for (int d = 0; d < hd; ++d) key[d] = fp16_to_fp32(layer.keys[offset + d]);
+    rope.rotate(key.data(), pos);
+    double dot = 0;
+    for (int d = 0; d < hd; ++d) dot += qd[d] * key[d];
+    scores[pos] = dot * scale;
+    max_score = std::max(max_score, scores[pos]);
+  }
+  double sum = 0;
+  for (double& s : scores) sum += (s = std::exp(s - max_score));
+  std::fill(out, out + hd, 0.0);
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const int32_t page = layer.seq_pages[seq][pos / layer.page_size];
+    const size_t offset = ((size_t(page) * layer.n_kv_heads + kv_head) * layer.page_size + pos % layer.page_size) * hd;
+    const double p = scores[pos] / sum;
+    for (int d = 0; d < hd; ++d) out[d] += p * fp16_to_fp32(layer.values[offset + d]);
+  }
+}
+
+}  // namespace kvq::gputest

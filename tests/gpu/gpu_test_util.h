@@ -1,0 +1,78 @@
+// Shared by the GPU tests and kvq-gpu-bench: device presence, a device buffer
+// that frees itself, random fp16 data, and the CPU reference of paged attention.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "cpu/llama_ops.h"
+#include "cuda/cuda_check.h"
+#include "model/llama.h"
+
+namespace kvq::gputest {
+
+bool has_cuda_device();
+
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n = 0) { resize(n); }
+  explicit DeviceArray(const std::vector<T>& host) {
+    resize(host.size());
+    upload(host);
+  }
+  ~DeviceArray() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  void resize(size_t n) {
+    if (ptr_) CUDA_CHECK(cudaFree(ptr_));
+    ptr_ = nullptr;
+    n_ = n;
+    if (n) CUDA_CHECK(cudaMalloc(&ptr_, n * sizeof(T)));
+  }
+  void upload(const std::vector<T>& host) {
+    if (host.size()) CUDA_CHECK(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(n_);
+    if (n_) CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  T* get() const { return ptr_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t n_ = 0;
+};
+
+// fp16 bits of normal(0, scale) values.
+std::vector<uint16_t> random_half(std::mt19937& rng, size_t n, float scale);
+
+// (context, head_dim / 2) (cos, sin) from RopeTable, as the backend uploads it.
+std::vector<float2> rope_table(const LlamaConfig& config);
+
+// A paged fp16 pool of one layer for tests: n_pages pages with shuffled page
+// order per sequence, random pre-RoPE keys and values in every page.
+struct PagedLayer {
+  int32_t page_size = 0, n_kv_heads = 0, head_dim = 0, n_pages = 0;
+  std::vector<uint16_t> keys, values;             // (n_pages, n_kv_heads, page_size, head_dim) fp16 bits
+  std::vector<std::vector<int32_t>> seq_pages;    // per sequence, pool pages in token order
+};
+PagedLayer make_paged_layer(std::mt19937& rng, const std::vector<int64_t>& seq_lengths, int32_t page_size,
+                            int32_t n_kv_heads, int32_t head_dim, float scale);
+
+// Reference attention of one query row (already rotated, fp16 bits, head_dim)
+// against keys 0..n_keys-1 of a sequence: keys read back, rotated with
+// RopeTable::rotate in fp32, scores and softmax in double. out (head_dim).
+void reference_attention_row(const PagedLayer& layer, const RopeTable& rope, int seq, int kv_head, const uint16_t* q, int64_t n_keys,
+                             float scale, double* out);
+
+}  // namespace kvq::gputest

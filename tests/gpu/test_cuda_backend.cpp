@@ -1,0 +1,210 @@
+// The CUDA backend against the CPU reference backend on random models whose
+// weights are fp16-representable (both backends then use identical weights).
+// What differs: the GPU rounds xn, qkv, attention outputs and the SwiGLU input
+// and output to fp16 (2^-11 relative each), rounds post-RoPE keys and P to fp16
+// in attention, and sums in other orders. Through a few layers that moves logits
+// by ~1e-3 of their RMS; a wrong page, position or mask moves them by O(1) of it.
+// So per logit row: ||gpu - cpu|| <= 1e-2 ||cpu|| (RMS over the vocabulary).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/dtypes.h"
+#include "core/error.h"
+#include "cpu/cpu_backend.h"
+#include "cuda/cuda_backend.h"
+#include "gpu_test_util.h"
+#include "kv/page_tables.h"
+#include "model/dummy_presets.h"
+
+namespace kvq::gputest {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device"
+
+LlamaWeights random_fp16_weights(const LlamaConfig& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto fill = [&](size_t n, float scale, float offset = 0.0f) {
+    std::vector<float> v(n);
+    for (float& x : v) x = fp16_to_fp32(fp32_to_fp16(offset + scale * normal(rng)));
+    return v;
+  };
+  LlamaWeights w;
+  w.token_embd = fill(size_t(c.vocab) * c.hidden, 1.0f);
+  w.output_norm = fill(c.hidden, 0.1f, 1.0f);
+  for (int l = 0; l < c.n_layers; ++l) {
+    LlamaLayerWeights lw;
+    lw.attn_norm = fill(c.hidden, 0.1f, 1.0f);
+    lw.wqkv = fill(size_t(c.qkv_dim()) * c.hidden, 1.5f / std::sqrt(float(c.hidden)));
+    lw.wo = fill(size_t(c.hidden) * c.q_dim(), 1.0f / std::sqrt(float(c.q_dim())));
+    lw.ffn_norm = fill(c.hidden, 0.1f, 1.0f);
+    lw.w_gate_up = fill(size_t(2) * c.ffn * c.hidden, 1.0f / std::sqrt(float(c.hidden)));
+    lw.w_down = fill(size_t(c.hidden) * c.ffn, 1.0f / std::sqrt(float(c.ffn)));
+    w.layers.push_back(std::move(lw));
+  }
+  return w;
+}
+
+LlamaConfig small_config(int head_dim) {
+  LlamaConfig c;
+  c.name = "small";
+  c.n_layers = 3;
+  c.hidden = 256;
+  c.ffn = 512;
+  c.n_heads = 6;
+  c.n_kv_heads = 2;
+  c.head_dim = head_dim;
+  c.vocab = 1000;
+  c.context = 4096;
+  c.rope_theta = 10000.0f;
+  return c;
+}
+
+void expect_rows_close(const std::vector<float>& gpu, const std::vector<float>& cpu, int vocab, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  double worst = 0;
+  for (size_t r = 0; r < cpu.size() / vocab; ++r) {
+    double diff = 0, norm = 0;
+    for (int k = 0; k < vocab; ++k) {
+      const double a = gpu[r * vocab + k], b = cpu[r * vocab + k];
+      diff += (a - b) * (a - b);
+      norm += b * b;
+    }
+    const double rel = std::sqrt(diff / norm);
+    worst = std::max(worst, std::isnan(rel) ? 1e30 : rel);
+    EXPECT_LE(rel, 1e-2) << what << " row " << r;
+  }
+  std::printf("[ info ] %s: worst row relative error %.2e\n", what.c_str(), worst);
+}
+
+// Runs the same steps through both backends with identical page tables.
+struct TwinBackends {
+  TwinBackends(const LlamaConfig& c, const LlamaWeights& w, int32_t n_pages, int32_t page)
+      : cpu(c, w, n_pages, page), cpu_tables(n_pages, page), gpu_tables(n_pages, page) {
+    CudaBackendOptions options;
+    options.page_size = page;
+    options.pool_bytes = int64_t{n_pages} * cpu.kv_bytes_per_page();
+    options.max_step_tokens = 256;
+    gpu = make_cuda_backend(c, &w, options);
+  }
+  CpuBackend cpu;
+  std::unique_ptr<Backend> gpu;
+  PageTables cpu_tables, gpu_tables;
+};
+
+TEST(CudaBackend, RaggedBatchThenChunksAndDecodeMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int head_dim : {64, 128}) {
+    const LlamaConfig c = small_config(head_dim);
+    const LlamaWeights w = random_fp16_weights(c, 7 + head_dim);
+    const int page = 16, n_pages = 200;
+    TwinBackends twins(c, w, n_pages, page);
+    ASSERT_EQ(twins.gpu->n_pages(), n_pages);
+    std::mt19937 rng(9);
+    const std::vector<int> lengths = {1, 17, 64, 200, 700};
+    std::vector<std::vector<int32_t>> ids(lengths.size());
+    for (size_t s = 0; s < lengths.size(); ++s) {
+      for (int k = 0; k < lengths[s] + 40; ++k) ids[s].push_back(int32_t(rng() % c.vocab));
+      for (PageTables* t : {&twins.cpu_tables, &twins.gpu_tables}) t->add_sequence(int32_t(s));
+    }
+    // Interleaved grants scatter every sequence's pages over the pool.
+    for (int64_t need = page; need < 800; need += page) {
+      for (size_t s = 0; s < lengths.size(); ++s) {
+        for (PageTables* t : {&twins.cpu_tables, &twins.gpu_tables}) ASSERT_TRUE(t->reserve(int32_t(s), std::min<int64_t>(need, lengths[s] + 40)));
+      }
+    }
+    std::vector<int64_t> pos(lengths.size(), 0);
+    auto step = [&](const std::vector<int>& take, bool all_logits, const std::string& what) {
+      StepBatch batch;
+      for (size_t s = 0; s < take.size(); ++s) {
+        if (take[s] == 0) continue;
+        batch.add_chunk(int32_t(s), pos[s], ids[s].data() + pos[s], take[s], all_logits);
+      }
+      std::vector<float> cpu_logits, gpu_logits;
+      twins.cpu.forward(batch, twins.cpu_tables, cpu_logits);
+      twins.gpu->forward(batch, twins.gpu_tables, gpu_logits);
+      expect_rows_close(gpu_logits, cpu_logits, c.vocab, what + " head_dim " + std::to_string(head_dim));
+      for (size_t s = 0; s < take.size(); ++s) {
+        if (take[s] == 0) continue;
+        twins.cpu_tables.append(int32_t(s), take[s]);
+        twins.gpu_tables.append(int32_t(s), take[s]);
+        pos[s] += take[s];
+      }
+    };
+    step({1, 17, 64, 200, 500}, true, "ragged prefill");
+    step({0, 0, 0, 0, 200}, false, "later chunk");
+    for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1}, false, "decode");
+    step({1, 5, 1, 30, 1}, true, "mixed decode and chunks");
+  }
+}
+
+TEST(CudaBackend, Smollm2ShapesMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  LlamaConfig c = dummy_preset("smollm2-135m");
+  c.n_layers = 4;  // the real depth only multiplies CPU time
+  c.context = 2048;
+  const LlamaWeights w = random_fp16_weights(c, 21);
+  TwinBackends twins(c, w, 64, 64);
+  std::mt19937 rng(22);
+  std::vector<int32_t> a(300), b(90);
+  for (int32_t& id : a) id = int32_t(rng() % c.vocab);
+  for (int32_t& id : b) id = int32_t(rng() % c.vocab);
+  for (PageTables* t : {&twins.cpu_tables, &twins.gpu_tables}) {
+    t->add_sequence(0);
+    t->add_sequence(1);
+    ASSERT_TRUE(t->reserve(1, 90));
+    ASSERT_TRUE(t->reserve(0, 300));
+  }
+  StepBatch batch;
+  batch.add_chunk(0, 0, a.data(), 299, false);
+  batch.add_chunk(1, 0, b.data(), 89, true);
+  std::vector<float> cpu_logits, gpu_logits;
+  twins.cpu.forward(batch, twins.cpu_tables, cpu_logits);
+  twins.gpu->forward(batch, twins.gpu_tables, gpu_logits);
+  expect_rows_close(gpu_logits, cpu_logits, c.vocab, "smollm2 shapes prefill");
+  for (PageTables* t : {&twins.cpu_tables, &twins.gpu_tables}) {
+    t->append(0, 299);
+    t->append(1, 89);
+  }
+  StepBatch decode;
+  decode.add_chunk(0, 299, a.data() + 299, 1, false);
+  decode.add_chunk(1, 89, b.data() + 89, 1, false);
+  twins.cpu.forward(decode, twins.cpu_tables, cpu_logits);
+  twins.gpu->forward(decode, twins.gpu_tables, gpu_logits);
+  expect_rows_close(gpu_logits, cpu_logits, c.vocab, "smollm2 shapes decode");
+}
+
+TEST(CudaBackend, DummyPresetRunsAndRefusesBadSteps) {
+  SKIP_WITHOUT_GPU();
+  const LlamaConfig c = dummy_preset("smollm2-135m");
+  CudaBackendOptions options;
+  options.pool_bytes = int64_t{1} << 30;
+  options.dummy_seed = 5;
+  std::unique_ptr<Backend> backend = make_cuda_backend(c, nullptr, options);
+  EXPECT_EQ(backend->n_pages(), (int64_t{1} << 30) / backend->kv_bytes_per_page());
+  PageTables tables(backend->n_pages(), options.page_size);
+  tables.add_sequence(0);
+  ASSERT_TRUE(tables.reserve(0, 100));
+  std::vector<int32_t> ids(100);
+  for (int k = 0; k < 100; ++k) ids[k] = (k * 7919) % c.vocab;
+  StepBatch batch;
+  batch.add_chunk(0, 0, ids.data(), 100, false);
+  std::vector<float> logits;
+  backend->forward(batch, tables, logits);
+  ASSERT_EQ(logits.size(), size_t(c.vocab));
+  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
+  StepBatch too_long;
+  std::vector<int32_t> more(200, 1);
+  too_long.add_chunk(0, 0, more.data(), 200, false);
+  EXPECT_THROW(backend->forward(too_long, tables, logits), Error);
+  StepBatch bad_id;
+  std::vector<int32_t> bad = {c.vocab};
+  bad_id.add_chunk(0, 0, bad.data(), 1, false);
+  EXPECT_THROW(backend->forward(bad_id, tables, logits), Error);
+}
+
+}  // namespace
+}  // namespace kvq::gputest
