@@ -158,7 +158,7 @@ def main():
         result["sdpa_decode"] = sdpa_decode(result["copy_gb_s"])
     if "hf" in a.parts:
         result["hf_prefill"] = hf_prefill("smollm2-135m", [(2048, 64)]) + \
-            hf_prefill("llama2-7b", [(2048, 1), (2048, 4), (2048, 16)])
+            hf_prefill("llama2-7b", [(2048, 1), (2048, 4), (2048, 16), (8192, 4)])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

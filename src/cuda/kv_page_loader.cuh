@@ -60,16 +60,22 @@ __device__ __forceinline__ int64_t page_row_offset(const PagedKv& kv, const int3
   return ((static_cast<int64_t>(page) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D;
 }
 
-// fp16 pages: stored keys are pre-RoPE fp16, values fp16.
+// fp16 pages: stored keys are pre-RoPE fp16, values fp16. The staging area
+// holds the tile's RoPE rows (kRows, D / 2) (cos, sin), copied with the keys so
+// that finish() reads only shared memory.
 template <int D, int kRows, int kThreads>
 struct Fp16PageLoader {
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  static constexpr int kAngleChunksPerRow = D / 4;  // (D / 2) float2 = D * 4 bytes per row
+  static constexpr int kAngleChunks = kRows * kAngleChunksPerRow;
+  static constexpr int kStagingBytes = kRows * D * 4;
+  static_assert(kChunks % kThreads == 0 && kAngleChunks % kThreads == 0, "every thread copies the same number of chunks");
 
-  // Keys [k0, k0 + kRows) into sK, sV; rows at or past n_keys are zero-filled.
+  // Keys [k0, k0 + kRows) into sK, sV and their angles into staging; rows at or past n_keys are zero-filled.
+  // staging may be reused as soon as the previous tile's finish() has completed (one buffer suffices).
   __device__ static void issue(const PagedKv& kv, const int32_t* pages, int kv_head, int k0, int n_keys, __half* sK,
-                               __half* sV) {
+                               __half* sV, void* staging) {
 #pragma unroll
     for (int j = 0; j < kChunks / kThreads; ++j) {
       const int i = threadIdx.x + j * kThreads;
@@ -80,18 +86,27 @@ struct Fp16PageLoader {
       cp_async_16(sK + tile_offset<D>(r, c * 8), kv.keys + offset, valid);
       cp_async_16(sV + tile_offset<D>(r, c * 8), kv.values + offset, valid);
     }
+    float2* angles = static_cast<float2*>(staging);
+#pragma unroll
+    for (int j = 0; j < kAngleChunks / kThreads; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const int r = i / kAngleChunksPerRow, c = i % kAngleChunksPerRow;
+      const int pos = k0 + r;
+      const bool valid = pos < n_keys;
+      cp_async_16(angles + r * (D / 2) + c * 2, kv.rope + (valid ? static_cast<int64_t>(pos) * (D / 2) + c * 2 : 0), valid);
+    }
   }
 
   // RoPE on the landed keys at their positions.
-  __device__ static void finish(const PagedKv& kv, int k0, int n_keys, __half* sK) {
+  __device__ static void finish(int k0, int n_keys, __half* sK, const void* staging) {
+    const float2* angles = static_cast<const float2*>(staging);
 #pragma unroll
     for (int j = 0; j < kChunks / kThreads; ++j) {
       const int i = threadIdx.x + j * kThreads;
       const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      const int pos = k0 + r;
-      if (pos >= n_keys) continue;
+      if (k0 + r >= n_keys) continue;
       uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D>(r, c * 8));
-      *chunk = rope_chunk(*chunk, kv.rope + static_cast<int64_t>(pos) * (D / 2) + c * 4);
+      *chunk = rope_chunk(*chunk, angles + r * (D / 2) + c * 4);
     }
   }
 };

@@ -36,8 +36,9 @@ struct PrefillShape {
   static constexpr int kWarpRows = 16 * T::kMTiles;
   static constexpr int kBlockM = T::kWarps * kWarpRows;
   static constexpr int kBlockN = T::kBlockN;
-  // sQ (kBlockM, D), sK 2 x (kBlockN, D), sV 2 x (kBlockN, D), fp16
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * D * 2;
+  // sQ (kBlockM, D), sK 2 x (kBlockN, D), sV 2 x (kBlockN, D) fp16, then the loader's staging
+  static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * D * 2;
+  static constexpr int kSmemBytes = kTileBytes + Fp16PageLoader<D, kBlockN, kThreads>::kStagingBytes;
 };
 
 template <int D>
@@ -52,6 +53,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
   __half* sQ = reinterpret_cast<__half*>(smem);  // (kBlockM, D)
   __half* sK = sQ + kBlockM * D;                 // 2 x (kBlockN, D)
   __half* sV = sK + 2 * kBlockN * D;             // 2 x (kBlockN, D)
+  void* staging = smem + Shape::kTileBytes;      // the loader's, one tile
 
   const int head = blockIdx.x;
   const PrefillWork item = work[blockIdx.y];
@@ -77,7 +79,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
     cp_async_16(sQ + tile_offset<D>(r, c * 8), valid ? q_base + static_cast<int64_t>(r) * query.q_stride + c * 8 : query.q,
                 valid);
   }
-  Loader::issue(kv, pages, kv_head, 0, n_keys, sK, sV);
+  Loader::issue(kv, pages, kv_head, 0, n_keys, sK, sV, staging);
   cp_async_commit();
 
   float o[kMT][D / 8][4];
@@ -98,11 +100,11 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
     __half* sVt = sV + (tile & 1) * kBlockN * D;
     cp_async_wait<0>();
     __syncthreads();
-    Loader::finish(kv, k0, n_keys, sKt);
+    Loader::finish(k0, n_keys, sKt, staging);
     __syncthreads();
     if (tile + 1 < n_tiles) {
       Loader::issue(kv, pages, kv_head, k0 + kBlockN, n_keys, sK + ((tile + 1) & 1) * kBlockN * D,
-                    sV + ((tile + 1) & 1) * kBlockN * D);
+                    sV + ((tile + 1) & 1) * kBlockN * D, staging);
     }
     cp_async_commit();
     if (k0 > warp_last_pos) continue;  // every key of the tile is in this warp's future
