@@ -13,27 +13,50 @@ namespace {
 
 constexpr int kLogitRows = 32;  // rows per logits block: (32, vocab) floats per thread, 6 MB for SmolLM2
 
-// Activations the backward reads, (n_slots, T, width) each: n_slots is n_layers
-// when a backward follows, else 1 (every layer reuses slot 0).
-struct SavedActivations {
+// Grows v to at least n values (never shrinks, so a reused buffer keeps its
+// pages); what it holds is overwritten by the caller.
+float* at_least(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace
+
+// Buffers, grown on demand and kept from one sequence to the next.
+struct KvSensitivityPass::Workspace {
+  explicit Workspace(const LlamaConfig& config) : rope(config) {}
+  RopeTable rope;
+  // Activations the backward reads, (n_slots, T, width) each: n_slots is n_layers
+  // when a backward follows, else 1 (every layer reuses slot 0).
   std::vector<float> x_in;     // (n_slots, T, hidden) residual stream entering the layer
   std::vector<float> qkv;      // (n_slots, T, qkv_dim) fused rows, Q and K rotated, V as attended
   std::vector<float> x_mid;    // (n_slots, T, hidden) residual stream after attention
   std::vector<float> gate_up;  // (n_slots, T, 2 * ffn)
+  std::vector<float> x;        // (T, hidden) residual stream
+  std::vector<float> dx;       // (T, hidden) its gradient, during the backward
+  std::vector<float> xn;       // (T, hidden) normalized rows; in the backward, a norm's output gradient
+  std::vector<float> attn;     // (T, q_dim) attention output; in the backward, its gradient
+  std::vector<float> act;      // (T, ffn) SwiGLU output; in the backward, its gradient
+  std::vector<float> d_gate_up;  // (T, 2 * ffn)
+  std::vector<float> d_qkv;      // (T, qkv_dim)
 };
 
+namespace {
+
+// One sequence through the model: forward, then (with gradients) backward.
 class SensitivityPass {
  public:
-  SensitivityPass(const LlamaConfig& config, const LlamaWeights& weights, const std::vector<int32_t>& tokens,
-                  const KvSensitivityOptions& options, bool with_gradients)
+  SensitivityPass(const LlamaConfig& config, const LlamaWeights& weights, KvSensitivityPass::Workspace& workspace,
+                  const std::vector<int32_t>& tokens, const KvSensitivityOptions& options, bool with_gradients)
       : c_(config),
         w_(weights),
+        ws_(workspace),
+        rope_(workspace.rope),
         tokens_(tokens),
         options_(options),
         with_gradients_(with_gradients),
         n_(static_cast<int>(tokens.size())),
-        threaded_(n_ >= kMinTokensForThreads),
-        rope_(config) {
+        threaded_(n_ >= kMinTokensForThreads) {
     validate();
   }
 
@@ -92,31 +115,31 @@ class SensitivityPass {
 
   void forward_layers() {
     const int h = c_.hidden, qkv_dim = c_.qkv_dim(), q_dim = c_.q_dim(), kv_dim = c_.kv_dim(), ffn = c_.ffn;
-    const int n_slots = with_gradients_ ? c_.n_layers : 1;
-    saved_.x_in.resize(size_t(n_slots) * n_ * h);
-    saved_.qkv.resize(size_t(n_slots) * n_ * qkv_dim);
-    saved_.x_mid.resize(size_t(n_slots) * n_ * h);
-    saved_.gate_up.resize(size_t(n_slots) * n_ * 2 * ffn);
-    x_.resize(size_t(n_) * h);
-    std::vector<float> xn(size_t(n_) * h);       // (T, hidden) normalized
-    std::vector<float> attn(size_t(n_) * q_dim);  // (T, q_dim) attention output
-    std::vector<float> act(size_t(n_) * ffn);     // (T, ffn) SwiGLU output
+    const size_t n_slots = with_gradients_ ? c_.n_layers : 1;
+    float* saved_x_in = at_least(ws_.x_in, n_slots * n_ * h);
+    float* saved_qkv = at_least(ws_.qkv, n_slots * n_ * qkv_dim);
+    float* saved_x_mid = at_least(ws_.x_mid, n_slots * n_ * h);
+    float* saved_gate_up = at_least(ws_.gate_up, n_slots * n_ * 2 * ffn);
+    float* x = at_least(ws_.x, size_t(n_) * h);
+    float* xn = at_least(ws_.xn, size_t(n_) * h);
+    float* attn = at_least(ws_.attn, size_t(n_) * q_dim);
+    float* act = at_least(ws_.act, size_t(n_) * ffn);
 
 #pragma omp parallel for schedule(static) if (threaded_)
     for (int t = 0; t < n_; ++t) {
-      std::copy_n(w_.token_embd.data() + size_t(tokens_[t]) * h, h, x_.data() + size_t(t) * h);
+      std::copy_n(w_.token_embd.data() + size_t(tokens_[t]) * h, h, x + size_t(t) * h);
     }
     for (int layer = 0; layer < c_.n_layers; ++layer) {
       const LlamaLayerWeights& lw = w_.layers[layer];
-      float* x_in = saved_.x_in.data() + slot(layer, h);
-      float* qkv = saved_.qkv.data() + slot(layer, qkv_dim);
-      float* x_mid = saved_.x_mid.data() + slot(layer, h);
-      float* gate_up = saved_.gate_up.data() + slot(layer, 2 * ffn);
+      float* x_in = saved_x_in + slot(layer, h);
+      float* qkv = saved_qkv + slot(layer, qkv_dim);
+      float* x_mid = saved_x_mid + slot(layer, h);
+      float* gate_up = saved_gate_up + slot(layer, 2 * ffn);
 
-      std::copy(x_.begin(), x_.end(), x_in);
+      std::copy_n(x, size_t(n_) * h, x_in);
 #pragma omp parallel for schedule(static) if (threaded_)
-      for (int t = 0; t < n_; ++t) rms_norm(&x_[size_t(t) * h], lw.attn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
-      gemm_abt(n_, qkv_dim, h, xn.data(), h, lw.wqkv.data(), h, qkv, qkv_dim);
+      for (int t = 0; t < n_; ++t) rms_norm(&x[size_t(t) * h], lw.attn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
+      gemm_abt(n_, qkv_dim, h, xn, h, lw.wqkv.data(), h, qkv, qkv_dim);
       capture_kv(layer, qkv);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
@@ -124,25 +147,25 @@ class SensitivityPass {
         for (int head = 0; head < c_.n_heads; ++head) rope_.rotate(row + head * c_.head_dim, t);
         for (int head = 0; head < c_.n_kv_heads; ++head) rope_.rotate(row + q_dim + head * c_.head_dim, t);
       }
-      causal_attention(c_, n_, qkv, qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, attn.data(), q_dim);
-      gemm_abt(n_, h, q_dim, attn.data(), q_dim, lw.wo.data(), q_dim, x_.data(), h, 1.0f, 1.0f);
+      causal_attention(c_, n_, qkv, qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, attn, q_dim);
+      gemm_abt(n_, h, q_dim, attn, q_dim, lw.wo.data(), q_dim, x, h, 1.0f, 1.0f);
 
-      std::copy(x_.begin(), x_.end(), x_mid);
+      std::copy_n(x, size_t(n_) * h, x_mid);
 #pragma omp parallel for schedule(static) if (threaded_)
-      for (int t = 0; t < n_; ++t) rms_norm(&x_[size_t(t) * h], lw.ffn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
-      gemm_abt(n_, 2 * ffn, h, xn.data(), h, lw.w_gate_up.data(), h, gate_up, 2 * ffn);
+      for (int t = 0; t < n_; ++t) rms_norm(&x[size_t(t) * h], lw.ffn_norm.data(), &xn[size_t(t) * h], h, c_.rms_eps);
+      gemm_abt(n_, 2 * ffn, h, xn, h, lw.w_gate_up.data(), h, gate_up, 2 * ffn);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         const float* gate = gate_up + size_t(t) * 2 * ffn;
         swiglu(gate, gate + ffn, &act[size_t(t) * ffn], ffn);
       }
-      gemm_abt(n_, h, ffn, act.data(), ffn, lw.w_down.data(), ffn, x_.data(), h, 1.0f, 1.0f);
+      gemm_abt(n_, h, ffn, act, ffn, lw.w_down.data(), ffn, x, h, 1.0f, 1.0f);
     }
   }
 
   // Final norm, logits and cross-entropy over rows 0..T-2 (row t predicts token
   // t+1), a block of rows at a time; with gradients, also d loss / d final
-  // residual into dx_. Returns the mean loss.
+  // residual into ws_.dx. Returns the mean loss.
   double head() {
     const int h = c_.hidden, vocab = c_.vocab;
     const int n_rows = n_ - 1;
@@ -150,7 +173,9 @@ class SensitivityPass {
     const float* w_out = w_.output_matrix().data();
     const float grad_scale = 1.0f / static_cast<float>(n_rows);
     std::vector<double> row_loss(n_rows);
-    if (with_gradients_) dx_.assign(size_t(n_) * h, 0.0f);  // the last row has no target: zero
+    const float* x = ws_.x.data();
+    float* dx = with_gradients_ ? at_least(ws_.dx, size_t(n_) * h) : nullptr;
+    if (with_gradients_) std::fill_n(dx, size_t(n_) * h, 0.0f);  // the last row has no target: zero
 #pragma omp parallel if (threaded_)
     {
       std::vector<float> xn(size_t(kLogitRows) * h), dxn(size_t(kLogitRows) * h);
@@ -160,7 +185,7 @@ class SensitivityPass {
         const int r0 = block * kLogitRows;
         const int rows = std::min(kLogitRows, n_rows - r0);
         for (int r = 0; r < rows; ++r) {
-          rms_norm(&x_[size_t(r0 + r) * h], w_.output_norm.data(), &xn[size_t(r) * h], h, c_.rms_eps);
+          rms_norm(&x[size_t(r0 + r) * h], w_.output_norm.data(), &xn[size_t(r) * h], h, c_.rms_eps);
         }
         gemm_abt(rows, vocab, h, xn.data(), h, w_out, h, logits.data(), vocab);
         for (int r = 0; r < rows; ++r) {
@@ -170,8 +195,8 @@ class SensitivityPass {
         if (!with_gradients_) continue;
         linear_backward(rows, vocab, h, logits.data(), vocab, w_out, dxn.data(), h);
         for (int r = 0; r < rows; ++r) {
-          rms_norm_backward(&x_[size_t(r0 + r) * h], w_.output_norm.data(), &dxn[size_t(r) * h],
-                            &dx_[size_t(r0 + r) * h], h, c_.rms_eps);
+          rms_norm_backward(&x[size_t(r0 + r) * h], w_.output_norm.data(), &dxn[size_t(r) * h],
+                            &dx[size_t(r0 + r) * h], h, c_.rms_eps);
         }
       }
     }
@@ -181,38 +206,39 @@ class SensitivityPass {
   void backward_layers() {
     const int h = c_.hidden, qkv_dim = c_.qkv_dim(), q_dim = c_.q_dim(), kv_dim = c_.kv_dim(), ffn = c_.ffn;
     const int hd = c_.head_dim;
-    std::vector<float> d_act(size_t(n_) * ffn);            // (T, ffn)
-    std::vector<float> d_gate_up(size_t(n_) * 2 * ffn);    // (T, 2 * ffn)
-    std::vector<float> dxn(size_t(n_) * h);                // (T, hidden) gradient of a norm's output
-    std::vector<float> d_attn(size_t(n_) * q_dim);         // (T, q_dim)
-    std::vector<float> d_qkv(size_t(n_) * qkv_dim);        // (T, qkv_dim)
-    // dx_ holds d loss / d (residual stream leaving the layer), then entering it.
+    // The forward's scratch holds the matching gradients now.
+    float* d_act = at_least(ws_.act, size_t(n_) * ffn);               // (T, ffn)
+    float* d_gate_up = at_least(ws_.d_gate_up, size_t(n_) * 2 * ffn);  // (T, 2 * ffn)
+    float* dxn = at_least(ws_.xn, size_t(n_) * h);                    // (T, hidden) gradient of a norm's output
+    float* d_attn = at_least(ws_.attn, size_t(n_) * q_dim);           // (T, q_dim)
+    float* d_qkv = at_least(ws_.d_qkv, size_t(n_) * qkv_dim);         // (T, qkv_dim)
+    float* dx = ws_.dx.data();  // d loss / d (residual stream leaving the layer), then entering it
     for (int layer = c_.n_layers - 1; layer >= 0; --layer) {
       const LlamaLayerWeights& lw = w_.layers[layer];
-      const float* x_in = saved_.x_in.data() + slot(layer, h);
-      const float* qkv = saved_.qkv.data() + slot(layer, qkv_dim);
-      const float* x_mid = saved_.x_mid.data() + slot(layer, h);
-      const float* gate_up = saved_.gate_up.data() + slot(layer, 2 * ffn);
+      const float* x_in = ws_.x_in.data() + slot(layer, h);
+      const float* qkv = ws_.qkv.data() + slot(layer, qkv_dim);
+      const float* x_mid = ws_.x_mid.data() + slot(layer, h);
+      const float* gate_up = ws_.gate_up.data() + slot(layer, 2 * ffn);
 
       // x_out = x_mid + swiglu(x_mid normalized W_gate_up^T) W_down^T
-      linear_backward(n_, h, ffn, dx_.data(), h, lw.w_down.data(), d_act.data(), ffn);
+      linear_backward(n_, h, ffn, dx, h, lw.w_down.data(), d_act, ffn);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         const float* gate = gate_up + size_t(t) * 2 * ffn;
         float* d_gate = &d_gate_up[size_t(t) * 2 * ffn];
         swiglu_backward(gate, gate + ffn, &d_act[size_t(t) * ffn], d_gate, d_gate + ffn, ffn);
       }
-      linear_backward(n_, 2 * ffn, h, d_gate_up.data(), 2 * ffn, lw.w_gate_up.data(), dxn.data(), h);
+      linear_backward(n_, 2 * ffn, h, d_gate_up, 2 * ffn, lw.w_gate_up.data(), dxn, h);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
-        rms_norm_backward(x_mid + size_t(t) * h, lw.ffn_norm.data(), &dxn[size_t(t) * h], &dx_[size_t(t) * h], h,
+        rms_norm_backward(x_mid + size_t(t) * h, lw.ffn_norm.data(), &dxn[size_t(t) * h], &dx[size_t(t) * h], h,
                           c_.rms_eps);
       }
 
       // x_mid = x_in + attention(RoPE(x_in normalized W_qkv^T)) W_o^T
-      linear_backward(n_, h, q_dim, dx_.data(), h, lw.wo.data(), d_attn.data(), q_dim);
-      causal_attention_backward(c_, n_, qkv, qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, d_attn.data(), q_dim,
-                                d_qkv.data(), d_qkv.data() + q_dim, d_qkv.data() + q_dim + kv_dim, qkv_dim);
+      linear_backward(n_, h, q_dim, dx, h, lw.wo.data(), d_attn, q_dim);
+      causal_attention_backward(c_, n_, qkv, qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, d_attn, q_dim,
+                                d_qkv, d_qkv + q_dim, d_qkv + q_dim + kv_dim, qkv_dim);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
         float* row = &d_qkv[size_t(t) * qkv_dim];
@@ -222,10 +248,10 @@ class SensitivityPass {
         std::copy_n(row + q_dim, kv_dim, &result_.key_grads[out]);
         std::copy_n(row + q_dim + kv_dim, kv_dim, &result_.value_grads[out]);
       }
-      linear_backward(n_, qkv_dim, h, d_qkv.data(), qkv_dim, lw.wqkv.data(), dxn.data(), h);
+      linear_backward(n_, qkv_dim, h, d_qkv, qkv_dim, lw.wqkv.data(), dxn, h);
 #pragma omp parallel for schedule(static) if (threaded_)
       for (int t = 0; t < n_; ++t) {
-        rms_norm_backward(x_in + size_t(t) * h, lw.attn_norm.data(), &dxn[size_t(t) * h], &dx_[size_t(t) * h], h,
+        rms_norm_backward(x_in + size_t(t) * h, lw.attn_norm.data(), &dxn[size_t(t) * h], &dx[size_t(t) * h], h,
                           c_.rms_eps);
       }
     }
@@ -233,28 +259,39 @@ class SensitivityPass {
 
   const LlamaConfig& c_;
   const LlamaWeights& w_;
+  KvSensitivityPass::Workspace& ws_;
+  const RopeTable& rope_;
   const std::vector<int32_t>& tokens_;
   const KvSensitivityOptions& options_;
   const bool with_gradients_;
   const int n_;  // T
   const bool threaded_;
-  RopeTable rope_;
-  SavedActivations saved_;
-  std::vector<float> x_;   // (T, hidden) residual stream
-  std::vector<float> dx_;  // (T, hidden) its gradient, during the backward
   KvSensitivity result_;
 };
 
 }  // namespace
 
+KvSensitivityPass::KvSensitivityPass(const LlamaConfig& config, const LlamaWeights& weights)
+    : config_(config), weights_(weights), workspace_(std::make_unique<Workspace>(config)) {}
+
+KvSensitivityPass::~KvSensitivityPass() = default;
+
+KvSensitivity KvSensitivityPass::run(const std::vector<int32_t>& tokens, const KvSensitivityOptions& options) {
+  return SensitivityPass(config_, weights_, *workspace_, tokens, options, true).run();
+}
+
+double KvSensitivityPass::loss(const std::vector<int32_t>& tokens, const KvSensitivityOptions& options) {
+  return SensitivityPass(config_, weights_, *workspace_, tokens, options, false).run().loss;
+}
+
 KvSensitivity kv_sensitivity(const LlamaConfig& config, const LlamaWeights& weights,
                              const std::vector<int32_t>& tokens, const KvSensitivityOptions& options) {
-  return SensitivityPass(config, weights, tokens, options, true).run();
+  return KvSensitivityPass(config, weights).run(tokens, options);
 }
 
 double sequence_loss(const LlamaConfig& config, const LlamaWeights& weights, const std::vector<int32_t>& tokens,
                      const KvSensitivityOptions& options) {
-  return SensitivityPass(config, weights, tokens, options, false).run().loss;
+  return KvSensitivityPass(config, weights).loss(tokens, options);
 }
 
 }  // namespace kvq

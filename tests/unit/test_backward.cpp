@@ -332,15 +332,26 @@ TEST(Backward, LossMatchesCpuBackend) {
   }
 }
 
-TEST(Backward, IsDeterministic) {
+// Same input, same result, also from a pass reused over sequences of other
+// lengths (its buffers then hold another sequence's data and are larger than needed).
+TEST(Backward, IsDeterministicAndReusable) {
   const LlamaConfig c = tiny_config();
   const LlamaWeights w = random_weights(c, 13);
   std::mt19937 rng(14);
-  const std::vector<int32_t> ids = random_ids(rng, 150, c.vocab);
-  const KvSensitivity a = kv_sensitivity(c, w, ids), b = kv_sensitivity(c, w, ids);
-  EXPECT_EQ(a.loss, b.loss);
-  EXPECT_EQ(a.key_grads, b.key_grads);
-  EXPECT_EQ(a.value_grads, b.value_grads);
+  const std::vector<int32_t> long_ids = random_ids(rng, 150, c.vocab), short_ids = random_ids(rng, 9, c.vocab);
+  const KvSensitivity a = kv_sensitivity(c, w, long_ids);
+  KvSensitivityPass pass(c, w);
+  pass.run(long_ids);
+  EXPECT_EQ(pass.loss(short_ids), sequence_loss(c, w, short_ids));
+  const KvSensitivity b = pass.run(short_ids), fresh = kv_sensitivity(c, w, short_ids);
+  EXPECT_EQ(b.loss, fresh.loss);
+  EXPECT_EQ(b.key_grads, fresh.key_grads);
+  EXPECT_EQ(b.value_grads, fresh.value_grads);
+  const KvSensitivity a_again = pass.run(long_ids);
+  EXPECT_EQ(a.loss, a_again.loss);
+  EXPECT_EQ(a.keys, a_again.keys);
+  EXPECT_EQ(a.key_grads, a_again.key_grads);
+  EXPECT_EQ(a.value_grads, a_again.value_grads);
 }
 
 TEST(Backward, RefusesBadInput) {
