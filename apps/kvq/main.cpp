@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -20,13 +21,17 @@
 #include <random>
 
 #include "bench/cpu_gemm_ceiling.h"
+#include "calib/calibrate.h"
+#include "calib/calibration_file.h"
 #include "core/error.h"
+#include "cpu/blas_kernels.h"
 #include "core/progress.h"
 #include "core/run_report.h"
 #include "cpu/cpu_backend.h"
 #include "engine/generator.h"
 #include "engine/loaded_model.h"
 #include "eval/perplexity.h"
+#include "kv/kv_format.h"
 #include "kv/page_tables.h"
 #include "model/dequant.h"
 #ifdef KVQ_HAS_CUDA
@@ -40,10 +45,15 @@ constexpr const char* kDefaultModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 constexpr double kDefaultCpuPoolGib = 4.0;  // host memory is committed only as pages are written
 constexpr double kGib = 1024.0 * 1024.0 * 1024.0;
 
-// Flags every subcommand shares (DESIGN.md); calibration-related ones arrive with the quantized formats.
+// Flags every subcommand shares (DESIGN.md).
 struct CommonOptions {
   std::string model = kDefaultModel;
+  std::string calib;  // default: beside the model, <stem>.calib.safetensors
   std::string device = "cpu";
+  int sinks = 1;
+  bool tail = false;
+  std::string kscale = "calib";
+  bool exact_chunk = false;
   int32_t page = 64;
   int32_t chunk = 2048;
   double pool_gib = 0;  // 0: the device default
@@ -55,6 +65,13 @@ struct CommonOptions {
 void add_common(CLI::App& cmd, CommonOptions& o) {
   cmd.add_option("-m,--model", o.model, "GGUF model file")->capture_default_str();
   cmd.add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  cmd.add_option("--calib", o.calib, "calibration file (default: beside the model)");
+  cmd.add_option("--sinks", o.sinks, "first tokens of each sequence kept fp16 (int/nuq formats)")
+      ->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  cmd.add_flag("--tail", o.tail, "read the newest partial page exactly until it is sealed");
+  cmd.add_option("--kscale", o.kscale, "key ranges: calib (calibrated, per channel) or page (per sealed page)")
+      ->check(CLI::IsMember({"calib", "page"}))->capture_default_str();
+  cmd.add_flag("--exact-chunk", o.exact_chunk, "a chunk attends to its own keys and values unquantized");
   cmd.add_option("--page", o.page, "tokens per KV page")->check(CLI::Range(1, 1 << 16))->capture_default_str();
   cmd.add_option("--chunk", o.chunk, "most tokens per forward step")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   cmd.add_option("--pool-gib", o.pool_gib, "KV pool size in GiB (default: 4 on cpu)")->check(CLI::Range(0.0, 1e6));
@@ -67,7 +84,7 @@ std::vector<std::string> parse_kv_formats(const std::string& list) {
   std::vector<std::string> formats;
   std::stringstream stream(list);
   for (std::string name; std::getline(stream, name, ',');) {
-    if (name != "fp16") throw UsageError(fmt::format("unknown KV format '{}' (available: fp16)", name));
+    parse_kv_format(name);  // refuses unknown names before any work starts
     formats.push_back(name);
   }
   if (formats.empty()) throw UsageError("--kv needs at least one format");
@@ -97,29 +114,61 @@ std::string format_bytes(double bytes) {
   return fmt::format("{:.1f} KiB", bytes / 1024.0);
 }
 
-// The pool, its page tables and a backend over it.
-struct Runtime {
-  Runtime(const LoadedModel& model, const CommonOptions& o)
-      : n_pages(pool_pages(model.config, o)),
-        tables(n_pages, o.page),
-        backend(model.config, model.weights, n_pages, o.page) {}
+std::string model_fingerprint(const LoadedModel& model) { return fmt::format("{:016x}", model.file.fingerprint()); }
 
-  static int32_t pool_pages(const LlamaConfig& config, const CommonOptions& o) {
+std::string default_calibration_path(const std::string& model_path) {
+  const std::filesystem::path path(model_path);
+  return (path.parent_path() / (path.stem().string() + ".calib.safetensors")).string();
+}
+
+// The --kv format with the shared options; a calibrated format loads and checks
+// its calibration into `calibration`, which must outlive the result.
+KvCacheOptions kv_cache_options(const LoadedModel& model, const CommonOptions& o, const std::string& kv,
+                                CalibrationFile& calibration) {
+  KvCacheOptions options;
+  options.format = parse_kv_format(kv);
+  options.sinks = o.sinks;
+  options.tail = o.tail;
+  options.per_page_key_ranges = o.kscale == "page";
+  options.exact_chunk = o.exact_chunk;
+  if (options.format.calibrated()) {
+    const std::string path = o.calib.empty() ? default_calibration_path(o.model) : o.calib;
+    calibration = CalibrationFile::load(path);
+    options.calibration = calibration_for_format(calibration, path, model.config, model_fingerprint(model), options.format);
+  }
+  return options;
+}
+
+// The pool in one --kv format, its page tables and a backend over it.
+struct Runtime {
+  Runtime(const LoadedModel& model, const CommonOptions& o, const std::string& kv)
+      : kv_options(kv_cache_options(model, o, kv, calibration)),
+        n_pages(pool_pages(model.config, o, kv_options)),
+        tables(n_pages, o.page),
+        backend(model.config, model.weights, n_pages, o.page, kv_options) {}
+
+  static int32_t pool_pages(const LlamaConfig& config, const CommonOptions& o, const KvCacheOptions& kv) {
     const double gib = o.pool_gib > 0 ? o.pool_gib : kDefaultCpuPoolGib;
-    const double pages = gib * kGib / static_cast<double>(CpuKvPages::bytes_per_page(config, o.page));
+    const double pages = gib * kGib / static_cast<double>(CpuKvPages::bytes_per_page(config, o.page, kv));
     if (pages < 1) fail("--pool-gib {} holds no page of {} tokens", gib, o.page);
     return static_cast<int32_t>(std::min(pages, 2.0e9));
   }
 
+  CalibrationFile calibration;
+  KvCacheOptions kv_options;
   int32_t n_pages;
   PageTables tables;
   CpuBackend backend;
 };
 
-// Effective bits per stored K/V element, from the bytes the pages occupy.
-double kv_bits_per_element(const LlamaConfig& config, int64_t page_bytes, int64_t pages, int64_t tokens) {
+// Effective bits per stored K/V element, from the bytes allocated for `sequences`
+// sequences of `tokens` tokens in all: their pages and their state outside pages.
+double kv_bits_per_element(const LlamaConfig& config, const Backend& backend, int64_t pages, int64_t sequences,
+                           int64_t tokens) {
   const double elements = static_cast<double>(tokens) * config.n_layers * 2 * config.kv_dim();
-  return elements > 0 ? static_cast<double>(page_bytes) * pages * 8.0 / elements : 0.0;
+  const double bytes = static_cast<double>(backend.kv_bytes_per_page()) * pages +
+                       static_cast<double>(backend.kv_bytes_per_sequence()) * sequences;
+  return elements > 0 ? bytes * 8.0 / elements : 0.0;
 }
 
 void write_csv(const std::string& path, const nlohmann::json& results) {
@@ -168,7 +217,7 @@ int cmd_info(const CommonOptions& o, RunReport& report) {
              c.rms_eps, c.parameter_count() / 1e6);
   fmt::print("tokenizer    {} tokens, bos {}, eos {}, add_bos {}\n", model.tokenizer.n_vocab(),
              model.tokenizer.bos_id(), model.tokenizer.eos_id(), model.tokenizer.add_bos());
-  const int64_t kv_token_bytes = CpuKvPages::bytes_per_page(c, 1);
+  const int64_t kv_token_bytes = CpuKvPages::bytes_per_page(c, 1, KvCacheOptions{});
   fmt::print("kv cache     fp16: {} bytes per token ({} per page of {} tokens)\n", kv_token_bytes,
              format_bytes(static_cast<double>(kv_token_bytes) * o.page), o.page);
   nlohmann::json gpus = nlohmann::json::array();
@@ -276,7 +325,7 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
   LoadedModel model(o.model, true);
   std::vector<std::string> prompts;
   std::vector<GenerationRequest> requests = build_requests(model, r, prompts);
-  Runtime runtime(model, o);
+  Runtime runtime(model, o, r.kv);
   GeneratorOptions options{o.chunk, {r.temperature, r.top_p, r.seed}};
   Generator generator(model.config, runtime.backend, runtime.tables, options,
                       [&](int32_t id) { return model.tokenizer.is_end_of_generation(id); });
@@ -303,10 +352,14 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
   const double decode_tok_s = s.decode_s > 0 ? std::max<int64_t>(decode_tokens, 0) / s.decode_s : 0;
   fmt::print(stderr, "prefill: {} prompt tokens in {:.3f} s ({:.1f} tok/s); decode: {} tokens in {:.3f} s ({:.1f} tok/s)\n",
              s.prompt_tokens, s.prefill_s, prefill_tok_s, std::max<int64_t>(decode_tokens, 0), s.decode_s, decode_tok_s);
-  fmt::print(stderr, "kv cache: fp16, peak {} pages of {} tokens = {} (pool {} pages, {}); {:.2f} bits/element\n",
-             s.peak_used_pages, o.page, format_bytes(static_cast<double>(s.peak_used_pages) * page_bytes),
-             runtime.n_pages, format_bytes(static_cast<double>(runtime.n_pages) * page_bytes),
-             kv_bits_per_element(model.config, page_bytes, s.peak_used_pages, kv_tokens));
+  const double bits = kv_bits_per_element(model.config, runtime.backend, s.peak_used_pages,
+                                          static_cast<int64_t>(requests.size()), kv_tokens);
+  const KvCacheStats kv_stats = runtime.backend.kv_stats();
+  fmt::print(stderr, "kv cache: {}, peak {} pages of {} tokens = {} (pool {} pages, {}); {:.2f} bits/element; "
+             "outliers {} stored, {} over capacity\n",
+             r.kv, s.peak_used_pages, o.page, format_bytes(static_cast<double>(s.peak_used_pages) * page_bytes),
+             runtime.n_pages, format_bytes(static_cast<double>(runtime.n_pages) * page_bytes), bits,
+             kv_stats.outliers_stored, kv_stats.outliers_over_capacity);
 
   report.set_model(o.model);
   report.set_device(runtime.backend.device_name());
@@ -323,7 +376,9 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
                        {"finish_s", results[k].finish_s},
                        {"prefill_tok_s", prefill_tok_s},
                        {"decode_tok_s", decode_tok_s},
-                       {"peak_kv_bytes", static_cast<int64_t>(s.peak_used_pages) * page_bytes}});
+                       {"peak_kv_bytes", static_cast<int64_t>(s.peak_used_pages) * page_bytes},
+                       {"bits_per_element", bits},
+                       {"outliers_over_capacity", kv_stats.outliers_over_capacity}});
   }
   return 0;
 }
@@ -349,24 +404,25 @@ int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
   options.stride = p.stride > 0 ? p.stride : p.ctx / 2;
   options.chunk = o.chunk;
   options.bos_id = model.tokenizer.add_bos() ? model.tokenizer.bos_id() : -1;
-  Runtime runtime(model, o);
   report.set_model(o.model);
-  report.set_device(runtime.backend.device_name());
   report.settings() = {{"file", p.file}, {"ctx", p.ctx}, {"stride", options.stride}, {"max_tokens", p.max_tokens},
-                       {"text_tokens", tokens.size()}, {"page", o.page}, {"chunk", o.chunk}};
+                       {"text_tokens", tokens.size()}, {"page", o.page}, {"chunk", o.chunk}, {"sinks", o.sinks},
+                       {"tail", o.tail}, {"kscale", o.kscale}, {"exact_chunk", o.exact_chunk}};
 
-  fmt::print("{:<8} {:>6} {:>7} {:>8} {:>10} {:>8} {:>10} {:>9}\n", "kv", "ctx", "stride", "tokens", "ppl", "+-",
+  fmt::print("{:<10} {:>6} {:>7} {:>8} {:>10} {:>8} {:>10} {:>9}\n", "kv", "ctx", "stride", "tokens", "ppl", "+-",
              "bits/elem", "overflow");
   for (const std::string& kv : formats) {
+    Runtime runtime(model, o, kv);
+    report.set_device(runtime.backend.device_name());
     ProgressBar bar(fmt::format("ppl {} windows", kv));
     const auto start = std::chrono::steady_clock::now();
     PerplexityResult result = evaluate_perplexity(model.config, runtime.backend, runtime.tables, tokens, options,
                                                   [&](int64_t done, int64_t total) { bar.update(done, total); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double bits = kv_bits_per_element(model.config, runtime.backend.kv_bytes_per_page(),
-                                            runtime.tables.pages_for_tokens(p.ctx), p.ctx);
-    fmt::print("{:<8} {:>6} {:>7} {:>8} {:>10.4f} {:>8.4f} {:>10.2f} {:>9}\n", kv, p.ctx, options.stride,
-               result.tokens_scored, result.ppl, result.ppl_stderr, bits, 0);
+    const double bits = kv_bits_per_element(model.config, runtime.backend, runtime.tables.pages_for_tokens(p.ctx), 1, p.ctx);
+    const KvCacheStats kv_stats = runtime.backend.kv_stats();
+    fmt::print("{:<10} {:>6} {:>7} {:>8} {:>10.4f} {:>8.4f} {:>10.2f} {:>9}\n", kv, p.ctx, options.stride,
+               result.tokens_scored, result.ppl, result.ppl_stderr, bits, kv_stats.outliers_over_capacity);
     report.add_result({{"kv", kv},
                        {"ctx", p.ctx},
                        {"stride", options.stride},
@@ -376,10 +432,58 @@ int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
                        {"ppl_stderr", result.ppl_stderr},
                        {"mean_nll", result.mean_nll},
                        {"bits_per_element", bits},
-                       {"outliers_over_capacity", 0},
+                       {"outliers_stored", kv_stats.outliers_stored},
+                       {"outliers_over_capacity", kv_stats.outliers_over_capacity},
                        {"seconds", seconds},
                        {"tok_s", result.tokens_scored / seconds}});
   }
+  return 0;
+}
+
+// ---- kvq calibrate -----------------------------------------------------------
+struct CalibrateCliOptions {
+  std::string file;
+  std::string output;  // default: beside the model
+  std::string sensitivity = "fisher";
+  CalibrateOptions options;
+};
+
+int cmd_calibrate(const CommonOptions& o, CalibrateCliOptions& cal, RunReport& report) {
+  require_cpu(o);
+  apply_threads(o);
+  LoadedModel model(o.model, true);
+  const std::vector<int32_t> tokens = model.tokenizer.encode(read_file(cal.file), false);
+  CalibrateOptions& options = cal.options;
+  options.fisher = cal.sensitivity == "fisher";
+  options.sinks = o.sinks;
+  options.bos_id = model.tokenizer.add_bos() ? model.tokenizer.bos_id() : -1;
+  const std::string output = cal.output.empty() ? default_calibration_path(o.model) : cal.output;
+  fmt::print(stderr, "calibrating on {} samples x {} tokens of {} ({} tokens), sensitivity {}, {} threads\n",
+             options.samples, options.ctx, cal.file, tokens.size(), cal.sensitivity, omp_get_max_threads());
+  std::optional<ProgressBar> bar;
+  std::string stage;
+  const auto start = std::chrono::steady_clock::now();
+  const std::map<std::string, std::string> metadata = {
+      {"model", std::filesystem::path(o.model).filename().string()},
+      {"model_fingerprint", model_fingerprint(model)},
+      {"text", std::filesystem::path(cal.file).filename().string()},
+      {"threads", std::to_string(omp_get_max_threads())},
+      {"kvq_version", kKvqVersion}};
+  const CalibrationFile file = calibrate(model.config, model.weights, tokens, options, metadata,
+                                         [&](const std::string& what, int64_t done, int64_t total) {
+                                           if (what != stage) bar.emplace(fmt::format("calibrate: {}", what)), stage = what;
+                                           bar->update(done, total);
+                                         });
+  bar.reset();
+  file.save(output);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("wrote {} ({} tensors) in {:.1f} s\n", output, file.tensors.size(), seconds);
+  report.set_model(o.model);
+  report.set_device("cpu");
+  report.settings() = {{"file", cal.file}, {"samples", options.samples}, {"ctx", options.ctx}, {"bits", options.bits},
+                       {"outliers", options.outliers}, {"sensitivity", cal.sensitivity}, {"seed", options.seed},
+                       {"threads", omp_get_max_threads()}};
+  report.add_result({{"output", output}, {"tensors", file.tensors.size()}, {"seconds", seconds}});
   return 0;
 }
 
@@ -405,15 +509,15 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
   apply_threads(o);
   LoadedModel model(o.model, true);
   const LlamaConfig& c = model.config;
-  Runtime runtime(model, o);
   report.set_model(o.model);
-  report.set_device(runtime.backend.device_name());
   report.settings() = {{"prompt_len", b.prompt_lengths}, {"batch", b.batches}, {"gen", b.gen}, {"ragged", b.ragged},
                        {"repeats", b.repeats}, {"page", o.page}, {"chunk", o.chunk}, {"threads", omp_get_max_threads()}};
   fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10} {:>12} {:>14} {:>8} {:>12} {:>10} {:>6}\n", "kv", "prompt", "batch",
              "gen", "prefill_s", "prefill t/s", "GEMM-only t/s", "ratio", "decode t/s", "kv MiB", "bits");
   std::mt19937_64 rng(b.seed);
   for (const std::string& kv : formats) {
+    Runtime runtime(model, o, kv);
+    report.set_device(runtime.backend.device_name());
     for (int32_t length : b.prompt_lengths) {
       for (int32_t batch : b.batches) {
         if (length < 1 || batch < 1 || length > c.context) fail("--prompt-len must be in 1..{}, --batch >= 1", c.context);
@@ -467,7 +571,8 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
         const int64_t decode_tokens = int64_t{batch} * (b.gen - 1);
         const int64_t page_bytes = runtime.backend.kv_bytes_per_page();
         const int64_t kv_bytes = int64_t{stats.peak_used_pages} * page_bytes;
-        const double bits = kv_bits_per_element(c, page_bytes, stats.peak_used_pages, prompt_tokens + decode_tokens);
+        const double bits = kv_bits_per_element(c, runtime.backend, stats.peak_used_pages, batch,
+                                                prompt_tokens + decode_tokens);
         struct rusage usage {};
         getrusage(RUSAGE_SELF, &usage);
         point.update({{"prefill_s", prefill},
@@ -537,6 +642,19 @@ int run_main(int argc, char** argv) {
   ppl->add_option("--max-tokens", ppl_options.max_tokens, "use only the text's first N tokens")->check(CLI::Range(int64_t{2}, int64_t{1} << 40));
   ppl->add_option("--kv", ppl_options.kv, "KV formats, comma-separated")->capture_default_str();
 
+  CLI::App* calibrate_cmd = app.add_subcommand("calibrate", "fit KV quantization ranges and codebooks on a text");
+  add_common(*calibrate_cmd, common);
+  CalibrateCliOptions cal;
+  calibrate_cmd->add_option("-f,--file", cal.file, "calibration text")->required()->check(CLI::ExistingFile);
+  calibrate_cmd->add_option("--samples", cal.options.samples, "samples of --ctx tokens")->check(CLI::Range(1, 1 << 16))->capture_default_str();
+  calibrate_cmd->add_option("--ctx", cal.options.ctx, "tokens per sample")->check(CLI::Range(2, 1 << 24))->capture_default_str();
+  calibrate_cmd->add_option("--bits", cal.options.bits, "code widths")->delimiter(',')->capture_default_str();
+  calibrate_cmd->add_option("--outliers", cal.options.outliers, "outlier fractions")->delimiter(',')->capture_default_str();
+  calibrate_cmd->add_option("--sensitivity", cal.sensitivity, "k-means weights: fisher or none")
+      ->check(CLI::IsMember({"fisher", "none"}))->capture_default_str();
+  calibrate_cmd->add_option("--seed", cal.options.seed, "seed of the sample positions")->capture_default_str();
+  calibrate_cmd->add_option("-o,--output", cal.output, "output file (default: beside the model)");
+
   CLI::App* bench = app.add_subcommand("bench", "prefill and decode speed over prompt lengths and batches");
   add_common(*bench, common);
   BenchOptions bench_options;
@@ -574,6 +692,8 @@ int run_main(int argc, char** argv) {
     status = cmd_run(common, run_options, report);
   } else if (chosen == ppl) {
     status = cmd_ppl(common, ppl_options, report);
+  } else if (chosen == calibrate_cmd) {
+    status = cmd_calibrate(common, cal, report);
   } else if (chosen == bench) {
     status = cmd_bench(common, bench_options, report);
   }
@@ -587,6 +707,7 @@ int run_main(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   try {
+  kvq::reexec_with_fast_blas_kernels(argv);
     return kvq::run_main(argc, argv);
   } catch (const kvq::UsageError& e) {
     fmt::print(stderr, "kvq: error: {}\n", e.what());

@@ -1,6 +1,8 @@
 // CPU reference forward. Attention reads every key and value back from the
-// fp16 pages (the current chunk included) and applies RoPE to the keys at each
-// key's position after reading, the path quantized pages will share.
+// pages as stored (the current chunk included: quantize, then attend), applies
+// RoPE to pre-RoPE keys at each key's position after decoding, and reads
+// exactly only what the options keep exact (sinks, --tail, KIVI's window,
+// --exact-chunk).
 #include "cpu/cpu_backend.h"
 
 #include <cblas.h>
@@ -26,29 +28,81 @@ void grow(std::vector<T>& v, size_t n) {
 
 }  // namespace
 
-CpuKvPages::CpuKvPages(const LlamaConfig& config, int32_t n_pages, int32_t page_size)
+int KvCacheOptions::exact_window_capacity(int page_size) const {
+  int window = format.native_exact_window();
+  if (tail || (per_page_key_ranges && format.calibrated())) window = std::max(window, page_size);
+  return window;
+}
+
+CpuKvPages::CpuKvPages(const LlamaConfig& config, int32_t n_pages, int32_t page_size, const KvCacheOptions& options)
     : config_(config),
       n_pages_(n_pages),
-      page_size_(page_size),
-      n_elements_(static_cast<size_t>(config.n_layers) * 2 * n_pages * config.kv_dim() * page_size),
+      key_codec_(options.format, KvKind::key, page_size, config.head_dim, options.per_page_key_ranges),
+      value_codec_(options.format, KvKind::value, page_size, config.head_dim, options.per_page_key_ranges),
       // new[] without () leaves the memory untouched, so an unused pool costs no RSS.
-      storage_(new uint16_t[n_elements_]) {}
+      storage_(new uint8_t[static_cast<size_t>(bytes_per_page(config, page_size, options)) * n_pages]) {}
 
-int64_t CpuKvPages::bytes_per_page(const LlamaConfig& config, int32_t page_size) {
-  return int64_t{config.n_layers} * 2 * config.kv_dim() * page_size * 2;
+int64_t CpuKvPages::bytes_per_page(const LlamaConfig& config, int32_t page_size, const KvCacheOptions& options) {
+  const PageCodec keys(options.format, KvKind::key, page_size, config.head_dim, options.per_page_key_ranges);
+  const PageCodec values(options.format, KvKind::value, page_size, config.head_dim, options.per_page_key_ranges);
+  return int64_t{config.n_layers} * config.n_kv_heads * (keys.block_bytes() + values.block_bytes());
 }
 
-uint16_t* CpuKvPages::block(int layer, int kind, int32_t page, int kv_head) {
-  size_t head_block = static_cast<size_t>(page_size_) * config_.head_dim;
-  size_t index = ((static_cast<size_t>(layer) * 2 + kind) * n_pages_ + page) * config_.n_kv_heads + kv_head;
-  return storage_.get() + index * head_block;
+uint8_t* CpuKvPages::block(int layer, KvKind kind, int32_t page, int kv_head) {
+  const size_t k_bytes = key_codec_.block_bytes(), v_bytes = value_codec_.block_bytes();
+  const size_t page_bytes = config_.n_kv_heads * (k_bytes + v_bytes);
+  size_t offset = (static_cast<size_t>(layer) * n_pages_ + page) * page_bytes;
+  offset += kind == KvKind::key ? kv_head * k_bytes : config_.n_kv_heads * k_bytes + kv_head * v_bytes;
+  return storage_.get() + offset;
 }
 
-uint16_t* CpuKvPages::keys(int layer, int32_t page, int kv_head) { return block(layer, 0, page, kv_head); }
-uint16_t* CpuKvPages::values(int layer, int32_t page, int kv_head) { return block(layer, 1, page, kv_head); }
+CpuBackend::CpuBackend(const LlamaConfig& config, const LlamaWeights& weights, int32_t n_pages, int32_t page_size,
+                       KvCacheOptions options)
+    : config_(config),
+      weights_(weights),
+      page_size_(page_size),
+      options_(std::move(options)),
+      window_(options_.exact_window_capacity(page_size)),
+      kv_(config, n_pages, page_size, options_),
+      rope_(config) {
+  if (options_.format.calibrated() && static_cast<int>(options_.calibration.size()) != config.n_layers) {
+    fail("--kv {} needs a calibration of {} layers", options_.format.name, config.n_layers);
+  }
+  if (options_.effective_sinks() < 0) fail("--sinks must be >= 0, got {}", options_.sinks);
+}
 
-CpuBackend::CpuBackend(const LlamaConfig& config, const LlamaWeights& weights, int32_t n_pages, int32_t page_size)
-    : config_(config), weights_(weights), page_size_(page_size), kv_(config, n_pages, page_size), rope_(config) {}
+int64_t CpuBackend::kv_bytes_per_sequence() const {
+  return int64_t{options_.effective_sinks() + window_} * config_.n_layers * 2 * config_.kv_dim() * 2;
+}
+
+HeadCalibration CpuBackend::head_calibration(int layer, KvKind kind, int kv_head) const {
+  if (!options_.format.calibrated()) return {};
+  const LayerCalibration& layer_calib = options_.calibration[layer];
+  const int offset = kv_head * config_.head_dim;
+  return {layer_calib.key_lo + offset, layer_calib.key_hi + offset,
+          kind == KvKind::key ? layer_calib.key_codebook : layer_calib.value_codebook, layer_calib.value_threshold};
+}
+
+int64_t CpuBackend::exact_from(int64_t pos, int64_t chunk_start) const {
+  int64_t from = pos + 1;
+  if (options_.format.native_exact_window() > 0) from = std::min(from, pos + 1 - options_.format.native_exact_window());
+  if (options_.tail || (options_.per_page_key_ranges && options_.format.calibrated())) {
+    from = std::min(from, pos / page_size_ * page_size_);
+  }
+  if (options_.exact_chunk) from = std::min(from, chunk_start);
+  return std::max<int64_t>(from, 0);
+}
+
+uint16_t* CpuBackend::exact_row(ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) {
+  const int sinks = options_.effective_sinks();
+  const size_t head_index = (static_cast<size_t>(layer) * 2 + static_cast<int>(kind)) * config_.n_kv_heads + kv_head;
+  if (pos < sinks) return rows.sinks.data() + (head_index * sinks + pos) * config_.head_dim;
+  return rows.window.data() + (head_index * window_ + pos % window_) * config_.head_dim;
+}
+
+const uint16_t* CpuBackend::exact_row(const ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) const {
+  return const_cast<CpuBackend*>(this)->exact_row(const_cast<ExactRows&>(rows), layer, kind, kv_head, pos);
+}
 
 std::string CpuBackend::device_name() const {
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -62,26 +116,114 @@ std::string CpuBackend::device_name() const {
   return "cpu";
 }
 
-void CpuBackend::write_kv(int layer, const StepBatch& batch, const PageTables& tables) {
-  const int hd = config_.head_dim;
-  const int qkv_dim = config_.qkv_dim();
+void CpuBackend::round_kv(const StepBatch& batch) {
+  const int kv_dim = config_.kv_dim();
+  const bool rotate_keys = options_.format.keys_post_rope();
   for (const SequenceChunk& chunk : batch.chunks) {
 #pragma omp parallel for schedule(static)
     for (int32_t t = 0; t < chunk.n_tokens; ++t) {
-      TokenSlot slot = tables.locate(chunk.seq, chunk.start_pos + t);
-      const float* row = qkv_.data() + static_cast<size_t>(chunk.first_row + t) * qkv_dim;
-      for (int h = 0; h < config_.n_kv_heads; ++h) {
-        const float* k = row + config_.q_dim() + h * hd;
-        const float* v = row + config_.q_dim() + config_.kv_dim() + h * hd;
-        uint16_t* k_dst = kv_.keys(layer, slot.page, h) + static_cast<size_t>(slot.slot) * hd;
-        uint16_t* v_dst = kv_.values(layer, slot.page, h) + static_cast<size_t>(slot.slot) * hd;
-        for (int d = 0; d < hd; ++d) {
-          k_dst[d] = fp32_to_fp16(k[d]);
-          v_dst[d] = fp32_to_fp16(v[d]);
+      const size_t row = chunk.first_row + t;
+      const float* k = qkv_.data() + row * config_.qkv_dim() + config_.q_dim();
+      float* out = kv_rows_.data() + row * 2 * kv_dim;
+      std::copy_n(k, 2 * kv_dim, out);  // K then V
+      if (rotate_keys) {
+        for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(out + h * config_.head_dim, chunk.start_pos + t);
+      }
+      for (int i = 0; i < 2 * kv_dim; ++i) out[i] = fp16_to_fp32(fp32_to_fp16(out[i]));
+    }
+  }
+}
+
+// fp16 copies of each sequence's sinks and newest `window_` tokens. Runs after
+// the layer's attention, which still reads the window's older rows.
+void CpuBackend::save_exact_rows(int layer, const StepBatch& batch) {
+  const int hd = config_.head_dim;
+  const int kv_dim = config_.kv_dim();
+  const int sinks = options_.effective_sinks();
+  if (sinks == 0 && window_ == 0) return;
+  for (const SequenceChunk& chunk : batch.chunks) {
+    if (chunk.start_pos == 0 && layer == 0) {
+      ExactRows& rows = exact_rows_[chunk.seq];
+      rows.sinks.assign(static_cast<size_t>(config_.n_layers) * 2 * kv_dim * sinks, 0);
+      rows.window.assign(static_cast<size_t>(config_.n_layers) * 2 * kv_dim * window_, 0);
+    }
+    auto found = exact_rows_.find(chunk.seq);
+    if (found == exact_rows_.end()) fail("sequence {}: its first chunk (position 0) never ran", chunk.seq);
+    const int64_t end = chunk.start_pos + chunk.n_tokens;
+    for (int64_t pos = chunk.start_pos; pos < end; ++pos) {
+      if (pos >= sinks && pos < end - window_) continue;
+      const float* row = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim;
+      for (int kind = 0; kind < 2; ++kind) {
+        for (int h = 0; h < config_.n_kv_heads; ++h) {
+          uint16_t* dst = exact_row(found->second, layer, static_cast<KvKind>(kind), h, pos);
+          for (int d = 0; d < hd; ++d) dst[d] = fp32_to_fp16(row[kind * kv_dim + h * hd + d]);
         }
       }
     }
   }
+}
+
+void CpuBackend::write_kv(int layer, const StepBatch& batch, const PageTables& tables) {
+  const int hd = config_.head_dim;
+  const int kv_dim = config_.kv_dim();
+  const int sinks = options_.effective_sinks();
+
+  // One task per (chunk, page, kind, head): rows of a page are encoded in order, so
+  // its outlier slots fill deterministically. Grouped codecs encode the groups
+  // this step completes, earlier rows of a group coming from the exact window.
+  struct Task {
+    const SequenceChunk* chunk;
+    int64_t first, end;  // positions
+    KvKind kind;
+    int kv_head;
+  };
+  std::vector<Task> tasks;
+  for (const SequenceChunk& chunk : batch.chunks) {
+    const int64_t end = chunk.start_pos + chunk.n_tokens;
+    for (int kind = 0; kind < 2; ++kind) {
+      const int group = kv_.codec(static_cast<KvKind>(kind)).rows_per_group();
+      const int64_t first = chunk.start_pos / group * group;
+      const int64_t last = end / group * group;  // groups complete by the end of the step
+      for (int64_t page_start = first / page_size_ * page_size_; page_start < last; page_start += page_size_) {
+        const int64_t lo = std::max(first, page_start), hi = std::min(last, page_start + page_size_);
+        if (lo >= hi) continue;
+        for (int h = 0; h < config_.n_kv_heads; ++h) tasks.push_back({&chunk, lo, hi, static_cast<KvKind>(kind), h});
+      }
+    }
+  }
+  const int n_tasks = static_cast<int>(tasks.size());
+  int64_t stored = 0, over_capacity = 0;
+#pragma omp parallel reduction(+ : stored, over_capacity)
+  {
+    std::vector<float> rows;  // (rows, head_dim)
+    OutlierCounts counts;
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < n_tasks; ++i) {
+      const Task& task = tasks[i];
+      const SequenceChunk& chunk = *task.chunk;
+      const int n = static_cast<int>(task.end - task.first);
+      grow(rows, static_cast<size_t>(n) * hd);
+      for (int64_t pos = task.first; pos < task.end; ++pos) {
+        float* dst = rows.data() + (pos - task.first) * hd;
+        if (pos >= chunk.start_pos) {
+          const float* src = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim +
+                             static_cast<int>(task.kind) * kv_dim + task.kv_head * hd;
+          std::copy_n(src, hd, dst);
+        } else {
+          const uint16_t* src = exact_row(exact_rows_.at(chunk.seq), layer, task.kind, task.kv_head, pos);
+          for (int d = 0; d < hd; ++d) dst[d] = fp16_to_fp32(src[d]);
+        }
+      }
+      const TokenSlot slot = tables.locate(chunk.seq, task.first);
+      const int exact_rows = static_cast<int>(std::clamp<int64_t>(sinks - task.first, 0, n));
+      kv_.codec(task.kind).encode(kv_.block(layer, task.kind, slot.page, task.kv_head), slot.slot, n, rows.data(),
+                                  exact_rows, head_calibration(layer, task.kind, task.kv_head), counts);
+    }
+    stored += counts.stored;
+    over_capacity += counts.over_capacity;
+  }
+  stats_.outliers_stored += stored;
+  stats_.outliers_over_capacity += over_capacity;
 }
 
 void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& tables) {
@@ -89,12 +231,18 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
   const int group = config_.n_heads / config_.n_kv_heads;
   const int qkv_dim = config_.qkv_dim();
   const int q_dim = config_.q_dim();
+  const int kv_dim = config_.kv_dim();
+  const int sinks = options_.effective_sinks();
+  const bool rotate_keys = !options_.format.keys_post_rope();
+  const bool any_exact = options_.format.scheme != KvScheme::fp16;  // fp16 pages are already exact
+  const int key_group = kv_.codec(KvKind::key).rows_per_group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int n_tasks = static_cast<int>(batch.chunks.size()) * config_.n_kv_heads;
 
 #pragma omp parallel
   {
-    std::vector<float> keys, values, scores;  // (n_keys, hd), (n_keys, hd), (kQueryBlock, n_keys)
+    // (n_keys, hd) as stored; exact rows (sinks, then positions exact_lo..n_keys); (kQueryBlock, n_keys) scores.
+    std::vector<float> keys, values, exact_keys, exact_values, scores;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < n_tasks; ++task) {
       const SequenceChunk& chunk = batch.chunks[task / config_.n_kv_heads];
@@ -104,21 +252,58 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
       grow(values, n_keys * hd);
       grow(scores, static_cast<size_t>(kQueryBlock) * n_keys);
 
-      // Read back every key and value of the sequence as stored, then rotate keys.
+      // Every key and value of the sequence as stored; keys of unsealed groups are
+      // zeros (every query reads those exactly). Then RoPE at each key's position.
       const std::vector<int32_t>& pages = tables.pages(chunk.seq);
-      for (int64_t pos = 0; pos < n_keys; ++pos) {
-        int32_t page = pages[pos / page_size_];
-        size_t offset = static_cast<size_t>(pos % page_size_) * hd;
-        const uint16_t* k = kv_.keys(layer, page, kv_head) + offset;
-        const uint16_t* v = kv_.values(layer, page, kv_head) + offset;
-        float* k_out = keys.data() + pos * hd;
-        float* v_out = values.data() + pos * hd;
-        for (int d = 0; d < hd; ++d) {
-          k_out[d] = fp16_to_fp32(k[d]);
-          v_out[d] = fp16_to_fp32(v[d]);
+      const HeadCalibration key_calib = head_calibration(layer, KvKind::key, kv_head);
+      const HeadCalibration value_calib = head_calibration(layer, KvKind::value, kv_head);
+      const int64_t sealed = n_keys / key_group * key_group;  // keys of an unfinished group have no codes yet
+      for (int64_t page_start = 0; page_start < n_keys; page_start += page_size_) {
+        const int rows = static_cast<int>(std::min<int64_t>(page_size_, n_keys - page_start));
+        const int key_rows = static_cast<int>(std::clamp<int64_t>(sealed - page_start, 0, rows));
+        const int32_t page = pages[page_start / page_size_];
+        if (key_rows > 0) {
+          kv_.codec(KvKind::key).decode(kv_.block(layer, KvKind::key, page, kv_head), key_rows,
+                                        keys.data() + page_start * hd, key_calib);
         }
-        rope_.rotate(k_out, pos);
+        kv_.codec(KvKind::value).decode(kv_.block(layer, KvKind::value, page, kv_head), rows, values.data() + page_start * hd,
+                                        value_calib);
       }
+      std::fill(keys.begin() + sealed * hd, keys.begin() + n_keys * hd, 0.0f);
+      if (rotate_keys) {
+        for (int64_t pos = 0; pos < sealed; ++pos) rope_.rotate(keys.data() + pos * hd, pos);
+      }
+
+      // Exact rows: sinks and every position some query of the chunk reads exactly.
+      const int n_sinks = static_cast<int>(std::min<int64_t>(sinks, n_keys));
+      const int64_t exact_lo = any_exact ? std::max<int64_t>(exact_from(chunk.start_pos, chunk.start_pos), n_sinks) : n_keys;
+      const int64_t n_exact = n_sinks + (n_keys - exact_lo);
+      if (any_exact && n_exact > 0) {
+        grow(exact_keys, n_exact * hd);
+        grow(exact_values, n_exact * hd);
+        for (int64_t e = 0; e < n_exact; ++e) {
+          const int64_t pos = e < n_sinks ? e : exact_lo + (e - n_sinks);
+          for (int kind = 0; kind < 2; ++kind) {
+            float* dst = (kind == 0 ? exact_keys : exact_values).data() + e * hd;
+            if (pos >= chunk.start_pos) {
+              const float* src = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim +
+                                 kind * kv_dim + kv_head * hd;
+              std::copy_n(src, hd, dst);
+            } else {
+              const uint16_t* src = exact_row(exact_rows_.at(chunk.seq), layer, static_cast<KvKind>(kind), kv_head, pos);
+              for (int d = 0; d < hd; ++d) dst[d] = fp16_to_fp32(src[d]);
+            }
+          }
+          if (rotate_keys) rope_.rotate(exact_keys.data() + e * hd, pos);
+        }
+      }
+      // Index into the exact rows of position pos, or -1 when query `query_pos` reads it as stored.
+      auto exact_index = [&](int64_t pos, int64_t query_pos) -> int64_t {
+        if (!any_exact) return -1;
+        if (pos < n_sinks) return pos;
+        if (pos >= std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks)) return n_sinks + (pos - exact_lo);
+        return -1;
+      };
 
       for (int g = 0; g < group; ++g) {
         const int head = kv_head * group + g;
@@ -130,7 +315,23 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
                    static_cast<int>(visible), scale);
           for (int r = 0; r < rows; ++r) {
             float* s = scores.data() + static_cast<size_t>(r) * visible;
-            const int64_t n_visible = chunk.start_pos + r0 + r + 1;  // causal: keys at positions <= own
+            const int64_t query_pos = chunk.start_pos + r0 + r;
+            const int64_t n_visible = query_pos + 1;  // causal: keys at positions <= own
+            if (any_exact) {
+              const float* qr = q + static_cast<size_t>(r) * qkv_dim;
+              for (int64_t pos = 0; pos < n_visible; ++pos) {
+                const int64_t e = exact_index(pos, query_pos);
+                if (e < 0) {
+                  if (pos < n_sinks) continue;
+                  pos = std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks) - 1;  // skip to the window
+                  continue;
+                }
+                const float* k = exact_keys.data() + e * hd;
+                float dot = 0;
+                for (int d = 0; d < hd; ++d) dot += qr[d] * k[d];
+                s[pos] = dot * scale;
+              }
+            }
             float max_score = *std::max_element(s, s + n_visible);
             double sum = 0;
             for (int64_t j = 0; j < n_visible; ++j) {
@@ -144,6 +345,24 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
           float* out = attn_.data() + static_cast<size_t>(chunk.first_row + r0) * q_dim + head * hd;
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, static_cast<int>(visible), 1.0f,
                       scores.data(), static_cast<int>(visible), values.data(), hd, 0.0f, out, q_dim);
+          if (!any_exact) continue;
+          // Exactly read values replace their stored versions: out += p * (exact - stored).
+          for (int r = 0; r < rows; ++r) {
+            const float* p = scores.data() + static_cast<size_t>(r) * visible;
+            const int64_t query_pos = chunk.start_pos + r0 + r;
+            float* o = out + static_cast<size_t>(r) * q_dim;
+            for (int64_t pos = 0; pos <= query_pos; ++pos) {
+              const int64_t e = exact_index(pos, query_pos);
+              if (e < 0) {
+                if (pos < n_sinks) continue;
+                pos = std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks) - 1;
+                continue;
+              }
+              const float* exact = exact_values.data() + e * hd;
+              const float* stored = values.data() + pos * hd;
+              for (int d = 0; d < hd; ++d) o[d] += p[pos] * (exact[d] - stored[d]);
+            }
+          }
         }
       }
     }
@@ -166,6 +385,7 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
   grow(x_, size_t(n) * h);
   grow(xn_, size_t(n) * h);
   grow(qkv_, size_t(n) * c.qkv_dim());
+  grow(kv_rows_, size_t(n) * 2 * c.kv_dim());
   grow(attn_, size_t(n) * c.q_dim());
   grow(gate_up_, size_t(n) * 2 * c.ffn);
   grow(act_, size_t(n) * c.ffn);
@@ -184,6 +404,7 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; ++t) rms_norm(&x_[size_t(t) * h], w.attn_norm.data(), &xn_[size_t(t) * h], h, c.rms_eps);
     gemm_abt(n, c.qkv_dim(), h, xn_.data(), h, w.wqkv.data(), h, qkv_.data(), c.qkv_dim());
+    round_kv(batch);
     write_kv(layer, batch, tables);
     // Queries are rotated here; keys after they are read back from the pages.
     for (const SequenceChunk& chunk : batch.chunks) {
@@ -197,6 +418,7 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
       }
     }
     attention(layer, batch, tables);
+    save_exact_rows(layer, batch);
     gemm_abt(n, h, c.q_dim(), attn_.data(), c.q_dim(), w.wo.data(), c.q_dim(), x_.data(), h, 1.0f, 1.0f);
 
 #pragma omp parallel for schedule(static)

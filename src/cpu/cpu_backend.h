@@ -1,62 +1,99 @@
-// CPU backend: the reference Llama forward over ragged batches with a paged
-// fp16 KV cache. fp32 activations and accumulation, OpenBLAS GEMMs, OpenMP.
+// CPU backend: the reference Llama forward over ragged batches with a paged KV
+// cache in any --kv format. fp32 activations and accumulation, OpenBLAS GEMMs,
+// OpenMP. Keys and values are rounded to fp16 (the GEMM output a GPU stores)
+// before they are stored or quantized.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
-#include "engine/step_batch.h"
+#include "calib/calibration_file.h"
 #include "cpu/llama_ops.h"
+#include "engine/step_batch.h"
+#include "kv/kv_format.h"
+#include "kv/page_codec.h"
 #include "model/llama.h"
 
 namespace kvq {
 
-// fp16 pages in host memory. Per layer, K and V each of shape
-// (n_pages, n_kv_heads, page_size, head_dim); keys are stored before RoPE.
+struct KvCacheOptions {
+  KvFormat format;                             // default fp16
+  std::vector<LayerCalibration> calibration;   // (n_layers), calibrated (int/nuq) formats only
+  int sinks = 1;                               // first tokens of a sequence kept fp16 (int/nuq formats)
+  bool tail = false;                           // the newest partial page is read exactly until sealed
+  bool per_page_key_ranges = false;            // --kscale page: key ranges from each sealed page
+  bool exact_chunk = false;                    // a chunk attends to its own keys/values exactly
+
+  int effective_sinks() const { return format.calibrated() ? sinks : 0; }
+  // Most tokens before a query that it may read exactly from the sequence's window (0: none).
+  int exact_window_capacity(int page_size) const;
+};
+
+// The pool: per layer and page, the K blocks of every KV head, then the V blocks
+// (layout of one block in kv/page_codec.h; keys pre-RoPE unless the format says otherwise).
 class CpuKvPages {
  public:
-  CpuKvPages(const LlamaConfig& config, int32_t n_pages, int32_t page_size);
-  static int64_t bytes_per_page(const LlamaConfig& config, int32_t page_size);
+  CpuKvPages(const LlamaConfig& config, int32_t n_pages, int32_t page_size, const KvCacheOptions& options);
+  static int64_t bytes_per_page(const LlamaConfig& config, int32_t page_size, const KvCacheOptions& options);
 
-  // (page_size, head_dim) block of one KV head in one page.
-  uint16_t* keys(int layer, int32_t page, int kv_head);
-  uint16_t* values(int layer, int32_t page, int kv_head);
-  int64_t bytes() const { return static_cast<int64_t>(n_elements_) * 2; }
+  uint8_t* block(int layer, KvKind kind, int32_t page, int kv_head);
+  const PageCodec& codec(KvKind kind) const { return kind == KvKind::key ? key_codec_ : value_codec_; }
   int32_t n_pages() const { return n_pages_; }
 
  private:
-  uint16_t* block(int layer, int kind, int32_t page, int kv_head);
   LlamaConfig config_;
   int32_t n_pages_;
-  int32_t page_size_;
-  size_t n_elements_;
-  std::unique_ptr<uint16_t[]> storage_;  // (n_layers, 2, n_pages, n_kv_heads, page_size, head_dim), untouched until written
+  PageCodec key_codec_, value_codec_;
+  std::unique_ptr<uint8_t[]> storage_;  // (n_layers, n_pages, [K blocks (n_kv_heads)], [V blocks (n_kv_heads)])
 };
 
 class CpuBackend final : public Backend {
  public:
-  // `weights` must outlive the backend.
-  CpuBackend(const LlamaConfig& config, const LlamaWeights& weights, int32_t n_pages, int32_t page_size);
+  // `weights` must outlive the backend, and so must the calibration file behind options.calibration.
+  CpuBackend(const LlamaConfig& config, const LlamaWeights& weights, int32_t n_pages, int32_t page_size,
+             KvCacheOptions options = {});
 
   void forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) override;
   std::string device_name() const override;
-  int64_t kv_bytes_per_page() const override { return CpuKvPages::bytes_per_page(config_, page_size_); }
+  int64_t kv_bytes_per_page() const override { return CpuKvPages::bytes_per_page(config_, page_size_, options_); }
   int32_t n_pages() const override { return kv_.n_pages(); }
+  int64_t kv_bytes_per_sequence() const override;
+  void release_sequence(int32_t seq) override { exact_rows_.erase(seq); }
+  KvCacheStats kv_stats() const override { return stats_; }
 
  private:
+  // fp16 rows kept outside the pages for one sequence, per layer, K/V and KV head.
+  struct ExactRows {
+    std::vector<uint16_t> sinks;   // (n_layers, 2, n_kv_heads, sinks, head_dim)
+    std::vector<uint16_t> window;  // (n_layers, 2, n_kv_heads, window, head_dim) ring: position p at p % window
+  };
+  const uint16_t* exact_row(const ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) const;
+  uint16_t* exact_row(ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos);
+  // The first position query `pos` reads exactly (apart from sinks); pos + 1 when none.
+  int64_t exact_from(int64_t pos, int64_t chunk_start) const;
+  HeadCalibration head_calibration(int layer, KvKind kind, int kv_head) const;
+
+  void round_kv(const StepBatch& batch);
   void write_kv(int layer, const StepBatch& batch, const PageTables& tables);
+  void save_exact_rows(int layer, const StepBatch& batch);
   void attention(int layer, const StepBatch& batch, const PageTables& tables);
 
   LlamaConfig config_;
   const LlamaWeights& weights_;
   int32_t page_size_;
+  KvCacheOptions options_;
+  int window_;  // options_.exact_window_capacity(page_size_)
   CpuKvPages kv_;
   RopeTable rope_;
+  std::map<int32_t, ExactRows> exact_rows_;  // by sequence id
+  KvCacheStats stats_;
   // Step workspace, grown on demand: T = tokens in the step.
   std::vector<float> x_;        // (T, hidden) residual stream
   std::vector<float> xn_;       // (T, hidden) normalized
   std::vector<float> qkv_;      // (T, q_dim + 2 * kv_dim)
+  std::vector<float> kv_rows_;  // (T, 2, kv_dim) K and V rounded to fp16 (K rotated for post-RoPE formats)
   std::vector<float> attn_;     // (T, q_dim)
   std::vector<float> gate_up_;  // (T, 2 * ffn)
   std::vector<float> act_;      // (T, ffn)

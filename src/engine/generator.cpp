@@ -74,6 +74,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
       tables_.add_sequence(seq);
       if (!tables_.reserve(seq, kv_tokens_needed(requests[next_request]))) {
         tables_.free_sequence(seq);
+        backend_.release_sequence(seq);
         break;
       }
       live.push_back({next_request, 0, -1});
@@ -150,6 +151,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
       if (done) {
         result.finish_s = seconds_since(start);
         tables_.free_sequence(seq);
+        backend_.release_sequence(seq);
       } else {
         s.last_token = token;
         still_live.push_back(s);

@@ -27,6 +27,11 @@ struct StepBatch {
   int32_t n_logit_rows() const;
 };
 
+struct KvCacheStats {
+  int64_t outliers_stored = 0;
+  int64_t outliers_over_capacity = 0;  // outliers clamped because their page's slots were full
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -40,6 +45,12 @@ class Backend {
   virtual int64_t kv_bytes_per_page() const = 0;
   // Pages in the pool the backend allocated; PageTables hands out indices below it.
   virtual int32_t n_pages() const = 0;
+  // Bytes held per live sequence outside the pages (fp16 attention sinks and
+  // the exact window of --tail / KIVI), allocated when its first chunk runs.
+  virtual int64_t kv_bytes_per_sequence() const { return 0; }
+  // Drops a finished sequence's state outside the pages (call with PageTables::free_sequence).
+  virtual void release_sequence(int32_t /*seq*/) {}
+  virtual KvCacheStats kv_stats() const { return {}; }
 };
 
 }  // namespace kvq

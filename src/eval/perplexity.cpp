@@ -75,6 +75,7 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
       }
     }
     tables.free_sequence(seq);
+    backend.release_sequence(seq);
     scored_until = end;
     ++result.windows;
     if (progress) progress(w + 1, n_windows);

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "cpu/blas_kernels.h"
 #include "cpu/cpu_backend.h"
 #include "engine/loaded_model.h"
 #include "kv/page_tables.h"
@@ -135,6 +136,7 @@ int tokenize(const std::string& model_path, const std::string& requests_path, co
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvq::reexec_with_fast_blas_kernels(argv);
   CLI::App app{"kvq-testtool"};
   app.require_subcommand(1);
   std::string model, tokens, out, tensor, requests;
