@@ -30,27 +30,33 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Tiles are (rows, D) fp16 with 16-byte chunk c of row r stored at chunk c ^ (r % 8):
-// ldmatrix of 8 rows at one logical chunk then touches 8 different bank groups.
-template <int D>
+// Tiles are (kRows, D) fp16 in the layout wgmma reads with its 128-byte swizzle:
+// column blocks of 64 halves, each (kRows, 64) contiguous, 16-byte chunk c of
+// row r stored at chunk c ^ (r % 8) (ldmatrix and wgmma then touch 8 different
+// bank groups per 8 rows). Tiles start 1024-byte aligned.
+template <int D, int kRows>
 __device__ __forceinline__ int tile_offset(int row, int col) {
-  static_assert(D % 64 == 0, "the swizzle needs at least 8 chunks per row");
-  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(D % 64 == 0, "the swizzle needs 64-half column blocks");
+  return (col >> 6) * (kRows * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
 
-// Rotates the 4 adjacent pairs of 8 halves by the angles of pairs 4c .. 4c+3 at one position.
-__device__ __forceinline__ uint4 rope_chunk(uint4 raw, const float2* angles) {
-  const float4 a01 = *reinterpret_cast<const float4*>(angles);
-  const float4 a23 = *reinterpret_cast<const float4*>(angles + 2);
-  const float cs[8] = {a01.x, a01.y, a01.z, a01.w, a23.x, a23.y, a23.z, a23.w};
+// Rotates the 4 adjacent pairs of 8 halves by the (cos, sin) of pairs 4c .. 4c+3 at one position.
+__device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) {
   __half2* pairs = reinterpret_cast<__half2*>(&raw);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const float2 x = __half22float2(pairs[j]);
-    const float c = cs[2 * j], s = cs[2 * j + 1];
-    pairs[j] = __floats2half2_rn(x.x * c - x.y * s, x.x * s + x.y * c);
+    pairs[j] = __floats2half2_rn(x.x * cs[j].x - x.y * cs[j].y, x.x * cs[j].y + x.y * cs[j].x);
   }
   return raw;
+}
+
+// The same with the angles read from a table row (16-byte aligned).
+__device__ __forceinline__ uint4 rope_chunk(uint4 raw, const float2* angles) {
+  const float4 a01 = *reinterpret_cast<const float4*>(angles);
+  const float4 a23 = *reinterpret_cast<const float4*>(angles + 2);
+  const float2 cs[4] = {{a01.x, a01.y}, {a01.z, a01.w}, {a23.x, a23.y}, {a23.z, a23.w}};
+  return rotate_chunk(raw, cs);
 }
 
 // Pool offset (in halves) of key `pos` of a sequence for one KV head.
@@ -60,17 +66,24 @@ __device__ __forceinline__ int64_t page_row_offset(const PagedKv& kv, const int3
   return ((static_cast<int64_t>(page) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D;
 }
 
-// fp16 pages: stored keys are pre-RoPE fp16, values fp16. The staging area
-// holds the tile's RoPE rows (kRows, D / 2) (cos, sin), copied with the keys so
-// that finish() reads only shared memory.
+// fp16 pages: stored keys are pre-RoPE fp16, values fp16.
+//
+// RoPE angles are linear in the position (RopeTable: angle = pos * freq), so a
+// thread that rotates rows r0, r0 + kRowStep, r0 + 2 kRowStep, ... of one
+// column chunk needs only the table rows of positions k0 + r0 and kRowStep:
+// it steps its (cos, sin) by complex multiplication (fp32, at most 7 steps:
+// ~1e-6 relative, far below the keys' fp16 rounding). The staging area holds
+// those kRowStep + 1 table rows, copied with the keys so that finish() reads
+// only shared memory.
 template <int D, int kRows, int kThreads>
 struct Fp16PageLoader {
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kChunks = kRows * kChunksPerRow;
-  static constexpr int kAngleChunksPerRow = D / 4;  // (D / 2) float2 = D * 4 bytes per row
-  static constexpr int kAngleChunks = kRows * kAngleChunksPerRow;
-  static constexpr int kStagingBytes = kRows * D * 4;
-  static_assert(kChunks % kThreads == 0 && kAngleChunks % kThreads == 0, "every thread copies the same number of chunks");
+  static constexpr int kRowStep = kThreads / kChunksPerRow;  // rows between one thread's chunks
+  static constexpr int kAngleChunksPerRow = D / 4;           // (D / 2) float2 = D * 4 bytes per row
+  static constexpr int kAngleChunks = (kRowStep + 1) * kAngleChunksPerRow;
+  static constexpr int kStagingBytes = (kRowStep + 1) * D * 4;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowStep == 0, "every thread rotates the same rows");
 
   // Keys [k0, k0 + kRows) into sK, sV and their angles into staging; rows at or past n_keys are zero-filled.
   // staging may be reused as soon as the previous tile's finish() has completed (one buffer suffices).
@@ -83,16 +96,15 @@ struct Fp16PageLoader {
       const int pos = k0 + r;
       const bool valid = pos < n_keys;
       const int64_t offset = valid ? page_row_offset<D>(kv, pages, kv_head, pos) + c * 8 : 0;
-      cp_async_16(sK + tile_offset<D>(r, c * 8), kv.keys + offset, valid);
-      cp_async_16(sV + tile_offset<D>(r, c * 8), kv.values + offset, valid);
+      cp_async_16(sK + tile_offset<D, kRows>(r, c * 8), kv.keys + offset, valid);
+      cp_async_16(sV + tile_offset<D, kRows>(r, c * 8), kv.values + offset, valid);
     }
+    // Rows 0 .. kRowStep - 1: positions k0 + row; row kRowStep: position kRowStep (the step's angles).
     float2* angles = static_cast<float2*>(staging);
-#pragma unroll
-    for (int j = 0; j < kAngleChunks / kThreads; ++j) {
-      const int i = threadIdx.x + j * kThreads;
+    for (int i = threadIdx.x; i < kAngleChunks; i += kThreads) {
       const int r = i / kAngleChunksPerRow, c = i % kAngleChunksPerRow;
-      const int pos = k0 + r;
-      const bool valid = pos < n_keys;
+      const int pos = r < kRowStep ? k0 + r : kRowStep;
+      const bool valid = pos < n_keys;  // n_keys <= the table's rows; an invalid row is never used
       cp_async_16(angles + r * (D / 2) + c * 2, kv.rope + (valid ? static_cast<int64_t>(pos) * (D / 2) + c * 2 : 0), valid);
     }
   }
@@ -100,13 +112,26 @@ struct Fp16PageLoader {
   // RoPE on the landed keys at their positions.
   __device__ static void finish(int k0, int n_keys, __half* sK, const void* staging) {
     const float2* angles = static_cast<const float2*>(staging);
+    const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
+    float2 cs[4], step[4];
 #pragma unroll
-    for (int j = 0; j < kChunks / kThreads; ++j) {
-      const int i = threadIdx.x + j * kThreads;
-      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      if (k0 + r >= n_keys) continue;
-      uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D>(r, c * 8));
-      *chunk = rope_chunk(*chunk, angles + r * (D / 2) + c * 4);
+    for (int j = 0; j < 4; ++j) {
+      cs[j] = angles[r0 * (D / 2) + c * 4 + j];
+      step[j] = angles[kRowStep * (D / 2) + c * 4 + j];
+    }
+#pragma unroll
+    for (int j = 0; j < kRows / kRowStep; ++j) {
+      const int r = r0 + j * kRowStep;
+      if (k0 + r < n_keys) {
+        uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D, kRows>(r, c * 8));
+        *chunk = rotate_chunk(*chunk, cs);
+      }
+      if (j + 1 < kRows / kRowStep) {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
+        }
+      }
     }
   }
 };

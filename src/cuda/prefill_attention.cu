@@ -1,11 +1,19 @@
 // Prefill attention: flash attention (online softmax) over a ragged batch,
 // causal by position, GQA, reading keys and values through the page table with
-// the loader of kv_page_loader.cuh. Tensor cores through mma.sync m16n8k16.
+// the loader of kv_page_loader.cuh. Tensor cores through sm_90a wgmma (this file
+// alone is built for sm_90a; see CMakeLists.txt).
 //
-// A block owns a tile of query rows of one chunk and one query head; each warp
-// owns 16 * kMTiles rows. Per key tile of kBlockN keys: S = Q K^T (fp32), mask,
-// online softmax in the log2 domain, P (fp16, straight from the accumulators)
-// times V. The next key tile is copied while the current one is used.
+// A block owns kBlockM = 64 * kWarpGroups query rows of one chunk and one query
+// head; each warpgroup owns 64 rows. Per key tile of kBlockN keys: S = Q K^T
+// (wgmma, both operands in shared memory), mask, online softmax in the log2
+// domain, P (fp16, straight from the accumulators, in registers) times V
+// (wgmma, V read N-major). The next key tile is copied (cp.async) while the
+// current one is used; the warpgroups drift apart inside a tile, so one's
+// softmax overlaps the other's matrix work. One block per multiprocessor
+// (225 / 212 registers). Tried and slower (H200, 2026-11-26, hd128 S=8192):
+// one warpgroup per block with Q in registers, kBlockN 64, two blocks per
+// multiprocessor: 138 instead of 198 TFLOP/s (each block re-reads K/V and
+// re-rotates keys for half the rows).
 #include <algorithm>
 #include <cfloat>
 
@@ -13,43 +21,41 @@
 #include "cuda/attention.h"
 #include "cuda/cuda_check.h"
 #include "cuda/kv_page_loader.cuh"
-#include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace kvq::cuda {
 namespace {
 
 template <int D>
-struct PrefillTraits;
-template <>
-struct PrefillTraits<64> {
-  static constexpr int kWarps = 4, kMTiles = 2, kBlockN = 64;
-};
-template <>
-struct PrefillTraits<128> {
-  static constexpr int kWarps = 4, kMTiles = 1, kBlockN = 64;
+struct PrefillTraits {
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static constexpr int kWarpGroups = 2, kBlockN = 128;
 };
 
 template <int D>
 struct PrefillShape {
   using T = PrefillTraits<D>;
-  static constexpr int kThreads = T::kWarps * 32;
-  static constexpr int kWarpRows = 16 * T::kMTiles;
-  static constexpr int kBlockM = T::kWarps * kWarpRows;
+  static constexpr int kThreads = T::kWarpGroups * 128;
+  static constexpr int kBlockM = T::kWarpGroups * 64;
   static constexpr int kBlockN = T::kBlockN;
-  // sQ (kBlockM, D), sK 2 x (kBlockN, D), sV 2 x (kBlockN, D) fp16, then the loader's staging
+  using Loader = Fp16PageLoader<D, kBlockN, kThreads>;
+  // sQ (kBlockM, D), sK 2 x (kBlockN, D), sV 2 x (kBlockN, D) fp16, then the loader's staging;
+  // 1024 bytes of slack to align the tiles for the swizzle.
   static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * D * 2;
-  static constexpr int kSmemBytes = kTileBytes + Fp16PageLoader<D, kBlockN, kThreads>::kStagingBytes;
+  static constexpr int kSmemBytes = 1024 + kTileBytes + Loader::kStagingBytes;
 };
 
 template <int D>
-__global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
+__global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     prefill_attention_kernel(AttentionQuery query, PagedKv kv, const AttentionChunk* chunks, const PrefillWork* work) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillShape<D>;
-  constexpr int kMT = PrefillTraits<D>::kMTiles;
+  using Loader = typename Shape::Loader;
   constexpr int kBlockM = Shape::kBlockM, kBlockN = Shape::kBlockN, kThreads = Shape::kThreads;
-  using Loader = Fp16PageLoader<D, kBlockN, kThreads>;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((1024 - (raw_address & 1023)) & 1023);
   __half* sQ = reinterpret_cast<__half*>(smem);  // (kBlockM, D)
   __half* sK = sQ + kBlockM * D;                 // 2 x (kBlockN, D)
   __half* sV = sK + 2 * kBlockN * D;             // 2 x (kBlockN, D)
@@ -65,9 +71,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
   const int n_tiles = (n_keys + kBlockN - 1) / kBlockN;
   const int32_t* pages = kv.page_table + chunk.page_offset;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int warp_row0 = warp * Shape::kWarpRows;
+  const int group_row0 = warp_group * 64;
+  const int warp_row0 = group_row0 + warp * 16;
 
   // Q tile (rows past the chunk zero-filled), then the first key tile.
   const __half* q_base = query.q + static_cast<int64_t>(chunk.first_row + item.q_begin) * query.q_stride + head * D;
@@ -76,23 +83,20 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
     const int i = threadIdx.x + j * kThreads;
     const int r = i / (D / 8), c = i % (D / 8);
     const bool valid = r < q_rows;
-    cp_async_16(sQ + tile_offset<D>(r, c * 8), valid ? q_base + static_cast<int64_t>(r) * query.q_stride + c * 8 : query.q,
-                valid);
+    cp_async_16(sQ + tile_offset<D, kBlockM>(r, c * 8),
+                valid ? q_base + static_cast<int64_t>(r) * query.q_stride + c * 8 : query.q, valid);
   }
   Loader::issue(kv, pages, kv_head, 0, n_keys, sK, sV, staging);
   cp_async_commit();
 
-  float o[kMT][D / 8][4];
-  float row_max[kMT][2], row_sum[kMT][2];
+  float o[D / 2];  // (64, D) per warpgroup, accumulator layout
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
-    row_max[mt][0] = row_max[mt][1] = -INFINITY;
-    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
-  }
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = query.scale * 1.4426950408889634f;
-  const int warp_last_pos = q_pos0 + warp_row0 + Shape::kWarpRows - 1;
+  const int group_last_pos = q_pos0 + group_row0 + 63;
+  // K-major operands: 8-row groups 1024 bytes apart; k-step kk at column block kk / 4, byte 32 (kk % 4).
+  const __half* sQg = sQ + group_row0 * 64;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int k0 = tile * kBlockN;
@@ -101,123 +105,106 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 2)
     cp_async_wait<0>();
     __syncthreads();
     Loader::finish(k0, n_keys, sKt, staging);
+    fence_proxy_async();  // the rotated keys (and cp.async data) are read by wgmma next
     __syncthreads();
     if (tile + 1 < n_tiles) {
       Loader::issue(kv, pages, kv_head, k0 + kBlockN, n_keys, sK + ((tile + 1) & 1) * kBlockN * D,
                     sV + ((tile + 1) & 1) * kBlockN * D, staging);
     }
     cp_async_commit();
-    if (k0 > warp_last_pos) continue;  // every key of the tile is in this warp's future
+    if (k0 > group_last_pos) continue;  // every key of the tile is in this warpgroup's future (uniform per group)
 
-    float s[kMT][kBlockN / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
-
+    float s[kBlockN / 2];  // (64, kBlockN) per warpgroup
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        ldmatrix_x4(a[mt], sQ + tile_offset<D>(warp_row0 + mt * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-      }
-#pragma unroll
-      for (int nn = 0; nn < kBlockN / 16; ++nn) {
-        uint32_t b[4];
-        ldmatrix_x4(b, sKt + tile_offset<D>(nn * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma_16816(s[mt][2 * nn], a[mt], b[0], b[1]);
-          mma_16816(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
-        }
-      }
+      const int block_offset = (kk / 4) * 64, byte_col = (kk % 4) * 16;  // in halves
+      const uint64_t desc_q = wgmma_desc(sQg + block_offset * kBlockM + byte_col, 16, 1024);
+      const uint64_t desc_k = wgmma_desc(sKt + block_offset * kBlockN + byte_col, 16, 1024);
+      Wgmma<kBlockN>::ss(s, desc_q, desc_k, kk > 0);
     }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
 
     const bool need_mask = k0 + kBlockN - 1 > q_pos0 + warp_row0 || k0 + kBlockN > n_keys;
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+    for (int hr = 0; hr < 2; ++hr) {
+      const int q_pos = q_pos0 + warp_row0 + g + hr * 8;
+      float tile_max = -INFINITY;
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int q_pos = q_pos0 + warp_row0 + mt * 16 + g + hr * 8;
-        float tile_max = -INFINITY;
+      for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-        for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = k0 + n * 8 + 2 * t + e;
-            float v = s[mt][n][hr * 2 + e] * scale_log2;
-            if (need_mask && (key > q_pos || key >= n_keys)) v = -INFINITY;
-            s[mt][n][hr * 2 + e] = v;
-            tile_max = fmaxf(tile_max, v);
-          }
+        for (int e = 0; e < 2; ++e) {
+          const int key = k0 + n * 8 + 2 * t + e;
+          float v = s[4 * n + hr * 2 + e] * scale_log2;
+          if (need_mask && (key > q_pos || key >= n_keys)) v = -INFINITY;
+          s[4 * n + hr * 2 + e] = v;
+          tile_max = fmaxf(tile_max, v);
         }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        // Tile 0 holds key 0, visible to every row, so new_max is finite from then on.
-        const float new_max = fmaxf(row_max[mt][hr], tile_max);
-        const float correction = exp2f(row_max[mt][hr] - new_max);
-        row_max[mt][hr] = new_max;
-        float sum = 0.0f;
+      }
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      // Tile 0 holds key 0, visible to every row, so new_max is finite from then on.
+      const float new_max = fmaxf(row_max[hr], tile_max);
+      const float correction = exp2f(row_max[hr] - new_max);
+      row_max[hr] = new_max;
+      float sum = 0.0f;
 #pragma unroll
-        for (int n = 0; n < kBlockN / 8; ++n) {
+      for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(s[mt][n][hr * 2 + e] - new_max);
-            s[mt][n][hr * 2 + e] = p;
-            sum += p;
-          }
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2f(s[4 * n + hr * 2 + e] - new_max);
+          s[4 * n + hr * 2 + e] = p;
+          sum += p;
         }
-        row_sum[mt][hr] = row_sum[mt][hr] * correction + sum;
+      }
+      row_sum[hr] = row_sum[hr] * correction + sum;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[mt][n][hr * 2] *= correction;
-          o[mt][n][hr * 2 + 1] *= correction;
-        }
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n + hr * 2] *= correction;
+        o[4 * n + hr * 2 + 1] *= correction;
       }
     }
 
+    uint32_t p[kBlockN / 16][4];  // A operand of P V, k-step kk = keys 16 kk .. 16 kk + 15
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t p[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        p[mt][0] = pack_half2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        p[mt][1] = pack_half2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        p[mt][2] = pack_half2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        p[mt][3] = pack_half2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, sVt + tile_offset<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dn * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma_16816(o[mt][2 * dn], p[mt], b[0], b[1]);
-          mma_16816(o[mt][2 * dn + 1], p[mt], b[2], b[3]);
-        }
-      }
+      p[kk][0] = pack_half2(s[8 * kk + 0], s[8 * kk + 1]);
+      p[kk][1] = pack_half2(s[8 * kk + 2], s[8 * kk + 3]);
+      p[kk][2] = pack_half2(s[8 * kk + 4], s[8 * kk + 5]);
+      p[kk][3] = pack_half2(s[8 * kk + 6], s[8 * kk + 7]);
     }
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    // V N-major: 8-key groups 1024 bytes apart, the D column blocks kBlockN * 128 bytes apart.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      Wgmma<D>::rs_trans_b(o, p[kk], wgmma_desc(sVt + kk * 16 * 64, kBlockN * 128, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
   }
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
+  for (int hr = 0; hr < 2; ++hr) {
+    float sum = row_sum[hr];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = warp_row0 + g + hr * 8;
+    if (r >= q_rows) continue;
+    const float inv = 1.0f / sum;
+    __half* out = query.out + static_cast<int64_t>(chunk.first_row + item.q_begin + r) * query.out_stride + head * D;
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float sum = row_sum[mt][hr];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int r = warp_row0 + mt * 16 + g + hr * 8;
-      if (r >= q_rows) continue;
-      const float inv = 1.0f / sum;
-      __half* out = query.out + static_cast<int64_t>(chunk.first_row + item.q_begin + r) * query.out_stride + head * D;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = pack_half2(o[mt][n][hr * 2] * inv, o[mt][n][hr * 2 + 1] * inv);
-      }
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = pack_half2(o[4 * n + hr * 2] * inv, o[4 * n + hr * 2 + 1] * inv);
     }
   }
+#else
+  __trap();  // built for sm_90a only (CMakeLists.txt); the host never launches another build
+#endif
 }
 
 template <int D>
