@@ -92,7 +92,8 @@ void calibrate_layer(const LlamaConfig& config, const Activations& a, int layer,
     }
     for (int bits : options.bits) {
       file.tensors[fmt::format("blk.{}.k.codebook.{}.{}", layer, bits, o)] = key_hist.codebook(bits);
-      file.tensors[fmt::format("blk.{}.v.codebook.{}.{}", layer, bits, o)] = value_hist.codebook(bits);
+      // Values are normalized by each token's own min and max: both ends are always hit.
+      file.tensors[fmt::format("blk.{}.v.codebook.{}.{}", layer, bits, o)] = value_hist.codebook(bits, true);
     }
   }
 }

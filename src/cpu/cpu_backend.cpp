@@ -30,7 +30,7 @@ void grow(std::vector<T>& v, size_t n) {
 
 int KvCacheOptions::exact_window_capacity(int page_size) const {
   int window = format.native_exact_window();
-  if (tail || (per_page_key_ranges && format.calibrated())) window = std::max(window, page_size);
+  if (format.calibrated() && (tail || per_page_key_ranges)) window = std::max(window, page_size);
   return window;
 }
 
@@ -86,7 +86,7 @@ HeadCalibration CpuBackend::head_calibration(int layer, KvKind kind, int kv_head
 int64_t CpuBackend::exact_from(int64_t pos, int64_t chunk_start) const {
   int64_t from = pos + 1;
   if (options_.format.native_exact_window() > 0) from = std::min(from, pos + 1 - options_.format.native_exact_window());
-  if (options_.tail || (options_.per_page_key_ranges && options_.format.calibrated())) {
+  if (options_.format.calibrated() && (options_.tail || options_.per_page_key_ranges)) {
     from = std::min(from, pos / page_size_ * page_size_);
   }
   if (options_.exact_chunk) from = std::min(from, chunk_start);

@@ -21,10 +21,11 @@ namespace kvq {
 struct KvCacheOptions {
   KvFormat format;                             // default fp16
   std::vector<LayerCalibration> calibration;   // (n_layers), calibrated (int/nuq) formats only
-  int sinks = 1;                               // first tokens of a sequence kept fp16 (int/nuq formats)
+  // Sinks, tail and page key ranges are ours (int/nuq formats); the peers run as their engines do.
+  int sinks = 1;                               // first tokens of a sequence kept fp16
   bool tail = false;                           // the newest partial page is read exactly until sealed
   bool per_page_key_ranges = false;            // --kscale page: key ranges from each sealed page
-  bool exact_chunk = false;                    // a chunk attends to its own keys/values exactly
+  bool exact_chunk = false;                    // a chunk attends to its own keys/values exactly (every format)
 
   int effective_sinks() const { return format.calibrated() ? sinks : 0; }
   // Most tokens before a query that it may read exactly from the sequence's window (0: none).

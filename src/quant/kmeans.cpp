@@ -25,7 +25,7 @@ double WeightedHistogram::total_weight() const {
   return total;
 }
 
-std::vector<float> WeightedHistogram::codebook(int bits) const {
+std::vector<float> WeightedHistogram::codebook(int bits, bool pin_ends) const {
   const int k = 1 << bits;
   auto bin_mean = [&](int b) { return weight_[b] > 0 ? weighted_sum_[b] / weight_[b] : -1.0 + (b + 0.5) * 2.0 / kBins; };
   const double total = total_weight();
@@ -42,6 +42,7 @@ std::vector<float> WeightedHistogram::codebook(int bits) const {
     }
     for (; j < k; ++j) centres[j] = 1.0;
   }
+  if (pin_ends) centres.front() = -1.0, centres.back() = 1.0;
   // Lloyd: each bin goes to its nearest centre (by its mean); centres move to the weighted means.
   for (int iteration = 0; iteration < 1000; ++iteration) {
     std::sort(centres.begin(), centres.end());
@@ -57,6 +58,7 @@ std::vector<float> WeightedHistogram::codebook(int bits) const {
     double moved = 0;
     for (int c = 0; c < k; ++c) {
       if (weight[c] <= 0) continue;  // an empty centre stays where it is
+      if (pin_ends && (c == 0 || c == k - 1)) continue;
       const double updated = sum[c] / weight[c];
       moved = std::max(moved, std::fabs(updated - centres[c]));
       centres[c] = updated;

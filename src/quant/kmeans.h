@@ -17,8 +17,10 @@ class WeightedHistogram {
   void merge(const WeightedHistogram& other);
   double total_weight() const;
   // 2^bits ascending centres minimizing sum w (x - centre)^2: Lloyd iterations
-  // from the weighted quantiles, run to convergence. Deterministic.
-  std::vector<float> codebook(int bits) const;
+  // from the weighted quantiles, run to convergence. Deterministic. With
+  // pin_ends the outer centres stay at -1 and 1: data normalized by its own
+  // min and max always has values there, and those extremes matter most.
+  std::vector<float> codebook(int bits, bool pin_ends = false) const;
 
  private:
   std::vector<double> weight_;        // (kBins)

@@ -103,9 +103,9 @@ TEST(CpuQuantized, AllExactReadsEqualFp16) {
 
   // Post-RoPE formats keep exact rows rotated, then rounded to fp16 (fp16 pages: rounded, then
   // rotated), so they agree with each other exactly and with fp16 to the rounding's effect.
-  KvCacheOptions q4_tail = options_for("q4_0", calib);
-  q4_tail.tail = true;
-  const std::vector<float> post_rope_exact = run_in_steps(c, w, q4_tail, ids, {40}, 64);
+  KvCacheOptions q4_exact_chunk = options_for("q4_0", calib);
+  q4_exact_chunk.exact_chunk = true;
+  const std::vector<float> post_rope_exact = run_in_steps(c, w, q4_exact_chunk, ids, {40}, 64);
   EXPECT_LE(max_abs_diff(post_rope_exact, fp16), 3e-2);
   // KIVI reads its newest 128 tokens exactly.
   EXPECT_LE(max_abs_diff(run_in_steps(c, w, options_for("kivi2", calib), ids, {40}, 32), post_rope_exact),
@@ -131,7 +131,7 @@ TEST(CpuQuantized, ChunkingDoesNotChangeWhatAQuerySees) {
   };
   for (const Case& k : {Case{"int4-1%", false, false}, Case{"nuq3-1%", false, false}, Case{"nuq2", true, false},
                         Case{"nuq3-1%", false, true}, Case{"kivi2", false, false}, Case{"q8_0", false, false},
-                        Case{"fp8", true, false}}) {
+                        Case{"int3", true, true}}) {
     KvCacheOptions o = options_for(k.format, calib);
     o.tail = k.tail;
     o.per_page_key_ranges = k.kscale_page;
