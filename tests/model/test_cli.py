@@ -6,37 +6,15 @@ computed here from llama.cpp's logits; --json carries DESIGN.md's envelope."""
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
 
 import gguf
+from cli_util import assert_error
 
 DESIGN_ENVELOPE = {"command", "argv", "kvq_version", "git_commit", "date", "host", "device", "model",
                    "settings", "results"}
-
-
-@pytest.fixture(scope="session")
-def kvq(build_dir):
-    binary = build_dir / "kvq"
-    if not binary.is_file():
-        pytest.skip(f"{binary} not built")
-
-    def run(*args, check=None):
-        proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=600)
-        if check is not None:
-            assert proc.returncode == check, proc.stderr
-        return proc
-    return run
-
-
-def assert_error(proc, status, *needles):
-    assert proc.returncode == status, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvq: error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_usage_errors_exit_2(kvq, model_path):
