@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+PEERS = {"fp8", "q8_0", "q4_0", "kivi2", "kivi4"}
+
 
 def main(folder):
     rows = []
@@ -14,7 +16,11 @@ def main(folder):
         s = report["settings"]
         for r in report["results"]:
             options = [o for o, on in (("--tail", s.get("tail")), ("--exact-chunk", s.get("exact_chunk")),
-                                       ("--kscale page", s.get("kscale") == "page")) if on]
+                                       ("--kscale page", s.get("kscale") == "page"),
+                                       (f"--chunk {s.get('chunk')}", s.get("chunk", 2048) != 2048),
+                                       (f"--sinks {s.get('sinks')}", s.get("sinks", 1) != 1)) if on]
+            if r["kv"] in PEERS or r["kv"] == "fp16":
+                options = [o for o in options if o != "--tail"]  # --tail applies to int/nuq only
             if "sensitivity-none" in path.stem:
                 options.append("--sensitivity none")
             rows.append((r["kv"], " ".join(options), r, report))

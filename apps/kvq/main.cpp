@@ -53,7 +53,7 @@ struct CommonOptions {
   std::string calib;  // default: beside the model, <stem>.calib.safetensors
   std::string device = "auto";  // resolve_device(): cuda when a GPU is present
   int sinks = 1;
-  bool tail = false;
+  bool tail = true;  // measured: the exact newest page halves nuq3-1%'s PPL loss (docs/RESULTS.md)
   std::string kscale = "calib";
   bool exact_chunk = false;
   int32_t page = 64;
@@ -71,7 +71,7 @@ void add_common(CLI::App& cmd, CommonOptions& o) {
   cmd.add_option("--calib", o.calib, "calibration file (default: beside the model)");
   cmd.add_option("--sinks", o.sinks, "first tokens of each sequence kept fp16 (int/nuq formats)")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
-  cmd.add_flag("--tail", o.tail, "read the newest partial page exactly until it is sealed");
+  cmd.add_flag("--tail,!--no-tail", o.tail, "read the newest partial page exactly until it is sealed (int/nuq; default on)");
   cmd.add_option("--kscale", o.kscale, "key ranges: calib (calibrated, per channel) or page (per sealed page)")
       ->check(CLI::IsMember({"calib", "page"}))->capture_default_str();
   cmd.add_flag("--exact-chunk", o.exact_chunk, "a chunk attends to its own keys and values unquantized");
@@ -609,6 +609,15 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
           gemm_s += g.seconds;
           gemm_flops += g.flops;
         }
+        double attention_gemm_s = 0;
+        if (on_cpu) {
+          std::vector<int32_t> lengths;
+          for (const GenerationRequest& r : requests) lengths.push_back(static_cast<int32_t>(r.prompt.size()));
+          const GemmCeiling attention = measure_cpu_attention_gemms(c, lengths, b.repeats);
+          attention_gemm_s = attention.seconds;
+          gemm_s += attention.seconds;
+          gemm_flops += attention.flops;
+        }
         auto or_null = [&](double value) { return on_cpu ? nlohmann::json(value) : nlohmann::json(nullptr); };
         const double prefill = median(prefill_s);
         const double decode = b.gen > 1 ? median(decode_s) : 0;
@@ -625,6 +634,7 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
                       {"decode_s", decode},
                       {"decode_tok_s", decode > 0 ? decode_tokens / decode : 0.0},
                       {"gemm_only_s", or_null(gemm_s)},
+                      {"attention_gemm_s", or_null(attention_gemm_s)},
                       {"gemm_only_tok_s", or_null(prompt_tokens / gemm_s)},
                       {"gemm_gflop_s", or_null(gemm_flops / gemm_s / 1e9)},
                       {"prefill_over_gemm_only", or_null(prefill / gemm_s)},
@@ -643,8 +653,9 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
     }
   }
   if (on_cpu) {
-    fmt::print("GEMM-only: the forward's matrix products alone with the same weights and shapes (OpenBLAS sgemm, "
-               "{} threads); ratio = prefill time / GEMM-only time.\n", omp_get_max_threads());
+    fmt::print("GEMM-only: the forward's matrix products alone, with the same weights and shapes (projections, "
+               "logits, and attention's scores and values products; OpenBLAS sgemm, {} threads); ratio = prefill time "
+               "/ GEMM-only time.\n", omp_get_max_threads());
   }
   return 0;
 }

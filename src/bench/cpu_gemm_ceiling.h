@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace kvq {
 
@@ -20,5 +21,11 @@ struct GemmCeiling {
 // tokens: rows of the step (T); logit_rows: rows that need logits.
 GemmCeiling measure_cpu_gemm_ceiling(const LlamaConfig& config, const LlamaWeights& weights, int32_t tokens,
                                      int32_t logit_rows, int repeats);
+
+// The attention's products for prompts of these lengths, shaped as the CPU
+// backend runs them: per query head, blocks of kAttentionQueryBlock rows times
+// every key the block sees, for the scores and again for the values.
+GemmCeiling measure_cpu_attention_gemms(const LlamaConfig& config, const std::vector<int32_t>& prompt_lengths,
+                                        int repeats);
 
 }  // namespace kvq

@@ -137,9 +137,8 @@ CalibrationFile calibrate(const LlamaConfig& config, const LlamaWeights& weights
   for (int s = 0; s < options.samples; ++s) {
     const int64_t start = start_dist(rng);
     starts.push_back(start);
-    std::vector<int32_t> sample;
-    if (with_bos) sample.push_back(options.bos_id);
-    sample.insert(sample.end(), text_tokens.begin() + start, text_tokens.begin() + start + text_per_sample);
+    std::vector<int32_t> sample(text_tokens.begin() + start, text_tokens.begin() + start + text_per_sample);
+    if (with_bos) sample.insert(sample.begin(), options.bos_id);
     KvSensitivityOptions sensitivity_options;
     sensitivity_options.round_kv_to_fp16 = true;
     const KvSensitivity sens = pass.run(sample, sensitivity_options);

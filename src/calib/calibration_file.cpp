@@ -16,7 +16,10 @@ using nlohmann::json;
 
 CalibrationFile CalibrationFile::load(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail("calibration file {}: cannot open (create it with `kvq calibrate`)", path);
+  if (!in) {
+    fail("calibration file {}: cannot open (scripts/setup.sh puts the default model's beside it; `kvq calibrate` makes one)",
+         path);
+  }
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (bytes.size() < 8) fail("calibration file {}: too short for a safetensors header", path);
   uint64_t header_len = 0;

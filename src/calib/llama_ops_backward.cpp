@@ -14,21 +14,9 @@ namespace {
 constexpr int kQueryBlock = 128;
 
 // Row r of the (rows, visible) score block sees its first first_visible + r
-// keys: softmax over those, zeros after. Written as CpuBackend::attention's.
+// keys: softmax over those, zeros after, as CpuBackend::attention computes it.
 void causal_softmax(float* scores, int rows, int64_t visible, int64_t first_visible) {
-  for (int r = 0; r < rows; ++r) {
-    float* s = scores + static_cast<size_t>(r) * visible;
-    const int64_t n_visible = first_visible + r;
-    float max_score = *std::max_element(s, s + n_visible);
-    double sum = 0;
-    for (int64_t j = 0; j < n_visible; ++j) {
-      s[j] = std::exp(s[j] - max_score);
-      sum += s[j];
-    }
-    float inv = static_cast<float>(1.0 / sum);
-    for (int64_t j = 0; j < n_visible; ++j) s[j] *= inv;
-    std::fill(s + n_visible, s + visible, 0.0f);
-  }
+  for (int r = 0; r < rows; ++r) softmax_row(scores + static_cast<size_t>(r) * visible, first_visible + r, visible);
 }
 
 }  // namespace

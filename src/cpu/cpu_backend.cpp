@@ -19,7 +19,6 @@
 namespace kvq {
 namespace {
 
-constexpr int kQueryBlock = 256;  // query rows per score block: bounds scratch to 256 x keys floats
 
 template <typename T>
 void grow(std::vector<T>& v, size_t n) {
@@ -237,20 +236,23 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
   const bool any_exact = options_.format.scheme != KvScheme::fp16;  // fp16 pages are already exact
   const int key_group = kv_.codec(KvKind::key).rows_per_group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int n_tasks = static_cast<int>(batch.chunks.size()) * config_.n_kv_heads;
+  // One task per (chunk, query head): each decodes its KV head's pages itself (cheap next to
+  // the products), which keeps every core busy when a step holds a single sequence.
+  const int n_tasks = static_cast<int>(batch.chunks.size()) * config_.n_heads;
 
 #pragma omp parallel
   {
-    // (n_keys, hd) as stored; exact rows (sinks, then positions exact_lo..n_keys); (kQueryBlock, n_keys) scores.
+    // (n_keys, hd) as stored; exact rows (sinks, then positions exact_lo..n_keys); (kAttentionQueryBlock, n_keys) scores.
     std::vector<float> keys, values, exact_keys, exact_values, scores;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < n_tasks; ++task) {
-      const SequenceChunk& chunk = batch.chunks[task / config_.n_kv_heads];
-      const int kv_head = task % config_.n_kv_heads;
+      const SequenceChunk& chunk = batch.chunks[task / config_.n_heads];
+      const int head = task % config_.n_heads;
+      const int kv_head = head / group;
       const int64_t n_keys = chunk.start_pos + chunk.n_tokens;
       grow(keys, n_keys * hd);
       grow(values, n_keys * hd);
-      grow(scores, static_cast<size_t>(kQueryBlock) * n_keys);
+      grow(scores, static_cast<size_t>(kAttentionQueryBlock) * n_keys);
 
       // Every key and value of the sequence as stored; keys of unsealed groups are
       // zeros (every query reads those exactly). Then RoPE at each key's position.
@@ -297,71 +299,72 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
           if (rotate_keys) rope_.rotate(exact_keys.data() + e * hd, pos);
         }
       }
-      // Index into the exact rows of position pos, or -1 when query `query_pos` reads it as stored.
-      auto exact_index = [&](int64_t pos, int64_t query_pos) -> int64_t {
-        if (!any_exact) return -1;
-        if (pos < n_sinks) return pos;
-        if (pos >= std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks)) return n_sinks + (pos - exact_lo);
-        return -1;
+      const float* exact_after_sinks = exact_keys.data() + static_cast<size_t>(n_sinks) * hd;  // position exact_lo on
+      const float* exact_values_after_sinks = exact_values.data() + static_cast<size_t>(n_sinks) * hd;
+      auto dot = [hd](const float* a, const float* b) {
+        float sum = 0;
+        for (int d = 0; d < hd; ++d) sum += a[d] * b[d];
+        return sum;
       };
 
-      for (int g = 0; g < group; ++g) {
-        const int head = kv_head * group + g;
-        for (int r0 = 0; r0 < chunk.n_tokens; r0 += kQueryBlock) {
-          const int rows = std::min(kQueryBlock, chunk.n_tokens - r0);
-          const int64_t visible = chunk.start_pos + r0 + rows;  // keys the block's last row sees
-          const float* q = qkv_.data() + static_cast<size_t>(chunk.first_row + r0) * qkv_dim + head * hd;
-          gemm_abt(rows, static_cast<int>(visible), hd, q, qkv_dim, keys.data(), hd, scores.data(),
-                   static_cast<int>(visible), scale);
-          for (int r = 0; r < rows; ++r) {
-            float* s = scores.data() + static_cast<size_t>(r) * visible;
-            const int64_t query_pos = chunk.start_pos + r0 + r;
-            const int64_t n_visible = query_pos + 1;  // causal: keys at positions <= own
-            if (any_exact) {
-              const float* qr = q + static_cast<size_t>(r) * qkv_dim;
-              for (int64_t pos = 0; pos < n_visible; ++pos) {
-                const int64_t e = exact_index(pos, query_pos);
-                if (e < 0) {
-                  if (pos < n_sinks) continue;
-                  pos = std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks) - 1;  // skip to the window
-                  continue;
-                }
-                const float* k = exact_keys.data() + e * hd;
-                float dot = 0;
-                for (int d = 0; d < hd; ++d) dot += qr[d] * k[d];
-                s[pos] = dot * scale;
-              }
+      for (int r0 = 0; r0 < chunk.n_tokens; r0 += kAttentionQueryBlock) {
+        const int rows = std::min(kAttentionQueryBlock, chunk.n_tokens - r0);
+        const int64_t visible = chunk.start_pos + r0 + rows;  // keys the block's last row sees
+        const float* q = qkv_.data() + static_cast<size_t>(chunk.first_row + r0) * qkv_dim + head * hd;
+        // Keys before `split` enter as stored, the rest exactly: split is where the block's first
+        // row starts reading exactly, so later rows read the band [split, their own start) as
+        // stored and every row reads the sinks exactly: both fixed up per row below.
+        const int64_t split =
+            any_exact ? std::max<int64_t>(exact_from(chunk.start_pos + r0, chunk.start_pos), n_sinks) : visible;
+        auto own_start = [&](int64_t query_pos) {
+          return std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks);
+        };
+        const int ld = static_cast<int>(visible);
+        if (split > 0) gemm_abt(rows, static_cast<int>(split), hd, q, qkv_dim, keys.data(), hd, scores.data(), ld, scale);
+        if (visible > split) {
+          gemm_abt(rows, static_cast<int>(visible - split), hd, q, qkv_dim, exact_after_sinks + (split - exact_lo) * hd,
+                   hd, scores.data() + split, ld, scale);
+        }
+        for (int r = 0; r < rows; ++r) {
+          float* s = scores.data() + static_cast<size_t>(r) * visible;
+          const int64_t query_pos = chunk.start_pos + r0 + r;
+          const int64_t n_visible = query_pos + 1;  // causal: keys at positions <= own
+          if (any_exact) {
+            const float* qr = q + static_cast<size_t>(r) * qkv_dim;
+            for (int64_t pos = 0; pos < std::min<int64_t>(n_sinks, n_visible); ++pos) {
+              s[pos] = dot(qr, exact_keys.data() + pos * hd) * scale;
             }
-            float max_score = *std::max_element(s, s + n_visible);
-            double sum = 0;
-            for (int64_t j = 0; j < n_visible; ++j) {
-              s[j] = std::exp(s[j] - max_score);
-              sum += s[j];
+            for (int64_t pos = split; pos < std::min(own_start(query_pos), n_visible); ++pos) {
+              s[pos] = dot(qr, keys.data() + pos * hd) * scale;
             }
-            float inv = static_cast<float>(1.0 / sum);
-            for (int64_t j = 0; j < n_visible; ++j) s[j] *= inv;
-            std::fill(s + n_visible, s + visible, 0.0f);
           }
-          float* out = attn_.data() + static_cast<size_t>(chunk.first_row + r0) * q_dim + head * hd;
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, static_cast<int>(visible), 1.0f,
-                      scores.data(), static_cast<int>(visible), values.data(), hd, 0.0f, out, q_dim);
-          if (!any_exact) continue;
-          // Exactly read values replace their stored versions: out += p * (exact - stored).
-          for (int r = 0; r < rows; ++r) {
-            const float* p = scores.data() + static_cast<size_t>(r) * visible;
-            const int64_t query_pos = chunk.start_pos + r0 + r;
-            float* o = out + static_cast<size_t>(r) * q_dim;
-            for (int64_t pos = 0; pos <= query_pos; ++pos) {
-              const int64_t e = exact_index(pos, query_pos);
-              if (e < 0) {
-                if (pos < n_sinks) continue;
-                pos = std::max<int64_t>(exact_from(query_pos, chunk.start_pos), n_sinks) - 1;
-                continue;
-              }
-              const float* exact = exact_values.data() + e * hd;
-              const float* stored = values.data() + pos * hd;
-              for (int d = 0; d < hd; ++d) o[d] += p[pos] * (exact[d] - stored[d]);
-            }
+          softmax_row(s, n_visible, visible);
+        }
+        float* out = attn_.data() + static_cast<size_t>(chunk.first_row + r0) * q_dim + head * hd;
+        if (split > 0) {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, static_cast<int>(split), 1.0f, scores.data(), ld,
+                      values.data(), hd, 0.0f, out, q_dim);
+        }
+        if (visible > split) {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, static_cast<int>(visible - split), 1.0f,
+                      scores.data() + split, ld, exact_values_after_sinks + (split - exact_lo) * hd, hd,
+                      split > 0 ? 1.0f : 0.0f, out, q_dim);
+        }
+        if (!any_exact) continue;
+        // The same fix-ups for values: out += p * (wanted - what the product used).
+        for (int r = 0; r < rows; ++r) {
+          const float* p = scores.data() + static_cast<size_t>(r) * visible;
+          const int64_t query_pos = chunk.start_pos + r0 + r;
+          float* o = out + static_cast<size_t>(r) * q_dim;
+          for (int64_t pos = 0; pos < std::min<int64_t>(n_sinks, query_pos + 1); ++pos) {
+            const float* exact = exact_values.data() + pos * hd;
+            const float* stored = values.data() + pos * hd;
+            for (int d = 0; d < hd; ++d) o[d] += p[pos] * (exact[d] - stored[d]);
+          }
+          for (int64_t pos = split; pos < std::min(own_start(query_pos), query_pos + 1); ++pos) {
+            const float* exact = exact_values_after_sinks + (pos - exact_lo) * hd;
+            const float* stored = values.data() + pos * hd;
+            for (int d = 0; d < hd; ++d) o[d] += p[pos] * (stored[d] - exact[d]);
           }
         }
       }
@@ -373,15 +376,7 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
   const LlamaConfig& c = config_;
   const int n = batch.n_tokens();
   const int h = c.hidden;
-  for (const SequenceChunk& chunk : batch.chunks) {
-    if (chunk.start_pos + chunk.n_tokens > c.context) {
-      fail("sequence {}: position {} is beyond the model's context of {}", chunk.seq,
-           chunk.start_pos + chunk.n_tokens - 1, c.context);
-    }
-    if (chunk.start_pos + chunk.n_tokens > tables.capacity(chunk.seq)) {
-      fail("sequence {}: pages for positions up to {} were not reserved", chunk.seq, chunk.start_pos + chunk.n_tokens);
-    }
-  }
+  check_step(batch, tables, c);
   grow(x_, size_t(n) * h);
   grow(xn_, size_t(n) * h);
   grow(qkv_, size_t(n) * c.qkv_dim());
@@ -390,9 +385,6 @@ void CpuBackend::forward(const StepBatch& batch, const PageTables& tables, std::
   grow(gate_up_, size_t(n) * 2 * c.ffn);
   grow(act_, size_t(n) * c.ffn);
 
-  for (int32_t id : batch.tokens) {
-    if (id < 0 || id >= c.vocab) fail("token id {} is outside the vocabulary of {}", id, c.vocab);
-  }
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < n; ++t) {
     int32_t id = batch.tokens[t];

@@ -18,6 +18,9 @@
 
 namespace kvq {
 
+// Query rows per attention score block: bounds scratch to this many rows x keys floats.
+constexpr int kAttentionQueryBlock = 256;
+
 struct KvCacheOptions {
   KvFormat format;                             // default fp16
   std::vector<LayerCalibration> calibration;   // (n_layers), calibrated (int/nuq) formats only

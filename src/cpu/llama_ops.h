@@ -25,6 +25,11 @@ class RopeTable {
   std::vector<float> cos_, sin_;  // (context, head_dim / 2)
 };
 
+// Softmax in place over s[0..n), zeros in s[n..width): the causal row of attention
+// scores. exp by range reduction and a polynomial (relative error < 3e-7) in
+// plain arithmetic, so the loop vectorizes; sums in double.
+void softmax_row(float* s, int64_t n, int64_t width);
+
 // out = silu(gate) * up over `width` values.
 void swiglu(const float* gate, const float* up, float* out, int width);
 

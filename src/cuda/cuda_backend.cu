@@ -356,18 +356,7 @@ void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std:
   const LlamaConfig& c = config_;
   const int32_t n = batch.n_tokens();
   if (tables.page_size() != page_size_) fail("page tables use pages of {} tokens, the CUDA pool {}", tables.page_size(), page_size_);
-  for (const SequenceChunk& chunk : batch.chunks) {
-    if (chunk.start_pos + chunk.n_tokens > c.context) {
-      fail("sequence {}: position {} is beyond the model's context of {}", chunk.seq,
-           chunk.start_pos + chunk.n_tokens - 1, c.context);
-    }
-    if (chunk.start_pos + chunk.n_tokens > tables.capacity(chunk.seq)) {
-      fail("sequence {}: pages for positions up to {} were not reserved", chunk.seq, chunk.start_pos + chunk.n_tokens);
-    }
-  }
-  for (int32_t id : batch.tokens) {
-    if (id < 0 || id >= c.vocab) fail("token id {} is outside the vocabulary of {}", id, c.vocab);
-  }
+  check_step(batch, tables, c);
   logits.clear();
   if (n == 0) return;
 

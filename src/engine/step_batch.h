@@ -9,6 +9,7 @@
 namespace kvq {
 
 class PageTables;
+struct LlamaConfig;
 
 struct SequenceChunk {
   int32_t seq = -1;        // sequence id in PageTables
@@ -26,6 +27,10 @@ struct StepBatch {
   int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
   int32_t n_logit_rows() const;
 };
+
+// Throws, naming the sequence or token, unless every chunk stays inside the
+// model's context and its reserved pages and every token id is in the vocabulary.
+void check_step(const StepBatch& batch, const PageTables& tables, const LlamaConfig& config);
 
 struct KvCacheStats {
   int64_t outliers_stored = 0;

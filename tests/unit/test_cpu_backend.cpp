@@ -191,3 +191,25 @@ TEST(CpuBackend, RefusesUnreservedPositionsAndBadIds) {
 
 }  // namespace
 }  // namespace kvq
+
+namespace kvq {
+namespace {
+
+TEST(LlamaOps, SoftmaxRowMatchesDoublePrecision) {
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> dist(-90.0f, 10.0f);
+  for (int n : {1, 7, 64, 1000}) {
+    std::vector<float> s(n + 5);
+    for (float& x : s) x = dist(rng);
+    std::vector<double> want(n);
+    const double max_score = *std::max_element(s.begin(), s.begin() + n);
+    double sum = 0;
+    for (int j = 0; j < n; ++j) sum += want[j] = std::exp(double(s[j]) - max_score);
+    softmax_row(s.data(), n, n + 5);
+    for (int j = 0; j < n; ++j) EXPECT_NEAR(s[j], want[j] / sum, 1e-6 * want[j] / sum + 1e-30) << n << " " << j;
+    for (int j = n; j < n + 5; ++j) EXPECT_EQ(s[j], 0.0f);
+  }
+}
+
+}  // namespace
+}  // namespace kvq

@@ -7,7 +7,8 @@
 //   ~1e-4 of fp32 rounding when V_stored is coarse);
 // - a query's view of the cache depends on its position only, so prefilling in
 //   one chunk, in several, or token by token gives the same last-token logits
-//   in every format (tolerance 2e-5 for the same reason; 5e-4 token by token,
+//   in every format (tolerance 2e-4: which positions enter through the
+//   corrections depends on where query blocks start; 5e-4 token by token,
 //   whose projections are GEMVs), which exercises
 //   sealing of grouped codecs across steps and the exact window's ring.
 #include <gtest/gtest.h>
@@ -29,7 +30,6 @@ using testing::random_ids;
 using testing::random_weights;
 using testing::tiny_config;
 
-constexpr double kSameMathTolerance = 2e-5;
 constexpr double kCorrectionTolerance = 2e-4;
 // Single-token steps use GEMV instead of GEMM: another summation order in every
 // projection, amplified by the exact-read corrections.
@@ -137,7 +137,7 @@ TEST(CpuQuantized, ChunkingDoesNotChangeWhatAQuerySees) {
     o.per_page_key_ranges = k.kscale_page;
     const std::string what = fmt::format("{} tail {} kscale page {}", k.format, k.tail, k.kscale_page);
     const std::vector<float> whole = run_in_steps(c, w, o, ids, {n}, 32);
-    EXPECT_LE(max_abs_diff(run_in_steps(c, w, o, ids, ragged_chunks, 32), whole), kSameMathTolerance) << what;
+    EXPECT_LE(max_abs_diff(run_in_steps(c, w, o, ids, ragged_chunks, 32), whole), kCorrectionTolerance) << what;
     EXPECT_LE(max_abs_diff(run_in_steps(c, w, o, ids, token_by_token, 32), whole), kDecodeTolerance) << what;
   }
 }
