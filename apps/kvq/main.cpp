@@ -644,8 +644,10 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
                       {"energy_j_per_token", nullptr},
                       {"avg_watts", nullptr},
                       {"status", "ok"}});
-        fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10.3f} {:>12.1f} {:>14.1f} {:>8.2f} {:>12.2f} {:>10.1f} {:>6.2f}\n", kv,
-                   length, batch, b.gen, prefill, prompt_tokens / prefill, prompt_tokens / gemm_s, prefill / gemm_s,
+        const std::string gemm_only = on_cpu ? fmt::format("{:.1f}", prompt_tokens / gemm_s) : "-";
+        const std::string ratio = on_cpu ? fmt::format("{:.2f}", prefill / gemm_s) : "-";
+        fmt::print("{:<6} {:>7} {:>6} {:>4} {:>10.3f} {:>12.1f} {:>14} {:>8} {:>12.2f} {:>10.1f} {:>6.2f}\n", kv, length,
+                   batch, b.gen, prefill, prompt_tokens / prefill, gemm_only, ratio,
                    decode > 0 ? decode_tokens / decode : 0.0, kv_bytes / 1048576.0, bits);
         std::fflush(stdout);
         report.add_result(point);
