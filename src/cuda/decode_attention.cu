@@ -3,10 +3,15 @@
 // all the query heads that share it; a second kernel merges the ranges.
 //
 // Memory-bound: each key row (head_dim fp16) is read by head_dim / 8 lanes, 16
-// bytes each, kKeysPerStep keys per lane group in flight; scores on CUDA cores
-// in fp32 with the same pre-RoPE storage and rotation as the prefill loader
-// (rope_chunk). kMaxGroup, the query heads per KV head rounded up to 1, 4 or 8,
-// is a template parameter because it sizes the per-lane register arrays.
+// bytes each, kKeysPerStep keys per lane group per step. K/V go through shared
+// memory with cp.async, kStages - 1 steps in flight ahead of the one computed,
+// and the page indices of the next step to issue are loaded one step earlier, so
+// the page index -> K/V chain is off the critical path. Scores on CUDA cores in
+// fp32 with the same pre-RoPE storage and rotation as the prefill loader: the
+// lane's (cos, sin) start from one table row and step forward by complex
+// multiplication in registers (rotate_chunk), no table reads in the loop.
+// kMaxGroup, the query heads per KV head rounded up to 1, 4 or 8, is a template
+// parameter because it sizes the per-lane register arrays.
 #include <algorithm>
 #include <cfloat>
 
@@ -32,7 +37,9 @@ DecodeWorkspace split_workspace(void* workspace, int32_t n_splits, int n_heads, 
 }
 
 template <int D, int kMaxGroup>
-__global__ void __launch_bounds__(kDecodeThreads)
+// 4 blocks per multiprocessor (at most 128 registers): without the bound kMaxGroup 4 took more and ran 3 blocks,
+// llama3-8b 16x8192 1755 instead of 1976 GB/s (H100, 2026-11-27).
+__global__ void __launch_bounds__(kDecodeThreads, 4)
     decode_attention_kernel(AttentionQuery query, PagedKv kv, const AttentionChunk* chunks, const DecodeSplit* splits,
                             DecodeWorkspace ws) {
   constexpr int kLanes = D / 8;  // lanes per key row
@@ -41,9 +48,19 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // Keys per lane group per step: the loads each lane has in flight. 8 for kMaxGroup 4 measured slower
   // (H100, 2026-11-26: 162 instead of 124 registers, llama3-8b 16x8192 1054 instead of 1639 GB/s).
   constexpr int kKeysPerStep = 4;
-  __shared__ float s_max[kKeyGroups][kMaxGroup];
-  __shared__ float s_sum[kKeyGroups][kMaxGroup];
-  __shared__ float s_acc[kKeyGroups][kMaxGroup][D];
+  constexpr int kStride = kKeyGroups * kKeysPerStep;  // keys per block step
+  // K/V of a step go through shared memory with cp.async, kStages steps in flight; each thread reads back
+  // only the 16-byte chunks it copied itself, so cp.async.wait_group alone orders them (no block barrier).
+  constexpr int kStages = 3;
+  constexpr int kStageChunks = kStages * kKeysPerStep * 2 * kDecodeThreads;
+  // After the loop the staging area holds the block merge (s_max, s_sum, s_acc).
+  constexpr int kMergeFloats = 2 * kKeyGroups * kMaxGroup + kKeyGroups * kMaxGroup * D;
+  static_assert(kMergeFloats * 4 <= kStageChunks * 16, "the merge fits in the staging area");
+  __shared__ uint4 s_stage[kStageChunks];
+  float(*s_max)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(s_stage);
+  float(*s_sum)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(reinterpret_cast<float*>(s_stage) + kKeyGroups * kMaxGroup);
+  float(*s_acc)[kMaxGroup][D] =
+      reinterpret_cast<float(*)[kMaxGroup][D]>(reinterpret_cast<float*>(s_stage) + 2 * kKeyGroups * kMaxGroup);
 
   const int kv_head = blockIdx.x;
   const int split_index = blockIdx.y;
@@ -55,6 +72,56 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int key_group = threadIdx.x / 32 * kGroupsPerWarp + lane / kLanes;
   const int32_t* pages = kv.page_table + chunk.page_offset;
   const float scale_log2 = query.scale * 1.4426950408889634f;
+  const int n_steps = (split.key_end - split.key_begin + kStride - 1) / kStride;  // uniform over the block
+  const int first = split.key_begin + key_group * kKeysPerStep;  // this lane group's first key
+
+  // Page indices of the next step to issue, loaded one step ahead of their use.
+  int page_of[kKeysPerStep];
+  auto load_pages = [&](int s) {
+#pragma unroll
+    for (int u = 0; u < kKeysPerStep; ++u) {
+      const int pos = first + s * kStride + u;
+      page_of[u] = (s < n_steps && pos < split.key_end) ? __ldg(pages + pos / kv.page_size) : -1;
+    }
+  };
+  auto issue = [&](int s) {
+    uint4* stage = s_stage + (s % kStages) * (kKeysPerStep * 2 * kDecodeThreads);
+#pragma unroll
+    for (int u = 0; u < kKeysPerStep; ++u) {
+      const int pos = first + s * kStride + u;
+      const bool valid = page_of[u] >= 0;
+      const int64_t offset =
+          valid ? ((static_cast<int64_t>(page_of[u]) * kv.n_kv_heads + kv_head) * kv.page_size + pos % kv.page_size) * D +
+                      sub * 8
+                : 0;
+      cp_async_16(stage + (2 * u) * kDecodeThreads + threadIdx.x, kv.keys + offset, valid);
+      cp_async_16(stage + (2 * u + 1) * kDecodeThreads + threadIdx.x, kv.values + offset, valid);
+    }
+  };
+
+  // Prologue: the first kStages - 1 steps in flight before any query work.
+  load_pages(0);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_steps) issue(s);
+    cp_async_commit();
+    load_pages(s + 1);
+  }
+
+  // RoPE angles in registers: (cos, sin) of this lane's 4 pairs at its first key, stepped by one position
+  // inside a step and by kStride between steps (complex multiplication, as the prefill loader does).
+  float2 cs_base[4], step1[4], step_s[4];
+  {
+    const float2* base_row = kv.rope + static_cast<int64_t>(first < split.key_end ? first : 0) * (D / 2) + sub * 4;
+    const float2* one_row = kv.rope + static_cast<int64_t>(1 < split.key_end ? 1 : 0) * (D / 2) + sub * 4;
+    const float2* stride_row = kv.rope + static_cast<int64_t>(kStride < split.key_end ? kStride : 0) * (D / 2) + sub * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      cs_base[j] = __ldg(base_row + j);
+      step1[j] = __ldg(one_row + j);
+      step_s[j] = __ldg(stride_row + j);
+    }
+  }
 
   float q[kMaxGroup][8];
   const __half* q_row = query.q + static_cast<int64_t>(chunk.first_row) * query.q_stride + (kv_head * group) * D + sub * 8;
@@ -85,26 +152,31 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 
   // The loop bound is uniform over the block: the shuffles below need every lane.
-  for (int step = split.key_begin; step < split.key_end; step += kKeyGroups * kKeysPerStep) {
-    const int base = step + key_group * kKeysPerStep;
-    uint4 k_raw[kKeysPerStep], v_raw[kKeysPerStep];
-#pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
-      const int pos = base + u;
-      if (pos < split.key_end) {
-        const int64_t offset = page_row_offset<D>(kv, pages, kv_head, pos) + sub * 8;
-        k_raw[u] = __ldg(reinterpret_cast<const uint4*>(kv.keys + offset));
-        v_raw[u] = __ldg(reinterpret_cast<const uint4*>(kv.values + offset));
-      } else {
-        k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
-      }
-    }
+  for (int s = 0; s < n_steps; ++s) {
+    if (s + kStages - 1 < n_steps) issue(s + kStages - 1);
+    cp_async_commit();
+    load_pages(s + kStages);
+    cp_async_wait<kStages - 1>();  // step s has landed (this thread's chunks)
+    const uint4* stage = s_stage + (s % kStages) * (kKeysPerStep * 2 * kDecodeThreads);
+    const int base = first + s * kStride;
+    uint4 v_raw[kKeysPerStep];
     float score[kKeysPerStep][kMaxGroup];
+    float2 cs[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cs[j] = cs_base[j];
 #pragma unroll
     for (int u = 0; u < kKeysPerStep; ++u) {
       const int pos = base + u;
       const bool valid = pos < split.key_end;
-      uint4 rotated = valid ? rope_chunk(k_raw[u], kv.rope + static_cast<int64_t>(pos) * (D / 2) + sub * 4) : k_raw[u];
+      const uint4 k_raw = stage[(2 * u) * kDecodeThreads + threadIdx.x];
+      v_raw[u] = stage[(2 * u + 1) * kDecodeThreads + threadIdx.x];
+      uint4 rotated = rotate_chunk(k_raw, cs);
+      if (u + 1 < kKeysPerStep) {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          cs[p] = make_float2(cs[p].x * step1[p].x - cs[p].y * step1[p].y, cs[p].x * step1[p].y + cs[p].y * step1[p].x);
+        }
+      }
       const __half2* pairs = reinterpret_cast<const __half2*>(&rotated);
       float k[8];
 #pragma unroll
@@ -122,6 +194,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
         for (int offset = kLanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         score[u][h] = valid ? dot : -INFINITY;
       }
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      cs_base[p] = make_float2(cs_base[p].x * step_s[p].x - cs_base[p].y * step_s[p].y,
+                               cs_base[p].x * step_s[p].y + cs_base[p].y * step_s[p].x);
     }
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
@@ -149,6 +226,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
       }
     }
   }
+  cp_async_wait<0>();
+  __syncthreads();  // every thread is done with the staging area before the merge reuses it
 
   // Merge the block's key groups, then write the split's partial result.
   if (sub == 0) {
@@ -238,10 +317,12 @@ DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vec
   DecodePlan plan;
   int64_t total_keys = 0;
   for (int32_t id : chunk_ids) total_keys += chunks[id].start_pos + 1;
-  // About four blocks per multiprocessor over the whole step, at least 256 keys each.
-  const int64_t target_blocks = int64_t{4} * std::max(n_sms, 1);
+  // About eight blocks per multiprocessor over the whole step (two waves of 4 resident: a smaller tail than
+  // one wave of ~3.9; smollm2 64x8192 1793 instead of 1534 GB/s, H100 2026-11-27), at least 128 keys each
+  // (batch 1 with few KV heads needs the smaller splits to fill the device).
+  const int64_t target_blocks = int64_t{8} * std::max(n_sms, 1);
   int64_t split_keys = (total_keys * n_kv_heads + target_blocks - 1) / target_blocks;
-  split_keys = std::max<int64_t>(256, (split_keys + 63) / 64 * 64);
+  split_keys = std::max<int64_t>(128, (split_keys + 63) / 64 * 64);
   for (int32_t id : chunk_ids) {
     const AttentionChunk& c = chunks[id];
     if (c.n_tokens != 1) fail("decode attention: chunk {} has {} query rows (1 expected)", id, c.n_tokens);
