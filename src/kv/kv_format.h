@@ -28,8 +28,6 @@ struct KvFormat {
   bool keys_post_rope() const;
   // The newest tokens each query reads exactly, whatever the options: KIVI's fp16 residual.
   int native_exact_window() const { return scheme == KvScheme::kivi ? 128 : 0; }
-  // Tokens a key group spans when its scales depend on several tokens (KIVI keys), else 1.
-  int key_group_tokens() const { return scheme == KvScheme::kivi ? 32 : 1; }
 };
 
 // Parses a --kv name; throws UsageError naming the bad part and listing the valid names.

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 #include "core/dtypes.h"
@@ -34,6 +33,32 @@ struct CodeRange {
     return lo + (codebook[code] + 1.0f) * ((hi - lo) * 0.5f);
   }
 };
+
+// KIVI's asymmetric groups: fp16 (scale, min) from the group's min and max, and
+// codes rint((x - min) / scale), computed from the fp16-rounded parameters.
+struct AsymmetricGroup {
+  uint16_t scale_bits, min_bits;
+  float scale, min;
+  AsymmetricGroup(float mn, float mx, float levels)
+      : scale_bits(fp32_to_fp16((mx - mn) / levels)), min_bits(fp32_to_fp16(mn)),
+        scale(fp16_to_fp32(scale_bits)), min(fp16_to_fp32(min_bits)) {}
+  uint8_t encode(float x, float levels) const {
+    const float q = scale > 0 ? std::nearbyint((x - min) / scale) : 0.0f;
+    return static_cast<uint8_t>(std::clamp(q, 0.0f, levels));
+  }
+};
+
+// Key outlier candidates: elements outside the calibrated per-channel range, by
+// how far outside relative to the range.
+void key_outlier_candidates(const float* x, const HeadCalibration& calib, int head_dim, uint8_t* candidate,
+                            float* magnitude) {
+  for (int c = 0; c < head_dim; ++c) {
+    const float span = calib.key_hi[c] - calib.key_lo[c];
+    const float excess = std::max(calib.key_lo[c] - x[c], x[c] - calib.key_hi[c]);
+    candidate[c] = excess > 0;
+    magnitude[c] = span > 0 ? excess / span : excess;
+  }
+}
 
 }  // namespace
 
@@ -83,8 +108,8 @@ PageCodec::PageCodec(const KvFormat& format, KvKind kind, int page_size, int hea
   block_bytes_ = (outliers_offset_ + outlier_bytes + 15) / 16 * 16;
 }
 
-int PageCodec::take_outliers(uint8_t* block, int row, const float* x, const bool* is_candidate, const float* magnitude,
-                             bool* stored, OutlierCounts& counts) const {
+void PageCodec::take_outliers(uint8_t* block, int row, const float* x, const uint8_t* is_candidate,
+                              const float* magnitude, uint8_t* stored, OutlierCounts& counts) const {
   std::vector<int> candidates;
   for (int c = 0; c < head_dim_; ++c) {
     if (is_candidate[c] && !stored[c]) candidates.push_back(c);
@@ -93,22 +118,19 @@ int PageCodec::take_outliers(uint8_t* block, int row, const float* x, const bool
   std::stable_sort(candidates.begin(), candidates.end(), [&](int a, int b) { return magnitude[a] > magnitude[b]; });
   auto* count = reinterpret_cast<uint32_t*>(block + outliers_offset_);
   auto* slots = reinterpret_cast<OutlierSlot*>(block + outliers_offset_ + 4);
-  int taken = 0;
   for (int c : candidates) {
     if (*count >= static_cast<uint32_t>(outlier_capacity_)) {
       ++counts.over_capacity;
       continue;
     }
     slots[(*count)++] = {static_cast<uint16_t>(row * head_dim_ + c), fp32_to_fp16(x[c])};
-    stored[c] = true;
+    stored[c] = 1;
     ++counts.stored;
-    ++taken;
   }
-  return taken;
 }
 
-void PageCodec::encode_row(uint8_t* block, int row, const float* x, const float* lo, const float* hi,
-                           const HeadCalibration& calib, OutlierCounts& counts) const {
+void PageCodec::encode_row(uint8_t* block, int row, const float* x, const HeadCalibration& calib,
+                           OutlierCounts& counts) const {
   const int hd = head_dim_;
   const int64_t first = int64_t{row} * hd;
   uint8_t* codes = block + codes_offset_;
@@ -144,16 +166,14 @@ void PageCodec::encode_row(uint8_t* block, int row, const float* x, const float*
     }
     case KvScheme::kivi: {  // values: per token over groups of 32 channels
       auto* params = reinterpret_cast<uint16_t*>(block + row_params_offset_) + int64_t{row} * (hd / 32) * 2;
+      const float levels = static_cast<float>((1 << format_.bits) - 1);
       for (int g = 0; g < hd / 32; ++g) {
         const float* xs = x + g * 32;
         const auto [mn, mx] = std::minmax_element(xs, xs + 32);
-        params[2 * g] = fp32_to_fp16((*mx - *mn) / static_cast<float>((1 << format_.bits) - 1));
-        params[2 * g + 1] = fp32_to_fp16(*mn);
-        const float scale = fp16_to_fp32(params[2 * g]), zero = fp16_to_fp32(params[2 * g + 1]);
-        for (int c = 0; c < 32; ++c) {
-          const float q = scale > 0 ? std::nearbyint((xs[c] - zero) / scale) : 0.0f;
-          row_codes[g * 32 + c] = static_cast<uint8_t>(std::clamp(q, 0.0f, static_cast<float>((1 << format_.bits) - 1)));
-        }
+        const AsymmetricGroup group(*mn, *mx, levels);
+        params[2 * g] = group.scale_bits;
+        params[2 * g + 1] = group.min_bits;
+        for (int c = 0; c < 32; ++c) row_codes[g * 32 + c] = group.encode(xs[c], levels);
       }
       pack_codes(codes, first, row_codes.data(), hd, format_.bits);
       return;
@@ -164,18 +184,12 @@ void PageCodec::encode_row(uint8_t* block, int row, const float* x, const float*
   }
 
   // int / nuq: outliers first, then codes for the rest.
-  std::vector<char> stored(hd, 0);
-  bool* stored_mask = reinterpret_cast<bool*>(stored.data());
-  if (format_.outlier_fraction > 0 && !per_page_key_ranges_) {
-    std::vector<char> candidate(hd, 0);
+  std::vector<uint8_t> stored(hd, 0);
+  if (format_.outlier_fraction > 0) {
+    std::vector<uint8_t> candidate(hd, 0);
     std::vector<float> magnitude(hd, 0);
     if (kind_ == KvKind::key) {
-      for (int c = 0; c < hd; ++c) {
-        const float span = calib.key_hi[c] - calib.key_lo[c];
-        const float excess = std::max(calib.key_lo[c] - x[c], x[c] - calib.key_hi[c]);
-        candidate[c] = excess > 0;
-        magnitude[c] = span > 0 ? excess / span : excess;
-      }
+      key_outlier_candidates(x, calib, hd, candidate.data(), magnitude.data());
     } else {
       double sum_sq = 0;
       for (int c = 0; c < hd; ++c) sum_sq += static_cast<double>(x[c]) * x[c];
@@ -185,10 +199,12 @@ void PageCodec::encode_row(uint8_t* block, int row, const float* x, const float*
         candidate[c] = magnitude[c] > limit;
       }
     }
-    take_outliers(block, row, x, reinterpret_cast<bool*>(candidate.data()), magnitude.data(), stored_mask, counts);
+    take_outliers(block, row, x, candidate.data(), magnitude.data(), stored.data(), counts);
   }
   if (kind_ == KvKind::key) {
-    for (int c = 0; c < hd; ++c) row_codes[c] = CodeRange{lo[c], hi[c]}.encode(x[c], format_, calib.codebook);
+    for (int c = 0; c < hd; ++c) {
+      row_codes[c] = CodeRange{calib.key_lo[c], calib.key_hi[c]}.encode(x[c], format_, calib.codebook);
+    }
   } else {
     float mn = INFINITY, mx = -INFINITY;
     for (int c = 0; c < hd; ++c) {
@@ -212,13 +228,10 @@ void PageCodec::encode_kivi_key_group(uint8_t* block, int row0, const float* x) 
   for (int c = 0; c < hd; ++c) {
     float mn = x[c], mx = x[c];
     for (int r = 1; r < 32; ++r) mn = std::min(mn, x[r * hd + c]), mx = std::max(mx, x[r * hd + c]);
-    params[2 * c] = fp32_to_fp16((mx - mn) / levels);
-    params[2 * c + 1] = fp32_to_fp16(mn);
-    const float scale = fp16_to_fp32(params[2 * c]), zero = fp16_to_fp32(params[2 * c + 1]);
-    for (int r = 0; r < 32; ++r) {
-      const float q = scale > 0 ? std::nearbyint((x[r * hd + c] - zero) / scale) : 0.0f;
-      group_codes[r * hd + c] = static_cast<uint8_t>(std::clamp(q, 0.0f, levels));
-    }
+    const AsymmetricGroup group(mn, mx, levels);
+    params[2 * c] = group.scale_bits;
+    params[2 * c + 1] = group.min_bits;
+    for (int r = 0; r < 32; ++r) group_codes[r * hd + c] = group.encode(x[r * hd + c], levels);
   }
   pack_codes(block + codes_offset_, int64_t{row0} * hd, group_codes.data(), 32 * hd, format_.bits);
 }
@@ -244,25 +257,19 @@ void PageCodec::encode(uint8_t* block, int row0, int n, const float* x, int exac
         if (kind_ == KvKind::value) std::fill_n(block + row_params_offset_ + int64_t{row0 + r} * 4, 4, 0);
         continue;
       }
-      encode_row(block, row0 + r, x + int64_t{r} * hd, calib.key_lo, calib.key_hi, calib, counts);
+      encode_row(block, row0 + r, x + int64_t{r} * hd, calib, counts);
     }
     return;
   }
   // --kscale page: outliers by the calibrated thresholds, then per-channel ranges over the page's other elements.
-  std::vector<char> stored(int64_t{n} * hd, 0);
+  std::vector<uint8_t> stored(int64_t{n} * hd, 0);
   if (format_.outlier_fraction > 0) {
-    std::vector<char> candidate(hd);
+    std::vector<uint8_t> candidate(hd);
     std::vector<float> magnitude(hd);
     for (int r = exact_rows; r < n; ++r) {
       const float* row = x + int64_t{r} * hd;
-      for (int c = 0; c < hd; ++c) {
-        const float span = calib.key_hi[c] - calib.key_lo[c];
-        const float excess = std::max(calib.key_lo[c] - row[c], row[c] - calib.key_hi[c]);
-        candidate[c] = excess > 0;
-        magnitude[c] = span > 0 ? excess / span : excess;
-      }
-      take_outliers(block, row0 + r, row, reinterpret_cast<bool*>(candidate.data()), magnitude.data(),
-                    reinterpret_cast<bool*>(stored.data() + int64_t{r} * hd), counts);
+      key_outlier_candidates(row, calib, hd, candidate.data(), magnitude.data());
+      take_outliers(block, row0 + r, row, candidate.data(), magnitude.data(), stored.data() + int64_t{r} * hd, counts);
     }
   }
   auto* params = reinterpret_cast<uint16_t*>(block + group_params_offset_);

@@ -50,11 +50,12 @@ class PageCodec {
   void decode(const uint8_t* block, int n, float* out, const HeadCalibration& calib) const;
 
  private:
-  void encode_row(uint8_t* block, int row, const float* x, const float* lo, const float* hi,
-                  const HeadCalibration& calib, OutlierCounts& counts) const;
+  // One token row of a per-row format (everything but KIVI keys and --kscale page keys).
+  void encode_row(uint8_t* block, int row, const float* x, const HeadCalibration& calib, OutlierCounts& counts) const;
   void encode_kivi_key_group(uint8_t* block, int row0, const float* x) const;
-  int take_outliers(uint8_t* block, int row, const float* x, const bool* is_candidate, const float* magnitude,
-                    bool* stored, OutlierCounts& counts) const;
+  // Puts the row's candidates (not yet stored) into free slots, largest magnitude first; marks them in `stored`.
+  void take_outliers(uint8_t* block, int row, const float* x, const uint8_t* is_candidate, const float* magnitude,
+                     uint8_t* stored, OutlierCounts& counts) const;
 
   KvFormat format_;
   KvKind kind_;
