@@ -92,15 +92,26 @@ int64_t CpuBackend::exact_from(int64_t pos, int64_t chunk_start) const {
   return std::max<int64_t>(from, 0);
 }
 
-uint16_t* CpuBackend::exact_row(ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) {
+size_t CpuBackend::exact_row_offset(int layer, KvKind kind, int kv_head, int64_t pos) const {
   const int sinks = options_.effective_sinks();
   const size_t head_index = (static_cast<size_t>(layer) * 2 + static_cast<int>(kind)) * config_.n_kv_heads + kv_head;
-  if (pos < sinks) return rows.sinks.data() + (head_index * sinks + pos) * config_.head_dim;
-  return rows.window.data() + (head_index * window_ + pos % window_) * config_.head_dim;
+  if (pos < sinks) return (head_index * sinks + pos) * config_.head_dim;
+  return (head_index * window_ + pos % window_) * config_.head_dim;
 }
 
-const uint16_t* CpuBackend::exact_row(const ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) const {
-  return const_cast<CpuBackend*>(this)->exact_row(const_cast<ExactRows&>(rows), layer, kind, kv_head, pos);
+void CpuBackend::load_exact_row(const SequenceChunk& chunk, int layer, KvKind kind, int kv_head, int64_t pos,
+                                float* out) const {
+  const int hd = config_.head_dim;
+  if (pos >= chunk.start_pos) {
+    const float* src = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * config_.kv_dim() +
+                       static_cast<int>(kind) * config_.kv_dim() + kv_head * hd;
+    std::copy_n(src, hd, out);
+    return;
+  }
+  const ExactRows& rows = exact_rows_.at(chunk.seq);
+  const uint16_t* src = (pos < options_.effective_sinks() ? rows.sinks : rows.window).data() +
+                        exact_row_offset(layer, kind, kv_head, pos);
+  for (int d = 0; d < hd; ++d) out[d] = fp16_to_fp32(src[d]);
 }
 
 std::string CpuBackend::device_name() const {
@@ -154,7 +165,8 @@ void CpuBackend::save_exact_rows(int layer, const StepBatch& batch) {
       const float* row = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim;
       for (int kind = 0; kind < 2; ++kind) {
         for (int h = 0; h < config_.n_kv_heads; ++h) {
-          uint16_t* dst = exact_row(found->second, layer, static_cast<KvKind>(kind), h, pos);
+          uint16_t* dst = (pos < sinks ? found->second.sinks : found->second.window).data() +
+                          exact_row_offset(layer, static_cast<KvKind>(kind), h, pos);
           for (int d = 0; d < hd; ++d) dst[d] = fp32_to_fp16(row[kind * kv_dim + h * hd + d]);
         }
       }
@@ -164,7 +176,6 @@ void CpuBackend::save_exact_rows(int layer, const StepBatch& batch) {
 
 void CpuBackend::write_kv(int layer, const StepBatch& batch, const PageTables& tables) {
   const int hd = config_.head_dim;
-  const int kv_dim = config_.kv_dim();
   const int sinks = options_.effective_sinks();
 
   // One task per (chunk, page, kind, head): rows of a page are encoded in order, so
@@ -203,15 +214,7 @@ void CpuBackend::write_kv(int layer, const StepBatch& batch, const PageTables& t
       const int n = static_cast<int>(task.end - task.first);
       grow(rows, static_cast<size_t>(n) * hd);
       for (int64_t pos = task.first; pos < task.end; ++pos) {
-        float* dst = rows.data() + (pos - task.first) * hd;
-        if (pos >= chunk.start_pos) {
-          const float* src = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim +
-                             static_cast<int>(task.kind) * kv_dim + task.kv_head * hd;
-          std::copy_n(src, hd, dst);
-        } else {
-          const uint16_t* src = exact_row(exact_rows_.at(chunk.seq), layer, task.kind, task.kv_head, pos);
-          for (int d = 0; d < hd; ++d) dst[d] = fp16_to_fp32(src[d]);
-        }
+        load_exact_row(chunk, layer, task.kind, task.kv_head, pos, rows.data() + (pos - task.first) * hd);
       }
       const TokenSlot slot = tables.locate(chunk.seq, task.first);
       const int exact_rows = static_cast<int>(std::clamp<int64_t>(sinks - task.first, 0, n));
@@ -230,7 +233,6 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
   const int group = config_.n_heads / config_.n_kv_heads;
   const int qkv_dim = config_.qkv_dim();
   const int q_dim = config_.q_dim();
-  const int kv_dim = config_.kv_dim();
   const int sinks = options_.effective_sinks();
   const bool rotate_keys = !options_.format.keys_post_rope();
   const bool any_exact = options_.format.scheme != KvScheme::fp16;  // fp16 pages are already exact
@@ -285,17 +287,8 @@ void CpuBackend::attention(int layer, const StepBatch& batch, const PageTables& 
         grow(exact_values, n_exact * hd);
         for (int64_t e = 0; e < n_exact; ++e) {
           const int64_t pos = e < n_sinks ? e : exact_lo + (e - n_sinks);
-          for (int kind = 0; kind < 2; ++kind) {
-            float* dst = (kind == 0 ? exact_keys : exact_values).data() + e * hd;
-            if (pos >= chunk.start_pos) {
-              const float* src = kv_rows_.data() + static_cast<size_t>(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim +
-                                 kind * kv_dim + kv_head * hd;
-              std::copy_n(src, hd, dst);
-            } else {
-              const uint16_t* src = exact_row(exact_rows_.at(chunk.seq), layer, static_cast<KvKind>(kind), kv_head, pos);
-              for (int d = 0; d < hd; ++d) dst[d] = fp16_to_fp32(src[d]);
-            }
-          }
+          load_exact_row(chunk, layer, KvKind::key, kv_head, pos, exact_keys.data() + e * hd);
+          load_exact_row(chunk, layer, KvKind::value, kv_head, pos, exact_values.data() + e * hd);
           if (rotate_keys) rope_.rotate(exact_keys.data() + e * hd, pos);
         }
       }

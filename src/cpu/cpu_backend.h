@@ -73,8 +73,11 @@ class CpuBackend final : public Backend {
     std::vector<uint16_t> sinks;   // (n_layers, 2, n_kv_heads, sinks, head_dim)
     std::vector<uint16_t> window;  // (n_layers, 2, n_kv_heads, window, head_dim) ring: position p at p % window
   };
-  const uint16_t* exact_row(const ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos) const;
-  uint16_t* exact_row(ExactRows& rows, int layer, KvKind kind, int kv_head, int64_t pos);
+  // Offset of position pos's row in ExactRows::sinks (pos < sinks) or ::window.
+  size_t exact_row_offset(int layer, KvKind kind, int kv_head, int64_t pos) const;
+  // The fp16-exact row (head_dim) of position pos: from this step's K/V when the
+  // chunk holds it, else from the sequence's sinks or window.
+  void load_exact_row(const SequenceChunk& chunk, int layer, KvKind kind, int kv_head, int64_t pos, float* out) const;
   // The first position query `pos` reads exactly (apart from sinks); pos + 1 when none.
   int64_t exact_from(int64_t pos, int64_t chunk_start) const;
   HeadCalibration head_calibration(int layer, KvKind kind, int kv_head) const;
