@@ -119,7 +119,7 @@ std::string resolve_device(const CommonOptions& o) {
 }
 
 void require_cpu(const CommonOptions& o, const char* command) {
-  if (resolve_device(o) == "cuda" && o.device == "cuda") fail("kvq {} runs on the CPU only; use --device cpu", command);
+  if (o.device == "cuda") fail("kvq {} runs on the CPU only; use --device cpu", command);
 }
 
 std::string read_file(const std::string& path) {

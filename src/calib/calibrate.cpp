@@ -115,8 +115,8 @@ CalibrationFile calibrate(const LlamaConfig& config, const LlamaWeights& weights
     if (bits < 2 || bits > 4) fail("--bits must be 2, 3 or 4, got {}", bits);
   }
   for (double fraction : options.outliers) {
-    if (outlier_label(fraction) != "0%" && outlier_label(fraction) != "0.5%" && outlier_label(fraction) != "1%" &&
-        outlier_label(fraction) != "2%") {
+    const std::string label = outlier_label(fraction);  // the labels --kv format names use
+    if (label != "0%" && label != "0.5%" && label != "1%" && label != "2%") {
       fail("--outliers must be among 0, 0.005, 0.01, 0.02, got {}", fraction);
     }
   }
