@@ -29,6 +29,7 @@
 #include "core/error.h"
 #include "cpu/cpu_backend.h"
 #include "kv/page_tables.h"
+#include "tiny_model.h"
 
 namespace kvq {
 namespace {
@@ -78,11 +79,7 @@ LlamaWeights random_weights(const LlamaConfig& c, uint32_t seed) {
   return w;
 }
 
-std::vector<int32_t> random_ids(std::mt19937& rng, int n, int vocab) {
-  std::vector<int32_t> ids(n);
-  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % vocab);
-  return ids;
-}
+using testing::random_ids;
 
 double dot(const std::vector<float>& a, const float* b) {
   double sum = 0;
