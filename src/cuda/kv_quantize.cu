@@ -59,6 +59,10 @@ DeviceCalibration::DeviceCalibration(const std::vector<LayerCalibration>& layers
     std::copy_n(layers[i].key_lo, kv_dim, dst);
     std::copy_n(layers[i].key_hi, kv_dim, dst + kv_dim);
     if (codebooks) {
+      // The GPU's code search bisects the midpoints, which equals the CPU's upward scan only if they ascend.
+      for (const float* centres : {layers[i].key_codebook, layers[i].value_codebook}) {
+        if (!std::is_sorted(centres, centres + codebook)) fail("--kv {}: layer {}'s codebook is not ascending", format.name, i);
+      }
       std::copy_n(layers[i].key_codebook, codebook, dst + 2 * kv_dim);
       std::copy_n(layers[i].value_codebook, codebook, dst + 2 * kv_dim + codebook);
     }
@@ -130,10 +134,15 @@ __device__ __forceinline__ uint32_t encode_calibrated(float x, float lo, float h
   }
   const float scale = hi > lo ? __fdiv_rn(2.0f, __fsub_rn(hi, lo)) : 0.0f;
   const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x, lo), scale), 1.0f), -1.0f), 1.0f);
-  const int n = 1 << bits;
-  uint32_t code = 0;
-  while (static_cast<int>(code) + 1 < n && t > mids[code]) ++code;  // ties go to the lower centre
-  return code;
+  // The CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints ascend, so that is
+  // the number of midpoints below t, found by bisection.
+  int code = 0, top = (1 << bits) - 1;
+  while (code < top) {
+    const int mid = (code + top) / 2;
+    if (t > mids[mid]) code = mid + 1;
+    else top = mid;
+  }
+  return static_cast<uint32_t>(code);
 }
 
 // KIVI's AsymmetricGroup: fp16 (scale, min) packed as scale | min << 16, codes from the rounded parameters.
@@ -187,6 +196,31 @@ __device__ __forceinline__ Extreme reduce_extreme(Extreme e, int width) {
   }
   return e;
 }
+// What a sequential std::min (kMax false) or std::max scan in channel order keeps of the included
+// elements, over groups of `width` lanes, each lane holding E consecutive channels from c0; +-infinity when
+// none is included, as the scan starts there. Equal values have equal bits except +0 and -0, so a plain
+// reduction decides unless the extreme is zero; then the first (kLast: last) zero met gives the sign.
+template <int E, bool kMax, bool kLast>
+__device__ __forceinline__ float scan_extreme(const float (&x)[E], const bool (&include)[E], int c0, int width) {
+  float v = kMax ? -INFINITY : INFINITY;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (include[e]) v = kMax ? fmaxf(v, x[e]) : fminf(v, x[e]);
+  }
+  for (int offset = 1; offset < width; offset <<= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = kMax ? fmaxf(v, other) : fminf(v, other);
+  }
+  if (__all_sync(0xffffffffu, v != 0.0f)) return v;
+  Extreme zero{0.0f, 0.0f, -1};
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (include[e] && x[e] == 0.0f) zero = better<kMax, kLast>(zero, Extreme{0.0f, x[e], c0 + e});
+  }
+  zero = reduce_extreme<kMax, kLast>(zero, width);
+  return v != 0.0f ? v : zero.payload;
+}
+
 __device__ __forceinline__ float reduce_max(float v, int width) {
   for (int offset = 1; offset < width; offset <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
@@ -198,20 +232,20 @@ __device__ __forceinline__ float reduce_max(float v, int width) {
 template <int kHeadDim>
 struct Scratch {
   struct Warp {
-    float x[kHeadDim];          // the row, fp32
-    float magnitude[kHeadDim];  // outlier candidates' magnitudes
-    uint8_t candidate[kHeadDim];
+    float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Warp) is a multiple of 16)
+    float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
+    uint8_t candidate_channel[kHeadDim];
     uint8_t codes[kHeadDim];
   } warp[kWarps];
   float lo[kHeadDim], hi[kHeadDim];  // --kscale page: the page's per-channel ranges
   uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
   float mids[kMaxCodebook];            // codebook midpoints
-  // Then, dynamically sized: slot_start (page_size), slot_take (page_size), stored bits (page_size * head_dim / 32).
+  // Then, dynamically sized: slot_start, slot_take, value_limit (page_size each), stored bits (page_size * head_dim / 32).
 };
 
 template <int kHeadDim>
 size_t scratch_bytes(int page_size) {
-  return sizeof(Scratch<kHeadDim>) + size_t(page_size) * 8 + size_t(page_size) * kHeadDim / 8;
+  return sizeof(Scratch<kHeadDim>) + size_t(page_size) * 12 + size_t(page_size) * kHeadDim / 8;
 }
 
 // codes (n) of one row or group, 8-bit each, into whole 32-bit words of the block's stream at `words`
@@ -233,20 +267,30 @@ __device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, ui
   return reinterpret_cast<uint32_t*>(block + layout.codes_offset + int64_t{row} * layout.head_dim * layout.bits / 8);
 }
 
-// The lane's E = head_dim / 32 consecutive elements (channels lane * E ..) of a row.
+// The lane's E = head_dim / 32 consecutive fp16 elements (channels lane * E ..) of a row, as loaded
+// (E == 2: in .x), so a loop can have the next row's load in flight while it encodes this one.
+template <int E>
+__device__ __forceinline__ uint2 load_row_raw(const uint16_t* src, int lane) {
+  static_assert(E == 2 || E == 4, "head_dim 64 or 128");
+  if constexpr (E == 2) return make_uint2(reinterpret_cast<const uint32_t*>(src)[lane], 0);
+  return reinterpret_cast<const uint2*>(src)[lane];
+}
+template <int E>
+__device__ __forceinline__ void unpack_row(uint2 raw, uint16_t (&bits)[E], float (&x)[E]) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    bits[e] = static_cast<uint16_t>((e < 2 ? raw.x : raw.y) >> (16 * (e % 2)));
+    x[e] = half_bits_to_float(bits[e]);
+  }
+}
 template <int E>
 __device__ __forceinline__ void load_row(const uint16_t* src, int lane, uint16_t (&bits)[E], float (&x)[E]) {
-  if constexpr (E == 2) {
-    const uint32_t w = reinterpret_cast<const uint32_t*>(src)[lane];
-    bits[0] = static_cast<uint16_t>(w), bits[1] = static_cast<uint16_t>(w >> 16);
-  } else {
-    static_assert(E == 4, "head_dim 64 or 128");
-    const uint2 w = reinterpret_cast<const uint2*>(src)[lane];
-    bits[0] = static_cast<uint16_t>(w.x), bits[1] = static_cast<uint16_t>(w.x >> 16);
-    bits[2] = static_cast<uint16_t>(w.y), bits[3] = static_cast<uint16_t>(w.y >> 16);
-  }
-#pragma unroll
-  for (int e = 0; e < E; ++e) x[e] = half_bits_to_float(bits[e]);
+  unpack_row<E>(load_row_raw<E>(src, lane), bits, x);
+}
+// Row i's load for a warp loop over rows warp, warp + kWarps, ...; nothing past the run.
+template <int E>
+__device__ __forceinline__ uint2 prefetch_row(const KvWriteRow* rows, int i, int n_rows, int lane) {
+  return i < n_rows ? load_row_raw<E>(rows[i].src, lane) : make_uint2(0, 0);
 }
 
 struct KernelArgs {
@@ -258,11 +302,39 @@ struct KernelArgs {
   unsigned long long* outlier_counts;  // (2)
 };
 
-// Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements, and the
-// warp's total. The value threshold needs rms(row), summed in double in channel order by lane 0.
+// The value outlier limit of a row, threshold * rms(row): the sum of squares in double in channel order
+// (lane 0, as the CPU sums), so the limit is the CPU's to the bit. All lanes get it.
 template <int kHeadDim>
-__device__ int row_candidates(const PageBlockLayout& layout, const KernelArgs& args, int kv_head, const float (&x)[kHeadDim / 32],
-                              typename Scratch<kHeadDim>::Warp& scratch, int lane, bool (&candidate)[kHeadDim / 32],
+__device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
+                                     typename Scratch<kHeadDim>::Warp& scratch, int lane) {
+  constexpr int E = kHeadDim / 32;
+#pragma unroll
+  for (int e = 0; e < E; ++e) scratch.x[lane * E + e] = x[e];
+  __syncwarp();
+  float limit = 0;
+  if (lane == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(scratch.x);
+    double sum_sq = 0;
+#pragma unroll 8
+    for (int c = 0; c < kHeadDim / 4; ++c) {
+      const float4 v = x4[c];
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.x), double(v.x)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.y), double(v.y)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.z), double(v.z)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.w), double(v.w)));
+    }
+    limit = __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
+  }
+  limit = __shfl_sync(0xffffffffu, limit, 0);
+  __syncwarp();
+  return limit;
+}
+
+// Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
+// the warp's total. value_limit: from value_outlier_limit (values only).
+template <int kHeadDim>
+__device__ int row_candidates(const PageBlockLayout& layout, const KernelArgs& args, int kv_head, float value_limit,
+                              const float (&x)[kHeadDim / 32], int lane, bool (&candidate)[kHeadDim / 32],
                               float (&magnitude)[kHeadDim / 32]) {
   constexpr int E = kHeadDim / 32;
   if (layout.kind == KvKind::key) {
@@ -272,23 +344,9 @@ __device__ int row_candidates(const PageBlockLayout& layout, const KernelArgs& a
     for (int e = 0; e < E; ++e) candidate[e] = key_candidate(x[e], lo[lane * E + e], hi[lane * E + e], magnitude[e]);
   } else {
 #pragma unroll
-    for (int e = 0; e < E; ++e) scratch.x[lane * E + e] = x[e];
-    __syncwarp();
-    float limit = 0;
-    if (lane == 0) {
-      double sum_sq = 0;
-      for (int c = 0; c < kHeadDim; ++c) {
-        const double v = scratch.x[c];
-        sum_sq = __dadd_rn(sum_sq, __dmul_rn(v, v));
-      }
-      limit = __fmul_rn(args.calib.value_threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
-    }
-    limit = __shfl_sync(0xffffffffu, limit, 0);
-    __syncwarp();
-#pragma unroll
     for (int e = 0; e < E; ++e) {
       magnitude[e] = fabsf(x[e]);
-      candidate[e] = magnitude[e] > limit;
+      candidate[e] = magnitude[e] > value_limit;
     }
   }
   int count = 0;
@@ -298,16 +356,23 @@ __device__ int row_candidates(const PageBlockLayout& layout, const KernelArgs& a
 }
 
 // Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
-// [start, start + take) and marks them in `stored`.
+// [start, start + take) and marks them in `stored`. The candidates are listed in scratch first, so each
+// ranks itself against the few others rather than against every channel.
 template <int kHeadDim>
 __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row, const uint16_t (&bits)[kHeadDim / 32],
                               const bool (&candidate)[kHeadDim / 32], const float (&magnitude)[kHeadDim / 32], int start,
                               int take, typename Scratch<kHeadDim>::Warp& scratch, int lane, bool (&stored)[kHeadDim / 32]) {
   constexpr int E = kHeadDim / 32;
+  int n_candidates = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    scratch.candidate[lane * E + e] = candidate[e];
-    scratch.magnitude[lane * E + e] = magnitude[e];
+    const unsigned ballot = __ballot_sync(0xffffffffu, candidate[e]);
+    if (candidate[e]) {
+      const int at = n_candidates + __popc(ballot & ((1u << lane) - 1));
+      scratch.candidate_channel[at] = static_cast<uint8_t>(lane * E + e);
+      scratch.candidate_magnitude[at] = magnitude[e];
+    }
+    n_candidates += __popc(ballot);
     stored[e] = false;
   }
   __syncwarp();
@@ -317,9 +382,9 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
     if (!candidate[e]) continue;
     const int c = lane * E + e;
     int rank = 0;
-    for (int other = 0; other < kHeadDim; ++other) {
-      const float m = scratch.magnitude[other];
-      rank += scratch.candidate[other] && (m > magnitude[e] || (m == magnitude[e] && other < c));
+    for (int j = 0; j < n_candidates; ++j) {
+      const float m = scratch.candidate_magnitude[j];
+      rank += m > magnitude[e] || (m == magnitude[e] && scratch.candidate_channel[j] < c);
     }
     if (rank < take) {
       slots[start + rank] = static_cast<uint32_t>(row * kHeadDim + c) | static_cast<uint32_t>(bits[e]) << 16;
@@ -332,8 +397,8 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
 // One row of a per-row format (everything but KIVI keys and --kscale page keys), by one warp.
 template <int kHeadDim>
 __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args, uint8_t* block, const KvWriteRun& run,
-                           const KvWriteRow& w, int start, int take, typename Scratch<kHeadDim>::Warp& scratch,
-                           const float* mids, int lane) {
+                           const KvWriteRow& w, uint2 raw, int start, int take, float value_limit,
+                           typename Scratch<kHeadDim>::Warp& scratch, const float* mids, int lane) {
   constexpr int E = kHeadDim / 32;
   const int row = w.page_row;
   const int64_t first = int64_t{row} * kHeadDim;
@@ -348,7 +413,7 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
   }
   uint16_t bits[E];
   float x[E];
-  load_row<E>(w.src, lane, bits, x);
+  unpack_row<E>(raw, bits, x);
   const int c0 = lane * E;
   switch (layout.scheme) {
     case KvScheme::fp16: {
@@ -378,16 +443,13 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
       const int block32 = c0 / 32;
       const bool leader = lane % width == 0;
       if (layout.scheme == KvScheme::kivi) {
-        Extreme mn{INFINITY, 0, -1}, mx{-INFINITY, 0, -1};
+        bool all[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          mn = better<false, false>(mn, Extreme{x[e], x[e], c0 + e});
-          mx = better<true, true>(mx, Extreme{x[e], x[e], c0 + e});
-        }
-        mn = reduce_extreme<false, false>(mn, width);  // std::minmax_element: first smallest, last largest
-        mx = reduce_extreme<true, true>(mx, width);
+        for (int e = 0; e < E; ++e) all[e] = true;
+        const float mn = scan_extreme<E, false, false>(x, all, c0, width);  // std::minmax_element: first smallest,
+        const float mx = scan_extreme<E, true, true>(x, all, c0, width);    // last largest
         const float levels = levels_of(layout.bits);
-        const AsymmetricParams p = asymmetric_params(mn.key, mx.key, levels);
+        const AsymmetricParams p = asymmetric_params(mn, mx, levels);
         if (leader) reinterpret_cast<uint32_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = p.packed;
 #pragma unroll
         for (int e = 0; e < E; ++e) scratch.codes[c0 + e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
@@ -429,7 +491,7 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
       if (layout.outlier_capacity > 0) {
         bool candidate[E];
         float magnitude[E];
-        row_candidates<kHeadDim>(layout, args, run.kv_head, x, scratch, lane, candidate, magnitude);
+        row_candidates<kHeadDim>(layout, args, run.kv_head, value_limit, x, lane, candidate, magnitude);
         take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
       }
       const bool uniform = layout.scheme == KvScheme::uniform;
@@ -441,17 +503,13 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
           scratch.codes[c0 + e] = static_cast<uint8_t>(encode_calibrated(x[e], lo[c0 + e], hi[c0 + e], uniform, layout.bits, mids));
         }
       } else {  // the row's range over its elements not kept as outliers
-        Extreme mn{INFINITY, 0, -1}, mx{-INFINITY, 0, -1};
+        bool kept[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          if (stored[e]) continue;
-          mn = better<false, false>(mn, Extreme{x[e], x[e], c0 + e});
-          mx = better<true, false>(mx, Extreme{x[e], x[e], c0 + e});
-        }
-        mn = reduce_extreme<false, false>(mn, 32);
-        mx = reduce_extreme<true, false>(mx, 32);
-        const bool none = mn.index < 0;  // every element is an outlier
-        const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn.key), hi_bits = none ? 0 : float_to_half_bits(mx.key);
+        for (int e = 0; e < E; ++e) kept[e] = !stored[e];
+        const float mn = scan_extreme<E, false, false>(x, kept, c0, 32);
+        const float mx = scan_extreme<E, true, false>(x, kept, c0, 32);
+        const bool none = mn > mx;  // every element is an outlier
+        const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
         if (lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
         const float lo = half_bits_to_float(lo_bits), hi = half_bits_to_float(hi_bits);
 #pragma unroll
@@ -506,7 +564,8 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
   const PageBlockLayout& layout = args.layouts[run.kind];
   int* slot_start = reinterpret_cast<int*>(shared + sizeof(Scratch<kHeadDim>));
   int* slot_take = slot_start + layout.page_size;
-  uint32_t* stored_bits = reinterpret_cast<uint32_t*>(slot_take + layout.page_size);  // (n_rows * head_dim / 32)
+  float* value_limit = reinterpret_cast<float*>(slot_take + layout.page_size);             // values: per row
+  uint32_t* stored_bits = reinterpret_cast<uint32_t*>(value_limit + layout.page_size);  // (n_rows * head_dim / 32)
   const KvWriteRow* rows = args.rows + run.first_row;
   uint8_t* block = args.pool + run.block_offset;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -526,16 +585,23 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
 
   // Slots: every row's candidates, then the block's free slots handed out in row order.
   if (layout.outlier_capacity > 0) {
+    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
     for (int i = warp; i < run.n_rows; i += kWarps) {
+      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
       int count = 0;
       if (!rows[i].exact) {
         uint16_t bits[E];
         float x[E], magnitude[E];
         bool candidate[E];
-        load_row<E>(rows[i].src, lane, bits, x);
-        count = row_candidates<kHeadDim>(layout, args, run.kv_head, x, scratch.warp[warp], lane, candidate, magnitude);
+        unpack_row<E>(raw, bits, x);
+        const float limit = layout.kind == KvKind::value
+                                ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, scratch.warp[warp], lane)
+                                : 0.0f;
+        if (lane == 0) value_limit[i] = limit;
+        count = row_candidates<kHeadDim>(layout, args, run.kv_head, limit, x, lane, candidate, magnitude);
       }
       if (lane == 0) slot_take[i] = count;
+      raw = next;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -560,10 +626,15 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
   __syncthreads();
 
   if (!page_ranges) {
+    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
     for (int i = warp; i < run.n_rows; i += kWarps) {
+      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
       const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
-      encode_row<kHeadDim>(layout, args, block, run, rows[i], start, take, scratch.warp[warp], scratch.mids, lane);
+      const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
+      encode_row<kHeadDim>(layout, args, block, run, rows[i], raw, start, take, limit, scratch.warp[warp], scratch.mids,
+                           lane);
+      raw = next;
     }
     return;
   }
@@ -577,7 +648,7 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
       float x[E], magnitude[E];
       bool candidate[E], stored[E];
       load_row<E>(rows[i].src, lane, bits, x);
-      row_candidates<kHeadDim>(layout, args, run.kv_head, x, scratch.warp[warp], lane, candidate, magnitude);
+      row_candidates<kHeadDim>(layout, args, run.kv_head, 0.0f, x, lane, candidate, magnitude);
       take_outliers<kHeadDim>(layout, block, rows[i].page_row, bits, candidate, magnitude, slot_start[i], slot_take[i],
                               scratch.warp[warp], lane, stored);
 #pragma unroll
@@ -669,14 +740,17 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   const int head_dim = key_layout.head_dim;
   if (!kv_quantize_supported(head_dim)) fail("KV quantize-on-write supports head_dim 64 and 128, not {}", head_dim);
   const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts};
+  auto launch = [&](auto kernel, size_t smem) {
+    constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)
+    if (smem > kDefaultLimit) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<n_runs, kThreads, smem, stream>>>(args);
+  };
   if (head_dim == 64) {
-    const size_t smem = scratch_bytes<64>(key_layout.page_size);
-    CUDA_CHECK(cudaFuncSetAttribute(kv_quantize_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kv_quantize_kernel<64><<<n_runs, kThreads, smem, stream>>>(args);
+    launch(kv_quantize_kernel<64>, scratch_bytes<64>(key_layout.page_size));
   } else {
-    const size_t smem = scratch_bytes<128>(key_layout.page_size);
-    CUDA_CHECK(cudaFuncSetAttribute(kv_quantize_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kv_quantize_kernel<128><<<n_runs, kThreads, smem, stream>>>(args);
+    launch(kv_quantize_kernel<128>, scratch_bytes<128>(key_layout.page_size));
   }
   CUDA_CHECK_LAUNCH(stream, "kv_quantize_kernel");
 }

@@ -137,7 +137,12 @@ float quantile(std::vector<float> v, double q) {
   return v[std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1)))];
 }
 
-// Rows of a key: channel c has its own scale and offset (keys' per-channel structure); values are iid.
+// +0 or -0: a sequential min or max keeps the first (or last) zero it meets, and the sign reaches the
+// stored fp16 parameters, so zeros of both signs must appear.
+uint16_t signed_zero(std::mt19937& rng) { return rng() % 2 ? 0x8000 : 0x0000; }
+
+// Rows of a key: channel c has its own scale and offset (keys' per-channel structure); values are iid;
+// 3% of the elements are zeros.
 struct RowGenerator {
   std::vector<float> key_scale, key_offset;  // (kKvHeads * head_dim)
   RowGenerator(std::mt19937& rng, int head_dim) {
@@ -145,9 +150,9 @@ struct RowGenerator {
     for (int i = 0; i < kKvHeads * head_dim; ++i) key_scale.push_back(u(rng)), key_offset.push_back(o(rng));
   }
   uint16_t key(std::mt19937& rng, int channel) const {
-    return fp32_to_fp16(key_offset[channel] + key_scale[channel] * heavy(rng));
+    return rng() % 100 < 3 ? signed_zero(rng) : fp32_to_fp16(key_offset[channel] + key_scale[channel] * heavy(rng));
   }
-  uint16_t value(std::mt19937& rng) const { return fp32_to_fp16(heavy(rng)); }
+  uint16_t value(std::mt19937& rng) const { return rng() % 100 < 3 ? signed_zero(rng) : fp32_to_fp16(heavy(rng)); }
 };
 
 // k-means codebook of normal data (the values' with pinned ends), computed once per bits.
@@ -260,7 +265,7 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     }
   }
 
-  // Every row of every sequence: (seq, pos, kind, head, head_dim) fp16, drawn up front.
+  // Every row of every sequence: (seq, pos, kind, head, head_dim) fp16, drawn up front; 2% of rows are all zeros.
   const int kv_dim = kKvHeads * head_dim;
   const int64_t max_len = *std::max_element(lengths.begin(), lengths.end());
   auto history_index = [&](int s, int64_t pos, KvKind kind, int h) {
@@ -274,6 +279,9 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
           history[history_index(s, pos, KvKind::key, h) + c] = gen.key(rng, h * head_dim + c);
           history[history_index(s, pos, KvKind::value, h) + c] = gen.value(rng);
         }
+  for (size_t row = 0; row < history.size(); row += head_dim) {
+    if (rng() % 100 < 2) std::generate_n(history.begin() + row, head_dim, [&] { return signed_zero(rng); });
+  }
 
   // The step's rows as the QKV GEMM leaves them: (n_tokens, q_dim + 2 kv_dim), K and V after q_dim columns.
   // Rows of earlier steps (grouped codecs) come from the history, standing in for the exact window.
@@ -469,7 +477,8 @@ TEST(KvQuantize, SanitizerSubset) {
 
 // Timing only (run explicitly with --gtest_also_run_disabled_tests; never decides a test): one layer's
 // write of a prefill step (8 sequences x 2048 tokens) for the shapes of smollm2 (3 KV heads, head_dim 64)
-// and llama3-8b (8 KV heads, head_dim 128), against a device copy of the same fp16 rows in the same run.
+// and llama3-8b (8 KV heads, head_dim 128), against a device copy of the same fp16 rows in the same run;
+// then the whole-block decode of the value blocks to fp32. Normal data, 64-row pages, one sink.
 TEST(KvQuantizeBench, DISABLED_PrefillStepWrite) {
   SKIP_WITHOUT_GPU();
   const int n_seqs = 8, seq_len = 2048, page_size = 64, n_tokens = n_seqs * seq_len;
@@ -538,6 +547,21 @@ TEST(KvQuantizeBench, DISABLED_PrefillStepWrite) {
       const double moved = row_bytes + double(page_bytes) * tables.n_pages();
       std::printf("[ info ] %s %-8s write %.3f ms: %.0f GB/s (fp16 rows read + pool bytes written), %.2fx the copy's time\n",
                   model, name, ms, moved / ms / 1e6, ms / copy_ms);
+      // The whole-block fallback decode of the value blocks, to fp32.
+      std::vector<cuda::KvReadBlock> reads;
+      for (int32_t page = 0; page < tables.n_pages(); ++page)
+        for (int h = 0; h < n_kv_heads; ++h) {
+          reads.push_back({int64_t(page * page_bytes + n_kv_heads * keys.block_bytes() + h * values.block_bytes()), h, page_size});
+        }
+      DeviceArray<cuda::KvReadBlock> d_reads(reads);
+      DeviceArray<float> decoded(reads.size() * page_size * head_dim);
+      const float decode_ms = time_ms([&] {
+        cuda::launch_kv_dequantize(pool.get(), value_layout, calib.layer(0), d_reads.get(), int32_t(reads.size()),
+                                   decoded.get(), nullptr);
+      });
+      const double decode_bytes = double(values.block_bytes()) * reads.size() + decoded.size() * 4.0;
+      std::printf("[ info ] %s %-8s decode values to fp32 %.3f ms: %.0f GB/s (blocks read + fp32 written)\n", model, name,
+                  decode_ms, decode_bytes / decode_ms / 1e6);
     }
     CUDA_CHECK(cudaEventDestroy(start));
     CUDA_CHECK(cudaEventDestroy(stop));
