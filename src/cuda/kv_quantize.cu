@@ -13,7 +13,8 @@
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
 // min/max reductions return the element a sequential scan would keep (the
 // first or last of equal values, which matters for the sign of zero); the
-// values' sum of squares is summed in double in channel order, as the CPU does.
+// values' outlier limit comes from a double sum of squares that provably
+// rounds to the CPU's limit, or else is summed again in the CPU's order.
 #include "cuda/kv_quantize.h"
 
 #include <cuda_fp16.h>
@@ -29,6 +30,20 @@
 #include "kv/page_tables.h"
 
 namespace kvq::cuda {
+namespace {
+
+// int / nuq: CodeRange{lo, hi}.encode in two steps, so a range's scale is computed once: the scale
+// (UniformRange's inv_step = levels / (hi - lo), or the codebook's 2 / (hi - lo); 0 for an empty range),
+// then the code. code_scale is also run on the host for the calibrated key ranges: a lone subtraction
+// and division, which no compiler contracts, round the same everywhere.
+__host__ __device__ inline float code_scale(float lo, float hi, bool uniform, int bits) {
+  if (uniform) {
+    const float span = hi - lo;
+    return span > 0 ? static_cast<float>((1 << bits) - 1) / span : 0.0f;
+  }
+  return hi > lo ? 2.0f / (hi - lo) : 0.0f;
+}
+}  // namespace
 
 PageBlockLayout page_block_layout(const PageCodec& codec) {
   PageBlockLayout layout{};
@@ -52,27 +67,29 @@ DeviceCalibration::DeviceCalibration(const std::vector<LayerCalibration>& layers
   if (!format.calibrated() || layers.empty()) return;
   const bool codebooks = format.scheme == KvScheme::nonuniform;
   const size_t codebook = size_t{1} << format.bits;
-  const size_t per_layer = 2 * size_t(kv_dim) + (codebooks ? 2 * codebook : 0);
+  const bool uniform = format.scheme == KvScheme::uniform;
+  const size_t per_layer = 3 * size_t(kv_dim) + (codebooks ? 2 * codebook : 0);
   std::vector<float> host(per_layer * layers.size());
   for (size_t i = 0; i < layers.size(); ++i) {
     float* dst = host.data() + i * per_layer;
     std::copy_n(layers[i].key_lo, kv_dim, dst);
     std::copy_n(layers[i].key_hi, kv_dim, dst + kv_dim);
+    for (int c = 0; c < kv_dim; ++c) dst[2 * kv_dim + c] = code_scale(layers[i].key_lo[c], layers[i].key_hi[c], uniform, format.bits);
     if (codebooks) {
       // The GPU's code search bisects the midpoints, which equals the CPU's upward scan only if they ascend.
       for (const float* centres : {layers[i].key_codebook, layers[i].value_codebook}) {
         if (!std::is_sorted(centres, centres + codebook)) fail("--kv {}: layer {}'s codebook is not ascending", format.name, i);
       }
-      std::copy_n(layers[i].key_codebook, codebook, dst + 2 * kv_dim);
-      std::copy_n(layers[i].value_codebook, codebook, dst + 2 * kv_dim + codebook);
+      std::copy_n(layers[i].key_codebook, codebook, dst + 3 * kv_dim);
+      std::copy_n(layers[i].value_codebook, codebook, dst + 3 * kv_dim + codebook);
     }
   }
   CUDA_CHECK(cudaMalloc(&storage_, host.size() * sizeof(float)));
   CUDA_CHECK(cudaMemcpy(storage_, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
   for (size_t i = 0; i < layers.size(); ++i) {
     const float* base = storage_ + i * per_layer;
-    layers_.push_back({base, base + kv_dim, codebooks ? base + 2 * kv_dim : nullptr,
-                       codebooks ? base + 2 * kv_dim + codebook : nullptr, layers[i].value_threshold});
+    layers_.push_back({base, base + kv_dim, base + 2 * kv_dim, codebooks ? base + 3 * kv_dim : nullptr,
+                       codebooks ? base + 3 * kv_dim + codebook : nullptr, layers[i].value_threshold});
   }
 }
 
@@ -122,17 +139,13 @@ __device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
 
 // ---- element encoders (twins of scalar_codecs.cpp and page_codec.cpp) ----
 
-// int / nuq: CodeRange{lo, hi}.encode. mids (2^bits - 1): midpoints between the codebook's neighbours.
-__device__ __forceinline__ uint32_t encode_calibrated(float x, float lo, float hi, bool uniform, int bits,
-                                                      const float* mids) {
+// mids (2^bits - 1): midpoints between the codebook's neighbours.
+__device__ __forceinline__ uint32_t encode_scaled(float x, float lo, float scale, bool uniform, int bits,
+                                                  const float* mids) {
   if (uniform) {
-    const float levels = levels_of(bits);
-    const float span = __fsub_rn(hi, lo);
-    const float inv_step = span > 0 ? __fdiv_rn(levels, span) : 0.0f;
-    const float q = rintf(__fmul_rn(__fsub_rn(x, lo), inv_step));
-    return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels));
+    const float q = rintf(__fmul_rn(__fsub_rn(x, lo), scale));
+    return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels_of(bits)));
   }
-  const float scale = hi > lo ? __fdiv_rn(2.0f, __fsub_rn(hi, lo)) : 0.0f;
   const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x, lo), scale), 1.0f), -1.0f), 1.0f);
   // The CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints ascend, so that is
   // the number of midpoints below t, found by bisection.
@@ -161,13 +174,18 @@ __device__ __forceinline__ uint32_t asymmetric_encode(float x, const AsymmetricP
   return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels));
 }
 
-// Key outlier candidates: outside the calibrated range, by how far relative to the range.
+// Key outlier candidates: outside the calibrated range, by how far relative to the range (only
+// candidates are ranked, so only they pay for the division).
 __device__ __forceinline__ bool key_candidate(float x, float lo, float hi, float& magnitude) {
-  const float span = __fsub_rn(hi, lo);
   const float below = __fsub_rn(lo, x), above = __fsub_rn(x, hi);
   const float excess = below < above ? above : below;  // std::max(below, above)
+  if (!(excess > 0)) {
+    magnitude = 0;
+    return false;
+  }
+  const float span = __fsub_rn(hi, lo);
   magnitude = span > 0 ? __fdiv_rn(excess, span) : excess;
-  return excess > 0;
+  return true;
 }
 
 // ---- warp reductions that keep the element a sequential scan keeps ----
@@ -237,7 +255,8 @@ struct Scratch {
     uint8_t candidate_channel[kHeadDim];
     uint8_t codes[kHeadDim];
   } warp[kWarps];
-  float lo[kHeadDim], hi[kHeadDim];  // --kscale page: the page's per-channel ranges
+  float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
+  float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
   uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
   float mids[kMaxCodebook];            // codebook midpoints
   // Then, dynamically sized: slot_start, slot_take, value_limit (page_size each), stored bits (page_size * head_dim / 32).
@@ -302,12 +321,26 @@ struct KernelArgs {
   unsigned long long* outlier_counts;  // (2)
 };
 
-// The value outlier limit of a row, threshold * rms(row): the sum of squares in double in channel order
-// (lane 0, as the CPU sums), so the limit is the CPU's to the bit. All lanes get it.
+// The value outlier limit of a row, threshold * rms(row), equal to the CPU's to the bit; all lanes get it.
+// The CPU sums the squares in double in channel order. The squares of fp16 values are exact in double and
+// non-negative, so any summation order lands within 2 * 127 * 2^-53 of the total of the CPU's; the warp
+// sums in a tree and, if both ends of a wider interval around its sum give the same limit, that is the
+// CPU's limit too (each step from sum to limit is monotone). Otherwise (about once in 30000 rows) lane 0
+// repeats the CPU's sum in its order.
 template <int kHeadDim>
 __device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
                                      typename Scratch<kHeadDim>::Warp& scratch, int lane) {
   constexpr int E = kHeadDim / 32;
+  auto limit_of = [threshold](double sum_sq) {
+    return __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
+  };
+  double tree = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) tree = __dadd_rn(tree, __dmul_rn(double(x[e]), double(x[e])));
+  for (int offset = 16; offset > 0; offset >>= 1) tree = __dadd_rn(tree, __shfl_xor_sync(0xffffffffu, tree, offset));
+  constexpr double kMargin = 0x1p-40;  // > 2 * 127 * 2^-53 with room for the rounding of the ends
+  const float low = limit_of(__dmul_rn(tree, 1.0 - kMargin)), high = limit_of(__dmul_rn(tree, 1.0 + kMargin));
+  if (__all_sync(0xffffffffu, low == high)) return low;
 #pragma unroll
   for (int e = 0; e < E; ++e) scratch.x[lane * E + e] = x[e];
   __syncwarp();
@@ -323,7 +356,7 @@ __device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float thre
       sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.z), double(v.z)));
       sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.w), double(v.w)));
     }
-    limit = __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
+    limit = limit_of(sum_sq);
   }
   limit = __shfl_sync(0xffffffffu, limit, 0);
   __syncwarp();
@@ -333,15 +366,16 @@ __device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float thre
 // Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
 // the warp's total. value_limit: from value_outlier_limit (values only).
 template <int kHeadDim>
-__device__ int row_candidates(const PageBlockLayout& layout, const KernelArgs& args, int kv_head, float value_limit,
+__device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHeadDim>& scratch, float value_limit,
                               const float (&x)[kHeadDim / 32], int lane, bool (&candidate)[kHeadDim / 32],
                               float (&magnitude)[kHeadDim / 32]) {
   constexpr int E = kHeadDim / 32;
   if (layout.kind == KvKind::key) {
-    const float* lo = args.calib.key_lo + int64_t{kv_head} * kHeadDim;
-    const float* hi = args.calib.key_hi + int64_t{kv_head} * kHeadDim;
 #pragma unroll
-    for (int e = 0; e < E; ++e) candidate[e] = key_candidate(x[e], lo[lane * E + e], hi[lane * E + e], magnitude[e]);
+    for (int e = 0; e < E; ++e) {
+      const int c = lane * E + e;
+      candidate[e] = key_candidate(x[e], scratch.key_lo[c], scratch.key_hi[c], magnitude[e]);
+    }
   } else {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -396,10 +430,10 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
 
 // One row of a per-row format (everything but KIVI keys and --kscale page keys), by one warp.
 template <int kHeadDim>
-__device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args, uint8_t* block, const KvWriteRun& run,
-                           const KvWriteRow& w, uint2 raw, int start, int take, float value_limit,
-                           typename Scratch<kHeadDim>::Warp& scratch, const float* mids, int lane) {
+__device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow& w, uint2 raw, int start,
+                           int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane) {
   constexpr int E = kHeadDim / 32;
+  typename Scratch<kHeadDim>::Warp& scratch = shared.warp[warp];
   const int row = w.page_row;
   const int64_t first = int64_t{row} * kHeadDim;
   uint8_t* codes = block + layout.codes_offset;
@@ -491,16 +525,16 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
       if (layout.outlier_capacity > 0) {
         bool candidate[E];
         float magnitude[E];
-        row_candidates<kHeadDim>(layout, args, run.kv_head, value_limit, x, lane, candidate, magnitude);
+        row_candidates<kHeadDim>(layout, shared, value_limit, x, lane, candidate, magnitude);
         take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
       }
       const bool uniform = layout.scheme == KvScheme::uniform;
       if (layout.kind == KvKind::key) {
-        const float* lo = args.calib.key_lo + int64_t{run.kv_head} * kHeadDim;
-        const float* hi = args.calib.key_hi + int64_t{run.kv_head} * kHeadDim;
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-          scratch.codes[c0 + e] = static_cast<uint8_t>(encode_calibrated(x[e], lo[c0 + e], hi[c0 + e], uniform, layout.bits, mids));
+          const int c = c0 + e;
+          scratch.codes[c] = static_cast<uint8_t>(
+              encode_scaled(x[e], shared.key_lo[c], shared.key_scale[c], uniform, layout.bits, shared.mids));
         }
       } else {  // the row's range over its elements not kept as outliers
         bool kept[E];
@@ -511,10 +545,11 @@ __device__ void encode_row(const PageBlockLayout& layout, const KernelArgs& args
         const bool none = mn > mx;  // every element is an outlier
         const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
         if (lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
-        const float lo = half_bits_to_float(lo_bits), hi = half_bits_to_float(hi_bits);
+        const float lo = half_bits_to_float(lo_bits);
+        const float scale = code_scale(lo, half_bits_to_float(hi_bits), uniform, layout.bits);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-          scratch.codes[c0 + e] = static_cast<uint8_t>(encode_calibrated(x[e], lo, hi, uniform, layout.bits, mids));
+          scratch.codes[c0 + e] = static_cast<uint8_t>(encode_scaled(x[e], lo, scale, uniform, layout.bits, shared.mids));
         }
       }
       break;
@@ -582,6 +617,15 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
   if (page_ranges) {
     for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kThreads) stored_bits[i] = 0;
   }
+  if (is_calibrated(layout.scheme) && layout.kind == KvKind::key) {
+    const int64_t head = int64_t{run.kv_head} * kHeadDim;
+    for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+      scratch.key_lo[c] = args.calib.key_lo[head + c];
+      scratch.key_hi[c] = args.calib.key_hi[head + c];
+      scratch.key_scale[c] = args.calib.key_scale[head + c];
+    }
+  }
+  __syncthreads();
 
   // Slots: every row's candidates, then the block's free slots handed out in row order.
   if (layout.outlier_capacity > 0) {
@@ -598,7 +642,7 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
                                 ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, scratch.warp[warp], lane)
                                 : 0.0f;
         if (lane == 0) value_limit[i] = limit;
-        count = row_candidates<kHeadDim>(layout, args, run.kv_head, limit, x, lane, candidate, magnitude);
+        count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
       }
       if (lane == 0) slot_take[i] = count;
       raw = next;
@@ -632,8 +676,7 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
       const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
       const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
-      encode_row<kHeadDim>(layout, args, block, run, rows[i], raw, start, take, limit, scratch.warp[warp], scratch.mids,
-                           lane);
+      encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane);
       raw = next;
     }
     return;
@@ -648,7 +691,7 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
       float x[E], magnitude[E];
       bool candidate[E], stored[E];
       load_row<E>(rows[i].src, lane, bits, x);
-      row_candidates<kHeadDim>(layout, args, run.kv_head, 0.0f, x, lane, candidate, magnitude);
+      row_candidates<kHeadDim>(layout, scratch, 0.0f, x, lane, candidate, magnitude);
       take_outliers<kHeadDim>(layout, block, rows[i].page_row, bits, candidate, magnitude, slot_start[i], slot_take[i],
                               scratch.warp[warp], lane, stored);
 #pragma unroll
@@ -671,8 +714,8 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
     if (mn > mx) mn = mx = 0;
     const uint16_t lo_bits = float_to_half_bits(mn), hi_bits = float_to_half_bits(mx);
     reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[c] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
-    scratch.lo[c] = half_bits_to_float(lo_bits);
-    scratch.hi[c] = half_bits_to_float(hi_bits);
+    scratch.page_lo[c] = half_bits_to_float(lo_bits);
+    scratch.page_scale[c] = code_scale(scratch.page_lo[c], half_bits_to_float(hi_bits), uniform, layout.bits);
   }
   __syncthreads();
   for (int i = warp; i < run.n_rows; i += kWarps) {
@@ -686,7 +729,8 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const int c = lane * E + e;
-        ws.codes[c] = static_cast<uint8_t>(encode_calibrated(x[e], scratch.lo[c], scratch.hi[c], uniform, layout.bits, scratch.mids));
+        ws.codes[c] = static_cast<uint8_t>(
+            encode_scaled(x[e], scratch.page_lo[c], scratch.page_scale[c], uniform, layout.bits, scratch.mids));
       }
     }
     __syncwarp();

@@ -47,6 +47,7 @@ PageBlockLayout page_block_layout(const PageCodec& codec);
 struct DeviceLayerCalibration {
   const float* key_lo = nullptr;          // (n_kv_heads, head_dim) pre-RoPE per-channel key range
   const float* key_hi = nullptr;          // (n_kv_heads, head_dim)
+  const float* key_scale = nullptr;       // (n_kv_heads, head_dim) per channel levels / (hi - lo) (int) or 2 / (hi - lo) (nuq)
   const float* key_codebook = nullptr;    // (2^bits) ascending, nonuniform formats
   const float* value_codebook = nullptr;  // (2^bits)
   float value_threshold = 0;              // value outlier when |v| > threshold * rms(token's v)
@@ -64,7 +65,7 @@ class DeviceCalibration {
   DeviceLayerCalibration layer(int i) const { return layers_.empty() ? DeviceLayerCalibration{} : layers_.at(i); }
 
  private:
-  float* storage_ = nullptr;  // per layer: key_lo (kv_dim), key_hi (kv_dim), key codebook, value codebook
+  float* storage_ = nullptr;  // per layer: key_lo, key_hi, key_scale (kv_dim each), key codebook, value codebook
   std::vector<DeviceLayerCalibration> layers_;
 };
 
