@@ -39,6 +39,17 @@ class PageCodec {
   // Rows whose codes depend on each other and are encoded together once all are
   // present: 1, 32 (KIVI keys) or page_size (--kscale page keys).
   int rows_per_group() const { return rows_per_group_; }
+  // The layout, for the CUDA twin of this codec (cuda/kv_quantize.h).
+  const KvFormat& format() const { return format_; }
+  KvKind kind() const { return kind_; }
+  int page_size() const { return page_size_; }
+  int head_dim() const { return head_dim_; }
+  bool per_page_key_ranges() const { return per_page_key_ranges_; }
+  // Byte offsets of the block's parts from its start (the outlier part begins with the uint32 count).
+  int64_t codes_offset() const { return codes_offset_; }
+  int64_t row_params_offset() const { return row_params_offset_; }
+  int64_t group_params_offset() const { return group_params_offset_; }
+  int64_t outliers_offset() const { return outliers_offset_; }
 
   // Encodes rows [row0, row0 + n) from x (n, head_dim); grouped codecs need whole
   // groups. The first `exact_rows` of them are held exactly elsewhere (attention

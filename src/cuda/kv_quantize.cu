@@ -1,0 +1,811 @@
+// Quantize-on-write and whole-block dequantization of KV pages (kv_quantize.h).
+//
+// One CTA encodes one run (the rows one launch writes into one block). For
+// formats with outlier slots it first counts every row's candidates, then one
+// thread hands out the block's free slots in row order (a row takes
+// min(candidates, free) slots, largest magnitude first; the rest are clamped
+// and counted), which is exactly the order the CPU codec fills them in; then
+// warps encode rows in parallel, one warp per row. Grouped codecs encode whole
+// groups: KIVI keys per channel over 32 rows, --kscale page keys per channel
+// over the page after its outliers are taken.
+//
+// Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
+// arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
+// min/max reductions return the element a sequential scan would keep (the
+// first or last of equal values, which matters for the sign of zero); the
+// values' outlier limit comes from a double sum of squares that provably
+// rounds to the CPU's limit, or else is summed again in the CPU's order.
+#include "cuda/kv_quantize.h"
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/kv_dequant.cuh"
+#include "engine/step_batch.h"
+#include "kv/page_tables.h"
+
+namespace kvq::cuda {
+namespace {
+
+// int / nuq: CodeRange{lo, hi}.encode in two steps, so a range's scale is computed once: the scale
+// (UniformRange's inv_step = levels / (hi - lo), or the codebook's 2 / (hi - lo); 0 for an empty range),
+// then the code. code_scale is also run on the host for the calibrated key ranges: a lone subtraction
+// and division, which no compiler contracts, round the same everywhere.
+__host__ __device__ inline float code_scale(float lo, float hi, bool uniform, int bits) {
+  if (uniform) {
+    const float span = hi - lo;
+    return span > 0 ? static_cast<float>((1 << bits) - 1) / span : 0.0f;
+  }
+  return hi > lo ? 2.0f / (hi - lo) : 0.0f;
+}
+}  // namespace
+
+PageBlockLayout page_block_layout(const PageCodec& codec) {
+  PageBlockLayout layout{};
+  layout.scheme = codec.format().scheme;
+  layout.kind = codec.kind();
+  layout.bits = codec.format().bits;
+  layout.page_size = codec.page_size();
+  layout.head_dim = codec.head_dim();
+  layout.rows_per_group = codec.rows_per_group();
+  layout.per_page_key_ranges = codec.per_page_key_ranges() ? 1 : 0;
+  layout.outlier_capacity = codec.outlier_capacity();
+  layout.codes_offset = static_cast<int32_t>(codec.codes_offset());
+  layout.row_params_offset = static_cast<int32_t>(codec.row_params_offset());
+  layout.group_params_offset = static_cast<int32_t>(codec.group_params_offset());
+  layout.outliers_offset = static_cast<int32_t>(codec.outliers_offset());
+  layout.block_bytes = static_cast<int32_t>(codec.block_bytes());
+  return layout;
+}
+
+DeviceCalibration::DeviceCalibration(const std::vector<LayerCalibration>& layers, const KvFormat& format, int kv_dim) {
+  if (!format.calibrated() || layers.empty()) return;
+  const bool codebooks = format.scheme == KvScheme::nonuniform;
+  const size_t codebook = size_t{1} << format.bits;
+  const bool uniform = format.scheme == KvScheme::uniform;
+  const size_t per_layer = 3 * size_t(kv_dim) + (codebooks ? 2 * codebook : 0);
+  std::vector<float> host(per_layer * layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    float* dst = host.data() + i * per_layer;
+    std::copy_n(layers[i].key_lo, kv_dim, dst);
+    std::copy_n(layers[i].key_hi, kv_dim, dst + kv_dim);
+    for (int c = 0; c < kv_dim; ++c) dst[2 * kv_dim + c] = code_scale(layers[i].key_lo[c], layers[i].key_hi[c], uniform, format.bits);
+    if (codebooks) {
+      // The GPU's code search bisects the midpoints, which equals the CPU's upward scan only if they ascend.
+      for (const float* centres : {layers[i].key_codebook, layers[i].value_codebook}) {
+        if (!std::is_sorted(centres, centres + codebook)) fail("--kv {}: layer {}'s codebook is not ascending", format.name, i);
+      }
+      std::copy_n(layers[i].key_codebook, codebook, dst + 3 * kv_dim);
+      std::copy_n(layers[i].value_codebook, codebook, dst + 3 * kv_dim + codebook);
+    }
+  }
+  CUDA_CHECK(cudaMalloc(&storage_, host.size() * sizeof(float)));
+  CUDA_CHECK(cudaMemcpy(storage_, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const float* base = storage_ + i * per_layer;
+    layers_.push_back({base, base + kv_dim, base + 2 * kv_dim, codebooks ? base + 3 * kv_dim : nullptr,
+                       codebooks ? base + 3 * kv_dim + codebook : nullptr, layers[i].value_threshold});
+  }
+}
+
+DeviceCalibration::~DeviceCalibration() {
+  if (storage_) cudaFree(storage_);  // no throwing from a destructor
+}
+
+KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, const PageBlockLayout& key_layout,
+                           const PageBlockLayout& value_layout, int n_kv_heads, int sinks, const KvRowSource& source,
+                           const KvBlockOffset& block_offset) {
+  const int page_size = tables.page_size();
+  KvWritePlan plan;
+  for (const SequenceChunk& chunk : batch.chunks) {
+    const int64_t end = chunk.start_pos + chunk.n_tokens;
+    for (KvKind kind : {KvKind::key, KvKind::value}) {
+      const int group = (kind == KvKind::key ? key_layout : value_layout).rows_per_group;
+      const int64_t first = chunk.start_pos / group * group;
+      const int64_t last = end / group * group;  // groups complete by the end of the step
+      for (int64_t page_start = first / page_size * page_size; page_start < last; page_start += page_size) {
+        const int64_t lo = std::max(first, page_start), hi = std::min(last, page_start + page_size);
+        if (lo >= hi) continue;
+        const int32_t page = tables.locate(chunk.seq, lo).page;
+        for (int h = 0; h < n_kv_heads; ++h) {
+          plan.runs.push_back({block_offset(kind, page, h), static_cast<int32_t>(plan.rows.size()),
+                               static_cast<int32_t>(hi - lo), static_cast<int32_t>(kind), h});
+          for (int64_t pos = lo; pos < hi; ++pos) {
+            plan.rows.push_back({source(chunk, pos, kind, h), static_cast<int32_t>(pos % page_size), pos < sinks ? 1 : 0});
+          }
+        }
+      }
+    }
+  }
+  return plan;
+}
+
+bool kv_quantize_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxCodebook = 16;
+
+__device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
+  return scheme == KvScheme::uniform || scheme == KvScheme::nonuniform;
+}
+
+// ---- element encoders (twins of scalar_codecs.cpp and page_codec.cpp) ----
+
+// mids (2^bits - 1): midpoints between the codebook's neighbours.
+__device__ __forceinline__ uint32_t encode_scaled(float x, float lo, float scale, bool uniform, int bits,
+                                                  const float* mids) {
+  if (uniform) {
+    const float q = rintf(__fmul_rn(__fsub_rn(x, lo), scale));
+    return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels_of(bits)));
+  }
+  const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x, lo), scale), 1.0f), -1.0f), 1.0f);
+  // The CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints ascend, so that is
+  // the number of midpoints below t, found by bisection.
+  int code = 0, top = (1 << bits) - 1;
+  while (code < top) {
+    const int mid = (code + top) / 2;
+    if (t > mids[mid]) code = mid + 1;
+    else top = mid;
+  }
+  return static_cast<uint32_t>(code);
+}
+
+// KIVI's AsymmetricGroup: fp16 (scale, min) packed as scale | min << 16, codes from the rounded parameters.
+struct AsymmetricParams {
+  uint32_t packed;
+  float scale, min;
+};
+__device__ __forceinline__ AsymmetricParams asymmetric_params(float mn, float mx, float levels) {
+  const uint16_t scale_bits = float_to_half_bits(__fdiv_rn(__fsub_rn(mx, mn), levels));
+  const uint16_t min_bits = float_to_half_bits(mn);
+  return {static_cast<uint32_t>(scale_bits) | static_cast<uint32_t>(min_bits) << 16, half_bits_to_float(scale_bits),
+          half_bits_to_float(min_bits)};
+}
+__device__ __forceinline__ uint32_t asymmetric_encode(float x, const AsymmetricParams& p, float levels) {
+  const float q = p.scale > 0 ? rintf(__fdiv_rn(__fsub_rn(x, p.min), p.scale)) : 0.0f;
+  return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels));
+}
+
+// Key outlier candidates: outside the calibrated range, by how far relative to the range (only
+// candidates are ranked, so only they pay for the division).
+__device__ __forceinline__ bool key_candidate(float x, float lo, float hi, float& magnitude) {
+  const float below = __fsub_rn(lo, x), above = __fsub_rn(x, hi);
+  const float excess = below < above ? above : below;  // std::max(below, above)
+  if (!(excess > 0)) {
+    magnitude = 0;
+    return false;
+  }
+  const float span = __fsub_rn(hi, lo);
+  magnitude = span > 0 ? __fdiv_rn(excess, span) : excess;
+  return true;
+}
+
+// ---- warp reductions that keep the element a sequential scan keeps ----
+
+// An element of a reduction: `key` is compared, `payload` is carried; index -1 = none.
+struct Extreme {
+  float key, payload;
+  int index;
+};
+// Sequential std::min / std::max keep the first of equal values; std::minmax_element keeps the last largest.
+template <bool kMax, bool kLast>
+__device__ __forceinline__ Extreme better(const Extreme& a, const Extreme& b) {
+  if (a.index < 0) return b;
+  if (b.index < 0) return a;
+  if (kMax ? b.key > a.key : b.key < a.key) return b;
+  if (kMax ? a.key > b.key : a.key < b.key) return a;
+  return (kLast ? b.index > a.index : b.index < a.index) ? b : a;
+}
+// Over groups of `width` lanes (a power of two, aligned).
+template <bool kMax, bool kLast>
+__device__ __forceinline__ Extreme reduce_extreme(Extreme e, int width) {
+  for (int offset = 1; offset < width; offset <<= 1) {
+    const Extreme other{__shfl_xor_sync(0xffffffffu, e.key, offset), __shfl_xor_sync(0xffffffffu, e.payload, offset),
+                        __shfl_xor_sync(0xffffffffu, e.index, offset)};
+    e = better<kMax, kLast>(e, other);
+  }
+  return e;
+}
+// What a sequential std::min (kMax false) or std::max scan in channel order keeps of the included
+// elements, over groups of `width` lanes, each lane holding E consecutive channels from c0; +-infinity when
+// none is included, as the scan starts there. Equal values have equal bits except +0 and -0, so a plain
+// reduction decides unless the extreme is zero; then the first (kLast: last) zero met gives the sign.
+template <int E, bool kMax, bool kLast>
+__device__ __forceinline__ float scan_extreme(const float (&x)[E], const bool (&include)[E], int c0, int width) {
+  float v = kMax ? -INFINITY : INFINITY;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (include[e]) v = kMax ? fmaxf(v, x[e]) : fminf(v, x[e]);
+  }
+  for (int offset = 1; offset < width; offset <<= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = kMax ? fmaxf(v, other) : fminf(v, other);
+  }
+  if (__all_sync(0xffffffffu, v != 0.0f)) return v;
+  Extreme zero{0.0f, 0.0f, -1};
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (include[e] && x[e] == 0.0f) zero = better<kMax, kLast>(zero, Extreme{0.0f, x[e], c0 + e});
+  }
+  zero = reduce_extreme<kMax, kLast>(zero, width);
+  return v != 0.0f ? v : zero.payload;
+}
+
+__device__ __forceinline__ float reduce_max(float v, int width) {
+  for (int offset = 1; offset < width; offset <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// ---- shared memory ----
+
+// Per warp: the row being encoded. Per CTA: the run's slot plan and the group scratch.
+template <int kHeadDim>
+struct Scratch {
+  struct Warp {
+    float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Warp) is a multiple of 16)
+    float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
+    uint8_t candidate_channel[kHeadDim];
+    uint8_t codes[kHeadDim];
+  } warp[kWarps];
+  float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
+  float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
+  uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
+  float mids[kMaxCodebook];            // codebook midpoints
+  // Then, dynamically sized: slot_start, slot_take, value_limit (page_size each), stored bits (page_size * head_dim / 32).
+};
+
+template <int kHeadDim>
+size_t scratch_bytes(int page_size) {
+  return sizeof(Scratch<kHeadDim>) + size_t(page_size) * 12 + size_t(page_size) * kHeadDim / 8;
+}
+
+// codes (n) of one row or group, 8-bit each, into whole 32-bit words of the block's stream at `words`
+// (n * bits is a multiple of 32: rows start on word boundaries). Threads `thread` of `n_threads`.
+__device__ __forceinline__ void pack_words(const uint8_t* codes, int n, int bits, uint32_t* words, int thread,
+                                           int n_threads) {
+  const int n_words = n * bits / 32;
+  for (int w = thread; w < n_words; w += n_threads) {
+    const int bit0 = w * 32;
+    int i = bit0 / bits;
+    const int base = i * bits;
+    uint64_t acc = 0;
+    for (; i * bits < bit0 + 32; ++i) acc |= static_cast<uint64_t>(codes[i]) << (i * bits - base);
+    words[w] = static_cast<uint32_t>(acc >> (bit0 - base));
+  }
+}
+
+__device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, uint8_t* block, int row) {
+  return reinterpret_cast<uint32_t*>(block + layout.codes_offset + int64_t{row} * layout.head_dim * layout.bits / 8);
+}
+
+// The lane's E = head_dim / 32 consecutive fp16 elements (channels lane * E ..) of a row, as loaded
+// (E == 2: in .x), so a loop can have the next row's load in flight while it encodes this one.
+template <int E>
+__device__ __forceinline__ uint2 load_row_raw(const uint16_t* src, int lane) {
+  static_assert(E == 2 || E == 4, "head_dim 64 or 128");
+  if constexpr (E == 2) return make_uint2(reinterpret_cast<const uint32_t*>(src)[lane], 0);
+  return reinterpret_cast<const uint2*>(src)[lane];
+}
+template <int E>
+__device__ __forceinline__ void unpack_row(uint2 raw, uint16_t (&bits)[E], float (&x)[E]) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    bits[e] = static_cast<uint16_t>((e < 2 ? raw.x : raw.y) >> (16 * (e % 2)));
+    x[e] = half_bits_to_float(bits[e]);
+  }
+}
+template <int E>
+__device__ __forceinline__ void load_row(const uint16_t* src, int lane, uint16_t (&bits)[E], float (&x)[E]) {
+  unpack_row<E>(load_row_raw<E>(src, lane), bits, x);
+}
+// Row i's load for a warp loop over rows warp, warp + kWarps, ...; nothing past the run.
+template <int E>
+__device__ __forceinline__ uint2 prefetch_row(const KvWriteRow* rows, int i, int n_rows, int lane) {
+  return i < n_rows ? load_row_raw<E>(rows[i].src, lane) : make_uint2(0, 0);
+}
+
+struct KernelArgs {
+  uint8_t* pool;
+  PageBlockLayout layouts[2];  // by KvKind
+  DeviceLayerCalibration calib;
+  const KvWriteRun* runs;
+  const KvWriteRow* rows;
+  unsigned long long* outlier_counts;  // (2)
+};
+
+// The value outlier limit of a row, threshold * rms(row), equal to the CPU's to the bit; all lanes get it.
+// The CPU sums the squares in double in channel order. The squares of fp16 values are exact in double and
+// non-negative, so any summation order lands within 2 * 127 * 2^-53 of the total of the CPU's; the warp
+// sums in a tree and, if both ends of a wider interval around its sum give the same limit, that is the
+// CPU's limit too (each step from sum to limit is monotone). Otherwise (about once in 30000 rows) lane 0
+// repeats the CPU's sum in its order.
+template <int kHeadDim>
+__device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
+                                     typename Scratch<kHeadDim>::Warp& scratch, int lane) {
+  constexpr int E = kHeadDim / 32;
+  auto limit_of = [threshold](double sum_sq) {
+    return __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
+  };
+  double tree = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) tree = __dadd_rn(tree, __dmul_rn(double(x[e]), double(x[e])));
+  for (int offset = 16; offset > 0; offset >>= 1) tree = __dadd_rn(tree, __shfl_xor_sync(0xffffffffu, tree, offset));
+  constexpr double kMargin = 0x1p-40;  // > 2 * 127 * 2^-53 with room for the rounding of the ends
+  const float low = limit_of(__dmul_rn(tree, 1.0 - kMargin)), high = limit_of(__dmul_rn(tree, 1.0 + kMargin));
+  if (__all_sync(0xffffffffu, low == high)) return low;
+#pragma unroll
+  for (int e = 0; e < E; ++e) scratch.x[lane * E + e] = x[e];
+  __syncwarp();
+  float limit = 0;
+  if (lane == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(scratch.x);
+    double sum_sq = 0;
+#pragma unroll 8
+    for (int c = 0; c < kHeadDim / 4; ++c) {
+      const float4 v = x4[c];
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.x), double(v.x)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.y), double(v.y)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.z), double(v.z)));
+      sum_sq = __dadd_rn(sum_sq, __dmul_rn(double(v.w), double(v.w)));
+    }
+    limit = limit_of(sum_sq);
+  }
+  limit = __shfl_sync(0xffffffffu, limit, 0);
+  __syncwarp();
+  return limit;
+}
+
+// Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
+// the warp's total. value_limit: from value_outlier_limit (values only).
+template <int kHeadDim>
+__device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHeadDim>& scratch, float value_limit,
+                              const float (&x)[kHeadDim / 32], int lane, bool (&candidate)[kHeadDim / 32],
+                              float (&magnitude)[kHeadDim / 32]) {
+  constexpr int E = kHeadDim / 32;
+  if (layout.kind == KvKind::key) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int c = lane * E + e;
+      candidate[e] = key_candidate(x[e], scratch.key_lo[c], scratch.key_hi[c], magnitude[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      magnitude[e] = fabsf(x[e]);
+      candidate[e] = magnitude[e] > value_limit;
+    }
+  }
+  int count = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) count += __popc(__ballot_sync(0xffffffffu, candidate[e]));
+  return count;
+}
+
+// Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
+// [start, start + take) and marks them in `stored`. The candidates are listed in scratch first, so each
+// ranks itself against the few others rather than against every channel.
+template <int kHeadDim>
+__device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row, const uint16_t (&bits)[kHeadDim / 32],
+                              const bool (&candidate)[kHeadDim / 32], const float (&magnitude)[kHeadDim / 32], int start,
+                              int take, typename Scratch<kHeadDim>::Warp& scratch, int lane, bool (&stored)[kHeadDim / 32]) {
+  constexpr int E = kHeadDim / 32;
+  int n_candidates = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const unsigned ballot = __ballot_sync(0xffffffffu, candidate[e]);
+    if (candidate[e]) {
+      const int at = n_candidates + __popc(ballot & ((1u << lane) - 1));
+      scratch.candidate_channel[at] = static_cast<uint8_t>(lane * E + e);
+      scratch.candidate_magnitude[at] = magnitude[e];
+    }
+    n_candidates += __popc(ballot);
+    stored[e] = false;
+  }
+  __syncwarp();
+  uint32_t* slots = reinterpret_cast<uint32_t*>(block + layout.outliers_offset + 4);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (!candidate[e]) continue;
+    const int c = lane * E + e;
+    int rank = 0;
+    for (int j = 0; j < n_candidates; ++j) {
+      const float m = scratch.candidate_magnitude[j];
+      rank += m > magnitude[e] || (m == magnitude[e] && scratch.candidate_channel[j] < c);
+    }
+    if (rank < take) {
+      slots[start + rank] = static_cast<uint32_t>(row * kHeadDim + c) | static_cast<uint32_t>(bits[e]) << 16;
+      stored[e] = true;
+    }
+  }
+  __syncwarp();
+}
+
+// One row of a per-row format (everything but KIVI keys and --kscale page keys), by one warp.
+template <int kHeadDim>
+__device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow& w, uint2 raw, int start,
+                           int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane) {
+  constexpr int E = kHeadDim / 32;
+  typename Scratch<kHeadDim>::Warp& scratch = shared.warp[warp];
+  const int row = w.page_row;
+  const int64_t first = int64_t{row} * kHeadDim;
+  uint8_t* codes = block + layout.codes_offset;
+  uint8_t* row_params = block + layout.row_params_offset;
+  const bool calibrated = is_calibrated(layout.scheme);
+  if (calibrated && w.exact) {  // a sink: zero codes and (values) a zero range
+    uint32_t* words = row_words(layout, block, row);
+    for (int i = lane; i < kHeadDim * layout.bits / 32; i += 32) words[i] = 0;
+    if (layout.kind == KvKind::value && lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = 0;
+    return;
+  }
+  uint16_t bits[E];
+  float x[E];
+  unpack_row<E>(raw, bits, x);
+  const int c0 = lane * E;
+  switch (layout.scheme) {
+    case KvScheme::fp16: {
+      uint16_t* halves = reinterpret_cast<uint16_t*>(codes) + first + c0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) halves[e] = float_to_half_bits(x[e]);
+      return;
+    }
+    case KvScheme::fp8: {
+      float amax = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+      amax = reduce_max(amax, 32);
+      const uint16_t scale_bits = float_to_half_bits(__fdiv_rn(amax, 448.0f));
+      if (lane == 0) reinterpret_cast<uint16_t*>(row_params)[row] = scale_bits;
+      const float scale = half_bits_to_float(scale_bits);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        codes[first + c0 + e] = scale > 0 ? __nv_cvt_float_to_fp8(__fdiv_rn(x[e], scale), __NV_SATFINITE, __NV_E4M3) : 0;
+      }
+      return;
+    }
+    case KvScheme::q8_0:
+    case KvScheme::q4_0:
+    case KvScheme::kivi: {  // per 32-channel block of the row: 32 / E lanes
+      const int width = 32 / E;
+      const int block32 = c0 / 32;
+      const bool leader = lane % width == 0;
+      if (layout.scheme == KvScheme::kivi) {
+        bool all[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) all[e] = true;
+        const float mn = scan_extreme<E, false, false>(x, all, c0, width);  // std::minmax_element: first smallest,
+        const float mx = scan_extreme<E, true, true>(x, all, c0, width);    // last largest
+        const float levels = levels_of(layout.bits);
+        const AsymmetricParams p = asymmetric_params(mn, mx, levels);
+        if (leader) reinterpret_cast<uint32_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = p.packed;
+#pragma unroll
+        for (int e = 0; e < E; ++e) scratch.codes[c0 + e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
+      } else if (layout.scheme == KvScheme::q8_0) {
+        float amax = 0;
+#pragma unroll
+        for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+        amax = reduce_max(amax, width);
+        const float d = __fdiv_rn(amax, 127.0f);
+        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
+        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          codes[first + c0 + e] = static_cast<uint8_t>(static_cast<int8_t>(roundf(__fmul_rn(x[e], id))));
+        }
+        return;
+      } else {  // q4_0: d from the element of largest magnitude (the first of equals), with its sign
+        Extreme amax{0.0f, 0.0f, -1};
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          if (fabsf(x[e]) > (amax.index < 0 ? 0.0f : amax.key)) amax = Extreme{fabsf(x[e]), x[e], c0 + e};
+        }
+        amax = reduce_extreme<true, false>(amax, width);
+        const float max = amax.index < 0 ? 0.0f : amax.payload;
+        const float d = __fdiv_rn(max, -8.0f);
+        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
+        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int q = static_cast<int8_t>(__float2int_rz(__fadd_rn(__fmul_rn(x[e], id), 8.5f)));
+          scratch.codes[c0 + e] = static_cast<uint8_t>(min(15, q));
+        }
+      }
+      break;
+    }
+    case KvScheme::uniform:
+    case KvScheme::nonuniform: {
+      bool stored[E] = {};
+      if (layout.outlier_capacity > 0) {
+        bool candidate[E];
+        float magnitude[E];
+        row_candidates<kHeadDim>(layout, shared, value_limit, x, lane, candidate, magnitude);
+        take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
+      }
+      const bool uniform = layout.scheme == KvScheme::uniform;
+      if (layout.kind == KvKind::key) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int c = c0 + e;
+          scratch.codes[c] = static_cast<uint8_t>(
+              encode_scaled(x[e], shared.key_lo[c], shared.key_scale[c], uniform, layout.bits, shared.mids));
+        }
+      } else {  // the row's range over its elements not kept as outliers
+        bool kept[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) kept[e] = !stored[e];
+        const float mn = scan_extreme<E, false, false>(x, kept, c0, 32);
+        const float mx = scan_extreme<E, true, false>(x, kept, c0, 32);
+        const bool none = mn > mx;  // every element is an outlier
+        const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
+        if (lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
+        const float lo = half_bits_to_float(lo_bits);
+        const float scale = code_scale(lo, half_bits_to_float(hi_bits), uniform, layout.bits);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          scratch.codes[c0 + e] = static_cast<uint8_t>(encode_scaled(x[e], lo, scale, uniform, layout.bits, shared.mids));
+        }
+      }
+      break;
+    }
+  }
+  // Packed schemes: the row's codes are in scratch.codes.
+  __syncwarp();
+  pack_words(scratch.codes, kHeadDim, layout.bits, row_words(layout, block, row), lane, 32);
+  __syncwarp();
+}
+
+// KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
+template <int kHeadDim>
+__device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* block, const KvWriteRun& run,
+                                       const KvWriteRow* rows, Scratch<kHeadDim>& scratch) {
+  const float levels = levels_of(layout.bits);
+  for (int g = 0; g < run.n_rows; g += 32) {
+    const KvWriteRow* group = rows + g;
+    const int row0 = group[0].page_row;
+    for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+      float x[32];
+#pragma unroll
+      for (int r = 0; r < 32; ++r) x[r] = half_bits_to_float(group[r].src[c]);
+      float mn = x[0], mx = x[0];
+#pragma unroll
+      for (int r = 1; r < 32; ++r) {
+        mn = x[r] < mn ? x[r] : mn;  // std::min, std::max
+        mx = mx < x[r] ? x[r] : mx;
+      }
+      const AsymmetricParams p = asymmetric_params(mn, mx, levels);
+      reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[int64_t{row0 / 32} * kHeadDim + c] = p.packed;
+#pragma unroll
+      for (int r = 0; r < 32; ++r) scratch.group_codes[r * kHeadDim + c] = static_cast<uint8_t>(asymmetric_encode(x[r], p, levels));
+    }
+    __syncthreads();
+    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words(layout, block, row0), threadIdx.x, kThreads);
+    __syncthreads();
+  }
+}
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) {
+  constexpr int E = kHeadDim / 32;
+  extern __shared__ __align__(16) unsigned char shared[];
+  Scratch<kHeadDim>& scratch = *reinterpret_cast<Scratch<kHeadDim>*>(shared);
+  const KvWriteRun run = args.runs[blockIdx.x];
+  const PageBlockLayout& layout = args.layouts[run.kind];
+  int* slot_start = reinterpret_cast<int*>(shared + sizeof(Scratch<kHeadDim>));
+  int* slot_take = slot_start + layout.page_size;
+  float* value_limit = reinterpret_cast<float*>(slot_take + layout.page_size);             // values: per row
+  uint32_t* stored_bits = reinterpret_cast<uint32_t*>(value_limit + layout.page_size);  // (n_rows * head_dim / 32)
+  const KvWriteRow* rows = args.rows + run.first_row;
+  uint8_t* block = args.pool + run.block_offset;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (layout.scheme == KvScheme::kivi && layout.kind == KvKind::key) {
+    encode_kivi_key_groups<kHeadDim>(layout, block, run, rows, scratch);
+    return;
+  }
+  const float* codebook = layout.kind == KvKind::key ? args.calib.key_codebook : args.calib.value_codebook;
+  if (layout.scheme == KvScheme::nonuniform && threadIdx.x + 1 < (1 << layout.bits)) {
+    scratch.mids[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(codebook[threadIdx.x], codebook[threadIdx.x + 1]));
+  }
+  const bool page_ranges = layout.per_page_key_ranges;
+  if (page_ranges) {
+    for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kThreads) stored_bits[i] = 0;
+  }
+  if (is_calibrated(layout.scheme) && layout.kind == KvKind::key) {
+    const int64_t head = int64_t{run.kv_head} * kHeadDim;
+    for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+      scratch.key_lo[c] = args.calib.key_lo[head + c];
+      scratch.key_hi[c] = args.calib.key_hi[head + c];
+      scratch.key_scale[c] = args.calib.key_scale[head + c];
+    }
+  }
+  __syncthreads();
+
+  // Slots: every row's candidates, then the block's free slots handed out in row order.
+  if (layout.outlier_capacity > 0) {
+    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
+    for (int i = warp; i < run.n_rows; i += kWarps) {
+      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
+      int count = 0;
+      if (!rows[i].exact) {
+        uint16_t bits[E];
+        float x[E], magnitude[E];
+        bool candidate[E];
+        unpack_row<E>(raw, bits, x);
+        const float limit = layout.kind == KvKind::value
+                                ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, scratch.warp[warp], lane)
+                                : 0.0f;
+        if (lane == 0) value_limit[i] = limit;
+        count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
+      }
+      if (lane == 0) slot_take[i] = count;
+      raw = next;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t* count = reinterpret_cast<uint32_t*>(block + layout.outliers_offset);
+      const uint32_t capacity = static_cast<uint32_t>(layout.outlier_capacity);
+      const uint32_t before = rows[0].page_row == 0 ? 0u : *count;  // encoding row 0 starts the block afresh
+      uint32_t used = before;
+      unsigned long long over = 0;
+      for (int i = 0; i < run.n_rows; ++i) {
+        const uint32_t wanted = static_cast<uint32_t>(slot_take[i]);
+        const uint32_t take = min(wanted, capacity - used);
+        slot_start[i] = static_cast<int>(used);
+        slot_take[i] = static_cast<int>(take);
+        used += take;
+        over += wanted - take;
+      }
+      *count = used;
+      if (used > before) atomicAdd(args.outlier_counts, static_cast<unsigned long long>(used - before));
+      if (over > 0) atomicAdd(args.outlier_counts + 1, over);
+    }
+  }
+  __syncthreads();
+
+  if (!page_ranges) {
+    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
+    for (int i = warp; i < run.n_rows; i += kWarps) {
+      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
+      const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
+      const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
+      const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
+      encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane);
+      raw = next;
+    }
+    return;
+  }
+
+  // --kscale page keys (the run is the whole page): outliers, then per-channel ranges of the rest, then codes.
+  const bool uniform = layout.scheme == KvScheme::uniform;
+  if (layout.outlier_capacity > 0) {
+    for (int i = warp; i < run.n_rows; i += kWarps) {
+      if (rows[i].exact) continue;
+      uint16_t bits[E];
+      float x[E], magnitude[E];
+      bool candidate[E], stored[E];
+      load_row<E>(rows[i].src, lane, bits, x);
+      row_candidates<kHeadDim>(layout, scratch, 0.0f, x, lane, candidate, magnitude);
+      take_outliers<kHeadDim>(layout, block, rows[i].page_row, bits, candidate, magnitude, slot_start[i], slot_take[i],
+                              scratch.warp[warp], lane, stored);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int bit = i * kHeadDim + lane * E + e;
+        if (stored[e]) atomicOr(&stored_bits[bit / 32], 1u << (bit % 32));
+      }
+    }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+    float mn = INFINITY, mx = -INFINITY;
+    for (int i = 0; i < run.n_rows; ++i) {
+      const int bit = i * kHeadDim + c;
+      if (rows[i].exact || (stored_bits[bit / 32] >> (bit % 32) & 1u)) continue;
+      const float v = half_bits_to_float(rows[i].src[c]);
+      mn = v < mn ? v : mn;  // std::min, std::max
+      mx = mx < v ? v : mx;
+    }
+    if (mn > mx) mn = mx = 0;
+    const uint16_t lo_bits = float_to_half_bits(mn), hi_bits = float_to_half_bits(mx);
+    reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[c] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
+    scratch.page_lo[c] = half_bits_to_float(lo_bits);
+    scratch.page_scale[c] = code_scale(scratch.page_lo[c], half_bits_to_float(hi_bits), uniform, layout.bits);
+  }
+  __syncthreads();
+  for (int i = warp; i < run.n_rows; i += kWarps) {
+    typename Scratch<kHeadDim>::Warp& ws = scratch.warp[warp];
+    if (rows[i].exact) {
+      for (int c = lane; c < kHeadDim; c += 32) ws.codes[c] = 0;
+    } else {
+      uint16_t bits[E];
+      float x[E];
+      load_row<E>(rows[i].src, lane, bits, x);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int c = lane * E + e;
+        ws.codes[c] = static_cast<uint8_t>(
+            encode_scaled(x[e], scratch.page_lo[c], scratch.page_scale[c], uniform, layout.bits, scratch.mids));
+      }
+    }
+    __syncwarp();
+    pack_words(ws.codes, kHeadDim, layout.bits, row_words(layout, block, rows[i].page_row), lane, 32);
+    __syncwarp();
+  }
+}
+
+template <int kBits>
+__device__ void dequantize_block(const PageBlockLayout& layout, const uint8_t* block, const BlockCalibration& calib,
+                                 int n_rows, const int* row_first, float* out) {
+  const uint32_t* slots = outlier_slots(layout, block);
+  const int chunks_per_row = layout.head_dim / 8;
+  for (int i = threadIdx.x; i < n_rows * chunks_per_row; i += blockDim.x) {
+    const int row = i / chunks_per_row, c0 = i % chunks_per_row * 8;
+    float v[8];
+    decode_chunk8<kBits>(layout, block, row, c0, calib, v);
+    if (layout.outlier_capacity > 0) apply_outliers8(slots, row_first, row, c0, layout.head_dim, v);
+    float4* dst = reinterpret_cast<float4*>(out + int64_t{row} * layout.head_dim + c0);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) kv_dequantize_kernel(const uint8_t* pool, PageBlockLayout layout,
+                                                                 DeviceLayerCalibration calib, const KvReadBlock* blocks,
+                                                                 float* out) {
+  extern __shared__ int row_first[];  // (page_size + 1)
+  const KvReadBlock read = blocks[blockIdx.x];
+  const uint8_t* block = pool + read.block_offset;
+  if (layout.outlier_capacity > 0) {
+    index_outlier_rows(outlier_slots(layout, block), outlier_count(layout, block), layout.head_dim, layout.page_size,
+                       row_first, threadIdx.x, blockDim.x);
+  }
+  __syncthreads();
+  const BlockCalibration block_calib = block_calibration(calib, layout, read.kv_head);
+  float* dst = out + int64_t{blockIdx.x} * layout.page_size * layout.head_dim;
+  switch (layout.bits) {
+    case 2: dequantize_block<2>(layout, block, block_calib, read.n_rows, row_first, dst); break;
+    case 3: dequantize_block<3>(layout, block, block_calib, read.n_rows, row_first, dst); break;
+    default: dequantize_block<4>(layout, block, block_calib, read.n_rows, row_first, dst); break;  // 4, 8, 16
+  }
+}
+
+}  // namespace
+
+void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
+                        const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
+                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream) {
+  if (n_runs == 0) return;
+  const int head_dim = key_layout.head_dim;
+  if (!kv_quantize_supported(head_dim)) fail("KV quantize-on-write supports head_dim 64 and 128, not {}", head_dim);
+  const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts};
+  auto launch = [&](auto kernel, size_t smem) {
+    constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)
+    if (smem > kDefaultLimit) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<n_runs, kThreads, smem, stream>>>(args);
+  };
+  if (head_dim == 64) {
+    launch(kv_quantize_kernel<64>, scratch_bytes<64>(key_layout.page_size));
+  } else {
+    launch(kv_quantize_kernel<128>, scratch_bytes<128>(key_layout.page_size));
+  }
+  CUDA_CHECK_LAUNCH(stream, "kv_quantize_kernel");
+}
+
+void launch_kv_dequantize(const uint8_t* pool, const PageBlockLayout& layout, const DeviceLayerCalibration& calib,
+                          const KvReadBlock* blocks, int32_t n_blocks, float* out, cudaStream_t stream) {
+  if (n_blocks == 0) return;
+  if (layout.head_dim % 8 != 0) fail("KV dequantize needs head_dim divisible by 8, not {}", layout.head_dim);
+  const size_t smem = (size_t(layout.page_size) + 1) * sizeof(int);
+  kv_dequantize_kernel<<<n_blocks, kThreads, smem, stream>>>(pool, layout, calib, blocks, out);
+  CUDA_CHECK_LAUNCH(stream, "kv_dequantize_kernel");
+}
+
+}  // namespace kvq::cuda

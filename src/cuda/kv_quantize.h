@@ -1,0 +1,126 @@
+// Quantize-on-write of KV rows into pool blocks on the GPU, the CUDA twin of
+// PageCodec::encode (kv/page_codec.h): the bytes a launch writes are the bytes
+// the CPU codec writes for the same rows, for every --kv format, and so are the
+// outlier counts. Also the host side the kernels need: the block layout as a
+// POD, the calibration uploaded per layer, and the planner that turns a step
+// into write runs exactly as CpuBackend::write_kv splits it into tasks.
+// Decoding (for attention loaders and tests) is in kv_dequant.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "calib/calibration_file.h"
+#include "kv/page_codec.h"
+
+namespace kvq {
+class PageTables;
+struct StepBatch;
+struct SequenceChunk;
+}  // namespace kvq
+
+namespace kvq::cuda {
+
+// One page block's layout (PageCodec's), usable by value in kernels.
+struct PageBlockLayout {
+  KvScheme scheme;
+  KvKind kind;
+  int32_t bits;                 // bits per code (16 fp16, 8 fp8 / q8_0, 4 q4_0, 2..4 int / nuq / kivi)
+  int32_t page_size;            // token rows per block
+  int32_t head_dim;
+  int32_t rows_per_group;       // 1, 32 (KIVI keys) or page_size (--kscale page keys)
+  int32_t per_page_key_ranges;  // 1: --kscale page keys (fp16 lo, hi per channel in the group params)
+  int32_t outlier_capacity;     // slots per block; 0: no outlier part
+  int32_t codes_offset;         // bytes from the block start to each part
+  int32_t row_params_offset;
+  int32_t group_params_offset;
+  int32_t outliers_offset;      // uint32 count, then outlier_capacity uint32 slots (index | fp16 value << 16)
+  int32_t block_bytes;
+};
+
+PageBlockLayout page_block_layout(const PageCodec& codec);
+
+// One layer's calibration on the device (LayerCalibration's twin); null where the format needs none.
+struct DeviceLayerCalibration {
+  const float* key_lo = nullptr;          // (n_kv_heads, head_dim) pre-RoPE per-channel key range
+  const float* key_hi = nullptr;          // (n_kv_heads, head_dim)
+  const float* key_scale = nullptr;       // (n_kv_heads, head_dim) per channel levels / (hi - lo) (int) or 2 / (hi - lo) (nuq)
+  const float* key_codebook = nullptr;    // (2^bits) ascending, nonuniform formats
+  const float* value_codebook = nullptr;  // (2^bits)
+  float value_threshold = 0;              // value outlier when |v| > threshold * rms(token's v)
+};
+
+// Owns every layer's calibration in one device allocation.
+class DeviceCalibration {
+ public:
+  DeviceCalibration() = default;
+  // layers (n_layers) as calibration_for_format returns them; nothing is uploaded for uncalibrated formats.
+  DeviceCalibration(const std::vector<LayerCalibration>& layers, const KvFormat& format, int kv_dim);
+  ~DeviceCalibration();
+  DeviceCalibration(const DeviceCalibration&) = delete;
+  DeviceCalibration& operator=(const DeviceCalibration&) = delete;
+  DeviceLayerCalibration layer(int i) const { return layers_.empty() ? DeviceLayerCalibration{} : layers_.at(i); }
+
+ private:
+  float* storage_ = nullptr;  // per layer: key_lo, key_hi, key_scale (kv_dim each), key codebook, value codebook
+  std::vector<DeviceLayerCalibration> layers_;
+};
+
+// ---- writes ----
+
+// Rows of one block written by one launch, in ascending page rows (an encode call of the CPU codec).
+struct KvWriteRun {
+  int64_t block_offset;  // bytes from the pool base to the destination block (16-byte aligned)
+  int32_t first_row;     // index of the run's first row in the row list
+  int32_t n_rows;        // 1 .. page_size; whole groups for grouped codecs (rows_per_group > 1)
+  int32_t kind;          // KvKind: selects the layout
+  int32_t kv_head;       // selects the calibrated key ranges
+};
+
+struct KvWriteRow {
+  const uint16_t* src;  // (head_dim) fp16 bits, 16-byte aligned: pre-RoPE keys for fp16/int/nuq, rotated otherwise
+  int32_t page_row;     // row in the block
+  int32_t exact;        // 1: a sink held exactly elsewhere (int/nuq only): zero codes, no slots, no say in ranges
+};
+
+// A step's writes: each block appears in at most one run (runs of one launch touch disjoint blocks).
+struct KvWritePlan {
+  std::vector<KvWriteRun> runs;
+  std::vector<KvWriteRow> rows;
+};
+
+// Where row `pos` of a chunk's sequence is read from (this step's rows or an earlier one's, for groups).
+using KvRowSource = std::function<const uint16_t*(const SequenceChunk& chunk, int64_t pos, KvKind kind, int kv_head)>;
+// Byte offset of a block in the pool.
+using KvBlockOffset = std::function<int64_t(KvKind kind, int32_t page, int kv_head)>;
+
+// The runs CpuBackend::write_kv encodes for this step, in its order: per chunk, keys then values, per
+// page, per KV head; grouped codecs get the groups the step completes. sinks: effective sinks (0 unless int/nuq).
+KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, const PageBlockLayout& key_layout,
+                           const PageBlockLayout& value_layout, int n_kv_heads, int sinks, const KvRowSource& source,
+                           const KvBlockOffset& block_offset);
+
+bool kv_quantize_supported(int head_dim);  // 64 and 128
+
+// Encodes every run into pool (bytes). runs (n_runs), rows (device arrays); outlier_counts (2) device
+// counters, added to: outliers stored, outliers that found their block's slots full.
+void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
+                        const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
+                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream);
+
+// ---- reads (the fallback and the tests' path; attention loaders use kv_dequant.cuh directly) ----
+
+struct KvReadBlock {
+  int64_t block_offset;  // bytes from the pool base
+  int32_t kv_head;
+  int32_t n_rows;        // rows [0, n_rows) decoded; the rest of the output block is left untouched
+};
+
+// out (n_blocks, page_size, head_dim) fp32 = PageCodec::decode of each block, bit for bit.
+void launch_kv_dequantize(const uint8_t* pool, const PageBlockLayout& layout, const DeviceLayerCalibration& calib,
+                          const KvReadBlock* blocks, int32_t n_blocks, float* out, cudaStream_t stream);
+
+}  // namespace kvq::cuda
