@@ -79,11 +79,9 @@ struct DecodePlan {
 };
 
 bool decode_attention_supported(int head_dim, int group);
-// Splits sized so that the step fills the device (`n_sms` multiprocessors).
-DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_kv_heads,
-                       int n_sms);
-// The most splits plan_decode returns for n_chunks chunks on this device, whatever their lengths.
-int32_t decode_max_splits(int32_t n_chunks, int n_kv_heads, int n_sms);
+// Splits sized so that the step fills the device (`n_sms` multiprocessors) in whole waves of blocks.
+DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_heads,
+                       int n_kv_heads, int n_sms);
 // Scratch the launch needs for n_splits splits: partial outputs and (max, sum) per split and head.
 int64_t decode_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 // chunks, splits, decode_chunks, workspace: device memory.

@@ -15,10 +15,12 @@
 // Decode steps (one token per sequence) are replayed as CUDA graphs, one per
 // batch size: the kernels read every per-step input (tokens, positions, page
 // slots, page tables, decode splits) from the graph's own index buffer, which
-// one copy refreshes before each replay, and the decode attention grid is fixed
-// at decode_max_splits with empty splits as padding. A graph is captured the
-// first time its batch size runs and dropped when a workspace buffer it uses is
-// reallocated. KVQ_CUDA_GRAPHS=0 in the environment runs every step eagerly.
+// one copy refreshes before each replay. The decode attention grid is fixed at
+// the graph's split capacity, the plan's splits padded with empty ones (their
+// blocks exit at once). A graph is captured the first time its batch size runs,
+// captured again with room for a quarter more splits when a plan outgrows it,
+// and dropped when a workspace buffer it uses is reallocated.
+// KVQ_CUDA_GRAPHS=0 in the environment runs every step eagerly.
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -265,7 +267,8 @@ class CudaBackend final : public Backend {
   // Runs the model over a planned step (graph replay or eager) and leaves its logits in logits_;
   // returns the number of logit rows.
   int32_t run_step(const StepBatch& batch, const PageTables& tables);
-  DecodeGraph& decode_graph(int32_t batch_size, int32_t split_capacity);
+  // The graph of a decode step of batch_size sequences with room for n_splits decode splits.
+  DecodeGraph& decode_graph(int32_t batch_size, int32_t n_splits);
   // Every kernel and GEMM of the forward, enqueued on the stream (capturable).
   void enqueue_forward(const StepArgs& step);
   // out (rows, n_out) = a (rows, k) * w (n_out, k)^T + beta * out; out fp16 or fp32.
@@ -510,7 +513,8 @@ StepPlan CudaBackend::plan_step(const StepBatch& batch, const PageTables& tables
     }
   }
   plan.prefill = cuda::plan_prefill(plan.chunks, prefill_ids, config_.head_dim);
-  plan.decode = cuda::plan_decode(plan.chunks, decode_ids, config_.n_kv_heads, context_.properties.multiProcessorCount);
+  plan.decode = cuda::plan_decode(plan.chunks, decode_ids, config_.n_heads, config_.n_kv_heads,
+                                  context_.properties.multiProcessorCount);
   return plan;
 }
 
@@ -535,9 +539,14 @@ void CudaBackend::upload_index(const StepBatch& batch, const StepPlan& plan, con
   CUDA_CHECK(cudaMemcpyAsync(device_index, host, layout.bytes, cudaMemcpyHostToDevice, context_.stream));
 }
 
-DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, int32_t split_capacity) {
+DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, int32_t n_splits) {
   std::unique_ptr<DecodeGraph>& slot = decode_graphs_[batch_size];
-  if (slot) return *slot;
+  if (slot && slot->split_capacity >= n_splits) return *slot;
+  slot.reset();
+  const int32_t split_capacity = n_splits + n_splits / 4;
+  if (decode_workspace_.reserve(cuda::decode_workspace_bytes(split_capacity, config_.n_heads, config_.head_dim))) {
+    decode_graphs_.clear();  // the other batch sizes' graphs use the old workspace
+  }
   auto graph = std::make_unique<DecodeGraph>();
   graph->split_capacity = split_capacity;
   const int64_t max_pages_per_sequence = (config_.context + page_size_ - 1) / page_size_;
@@ -560,8 +569,9 @@ DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, int32_t split_capacit
   const cudaError_t instantiated = cudaGraphInstantiate(&graph->exec, captured, 0);
   cudaGraphDestroy(captured);
   CUDA_CHECK(instantiated);
-  slot = std::move(graph);
-  return *slot;
+  std::unique_ptr<DecodeGraph>& captured_slot = decode_graphs_[batch_size];  // clear() may have removed the first
+  captured_slot = std::move(graph);
+  return *captured_slot;
 }
 
 int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) {
@@ -578,13 +588,8 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   if (reserve_workspace(n, n_rows)) decode_graphs_.clear();
 
   if (use_graphs_ && plan.decode_only) {
-    const int32_t split_capacity = cuda::decode_max_splits(n_chunks, c.n_kv_heads, context_.properties.multiProcessorCount);
-    if (n_splits > split_capacity) fail("decode plan: {} splits over its bound of {}", n_splits, split_capacity);
-    if (decode_workspace_.reserve(cuda::decode_workspace_bytes(split_capacity, c.n_heads, c.head_dim))) {
-      decode_graphs_.clear();
-    }
-    DecodeGraph& graph = decode_graph(n_chunks, split_capacity);
-    upload_index(batch, plan, graph.layout, split_capacity, graph.index.as<void>());
+    DecodeGraph& graph = decode_graph(n_chunks, n_splits);
+    upload_index(batch, plan, graph.layout, graph.split_capacity, graph.index.as<void>());
     CUDA_CHECK(cudaGraphLaunch(graph.exec, context_.stream));
     return n_rows;
   }

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
   const int kv_head = blockIdx.x;
   const int split_index = blockIdx.y;
   const DecodeSplit split = splits[split_index];
+  if (split.key_begin == split.key_end) return;  // padding of a graph's fixed grid: no chunk reads it
   const AttentionChunk chunk = chunks[split.chunk];
   const int group = query.n_heads / kv.n_kv_heads;  // heads h >= group of kMaxGroup are padding: skipped
   const int lane = threadIdx.x % 32;
@@ -341,43 +342,60 @@ void launch_for_head_dim(int bucket, const AttentionQuery& query, const PagedKv&
   }
 }
 
-// About eight blocks per multiprocessor over a whole decode step (see plan_decode).
-int64_t decode_target_blocks(int n_sms) { return int64_t{8} * std::max(n_sms, 1); }
-
 }  // namespace
 
 bool decode_attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group_bucket(group) > 0;
 }
 
-int32_t decode_max_splits(int32_t n_chunks, int n_kv_heads, int n_sms) {
-  return static_cast<int32_t>(decode_target_blocks(n_sms) / std::max(n_kv_heads, 1)) + n_chunks;
-}
-
-DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_kv_heads,
-                       int n_sms) {
+DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_heads,
+                       int n_kv_heads, int n_sms) {
   DecodePlan plan;
+  if (chunk_ids.empty()) return plan;
+  std::vector<int32_t> n_keys;
   int64_t total_keys = 0;
-  for (int32_t id : chunk_ids) total_keys += chunks[id].start_pos + 1;
-  // About eight blocks per multiprocessor over the whole step (two waves of 4 resident: a smaller tail than
-  // one wave of ~3.9; smollm2 64x8192 1793 instead of 1534 GB/s, H100 2026-11-27), at least 128 keys each
-  // (batch 1 with few KV heads needs the smaller splits to fill the device).
-  const int64_t target_blocks = decode_target_blocks(n_sms);
-  int64_t split_keys = (total_keys * n_kv_heads + target_blocks - 1) / target_blocks;
-  split_keys = std::max<int64_t>(128, (split_keys + 63) / 64 * 64);
-  // So each chunk has at most ceil(keys / split_keys) splits, and the step at most
-  // target_blocks / n_kv_heads + chunks (decode_max_splits).
   for (int32_t id : chunk_ids) {
     const AttentionChunk& c = chunks[id];
     if (c.n_tokens != 1) fail("decode attention: chunk {} has {} query rows (1 expected)", id, c.n_tokens);
-    const int32_t n_keys = c.start_pos + 1;
-    // The chunk's splits of equal size (multiples of 64 keys): no short last split.
-    const int64_t n_splits = (n_keys + split_keys - 1) / split_keys;
-    const int64_t chunk_split_keys = ((n_keys + n_splits - 1) / n_splits + 63) / 64 * 64;
+    n_keys.push_back(c.start_pos + 1);
+    total_keys += n_keys.back();
+  }
+  // A chunk of n keys in splits of at most `split` keys: ceil(n / split) splits of equal size (multiples of
+  // 64 keys), so no short last split.
+  auto chunk_split = [](int64_t n, int64_t split) {
+    const int64_t count = (n + split - 1) / split;
+    return ((n + count - 1) / count + 63) / 64 * 64;
+  };
+  // Blocks run in waves of `slots` (the resident blocks of the device), and a block's time is about its
+  // keys plus a fixed cost (prologue, merge, partial write: ~kBlockCostKeys keys). Candidates fill
+  // 1 .. kMaxWaves waves (at least 128 keys per split); the plan takes the one whose estimated time,
+  // waves * (longest split + fixed cost), is least. (Before: a fixed ~2 waves, which left smollm2 64x8192 at
+  // 2.18 waves, its third wave 18% full.)
+  constexpr int64_t kBlockCostKeys = 96;
+  constexpr int kMaxWaves = 8;
+  const int group_blocks = decode_min_blocks(group_bucket(n_heads / std::max(n_kv_heads, 1)));
+  const int64_t slots = int64_t{group_blocks} * std::max(n_sms, 1);
+  int64_t best_split = 0, best_cost = INT64_MAX;
+  for (int waves = 1; waves <= kMaxWaves; ++waves) {
+    const int64_t target = (total_keys * n_kv_heads + waves * slots - 1) / (waves * slots);
+    const int64_t split = std::max<int64_t>(128, (target + 63) / 64 * 64);
+    int64_t blocks = 0, longest = 0;
+    for (int32_t n : n_keys) {
+      blocks += (n + split - 1) / split * n_kv_heads;
+      longest = std::max(longest, chunk_split(n, split));
+    }
+    const int64_t cost = (blocks + slots - 1) / slots * (longest + kBlockCostKeys);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best_split = split;
+    }
+  }
+  for (size_t i = 0; i < chunk_ids.size(); ++i) {
+    const int32_t id = chunk_ids[i];
+    const int64_t split_keys = chunk_split(n_keys[i], best_split);
     DecodeChunk dc{id, static_cast<int32_t>(plan.splits.size()), 0};
-    for (int64_t k = 0; k < n_keys; k += chunk_split_keys) {
-      plan.splits.push_back(
-          {id, static_cast<int32_t>(k), static_cast<int32_t>(std::min<int64_t>(k + chunk_split_keys, n_keys))});
+    for (int64_t k = 0; k < n_keys[i]; k += split_keys) {
+      plan.splits.push_back({id, static_cast<int32_t>(k), static_cast<int32_t>(std::min<int64_t>(k + split_keys, n_keys[i]))});
       ++dc.n_splits;
     }
     plan.chunks.push_back(dc);

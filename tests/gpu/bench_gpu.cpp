@@ -156,7 +156,8 @@ json bench_decode(double copy_gbs) {
   json results = json::array();
   for (const Point& p : points) {
     AttentionSetup setup(p.batch, p.context, 1, p.shape.head_dim, p.shape.n_heads, p.shape.n_kv_heads, 64);
-    const cuda::DecodePlan plan = cuda::plan_decode(setup.chunks, setup.ids, p.shape.n_kv_heads, prop.multiProcessorCount);
+    const cuda::DecodePlan plan = cuda::plan_decode(setup.chunks, setup.ids, p.shape.n_heads, p.shape.n_kv_heads,
+                                                       prop.multiProcessorCount);
     DeviceArray<cuda::DecodeSplit> d_splits(plan.splits);
     DeviceArray<cuda::DecodeChunk> d_dchunks(plan.chunks);
     DeviceArray<char> ws(cuda::decode_workspace_bytes(int32_t(plan.splits.size()), p.shape.n_heads, p.shape.head_dim));

@@ -183,7 +183,8 @@ TEST(CudaBackend, Smollm2ShapesMatchCpu) {
 // inputs are the same, so the logits must be identical bit for bit. The steps
 // cover changing lengths, sequences crossing page boundaries, a batch size
 // that changes (a second graph, then the first again), prefill steps in
-// between, and a workspace reallocation (which must drop the graphs).
+// between, a workspace reallocation (which must drop the graphs) and a plan
+// with more decode splits than its graph was captured for.
 TEST(CudaBackend, DecodeGraphsMatchEagerSteps) {
   SKIP_WITHOUT_GPU();
   for (int head_dim : {64, 128}) {
@@ -248,7 +249,9 @@ TEST(CudaBackend, DecodeGraphsMatchEagerSteps) {
     for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // batch 4 again: the first graph replayed
     step({0, 0, 0, 0, 200});                              // more tokens than any step before: reallocated
     for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1});  // batch 5 after the reallocation
-    for (int k = 0; k < 2; ++k) step({1, 1, 1, 1, 0});  // batch 4 recaptured
+    for (int k = 0; k < 2; ++k) step({1, 1, 1, 1, 0});  // batch 4 captured again
+    step({300, 0, 0, 0, 0});                              // sequence 0 grows to ~330 keys: 3 splits of 128
+    for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // more splits than batch 4's graph holds: recaptured
   }
 }
 

@@ -249,7 +249,7 @@ void check_attention(const AttentionCase& ac, bool decode, uint32_t seed) {
   if (decode) {
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    const cuda::DecodePlan plan = cuda::plan_decode(chunks, ids, ac.n_kv_heads, prop.multiProcessorCount);
+    const cuda::DecodePlan plan = cuda::plan_decode(chunks, ids, n_heads, ac.n_kv_heads, prop.multiProcessorCount);
     DeviceArray<cuda::DecodeSplit> d_splits(plan.splits);
     DeviceArray<cuda::DecodeChunk> d_dchunks(plan.chunks);
     DeviceArray<char> d_ws(cuda::decode_workspace_bytes(int32_t(plan.splits.size()), n_heads, hd));
