@@ -61,6 +61,8 @@ void launch_prefill_attention(const AttentionQuery& query, const PagedKv& kv, co
 
 // ---- decode (decode_attention.cu): one query row per chunk, split-K over keys ----
 
+// An empty split (key_begin == key_end, any valid chunk) writes a partial result of weight zero that no
+// DecodeChunk reads: a graph pads its fixed grid with them.
 struct DecodeSplit {
   int32_t chunk;      // index into the chunks array
   int32_t key_begin;  // keys [key_begin, key_end) of the sequence
@@ -77,9 +79,9 @@ struct DecodePlan {
 };
 
 bool decode_attention_supported(int head_dim, int group);
-// Splits sized so that the step fills the device (`n_sms` multiprocessors).
-DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_kv_heads,
-                       int n_sms);
+// Splits sized so that the step fills the device (`n_sms` multiprocessors) in whole waves of blocks.
+DecodePlan plan_decode(const std::vector<AttentionChunk>& chunks, const std::vector<int32_t>& chunk_ids, int n_heads,
+                       int n_kv_heads, int n_sms);
 // Scratch the launch needs for n_splits splits: partial outputs and (max, sum) per split and head.
 int64_t decode_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 // chunks, splits, decode_chunks, workspace: device memory.

@@ -9,8 +9,18 @@
 //   last: RMSNorm of the logit rows -> output GEMM -> logits fp32
 //
 // GEMMs: cuBLAS, fp16 inputs, fp32 accumulation (CUBLAS_COMPUTE_32F).
-// All device state (stream, cuBLAS handle, weights, pool, workspace) belongs to
-// the backend object; nothing is file-static.
+// All device state (stream, cuBLAS handle, weights, pool, workspace, graphs)
+// belongs to the backend object; nothing is file-static.
+//
+// Decode steps (one token per sequence) are replayed as CUDA graphs, one per
+// batch size: the kernels read every per-step input (tokens, positions, page
+// slots, page tables, decode splits) from the graph's own index buffer, which
+// one copy refreshes before each replay. The decode attention grid is fixed at
+// the graph's split capacity, the plan's splits padded with empty ones (their
+// blocks exit at once). A graph is captured the first time its batch size runs,
+// captured again with room for a quarter more splits when a plan outgrows it,
+// and dropped when a workspace buffer it uses is reallocated.
+// KVQ_CUDA_GRAPHS=0 in the environment runs every step eagerly.
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -19,7 +29,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
 
 #include "core/dtypes.h"
 #include "core/error.h"
@@ -46,13 +59,15 @@ class DeviceBuffer {
   ~DeviceBuffer() {
     if (ptr_) cudaFree(ptr_);
   }
-  void reserve(int64_t bytes) {
-    if (bytes <= bytes_) return;
+  // True when it allocated anew (pointers taken before, graphs included, are stale).
+  bool reserve(int64_t bytes) {
+    if (bytes <= bytes_) return false;
     if (ptr_) CUDA_CHECK(cudaFree(ptr_));
     ptr_ = nullptr;
     bytes_ = 0;
     CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
     bytes_ = bytes;
+    return true;
   }
   template <typename T>
   T* as() const {
@@ -129,12 +144,109 @@ struct DeviceLayer {
   const __half* w_down;     // (hidden, ffn)
 };
 
+// The index arrays the kernels of one step read, planned on the host.
+struct StepPlan {
+  std::vector<int32_t> positions;        // (T) position of each row in its sequence
+  std::vector<int2> slots;               // (T) (pool page, row in page) of each row
+  std::vector<AttentionChunk> chunks;    // (chunks)
+  std::vector<int32_t> page_table;       // pages of every chunk's sequence up to its last row
+  std::vector<cuda::PrefillWork> prefill;
+  cuda::DecodePlan decode;
+  std::vector<int32_t> logit_rows;       // (logit rows) rows of the step whose logits are returned
+  bool decode_only = true;               // one token and one logits row per chunk: a graph can replay it
+};
+
+// Byte offsets of the index arrays in a step's device index buffer, each array
+// sized for the given capacity (a graph's capacities stay fixed).
+struct StepLayout {
+  int64_t tokens = 0, positions = 0, slots = 0, chunks = 0, pages = 0, prefill = 0, splits = 0, decode = 0, rows = 0;
+  int64_t bytes = 0;
+};
+
+StepLayout layout_for(int64_t n_tokens, int64_t n_chunks, int64_t n_pages, int64_t n_prefill, int64_t n_splits,
+                      int64_t n_decode, int64_t n_rows) {
+  StepLayout layout;
+  auto place = [&](int64_t bytes) {
+    const int64_t offset = layout.bytes;
+    layout.bytes += align_up(bytes);
+    return offset;
+  };
+  layout.tokens = place(n_tokens * 4);
+  layout.positions = place(n_tokens * 4);
+  layout.slots = place(n_tokens * int64_t{sizeof(int2)});
+  layout.chunks = place(n_chunks * int64_t{sizeof(AttentionChunk)});
+  layout.pages = place(n_pages * 4);
+  layout.prefill = place(n_prefill * int64_t{sizeof(cuda::PrefillWork)});
+  layout.splits = place(n_splits * int64_t{sizeof(cuda::DecodeSplit)});
+  layout.decode = place(n_decode * int64_t{sizeof(cuda::DecodeChunk)});
+  layout.rows = place(n_rows * 4);
+  return layout;
+}
+
+// What the kernels of one step are launched with: device index arrays and their counts.
+struct StepArgs {
+  int32_t n_tokens = 0;
+  const int32_t* tokens = nullptr;     // (n_tokens)
+  const int32_t* positions = nullptr;  // (n_tokens)
+  const int2* slots = nullptr;         // (n_tokens)
+  const AttentionChunk* chunks = nullptr;
+  const int32_t* pages = nullptr;
+  const cuda::PrefillWork* prefill = nullptr;
+  int32_t n_prefill = 0;
+  const cuda::DecodeSplit* splits = nullptr;
+  int32_t n_splits = 0;  // the decode attention grid (a graph's includes the empty padding splits)
+  const cuda::DecodeChunk* decode = nullptr;
+  int32_t n_decode = 0;
+  const int32_t* rows = nullptr;  // (n_rows) logit rows
+  int32_t n_rows = 0;
+};
+
+StepArgs step_args(const char* device_index, const StepLayout& layout, int32_t n_tokens, int32_t n_prefill,
+                   int32_t n_splits, int32_t n_decode, int32_t n_rows) {
+  StepArgs a;
+  a.n_tokens = n_tokens;
+  a.tokens = reinterpret_cast<const int32_t*>(device_index + layout.tokens);
+  a.positions = reinterpret_cast<const int32_t*>(device_index + layout.positions);
+  a.slots = reinterpret_cast<const int2*>(device_index + layout.slots);
+  a.chunks = reinterpret_cast<const AttentionChunk*>(device_index + layout.chunks);
+  a.pages = reinterpret_cast<const int32_t*>(device_index + layout.pages);
+  a.prefill = reinterpret_cast<const cuda::PrefillWork*>(device_index + layout.prefill);
+  a.n_prefill = n_prefill;
+  a.splits = reinterpret_cast<const cuda::DecodeSplit*>(device_index + layout.splits);
+  a.n_splits = n_splits;
+  a.decode = reinterpret_cast<const cuda::DecodeChunk*>(device_index + layout.decode);
+  a.n_decode = n_decode;
+  a.rows = reinterpret_cast<const int32_t*>(device_index + layout.rows);
+  a.n_rows = n_rows;
+  return a;
+}
+
+// A decode step of one batch size, captured once and replayed.
+struct DecodeGraph {
+  DecodeGraph() = default;
+  DecodeGraph(const DecodeGraph&) = delete;
+  DecodeGraph& operator=(const DecodeGraph&) = delete;
+  ~DecodeGraph() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+  cudaGraphExec_t exec = nullptr;
+  int32_t split_capacity = 0;  // the decode attention grid: plan splits, then empty ones
+  StepLayout layout;           // capacities: batch-size tokens and chunks, each sequence's most pages
+  DeviceBuffer index;          // (layout.bytes) the step's inputs, refreshed before each replay
+};
+
+bool graphs_disabled_by_environment() {
+  const char* value = std::getenv("KVQ_CUDA_GRAPHS");
+  return value != nullptr && value[0] == '0';
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const LlamaConfig& config, const LlamaWeights* weights, const CudaBackendOptions& options);
   ~CudaBackend() override = default;
 
   void forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) override;
+  void forward_greedy(const StepBatch& batch, const PageTables& tables, std::vector<int32_t>& tokens) override;
   std::string device_name() const override { return context_.properties.name; }
   int64_t kv_bytes_per_page() const override {
     return int64_t{config_.n_layers} * 2 * config_.kv_dim() * page_size_ * 2;
@@ -145,7 +257,20 @@ class CudaBackend final : public Backend {
   void allocate_weights();
   void upload_weights(const LlamaWeights& weights);
   void fill_dummy_weights(uint64_t seed);
-  void reserve_workspace(int32_t n_tokens, int32_t n_logit_rows);
+  // True when a buffer was reallocated.
+  bool reserve_workspace(int32_t n_tokens, int32_t n_logit_rows);
+  StepPlan plan_step(const StepBatch& batch, const PageTables& tables) const;
+  // Copies the plan's arrays into the pinned staging at layout's offsets, the decode splits padded with
+  // empty ones up to n_splits, and enqueues their upload to device_index.
+  void upload_index(const StepBatch& batch, const StepPlan& plan, const StepLayout& layout, int32_t n_splits,
+                    void* device_index);
+  // Runs the model over a planned step (graph replay or eager) and leaves its logits in logits_;
+  // returns the number of logit rows.
+  int32_t run_step(const StepBatch& batch, const PageTables& tables);
+  // The graph of a decode step of batch_size sequences with room for n_splits decode splits.
+  DecodeGraph& decode_graph(int32_t batch_size, int32_t n_splits);
+  // Every kernel and GEMM of the forward, enqueued on the stream (capturable).
+  void enqueue_forward(const StepArgs& step);
   // out (rows, n_out) = a (rows, k) * w (n_out, k)^T + beta * out; out fp16 or fp32.
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
             float beta);
@@ -179,12 +304,16 @@ class CudaBackend final : public Backend {
   DeviceBuffer act_;      // (T, ffn) fp16
   DeviceBuffer logits_;   // (logit rows, vocab) fp32
   DeviceBuffer decode_workspace_;
-  DeviceBuffer step_index_;  // the step's index arrays (see forward)
+  DeviceBuffer step_index_;  // the step's index arrays when it runs eagerly
   PinnedBuffer step_index_host_;
+  DeviceBuffer greedy_ids_;  // (logit rows) int32 for forward_greedy
+
+  bool use_graphs_;
+  std::map<int32_t, std::unique_ptr<DecodeGraph>> decode_graphs_;  // by batch size
 };
 
 CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights, const CudaBackendOptions& options)
-    : config_(config), page_size_(options.page_size) {
+    : config_(config), page_size_(options.page_size), use_graphs_(options.decode_graphs && !graphs_disabled_by_environment()) {
   const LlamaConfig& c = config_;
   if (page_size_ <= 0) fail("--page {}: must be positive", page_size_);
   if (!cuda::prefill_attention_supported(c.head_dim) ||
@@ -325,22 +454,24 @@ void CudaBackend::fill_dummy_weights(uint64_t seed) {
   }
 }
 
-void CudaBackend::reserve_workspace(int32_t n_tokens, int32_t n_logit_rows) {
+bool CudaBackend::reserve_workspace(int32_t n_tokens, int32_t n_logit_rows) {
   const LlamaConfig& c = config_;
+  bool grew = false;
   if (n_tokens > workspace_tokens_) {
     const int64_t t = n_tokens;
-    x_.reserve(t * c.hidden * 4);
-    xn_.reserve(t * c.hidden * 2);
-    qkv_.reserve(t * c.qkv_dim() * 2);
-    attn_.reserve(t * c.q_dim() * 2);
-    gate_up_.reserve(t * 2 * c.ffn * 2);
-    act_.reserve(t * c.ffn * 2);
+    grew |= x_.reserve(t * c.hidden * 4);
+    grew |= xn_.reserve(t * c.hidden * 2);
+    grew |= qkv_.reserve(t * c.qkv_dim() * 2);
+    grew |= attn_.reserve(t * c.q_dim() * 2);
+    grew |= gate_up_.reserve(t * 2 * c.ffn * 2);
+    grew |= act_.reserve(t * c.ffn * 2);
     workspace_tokens_ = n_tokens;
   }
   if (n_logit_rows > workspace_logit_rows_) {
-    logits_.reserve(int64_t{n_logit_rows} * c.vocab * 4);
+    grew |= logits_.reserve(int64_t{n_logit_rows} * c.vocab * 4);
     workspace_logit_rows_ = n_logit_rows;
   }
+  return grew;
 }
 
 void CudaBackend::gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out,
@@ -352,90 +483,134 @@ void CudaBackend::gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, 
                             CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) {
-  const LlamaConfig& c = config_;
+StepPlan CudaBackend::plan_step(const StepBatch& batch, const PageTables& tables) const {
   const int32_t n = batch.n_tokens();
-  if (tables.page_size() != page_size_) fail("page tables use pages of {} tokens, the CUDA pool {}", tables.page_size(), page_size_);
-  check_step(batch, tables, c);
-  logits.clear();
-  if (n == 0) return;
-
-  // Host plan: every index array the kernels read, uploaded in one copy.
-  std::vector<int32_t> positions(n);          // (T) position of each row in its sequence
-  std::vector<int2> slots(n);                 // (T) (pool page, row in page) of each row
-  std::vector<AttentionChunk> chunks;         // (chunks)
-  std::vector<int32_t> page_table;            // pages of every chunk's sequence up to its last row
-  std::vector<int32_t> prefill_ids, decode_ids, logit_rows;
+  StepPlan plan;
+  plan.positions.resize(n);
+  plan.slots.resize(n);
+  std::vector<int32_t> prefill_ids, decode_ids;
   for (const SequenceChunk& sc : batch.chunks) {
     const std::vector<int32_t>& pages = tables.pages(sc.seq);
     const int64_t end = sc.start_pos + sc.n_tokens;
     const int64_t used_pages = (end + page_size_ - 1) / page_size_;
-    AttentionChunk ac{sc.first_row, sc.n_tokens, static_cast<int32_t>(sc.start_pos), static_cast<int32_t>(page_table.size())};
+    AttentionChunk ac{sc.first_row, sc.n_tokens, static_cast<int32_t>(sc.start_pos), static_cast<int32_t>(plan.page_table.size())};
     for (int64_t p = 0; p < used_pages; ++p) {
       if (pages[p] < 0 || pages[p] >= n_pages_) fail("sequence {}: page {} is outside the CUDA pool of {} pages", sc.seq, pages[p], n_pages_);
-      page_table.push_back(pages[p]);
+      plan.page_table.push_back(pages[p]);
     }
     for (int32_t t = 0; t < sc.n_tokens; ++t) {
       const int64_t pos = sc.start_pos + t;
-      positions[sc.first_row + t] = static_cast<int32_t>(pos);
-      slots[sc.first_row + t] = make_int2(pages[pos / page_size_], static_cast<int32_t>(pos % page_size_));
+      plan.positions[sc.first_row + t] = static_cast<int32_t>(pos);
+      plan.slots[sc.first_row + t] = make_int2(pages[pos / page_size_], static_cast<int32_t>(pos % page_size_));
     }
-    (sc.n_tokens == 1 ? decode_ids : prefill_ids).push_back(static_cast<int32_t>(chunks.size()));
-    chunks.push_back(ac);
+    (sc.n_tokens == 1 ? decode_ids : prefill_ids).push_back(static_cast<int32_t>(plan.chunks.size()));
+    plan.chunks.push_back(ac);
+    plan.decode_only = plan.decode_only && sc.n_tokens == 1 && !sc.all_logits;
     if (sc.all_logits) {
-      for (int32_t t = 0; t < sc.n_tokens; ++t) logit_rows.push_back(sc.first_row + t);
+      for (int32_t t = 0; t < sc.n_tokens; ++t) plan.logit_rows.push_back(sc.first_row + t);
     } else if (sc.n_tokens > 0) {
-      logit_rows.push_back(sc.first_row + sc.n_tokens - 1);
+      plan.logit_rows.push_back(sc.first_row + sc.n_tokens - 1);
     }
   }
-  const std::vector<cuda::PrefillWork> prefill = cuda::plan_prefill(chunks, prefill_ids, c.head_dim);
-  const cuda::DecodePlan decode = cuda::plan_decode(chunks, decode_ids, c.n_kv_heads, context_.properties.multiProcessorCount);
-  const int32_t n_rows = static_cast<int32_t>(logit_rows.size());
+  plan.prefill = cuda::plan_prefill(plan.chunks, prefill_ids, config_.head_dim);
+  plan.decode = cuda::plan_decode(plan.chunks, decode_ids, config_.n_heads, config_.n_kv_heads,
+                                  context_.properties.multiProcessorCount);
+  return plan;
+}
 
-  int64_t index_bytes = 0;
-  auto place = [&](size_t bytes) {
-    const int64_t offset = index_bytes;
-    index_bytes += align_up(static_cast<int64_t>(bytes));
-    return offset;
-  };
-  const int64_t o_tokens = place(batch.tokens.size() * 4), o_positions = place(positions.size() * 4),
-                o_slots = place(slots.size() * sizeof(int2)), o_chunks = place(chunks.size() * sizeof(AttentionChunk)),
-                o_pages = place(page_table.size() * 4), o_prefill = place(prefill.size() * sizeof(cuda::PrefillWork)),
-                o_splits = place(decode.splits.size() * sizeof(cuda::DecodeSplit)),
-                o_decode = place(decode.chunks.size() * sizeof(cuda::DecodeChunk)), o_rows = place(logit_rows.size() * 4);
-  step_index_host_.reserve(index_bytes);
-  step_index_.reserve(index_bytes);
+void CudaBackend::upload_index(const StepBatch& batch, const StepPlan& plan, const StepLayout& layout, int32_t n_splits,
+                               void* device_index) {
+  step_index_host_.reserve(layout.bytes);
   char* host = step_index_host_.data();
   auto copy_in = [&](int64_t offset, const void* src, size_t bytes) {
     if (bytes) std::memcpy(host + offset, src, bytes);
   };
-  copy_in(o_tokens, batch.tokens.data(), batch.tokens.size() * 4);
-  copy_in(o_positions, positions.data(), positions.size() * 4);
-  copy_in(o_slots, slots.data(), slots.size() * sizeof(int2));
-  copy_in(o_chunks, chunks.data(), chunks.size() * sizeof(AttentionChunk));
-  copy_in(o_pages, page_table.data(), page_table.size() * 4);
-  copy_in(o_prefill, prefill.data(), prefill.size() * sizeof(cuda::PrefillWork));
-  copy_in(o_splits, decode.splits.data(), decode.splits.size() * sizeof(cuda::DecodeSplit));
-  copy_in(o_decode, decode.chunks.data(), decode.chunks.size() * sizeof(cuda::DecodeChunk));
-  copy_in(o_rows, logit_rows.data(), logit_rows.size() * 4);
+  copy_in(layout.tokens, batch.tokens.data(), batch.tokens.size() * 4);
+  copy_in(layout.positions, plan.positions.data(), plan.positions.size() * 4);
+  copy_in(layout.slots, plan.slots.data(), plan.slots.size() * sizeof(int2));
+  copy_in(layout.chunks, plan.chunks.data(), plan.chunks.size() * sizeof(AttentionChunk));
+  copy_in(layout.pages, plan.page_table.data(), plan.page_table.size() * 4);
+  copy_in(layout.prefill, plan.prefill.data(), plan.prefill.size() * sizeof(cuda::PrefillWork));
+  copy_in(layout.splits, plan.decode.splits.data(), plan.decode.splits.size() * sizeof(cuda::DecodeSplit));
+  auto* padding = reinterpret_cast<cuda::DecodeSplit*>(host + layout.splits);
+  for (size_t k = plan.decode.splits.size(); k < static_cast<size_t>(n_splits); ++k) padding[k] = {0, 0, 0};
+  copy_in(layout.decode, plan.decode.chunks.data(), plan.decode.chunks.size() * sizeof(cuda::DecodeChunk));
+  copy_in(layout.rows, plan.logit_rows.data(), plan.logit_rows.size() * 4);
+  CUDA_CHECK(cudaMemcpyAsync(device_index, host, layout.bytes, cudaMemcpyHostToDevice, context_.stream));
+}
 
-  reserve_workspace(n, n_rows);
-  decode_workspace_.reserve(std::max<int64_t>(
-      kAlign, cuda::decode_workspace_bytes(static_cast<int32_t>(decode.splits.size()), c.n_heads, c.head_dim)));
-
+DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, int32_t n_splits) {
+  std::unique_ptr<DecodeGraph>& slot = decode_graphs_[batch_size];
+  if (slot && slot->split_capacity >= n_splits) return *slot;
+  slot.reset();
+  const int32_t split_capacity = n_splits + n_splits / 4;
+  if (decode_workspace_.reserve(cuda::decode_workspace_bytes(split_capacity, config_.n_heads, config_.head_dim))) {
+    decode_graphs_.clear();  // the other batch sizes' graphs use the old workspace
+  }
+  auto graph = std::make_unique<DecodeGraph>();
+  graph->split_capacity = split_capacity;
+  const int64_t max_pages_per_sequence = (config_.context + page_size_ - 1) / page_size_;
+  graph->layout = layout_for(batch_size, batch_size, batch_size * max_pages_per_sequence, 0, split_capacity, batch_size,
+                             batch_size);
+  graph->index.reserve(graph->layout.bytes);
+  const StepArgs args = step_args(graph->index.as<char>(), graph->layout, batch_size, 0, split_capacity, batch_size,
+                                  batch_size);
   cudaStream_t stream = context_.stream;
-  CUDA_CHECK(cudaMemcpyAsync(step_index_.as<void>(), host, index_bytes, cudaMemcpyHostToDevice, stream));
-  const char* dev = step_index_.as<char>();
-  const auto* d_tokens = reinterpret_cast<const int32_t*>(dev + o_tokens);
-  const auto* d_positions = reinterpret_cast<const int32_t*>(dev + o_positions);
-  const auto* d_slots = reinterpret_cast<const int2*>(dev + o_slots);
-  const auto* d_chunks = reinterpret_cast<const AttentionChunk*>(dev + o_chunks);
-  const auto* d_pages = reinterpret_cast<const int32_t*>(dev + o_pages);
-  const auto* d_prefill = reinterpret_cast<const cuda::PrefillWork*>(dev + o_prefill);
-  const auto* d_splits = reinterpret_cast<const cuda::DecodeSplit*>(dev + o_splits);
-  const auto* d_decode = reinterpret_cast<const cuda::DecodeChunk*>(dev + o_decode);
-  const auto* d_rows = reinterpret_cast<const int32_t*>(dev + o_rows);
+  cudaGraph_t captured = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  try {
+    enqueue_forward(args);
+  } catch (...) {
+    cudaStreamEndCapture(stream, &captured);
+    if (captured) cudaGraphDestroy(captured);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamEndCapture(stream, &captured));
+  const cudaError_t instantiated = cudaGraphInstantiate(&graph->exec, captured, 0);
+  cudaGraphDestroy(captured);
+  CUDA_CHECK(instantiated);
+  std::unique_ptr<DecodeGraph>& captured_slot = decode_graphs_[batch_size];  // clear() may have removed the first
+  captured_slot = std::move(graph);
+  return *captured_slot;
+}
 
+int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) {
+  const LlamaConfig& c = config_;
+  const int32_t n = batch.n_tokens();
+  if (tables.page_size() != page_size_) fail("page tables use pages of {} tokens, the CUDA pool {}", tables.page_size(), page_size_);
+  check_step(batch, tables, c);
+  if (n == 0) return 0;
+
+  const StepPlan plan = plan_step(batch, tables);
+  const auto n_rows = static_cast<int32_t>(plan.logit_rows.size());
+  const auto n_chunks = static_cast<int32_t>(plan.chunks.size());
+  const auto n_splits = static_cast<int32_t>(plan.decode.splits.size());
+  if (reserve_workspace(n, n_rows)) decode_graphs_.clear();
+
+  if (use_graphs_ && plan.decode_only) {
+    DecodeGraph& graph = decode_graph(n_chunks, n_splits);
+    upload_index(batch, plan, graph.layout, graph.split_capacity, graph.index.as<void>());
+    CUDA_CHECK(cudaGraphLaunch(graph.exec, context_.stream));
+    return n_rows;
+  }
+
+  const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()),
+                                       static_cast<int64_t>(plan.prefill.size()), n_splits,
+                                       static_cast<int64_t>(plan.decode.chunks.size()), n_rows);
+  if (decode_workspace_.reserve(std::max<int64_t>(kAlign, cuda::decode_workspace_bytes(n_splits, c.n_heads, c.head_dim)))) {
+    decode_graphs_.clear();
+  }
+  step_index_.reserve(layout.bytes);
+  upload_index(batch, plan, layout, n_splits, step_index_.as<void>());
+  enqueue_forward(step_args(step_index_.as<char>(), layout, n, static_cast<int32_t>(plan.prefill.size()), n_splits,
+                            static_cast<int32_t>(plan.decode.chunks.size()), n_rows));
+  return n_rows;
+}
+
+void CudaBackend::enqueue_forward(const StepArgs& step) {
+  const LlamaConfig& c = config_;
+  const int32_t n = step.n_tokens;
+  cudaStream_t stream = context_.stream;
   float* x = x_.as<float>();
   __half* xn = xn_.as<__half>();
   __half* qkv = qkv_.as<__half>();
@@ -446,28 +621,47 @@ void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std:
   const cuda::AttentionQuery query{qkv, c.qkv_dim(), attn, c.q_dim(), c.n_heads, c.head_dim,
                                    1.0f / std::sqrt(static_cast<float>(c.head_dim))};
 
-  cuda::launch_embed(d_tokens, n, token_embd_, c.hidden, x, stream);
+  cuda::launch_embed(step.tokens, n, token_embd_, c.hidden, x, stream);
   for (int layer = 0; layer < c.n_layers; ++layer) {
     const DeviceLayer& w = layers_[layer];
     __half* keys = layer_pool(layer, 0);
     __half* values = layer_pool(layer, 1);
     cuda::launch_rms_norm(x, nullptr, n, c.hidden, w.attn_norm, c.rms_eps, xn, stream);
     gemm(n, c.qkv_dim(), c.hidden, xn, w.wqkv, qkv, false, 0.0f);
-    cuda::launch_write_kv_rotate_q(qkv, n, d_positions, d_slots, kv_shape, rope_.as<float2>(), keys, values, stream);
-    const cuda::PagedKv kv{keys, values, d_pages, rope_.as<float2>(), page_size_, c.n_kv_heads};
-    cuda::launch_prefill_attention(query, kv, d_chunks, d_prefill, static_cast<int32_t>(prefill.size()), stream);
-    cuda::launch_decode_attention(query, kv, d_chunks, d_splits, static_cast<int32_t>(decode.splits.size()), d_decode,
-                                  static_cast<int32_t>(decode.chunks.size()), decode_workspace_.as<void>(), stream);
+    cuda::launch_write_kv_rotate_q(qkv, n, step.positions, step.slots, kv_shape, rope_.as<float2>(), keys, values, stream);
+    const cuda::PagedKv kv{keys, values, step.pages, rope_.as<float2>(), page_size_, c.n_kv_heads};
+    cuda::launch_prefill_attention(query, kv, step.chunks, step.prefill, step.n_prefill, stream);
+    cuda::launch_decode_attention(query, kv, step.chunks, step.splits, step.n_splits, step.decode, step.n_decode,
+                                  decode_workspace_.as<void>(), stream);
     gemm(n, c.hidden, c.q_dim(), attn, w.wo, x, true, 1.0f);
     cuda::launch_rms_norm(x, nullptr, n, c.hidden, w.ffn_norm, c.rms_eps, xn, stream);
     gemm(n, 2 * c.ffn, c.hidden, xn, w.w_gate_up, gate_up, false, 0.0f);
     cuda::launch_swiglu(gate_up, n, c.ffn, act, stream);
     gemm(n, c.hidden, c.ffn, act, w.w_down, x, true, 1.0f);
   }
-  cuda::launch_rms_norm(x, d_rows, n_rows, c.hidden, output_norm_, c.rms_eps, xn, stream);
-  gemm(n_rows, c.vocab, c.hidden, xn, output_, logits_.as<float>(), true, 0.0f);
-  logits.resize(size_t(n_rows) * c.vocab);
+  cuda::launch_rms_norm(x, step.rows, step.n_rows, c.hidden, output_norm_, c.rms_eps, xn, stream);
+  gemm(step.n_rows, c.vocab, c.hidden, xn, output_, logits_.as<float>(), true, 0.0f);
+}
+
+void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) {
+  logits.clear();
+  const int32_t n_rows = run_step(batch, tables);
+  if (n_rows == 0) return;
+  logits.resize(size_t(n_rows) * config_.vocab);
+  cudaStream_t stream = context_.stream;
   CUDA_CHECK(cudaMemcpyAsync(logits.data(), logits_.as<void>(), logits.size() * 4, cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void CudaBackend::forward_greedy(const StepBatch& batch, const PageTables& tables, std::vector<int32_t>& tokens) {
+  tokens.clear();
+  const int32_t n_rows = run_step(batch, tables);
+  if (n_rows == 0) return;
+  cudaStream_t stream = context_.stream;
+  greedy_ids_.reserve(int64_t{n_rows} * 4);
+  cuda::launch_argmax_rows(logits_.as<float>(), n_rows, config_.vocab, greedy_ids_.as<int32_t>(), stream);
+  tokens.resize(n_rows);
+  CUDA_CHECK(cudaMemcpyAsync(tokens.data(), greedy_ids_.as<void>(), tokens.size() * 4, cudaMemcpyDeviceToHost, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 

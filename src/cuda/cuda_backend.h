@@ -16,6 +16,7 @@ struct CudaBackendOptions {
   int64_t pool_bytes = 0;          // 0: what the device has free after weights and workspace, minus a margin
   int32_t max_step_tokens = 2048;  // workspace sizing hint (grown on demand if a step carries more)
   uint64_t dummy_seed = 0;         // for weights == nullptr
+  bool decode_graphs = true;       // replay decode steps as CUDA graphs (KVQ_CUDA_GRAPHS=0 in the environment: off)
 };
 
 // A Backend on CUDA device 0 with the same semantics as CpuBackend::forward:

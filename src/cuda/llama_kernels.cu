@@ -3,6 +3,9 @@
 // every supported model; the launchers check).
 #include "cuda/llama_kernels.h"
 
+#include <cmath>
+#include <cstdint>
+
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 
@@ -19,6 +22,50 @@ __device__ float block_sum(float value, float* scratch) {  // scratch: 32 floats
   value = lane < blockDim.x / 32 ? scratch[lane] : 0.0f;
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
+}
+
+// (value, index) a beats b: larger value, or the same value at a lower index.
+__device__ __forceinline__ bool argmax_beats(float a_value, int32_t a_index, float b_value, int32_t b_index) {
+  return a_value > b_value || (a_value == b_value && a_index < b_index);
+}
+
+__global__ void argmax_rows_kernel(const float* logits, int32_t vocab, int32_t* ids) {
+  __shared__ float s_value[kRowThreads / 32];
+  __shared__ int32_t s_index[kRowThreads / 32];
+  const float* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  // Each thread scans its columns in increasing order, so a strict > keeps the lowest index of its maximum.
+  float best = -INFINITY;
+  int32_t best_index = INT32_MAX;
+  for (int32_t k = threadIdx.x; k < vocab; k += kRowThreads) {
+    const float v = row[k];
+    if (v > best || best_index == INT32_MAX) {
+      best = v;
+      best_index = k;
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int32_t other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
+    if (argmax_beats(other, other_index, best, best_index)) {
+      best = other;
+      best_index = other_index;
+    }
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    s_value[warp] = best;
+    s_index[warp] = best_index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kRowThreads / 32; ++w) {
+      if (argmax_beats(s_value[w], s_index[w], best, best_index)) {
+        best = s_value[w];
+        best_index = s_index[w];
+      }
+    }
+    ids[blockIdx.x] = best_index;
+  }
 }
 
 __global__ void embed_kernel(const int32_t* tokens, const __half* embedding, int32_t hidden, float* x) {
@@ -150,6 +197,13 @@ void launch_write_kv_rotate_q(__half* qkv, int32_t n_tokens, const int32_t* posi
   if (n_tokens == 0) return;
   write_kv_rotate_q_kernel<<<n_tokens, 128, 0, stream>>>(qkv, positions, slots, shape, rope, keys, values);
   CUDA_CHECK_LAUNCH(stream, "write_kv_rotate_q_kernel");
+}
+
+void launch_argmax_rows(const float* logits, int32_t n_rows, int32_t vocab, int32_t* ids, cudaStream_t stream) {
+  if (vocab < 1) fail("argmax: vocab {} must be positive", vocab);
+  if (n_rows == 0) return;
+  argmax_rows_kernel<<<n_rows, kRowThreads, 0, stream>>>(logits, vocab, ids);
+  CUDA_CHECK_LAUNCH(stream, "argmax_rows_kernel");
 }
 
 void launch_fill_uniform(__half* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {

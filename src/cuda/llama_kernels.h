@@ -1,6 +1,7 @@
 // Row-wise Llama kernels of the CUDA forward (the CPU twins are in
 // cpu/llama_ops.h and cpu_backend.cpp): embedding, RMSNorm, SwiGLU, the KV
-// write into pages fused with the query RoPE, and random fills for --dummy.
+// write into pages fused with the query RoPE, greedy token choice (twin:
+// greedy_token in engine/sampler.h), and random fills for --dummy.
 // Launchers take device pointers and enqueue on `stream`.
 #pragma once
 
@@ -39,6 +40,10 @@ struct KvWriteShape {
 void launch_write_kv_rotate_q(__half* qkv, int32_t n_tokens, const int32_t* positions, const int2* slots,
                               const KvWriteShape& shape, const float2* rope, __half* keys, __half* values,
                               cudaStream_t stream);
+
+// ids (n_rows) = index of the largest value of each row of logits (n_rows, vocab) fp32, the lowest index
+// on ties (std::max_element's choice; rows hold no NaN).
+void launch_argmax_rows(const float* logits, int32_t n_rows, int32_t vocab, int32_t* ids, cudaStream_t stream);
 
 // Deterministic uniform values in [-scale, scale) from (seed, index): p (n).
 void launch_fill_uniform(__half* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream);

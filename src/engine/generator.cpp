@@ -66,6 +66,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
   const auto start = Clock::now();
   StepBatch batch;
   std::vector<float> logits;
+  std::vector<int32_t> greedy_tokens;  // (chunks) when sampling is greedy: the backend picks the tokens
 
   while (next_request < requests.size() || !live.empty()) {
     // Admit in order while the pool has room for a request's whole KV.
@@ -103,7 +104,11 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
     }
 
     const auto step_start = Clock::now();
-    backend_.forward(batch, tables_, logits);
+    if (sampler.greedy()) {
+      backend_.forward_greedy(batch, tables_, greedy_tokens);
+    } else {
+      backend_.forward(batch, tables_, logits);
+    }
     (has_prompt_tokens ? stats_.prefill_s : stats_.decode_s) += seconds_since(step_start);
     ++stats_.steps;
 
@@ -130,8 +135,10 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
         }
         result.first_token_s = seconds_since(start);
       }
-      const int32_t token = sampler.sample(
-          std::span<const float>(logits.data() + logits_row * config_.vocab, static_cast<size_t>(config_.vocab)));
+      const int32_t token =
+          sampler.greedy() ? greedy_tokens[logits_row]
+                           : sampler.sample(std::span<const float>(logits.data() + logits_row * config_.vocab,
+                                                                   static_cast<size_t>(config_.vocab)));
       bool done = false;
       if (is_end_of_generation_(token)) {
         result.stop_reason = "eos";

@@ -11,6 +11,10 @@
 
 namespace kvq {
 
+int32_t greedy_token(std::span<const float> logits) {
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
 Sampler::Sampler(SamplerOptions options) : options_(options), rng_(options.seed) {
   if (!(options.top_p > 0.0f && options.top_p <= 1.0f)) fail("--top-p must be in (0, 1], got {}", options.top_p);
   if (!std::isfinite(options.temperature)) fail("--temp must be finite");
@@ -18,8 +22,8 @@ Sampler::Sampler(SamplerOptions options) : options_(options), rng_(options.seed)
 
 int32_t Sampler::sample(std::span<const float> logits) {
   const int32_t n = static_cast<int32_t>(logits.size());
-  const int32_t argmax = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  if (options_.temperature <= 0.0f) return argmax;
+  const int32_t argmax = greedy_token(logits);
+  if (greedy()) return argmax;
 
   std::vector<float> probs(n);
   const float max_logit = logits[argmax];

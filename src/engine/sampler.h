@@ -13,10 +13,14 @@ struct SamplerOptions {
   uint64_t seed = 0;
 };
 
+// The greedy choice: index of the largest logit, the lowest one on ties.
+int32_t greedy_token(std::span<const float> logits);
+
 class Sampler {
  public:
   explicit Sampler(SamplerOptions options);
   int32_t sample(std::span<const float> logits);  // (vocab)
+  bool greedy() const { return options_.temperature <= 0.0f; }
 
  private:
   SamplerOptions options_;

@@ -2,6 +2,7 @@
 #include "engine/step_batch.h"
 
 #include "core/error.h"
+#include "engine/sampler.h"
 #include "kv/page_tables.h"
 #include "model/llama.h"
 
@@ -31,6 +32,15 @@ void check_step(const StepBatch& batch, const PageTables& tables, const LlamaCon
   for (int32_t id : batch.tokens) {
     if (id < 0 || id >= config.vocab) fail("token id {} is outside the vocabulary of {}", id, config.vocab);
   }
+}
+
+void Backend::forward_greedy(const StepBatch& batch, const PageTables& tables, std::vector<int32_t>& tokens) {
+  std::vector<float> logits;
+  forward(batch, tables, logits);
+  const size_t rows = static_cast<size_t>(batch.n_logit_rows());
+  const size_t vocab = rows ? logits.size() / rows : 0;
+  tokens.resize(rows);
+  for (size_t r = 0; r < rows; ++r) tokens[r] = greedy_token(std::span<const float>(logits.data() + r * vocab, vocab));
 }
 
 }  // namespace kvq

@@ -45,6 +45,9 @@ class Backend {
   // start_pos.. not yet appended), attends through the pages, and fills
   // `logits` with (batch.n_logit_rows(), vocab) rows in chunk order.
   virtual void forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) = 0;
+  // forward() for greedy decoding: `tokens` gets greedy_token (engine/sampler.h) of each logits row. This
+  // default picks on the host; a GPU backend picks on the device and copies back only the ids.
+  virtual void forward_greedy(const StepBatch& batch, const PageTables& tables, std::vector<int32_t>& tokens);
   virtual std::string device_name() const = 0;
   // Bytes the pool allocates per page (all layers, K and V, with any metadata).
   virtual int64_t kv_bytes_per_page() const = 0;

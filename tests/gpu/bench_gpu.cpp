@@ -3,7 +3,8 @@
 //   copy      device-to-device copy, GB/s counting bytes read + written (the ceiling)
 //   prefill   prefill attention kernel TFLOP/s (4 S^2 H D per sequence, halved for causal)
 //   decode    decode attention kernel GB/s (K and V bytes read) and % of copy
-//   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets
+//   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets; decode with
+//             CUDA graphs on and off, returning logits (forward) or greedy ids (forward_greedy)
 // Each point: warm-up, then the median of repeats timed with events (kernels)
 // or around forward() (which ends with a stream sync). Writes one JSON object.
 #include <CLI/CLI.hpp>
@@ -155,7 +156,8 @@ json bench_decode(double copy_gbs) {
   json results = json::array();
   for (const Point& p : points) {
     AttentionSetup setup(p.batch, p.context, 1, p.shape.head_dim, p.shape.n_heads, p.shape.n_kv_heads, 64);
-    const cuda::DecodePlan plan = cuda::plan_decode(setup.chunks, setup.ids, p.shape.n_kv_heads, prop.multiProcessorCount);
+    const cuda::DecodePlan plan = cuda::plan_decode(setup.chunks, setup.ids, p.shape.n_heads, p.shape.n_kv_heads,
+                                                       prop.multiProcessorCount);
     DeviceArray<cuda::DecodeSplit> d_splits(plan.splits);
     DeviceArray<cuda::DecodeChunk> d_dchunks(plan.chunks);
     DeviceArray<char> ws(cuda::decode_workspace_bytes(int32_t(plan.splits.size()), p.shape.n_heads, p.shape.head_dim));
@@ -177,7 +179,7 @@ json bench_decode(double copy_gbs) {
 }
 
 json bench_e2e(const std::string& preset, const std::vector<std::pair<int, int>>& prefill_points, bool ragged,
-               const std::vector<int>& decode_batches, int decode_context) {
+               const std::vector<int>& decode_batches, int decode_context, bool graphs) {
   const LlamaConfig c = dummy_preset(preset);
   int max_tokens = 0;
   for (auto [L, B] : prefill_points) max_tokens = std::max(max_tokens, L * B);
@@ -186,6 +188,7 @@ json bench_e2e(const std::string& preset, const std::vector<std::pair<int, int>>
   options.max_step_tokens = max_tokens;
   options.dummy_seed = 1;
   options.pool_bytes = 0;  // what the device has free after weights and the workspace above
+  options.decode_graphs = graphs;
   std::unique_ptr<Backend> backend = make_cuda_backend(c, nullptr, options);
   json results = json::array();
   std::mt19937 rng(5);
@@ -231,10 +234,11 @@ json bench_e2e(const std::string& preset, const std::vector<std::pair<int, int>>
     PageTables tables(backend->n_pages(), options.page_size);
     std::vector<std::vector<int32_t>> ids;
     const int steps = 16;
+    const int total = decode_context + 2 * (steps + 2) + 6;
     for (int s = 0; s < B; ++s) {
       tables.add_sequence(s);
-      if (!tables.reserve(s, decode_context + steps + 6)) throw kvq::Error("bench: pool too small");
-      ids.push_back(random_ids(decode_context + steps + 6));
+      if (!tables.reserve(s, total)) throw kvq::Error("bench: pool too small");
+      ids.push_back(random_ids(total));
     }
     // Prefill the context in steps of at most 32768 tokens.
     for (int s0 = 0; s0 < B;) {
@@ -247,22 +251,31 @@ json bench_e2e(const std::string& preset, const std::vector<std::pair<int, int>>
       for (int k = s0; k < s; ++k) tables.append(k, decode_context);
       s0 = s;
     }
-    std::vector<double> seconds;
-    for (int step = 0; step < steps + 2; ++step) {
-      StepBatch batch;
-      for (int s = 0; s < B; ++s) batch.add_chunk(s, tables.length(s), ids[s].data() + tables.length(s), 1, false);
-      const auto t0 = std::chrono::steady_clock::now();
-      backend->forward(batch, tables, logits);
-      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      for (int s = 0; s < B; ++s) tables.append(s, 1);
-      if (step >= 2) seconds.push_back(t);
+    // Logits to the host (what sampling with a temperature needs), then greedy ids picked on the device.
+    std::vector<int32_t> greedy;
+    for (const bool greedy_output : {false, true}) {
+      std::vector<double> seconds;
+      for (int step = 0; step < steps + 2; ++step) {
+        StepBatch batch;
+        for (int s = 0; s < B; ++s) batch.add_chunk(s, tables.length(s), ids[s].data() + tables.length(s), 1, false);
+        const auto t0 = std::chrono::steady_clock::now();
+        if (greedy_output) {
+          backend->forward_greedy(batch, tables, greedy);
+        } else {
+          backend->forward(batch, tables, logits);
+        }
+        const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        for (int s = 0; s < B; ++s) tables.append(s, 1);
+        if (step >= 2) seconds.push_back(t);
+      }
+      const double t = median(seconds);
+      const char* output = greedy_output ? "greedy" : "logits";
+      results.push_back({{"mode", "decode"}, {"model", preset}, {"context", decode_context}, {"batch", B},
+                         {"graphs", graphs}, {"output", output}, {"step_s", t}, {"decode_tok_s", B / t}});
+      std::printf("e2e-decode  %-13s ctx=%-5d B=%-3d graphs=%-3s %-6s %8.3f ms/step %9.0f tok/s\n", preset.c_str(),
+                  decode_context, B, graphs ? "on" : "off", output, t * 1e3, B / t);
+      std::fflush(stdout);
     }
-    const double t = median(seconds);
-    results.push_back({{"mode", "decode"}, {"model", preset}, {"context", decode_context}, {"batch", B},
-                       {"step_s", t}, {"decode_tok_s", B / t}});
-    std::printf("e2e-decode  %-13s ctx=%-5d B=%-3d %8.3f ms/step %9.0f tok/s\n", preset.c_str(), decode_context, B,
-                t * 1e3, B / t);
-    std::fflush(stdout);
   }
   return results;
 }
@@ -309,8 +322,10 @@ int main(int argc, char** argv) {
     if (wants("decode")) out["decode_attention"] = bench_decode(copy_gbs);
     if (wants("e2e")) {
       json e2e = json::array();
-      for (auto& r : bench_e2e("smollm2-135m", {{2048, 64}}, true, {1, 64}, 2048)) e2e.push_back(r);
-      for (auto& r : bench_e2e("llama2-7b", {{2048, 1}, {2048, 4}, {2048, 16}, {8192, 4}}, true, {1}, 2048)) e2e.push_back(r);
+      for (auto& r : bench_e2e("smollm2-135m", {{2048, 64}}, true, {1, 64}, 2048, true)) e2e.push_back(r);
+      for (auto& r : bench_e2e("smollm2-135m", {}, false, {1, 64}, 2048, false)) e2e.push_back(r);
+      for (auto& r : bench_e2e("llama2-7b", {{2048, 1}, {2048, 4}, {2048, 16}, {8192, 4}}, true, {1}, 2048, true)) e2e.push_back(r);
+      for (auto& r : bench_e2e("llama2-7b", {}, false, {1}, 2048, false)) e2e.push_back(r);
       out["e2e"] = e2e;
     }
     if (!json_path.empty()) std::ofstream(json_path) << out.dump(2) << "\n";

@@ -19,6 +19,7 @@
 #include "cpu/llama_ops.h"
 #include "cuda/attention.h"
 #include "cuda/llama_kernels.h"
+#include "engine/sampler.h"
 #include "gpu_test_util.h"
 
 namespace kvq::gputest {
@@ -158,6 +159,43 @@ TEST(CudaKernels, KvWriteScattersPagesAndRotatesQueries) {
   }
 }
 
+// Exact: the same comparisons, so the GPU must pick the very index greedy_token picks.
+TEST(CudaKernels, ArgmaxRowsMatchesGreedyTokenWithTies) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(6);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int vocab : {1, 7, 1000, 32000, 49152, 128256}) {
+    const int rows = 9;
+    std::vector<float> logits(size_t(rows) * vocab);
+    for (float& v : logits) v = normal(rng);
+    auto row = [&](int r) { return logits.data() + size_t(r) * vocab; };
+    const auto pick = [&] { return int(rng() % vocab); };
+    // Row 0: random. Row 1: the max tied at two or three places. Row 2: the max at the last index and tied
+    // at a random one. Row 3: all equal. Row 4: all -inf. Row 5: the max at index 0 tied at the last.
+    // Row 6: a tie of the max in the same thread's columns (indices 256 apart). Rows 7, 8: quantized values
+    // (many ties below the max too).
+    for (int k : {pick(), pick(), pick()}) row(1)[k] = 100.0f;
+    row(2)[vocab - 1] = 50.0f;
+    row(2)[pick()] = 50.0f;
+    std::fill(row(3), row(3) + vocab, 0.25f);
+    std::fill(row(4), row(4) + vocab, -INFINITY);
+    row(5)[0] = 60.0f;
+    row(5)[vocab - 1] = 60.0f;
+    const int a = pick();
+    row(6)[a] = 70.0f;
+    row(6)[std::min(vocab - 1, a + 256)] = 70.0f;
+    for (int r : {7, 8})
+      for (int k = 0; k < vocab; ++k) row(r)[k] = std::round(row(r)[k]);
+    DeviceArray<float> d_logits(logits);
+    DeviceArray<int32_t> d_ids(rows);
+    cuda::launch_argmax_rows(d_logits.get(), rows, vocab, d_ids.get(), nullptr);
+    const std::vector<int32_t> ids = d_ids.download();
+    for (int r = 0; r < rows; ++r) {
+      EXPECT_EQ(ids[r], greedy_token(std::span<const float>(row(r), vocab))) << "vocab " << vocab << " row " << r;
+    }
+  }
+}
+
 // One attention problem: sequences of given total lengths whose last rows form
 // the step's chunks (start_pos = length - n_tokens), pages shuffled in the pool.
 struct AttentionCase {
@@ -211,7 +249,7 @@ void check_attention(const AttentionCase& ac, bool decode, uint32_t seed) {
   if (decode) {
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    const cuda::DecodePlan plan = cuda::plan_decode(chunks, ids, ac.n_kv_heads, prop.multiProcessorCount);
+    const cuda::DecodePlan plan = cuda::plan_decode(chunks, ids, n_heads, ac.n_kv_heads, prop.multiProcessorCount);
     DeviceArray<cuda::DecodeSplit> d_splits(plan.splits);
     DeviceArray<cuda::DecodeChunk> d_dchunks(plan.chunks);
     DeviceArray<char> d_ws(cuda::decode_workspace_bytes(int32_t(plan.splits.size()), n_heads, hd));
