@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -103,15 +104,62 @@ std::string default_calibration_path(const std::string& model_path) {
   return (path.parent_path() / (path.stem().string() + ".calib.safetensors")).string();
 }
 
+namespace {
+
+// Centres of a Gaussian's 2^bits equal-probability bins, scaled so the outer ones are -1 and 1.
+std::vector<float> gaussian_codebook(int bits) {
+  const int n = 1 << bits;
+  auto quantile = [](double p) {  // bisection on the normal CDF: plenty for 16 values
+    double lo = -10, hi = 10;
+    for (int k = 0; k < 100; ++k) {
+      const double mid = 0.5 * (lo + hi);
+      (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p ? lo : hi) = mid;
+    }
+    return 0.5 * (lo + hi);
+  };
+  std::vector<float> centres(n);
+  const double outer = quantile((n - 0.5) / n);
+  for (int i = 0; i < n; ++i) centres[i] = static_cast<float>(quantile((i + 0.5) / n) / outer);
+  return centres;
+}
+
+// --dummy presets: unit key ranges, Gaussian codebooks, value threshold 3 (DESIGN.md, "Calibration file").
+std::vector<LayerCalibration> synthetic_calibration(const LlamaConfig& config, const KvFormat& format,
+                                                    CalibrationFile& calibration) {
+  calibration.metadata["synthetic"] = "true";
+  const std::string o = format.outlier_label;
+  const std::string bits = std::to_string(format.bits);
+  const std::vector<float> codebook = gaussian_codebook(format.bits);
+  std::vector<LayerCalibration> layers;
+  for (int i = 0; i < config.n_layers; ++i) {
+    const std::string blk = fmt::format("blk.{}.", i);
+    calibration.tensors[blk + "k.lo." + o] = std::vector<float>(config.kv_dim(), -1.0f);
+    calibration.tensors[blk + "k.hi." + o] = std::vector<float>(config.kv_dim(), 1.0f);
+    calibration.tensors[blk + "k.codebook." + bits + "." + o] = codebook;
+    calibration.tensors[blk + "v.codebook." + bits + "." + o] = codebook;
+  }
+  for (int i = 0; i < config.n_layers; ++i) {  // views taken once the map stops growing
+    const std::string blk = fmt::format("blk.{}.", i);
+    layers.push_back({calibration.tensors.at(blk + "k.lo." + o).data(), calibration.tensors.at(blk + "k.hi." + o).data(),
+                      calibration.tensors.at(blk + "k.codebook." + bits + "." + o).data(),
+                      calibration.tensors.at(blk + "v.codebook." + bits + "." + o).data(), 3.0f});
+  }
+  return layers;
+}
+
+}  // namespace
+
 KvCacheOptions kv_cache_options(const LlamaConfig& config, const std::string& fingerprint, const CommonOptions& o,
-                                const std::string& kv, CalibrationFile& calibration) {
+                                const std::string& kv, CalibrationFile& calibration, bool synthetic_calibration) {
   KvCacheOptions options;
   options.format = parse_kv_format(kv);
   options.sinks = o.sinks;
   options.tail = o.tail;
   options.per_page_key_ranges = o.kscale == "page";
   options.exact_chunk = o.exact_chunk;
-  if (options.format.calibrated()) {
+  if (options.format.calibrated() && synthetic_calibration) {
+    options.calibration = kvq::synthetic_calibration(config, options.format, calibration);
+  } else if (options.format.calibrated()) {
     const std::string path = o.calib.empty() ? default_calibration_path(o.model) : o.calib;
     calibration = CalibrationFile::load(path);
     options.calibration = calibration_for_format(calibration, path, config, fingerprint, options.format);
@@ -121,7 +169,7 @@ KvCacheOptions kv_cache_options(const LlamaConfig& config, const std::string& fi
 
 Runtime::Runtime(const LlamaConfig& config, const LlamaWeights* weights, const std::string& fingerprint,
                  const CommonOptions& o, const std::string& kv)
-    : kv_options_(kv_cache_options(config, fingerprint, o, kv, calibration_)),
+    : kv_options_(kv_cache_options(config, fingerprint, o, kv, calibration_, weights == nullptr)),
       backend_(make_backend(config, weights, o)),
       tables_(backend_->n_pages(), o.page) {}
 
@@ -129,11 +177,8 @@ std::unique_ptr<Backend> Runtime::make_backend(const LlamaConfig& config, const 
                                                const CommonOptions& o) {
   if (resolve_device(o) == "cuda") {
 #ifdef KVQ_HAS_CUDA
-    if (kv_options_.format.scheme != KvScheme::fp16) {
-      fail("--kv {} on --device cuda: the GPU has fp16 pages only so far; use --device cpu for quantized formats",
-           kv_options_.format.name);
-    }
     CudaBackendOptions cuda;
+    cuda.kv = kv_options_;
     cuda.page_size = o.page;
     cuda.pool_bytes = static_cast<int64_t>(o.pool_gib * kGib);
     cuda.max_step_tokens = o.chunk;

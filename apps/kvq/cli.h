@@ -72,9 +72,11 @@ double median(std::vector<double> v);
 void write_csv(const std::string& path, const nlohmann::json& results);
 
 // The --kv format with the shared options; a calibrated format loads and checks
-// its calibration into `calibration`, which must outlive the result.
+// its calibration into `calibration`, which must outlive the result;
+// with synthetic_calibration (--dummy presets): a synthetic calibration (Gaussian codebooks, unit key ranges, marked
+// "synthetic": "true" in its metadata) instead, valid for speed only.
 KvCacheOptions kv_cache_options(const LlamaConfig& config, const std::string& fingerprint, const CommonOptions& o,
-                                const std::string& kv, CalibrationFile& calibration);
+                                const std::string& kv, CalibrationFile& calibration, bool synthetic_calibration = false);
 
 // The pool in one --kv format on the chosen device, its page tables and a backend over it.
 class Runtime {

@@ -33,6 +33,14 @@ int KvCacheOptions::exact_window_capacity(int page_size) const {
   return window;
 }
 
+int64_t KvCacheOptions::exact_from(int64_t pos, int64_t chunk_start, int page_size) const {
+  int64_t from = pos + 1;
+  if (format.native_exact_window() > 0) from = std::min(from, pos + 1 - format.native_exact_window());
+  if (format.calibrated() && (tail || per_page_key_ranges)) from = std::min(from, pos / page_size * page_size);
+  if (exact_chunk) from = std::min(from, chunk_start);
+  return std::max<int64_t>(from, 0);
+}
+
 CpuKvPages::CpuKvPages(const LlamaConfig& config, int32_t n_pages, int32_t page_size, const KvCacheOptions& options)
     : config_(config),
       n_pages_(n_pages),
@@ -80,16 +88,6 @@ HeadCalibration CpuBackend::head_calibration(int layer, KvKind kind, int kv_head
   const int offset = kv_head * config_.head_dim;
   return {layer_calib.key_lo + offset, layer_calib.key_hi + offset,
           kind == KvKind::key ? layer_calib.key_codebook : layer_calib.value_codebook, layer_calib.value_threshold};
-}
-
-int64_t CpuBackend::exact_from(int64_t pos, int64_t chunk_start) const {
-  int64_t from = pos + 1;
-  if (options_.format.native_exact_window() > 0) from = std::min(from, pos + 1 - options_.format.native_exact_window());
-  if (options_.format.calibrated() && (options_.tail || options_.per_page_key_ranges)) {
-    from = std::min(from, pos / page_size_ * page_size_);
-  }
-  if (options_.exact_chunk) from = std::min(from, chunk_start);
-  return std::max<int64_t>(from, 0);
 }
 
 size_t CpuBackend::exact_row_offset(int layer, KvKind kind, int kv_head, int64_t pos) const {

@@ -33,6 +33,9 @@ struct KvCacheOptions {
   int effective_sinks() const { return format.calibrated() ? sinks : 0; }
   // Most tokens before a query that it may read exactly from the sequence's window (0: none).
   int exact_window_capacity(int page_size) const;
+  // The first position the query at `pos` of a chunk starting at chunk_start reads exactly (apart from
+  // sinks); pos + 1 when none. Shared by the CPU and CUDA backends: one rule for both.
+  int64_t exact_from(int64_t pos, int64_t chunk_start, int page_size) const;
 };
 
 // The pool: per layer and page, the K blocks of every KV head, then the V blocks
@@ -78,8 +81,7 @@ class CpuBackend final : public Backend {
   // The fp16-exact row (head_dim) of position pos: from this step's K/V when the
   // chunk holds it, else from the sequence's sinks or window.
   void load_exact_row(const SequenceChunk& chunk, int layer, KvKind kind, int kv_head, int64_t pos, float* out) const;
-  // The first position query `pos` reads exactly (apart from sinks); pos + 1 when none.
-  int64_t exact_from(int64_t pos, int64_t chunk_start) const;
+  int64_t exact_from(int64_t pos, int64_t chunk_start) const { return options_.exact_from(pos, chunk_start, page_size_); }
   HeadCalibration head_calibration(int layer, KvKind kind, int kv_head) const;
 
   void round_kv(const StepBatch& batch);

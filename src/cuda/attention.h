@@ -88,5 +88,9 @@ int64_t decode_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 void launch_decode_attention(const AttentionQuery& query, const PagedKv& kv, const AttentionChunk* chunks,
                              const DecodeSplit* splits, int32_t n_splits, const DecodeChunk* decode_chunks,
                              int32_t n_decode_chunks, void* workspace, cudaStream_t stream);
+// The second half of a split-K launch: merges each DecodeChunk's splits (partial results of n_splits splits in
+// workspace, as the split kernels write them) into query.out at the chunk's row.
+void launch_decode_combine(const AttentionQuery& query, const AttentionChunk* chunks, const DecodeChunk* decode_chunks,
+                           int32_t n_decode_chunks, int32_t n_splits, void* workspace, cudaStream_t stream);
 
 }  // namespace kvq::cuda

@@ -21,6 +21,14 @@
 // captured again with room for a quarter more splits when a plan outgrows it,
 // and dropped when a workspace buffer it uses is reallocated.
 // KVQ_CUDA_GRAPHS=0 in the environment runs every step eagerly.
+//
+// Quantized formats (every --kv but fp16) take another path per layer, the
+// CPU's steps in the CPU's order: RoPE on the queries (and on the keys of
+// post-RoPE formats) in place -> quantize-on-write of the rows the step
+// completes into the pool (kv_quantize.h; pool layout and bytes are the CPU's)
+// -> attention over quantized pages and exact rows (quantized_attention.h) ->
+// the rows later steps read exactly saved into the sequence's exact-row store
+// (exact_rows.h). Those steps run eagerly (no decode graphs yet).
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -39,6 +47,9 @@
 #include "cpu/llama_ops.h"
 #include "cuda/attention.h"
 #include "cuda/cuda_check.h"
+#include "cuda/exact_rows.h"
+#include "cuda/kv_quantize.h"
+#include "cuda/quantized_attention.h"
 #include "cuda/llama_kernels.h"
 #include "kv/page_tables.h"
 
@@ -68,6 +79,10 @@ class DeviceBuffer {
     CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
     bytes_ = bytes;
     return true;
+  }
+  void swap(DeviceBuffer& other) {
+    std::swap(ptr_, other.ptr_);
+    std::swap(bytes_, other.bytes_);
   }
   template <typename T>
   T* as() const {
@@ -154,6 +169,33 @@ struct StepPlan {
   cuda::DecodePlan decode;
   std::vector<int32_t> logit_rows;       // (logit rows) rows of the step whose logits are returned
   bool decode_only = true;               // one token and one logits row per chunk: a graph can replay it
+};
+
+// The index arrays of a quantized step, planned on the host (one plan serves every layer).
+struct QuantizedStepPlan {
+  cuda::KvWritePlan writes;
+  bool rows_per_layer = false;  // writes.rows read earlier rows from the exact-row store: one copy of them per layer
+  std::vector<cuda::ExactRowSave> saves;
+  std::vector<cuda::QuantizedAttentionPlan> attention;
+};
+
+// A quantized step's device arrays, placed in one buffer.
+struct QuantizedStepArgs {
+  const cuda::KvWriteRun* runs = nullptr;
+  int32_t n_runs = 0;
+  const cuda::KvWriteRow* rows = nullptr;  // (n_layers or 1, rows_per_layer)
+  int64_t rows_layer_stride = 0;           // 0: every layer uses the same rows
+  const cuda::ExactRowSave* saves = nullptr;
+  int32_t n_saves = 0;
+  struct Attention {
+    const AttentionChunk* rows;
+    const cuda::ExactSource* sources;
+    const cuda::QuantizedSplit* splits;
+    int32_t n_splits;
+    const cuda::DecodeChunk* combine;
+    int32_t n_rows;
+  };
+  std::vector<Attention> attention;
 };
 
 // Byte offsets of the index arrays in a step's device index buffer, each array
@@ -248,10 +290,13 @@ class CudaBackend final : public Backend {
   void forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) override;
   void forward_greedy(const StepBatch& batch, const PageTables& tables, std::vector<int32_t>& tokens) override;
   std::string device_name() const override { return context_.properties.name; }
-  int64_t kv_bytes_per_page() const override {
-    return int64_t{config_.n_layers} * 2 * config_.kv_dim() * page_size_ * 2;
-  }
+  int64_t kv_bytes_per_page() const override { return CpuKvPages::bytes_per_page(config_, page_size_, kv_options_); }
   int32_t n_pages() const override { return n_pages_; }
+  int64_t kv_bytes_per_sequence() const override {
+    return int64_t{kv_options_.effective_sinks() + exact_window_} * config_.n_layers * 2 * config_.kv_dim() * 2;
+  }
+  void release_sequence(int32_t seq) override;
+  KvCacheStats kv_stats() const override;
 
  private:
   void allocate_weights();
@@ -270,10 +315,26 @@ class CudaBackend final : public Backend {
   // The graph of a decode step of batch_size sequences with room for n_splits decode splits.
   DecodeGraph& decode_graph(int32_t batch_size, int32_t n_splits);
   // Every kernel and GEMM of the forward, enqueued on the stream (capturable).
-  void enqueue_forward(const StepArgs& step);
+  // quantized: the quantized step's arrays (quantized formats only, never in a graph).
+  void enqueue_forward(const StepArgs& step, const QuantizedStepArgs* quantized = nullptr);
   // out (rows, n_out) = a (rows, k) * w (n_out, k)^T + beta * out; out fp16 or fp32.
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
             float beta);
+  bool quantized() const { return kv_options_.format.scheme != KvScheme::fp16; }
+  // The sequences' store slots for this step (a chunk at position 0 takes a fresh one); grows the store.
+  std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
+  QuantizedStepPlan plan_quantized_step(const StepBatch& batch, const PageTables& tables, const StepPlan& plan,
+                                        const std::vector<int32_t>& chunk_slots) const;
+  // Uploads the quantized plan's arrays (after the step's own index upload) and returns their device view.
+  QuantizedStepArgs upload_quantized(const QuantizedStepPlan& plan);
+  void enqueue_quantized_layer(int layer, const StepArgs& step, const QuantizedStepArgs& q,
+                               const cuda::AttentionQuery& query);
+  cuda::ExactRowStore exact_store(int layer) const {
+    return {exact_store_.as<__half>() + layer * exact_layer_elements(exact_slots_), kv_options_.effective_sinks(), exact_window_};
+  }
+  int64_t exact_layer_elements(int64_t n_slots) const {
+    return n_slots * 2 * config_.kv_dim() * (kv_options_.effective_sinks() + exact_window_);
+  }
   __half* layer_pool(int layer, int kind) const {
     const int64_t per_pool = int64_t{n_pages_} * config_.kv_dim() * page_size_;
     return pool_.as<__half>() + (int64_t{layer} * 2 + kind) * per_pool;
@@ -291,7 +352,23 @@ class CudaBackend final : public Backend {
   const __half* output_ = nullptr;       // (vocab, hidden); == token_embd_ when tied
   const float* output_norm_ = nullptr;   // (hidden)
   DeviceBuffer rope_;                    // (context, head_dim / 2) float2 (cos, sin), as RopeTable
-  DeviceBuffer pool_;                    // (n_layers, 2, n_pages, n_kv_heads, page_size, head_dim) fp16
+  // fp16: (n_layers, 2, n_pages, n_kv_heads, page_size, head_dim); quantized: the CPU's
+  // (n_layers, n_pages, [K block] x n_kv_heads, [V block] x n_kv_heads), blocks as kv/page_codec.h.
+  DeviceBuffer pool_;
+
+  // Quantized formats.
+  KvCacheOptions kv_options_;  // its calibration pointers are cleared once uploaded
+  cuda::PageBlockLayout key_layout_{}, value_layout_{};
+  int64_t layer_pool_bytes_ = 0;  // n_pages * n_kv_heads * (key block + value block)
+  std::unique_ptr<cuda::DeviceCalibration> calibration_;
+  int exact_window_ = 0;          // kv_options_.exact_window_capacity(page_size)
+  DeviceBuffer exact_store_;      // (n_layers, exact_slots_, 2, n_kv_heads, sinks + window, head_dim) fp16
+  int32_t exact_slots_ = 0;
+  std::map<int32_t, int32_t> exact_slot_of_;  // sequence -> slot
+  std::vector<int32_t> free_exact_slots_;
+  DeviceBuffer outlier_counts_;   // (2) unsigned long long: stored, over capacity
+  DeviceBuffer quantized_index_;
+  PinnedBuffer quantized_index_host_;
 
   // Step workspace for up to workspace_tokens_ tokens.
   int32_t workspace_tokens_ = 0;
@@ -313,7 +390,10 @@ class CudaBackend final : public Backend {
 };
 
 CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights, const CudaBackendOptions& options)
-    : config_(config), page_size_(options.page_size), use_graphs_(options.decode_graphs && !graphs_disabled_by_environment()) {
+    : config_(config),
+      page_size_(options.page_size),
+      kv_options_(options.kv),
+      use_graphs_(options.decode_graphs && !graphs_disabled_by_environment()) {
   const LlamaConfig& c = config_;
   if (page_size_ <= 0) fail("--page {}: must be positive", page_size_);
   if (!cuda::prefill_attention_supported(c.head_dim) ||
@@ -322,6 +402,26 @@ CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights,
          c.n_heads, c.n_kv_heads, c.head_dim);
   }
   if (c.hidden % 8 || c.ffn % 8) fail("CUDA backend: hidden {} and ffn {} must be multiples of 8", c.hidden, c.ffn);
+  exact_window_ = kv_options_.exact_window_capacity(page_size_);
+  if (quantized()) {
+    const KvFormat& format = kv_options_.format;
+    if (format.calibrated() && static_cast<int>(kv_options_.calibration.size()) != c.n_layers) {
+      fail("--kv {} needs a calibration of {} layers", format.name, c.n_layers);
+    }
+    if (kv_options_.effective_sinks() < 0) fail("--sinks must be >= 0, got {}", kv_options_.sinks);
+    if (!cuda::kv_quantize_supported(c.head_dim) ||
+        !cuda::quantized_attention_supported(c.head_dim, c.n_heads / std::max(c.n_kv_heads, 1))) {
+      fail("CUDA backend: --kv {} supports head_dim 64 or 128 with at most 8 heads per KV head, not head_dim {}",
+           format.name, c.head_dim);
+    }
+    key_layout_ = cuda::page_block_layout(PageCodec(format, KvKind::key, page_size_, c.head_dim, kv_options_.per_page_key_ranges));
+    value_layout_ =
+        cuda::page_block_layout(PageCodec(format, KvKind::value, page_size_, c.head_dim, kv_options_.per_page_key_ranges));
+    calibration_ = std::make_unique<cuda::DeviceCalibration>(kv_options_.calibration, format, c.kv_dim());
+    kv_options_.calibration.clear();  // uploaded; the host copy need not outlive the constructor
+    outlier_counts_.reserve(2 * sizeof(unsigned long long));
+    CUDA_CHECK(cudaMemset(outlier_counts_.as<void>(), 0, 2 * sizeof(unsigned long long)));
+  }
 
   allocate_weights();
   if (weights) {
@@ -358,6 +458,7 @@ CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights,
   if (pages < 1) fail("CUDA backend: no room for a KV page of {} bytes after weights and workspace", page_bytes);
   n_pages_ = static_cast<int32_t>(std::min<int64_t>(pages, INT32_MAX));
   pool_.reserve(int64_t{n_pages_} * page_bytes);
+  layer_pool_bytes_ = int64_t{n_pages_} * (page_bytes / c.n_layers);
   CUDA_CHECK(cudaStreamSynchronize(context_.stream));
 }
 
@@ -512,6 +613,7 @@ StepPlan CudaBackend::plan_step(const StepBatch& batch, const PageTables& tables
       plan.logit_rows.push_back(sc.first_row + sc.n_tokens - 1);
     }
   }
+  if (quantized()) return plan;  // its attention is planned by plan_quantized_step
   plan.prefill = cuda::plan_prefill(plan.chunks, prefill_ids, config_.head_dim);
   plan.decode = cuda::plan_decode(plan.chunks, decode_ids, config_.n_heads, config_.n_kv_heads,
                                   context_.properties.multiProcessorCount);
@@ -587,6 +689,23 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   const auto n_splits = static_cast<int32_t>(plan.decode.splits.size());
   if (reserve_workspace(n, n_rows)) decode_graphs_.clear();
 
+  if (quantized()) {
+    const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
+    const QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
+    int64_t workspace = kAlign;
+    for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
+      workspace = std::max(workspace, cuda::quantized_attention_workspace_bytes(static_cast<int32_t>(a.splits.size()),
+                                                                                 c.n_heads, c.head_dim));
+    }
+    decode_workspace_.reserve(workspace);  // no graphs run quantized steps: none to drop
+    const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), 0, 0, 0, n_rows);
+    step_index_.reserve(layout.bytes);
+    upload_index(batch, plan, layout, 0, step_index_.as<void>());
+    const QuantizedStepArgs quantized_args = upload_quantized(quantized_plan);
+    enqueue_forward(step_args(step_index_.as<char>(), layout, n, 0, 0, 0, n_rows), &quantized_args);
+    return n_rows;
+  }
+
   if (use_graphs_ && plan.decode_only) {
     DecodeGraph& graph = decode_graph(n_chunks, n_splits);
     upload_index(batch, plan, graph.layout, graph.split_capacity, graph.index.as<void>());
@@ -607,7 +726,7 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   return n_rows;
 }
 
-void CudaBackend::enqueue_forward(const StepArgs& step) {
+void CudaBackend::enqueue_forward(const StepArgs& step, const QuantizedStepArgs* quantized) {
   const LlamaConfig& c = config_;
   const int32_t n = step.n_tokens;
   cudaStream_t stream = context_.stream;
@@ -624,15 +743,19 @@ void CudaBackend::enqueue_forward(const StepArgs& step) {
   cuda::launch_embed(step.tokens, n, token_embd_, c.hidden, x, stream);
   for (int layer = 0; layer < c.n_layers; ++layer) {
     const DeviceLayer& w = layers_[layer];
-    __half* keys = layer_pool(layer, 0);
-    __half* values = layer_pool(layer, 1);
     cuda::launch_rms_norm(x, nullptr, n, c.hidden, w.attn_norm, c.rms_eps, xn, stream);
     gemm(n, c.qkv_dim(), c.hidden, xn, w.wqkv, qkv, false, 0.0f);
-    cuda::launch_write_kv_rotate_q(qkv, n, step.positions, step.slots, kv_shape, rope_.as<float2>(), keys, values, stream);
-    const cuda::PagedKv kv{keys, values, step.pages, rope_.as<float2>(), page_size_, c.n_kv_heads};
-    cuda::launch_prefill_attention(query, kv, step.chunks, step.prefill, step.n_prefill, stream);
-    cuda::launch_decode_attention(query, kv, step.chunks, step.splits, step.n_splits, step.decode, step.n_decode,
-                                  decode_workspace_.as<void>(), stream);
+    if (quantized) {
+      enqueue_quantized_layer(layer, step, *quantized, query);
+    } else {
+      __half* keys = layer_pool(layer, 0);
+      __half* values = layer_pool(layer, 1);
+      cuda::launch_write_kv_rotate_q(qkv, n, step.positions, step.slots, kv_shape, rope_.as<float2>(), keys, values, stream);
+      const cuda::PagedKv kv{keys, values, step.pages, rope_.as<float2>(), page_size_, c.n_kv_heads};
+      cuda::launch_prefill_attention(query, kv, step.chunks, step.prefill, step.n_prefill, stream);
+      cuda::launch_decode_attention(query, kv, step.chunks, step.splits, step.n_splits, step.decode, step.n_decode,
+                                    decode_workspace_.as<void>(), stream);
+    }
     gemm(n, c.hidden, c.q_dim(), attn, w.wo, x, true, 1.0f);
     cuda::launch_rms_norm(x, nullptr, n, c.hidden, w.ffn_norm, c.rms_eps, xn, stream);
     gemm(n, 2 * c.ffn, c.hidden, xn, w.w_gate_up, gate_up, false, 0.0f);
@@ -641,6 +764,202 @@ void CudaBackend::enqueue_forward(const StepArgs& step) {
   }
   cuda::launch_rms_norm(x, step.rows, step.n_rows, c.hidden, output_norm_, c.rms_eps, xn, stream);
   gemm(step.n_rows, c.vocab, c.hidden, xn, output_, logits_.as<float>(), true, 0.0f);
+}
+
+std::vector<int32_t> CudaBackend::assign_exact_slots(const StepBatch& batch) {
+  std::vector<int32_t> slots;
+  const bool keeps_rows = kv_options_.effective_sinks() + exact_window_ > 0;
+  for (const SequenceChunk& chunk : batch.chunks) {
+    if (!keeps_rows) {
+      slots.push_back(0);
+      continue;
+    }
+    auto found = exact_slot_of_.find(chunk.seq);
+    if (found == exact_slot_of_.end()) {
+      if (chunk.start_pos != 0) fail("sequence {}: its first chunk (position 0) never ran", chunk.seq);
+      int32_t slot;
+      if (!free_exact_slots_.empty()) {
+        slot = free_exact_slots_.back();
+        free_exact_slots_.pop_back();
+      } else {
+        slot = static_cast<int32_t>(exact_slot_of_.size());
+      }
+      found = exact_slot_of_.emplace(chunk.seq, slot).first;
+    }
+    slots.push_back(found->second);
+  }
+  int32_t needed = 0;
+  for (const auto& [seq, slot] : exact_slot_of_) needed = std::max(needed, slot + 1);
+  if (needed > exact_slots_) {
+    // Grow by doubling; each layer's slots move to the new layer stride (stream order keeps the copy after
+    // the previous step's saves).
+    const int32_t grown = std::max(needed, 2 * exact_slots_);
+    DeviceBuffer store;
+    store.reserve(int64_t{config_.n_layers} * exact_layer_elements(grown) * 2);
+    if (exact_slots_ > 0) {
+      for (int layer = 0; layer < config_.n_layers; ++layer) {
+        CUDA_CHECK(cudaMemcpyAsync(store.as<__half>() + layer * exact_layer_elements(grown),
+                                   exact_store_.as<__half>() + layer * exact_layer_elements(exact_slots_),
+                                   exact_layer_elements(exact_slots_) * 2, cudaMemcpyDeviceToDevice, context_.stream));
+      }
+      CUDA_CHECK(cudaStreamSynchronize(context_.stream));  // before the old buffer is freed
+    }
+    exact_store_.swap(store);
+    exact_slots_ = grown;
+  }
+  return slots;
+}
+
+void CudaBackend::release_sequence(int32_t seq) {
+  auto found = exact_slot_of_.find(seq);
+  if (found == exact_slot_of_.end()) return;
+  free_exact_slots_.push_back(found->second);
+  exact_slot_of_.erase(found);
+}
+
+KvCacheStats CudaBackend::kv_stats() const {
+  KvCacheStats stats;
+  if (!quantized()) return stats;
+  unsigned long long counts[2] = {0, 0};
+  CUDA_CHECK(cudaMemcpyAsync(counts, outlier_counts_.as<void>(), sizeof(counts), cudaMemcpyDeviceToHost, context_.stream));
+  CUDA_CHECK(cudaStreamSynchronize(context_.stream));
+  stats.outliers_stored = static_cast<int64_t>(counts[0]);
+  stats.outliers_over_capacity = static_cast<int64_t>(counts[1]);
+  return stats;
+}
+
+QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const PageTables& tables, const StepPlan& plan,
+                                                   const std::vector<int32_t>& chunk_slots) const {
+  const LlamaConfig& c = config_;
+  const int hd = c.head_dim, kv_dim = c.kv_dim();
+  const int sinks = kv_options_.effective_sinks();
+  QuantizedStepPlan q;
+  // Row sources: this step's rows in qkv_, earlier rows (groups the step completes) from layer 0's store.
+  const uint16_t* qkv = qkv_.as<uint16_t>();
+  const uint16_t* store = exact_store_.as<uint16_t>();
+  const int64_t store_layer = exact_layer_elements(exact_slots_);
+  const cuda::ExactRowStore store0 = exact_store(0);
+  auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
+    if (pos >= chunk.start_pos) {
+      return qkv + (chunk.first_row + pos - chunk.start_pos) * c.qkv_dim() + c.q_dim() + static_cast<int>(kind) * kv_dim + h * hd;
+    }
+    const int32_t slot = chunk_slots[&chunk - batch.chunks.data()];
+    return store + cuda::exact_row_offset(store0, c.n_kv_heads, hd, slot, static_cast<int>(kind), h, pos);
+  };
+  const int64_t key_blocks = int64_t{c.n_kv_heads} * key_layout_.block_bytes;
+  const int64_t page_stride = key_blocks + int64_t{c.n_kv_heads} * value_layout_.block_bytes;
+  auto block_offset = [&](KvKind kind, int32_t page, int h) -> int64_t {
+    return page * page_stride + (kind == KvKind::key ? h * int64_t{key_layout_.block_bytes} : key_blocks + h * int64_t{value_layout_.block_bytes});
+  };
+  q.writes = cuda::plan_kv_writes(batch, tables, key_layout_, value_layout_, c.n_kv_heads, sinks, source, block_offset);
+  auto from_store = [&](const cuda::KvWriteRow& row) { return row.src >= store && row.src < store + store_layer; };
+  q.rows_per_layer = std::any_of(q.writes.rows.begin(), q.writes.rows.end(), from_store);
+  if (q.rows_per_layer) {
+    const size_t n = q.writes.rows.size();
+    q.writes.rows.resize(n * c.n_layers);
+    for (int layer = 1; layer < c.n_layers; ++layer) {
+      for (size_t i = 0; i < n; ++i) {
+        cuda::KvWriteRow row = q.writes.rows[i];
+        if (from_store(row)) row.src += layer * store_layer;
+        q.writes.rows[layer * n + i] = row;
+      }
+    }
+  }
+  // The rows later steps read exactly: sinks and each sequence's newest `window` (CpuBackend::save_exact_rows).
+  if (sinks + exact_window_ > 0) {
+    for (size_t i = 0; i < batch.chunks.size(); ++i) {
+      const SequenceChunk& chunk = batch.chunks[i];
+      const int64_t end = chunk.start_pos + chunk.n_tokens;
+      for (int64_t pos = chunk.start_pos; pos < end; ++pos) {
+        if (pos >= sinks && pos < end - exact_window_) continue;
+        q.saves.push_back({static_cast<int32_t>(chunk.first_row + pos - chunk.start_pos), chunk_slots[i], static_cast<int32_t>(pos)});
+      }
+    }
+  }
+  q.attention = cuda::plan_quantized_attention(plan.chunks, chunk_slots, kv_options_, page_size_, c.n_kv_heads,
+                                               context_.properties.multiProcessorCount);
+  return q;
+}
+
+QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
+  int64_t bytes = 0;
+  auto place = [&](size_t n) {
+    const int64_t offset = bytes;
+    bytes += align_up(static_cast<int64_t>(n));
+    return offset;
+  };
+  const int64_t runs = place(plan.writes.runs.size() * sizeof(cuda::KvWriteRun));
+  const int64_t rows = place(plan.writes.rows.size() * sizeof(cuda::KvWriteRow));
+  const int64_t saves = place(plan.saves.size() * sizeof(cuda::ExactRowSave));
+  struct Offsets {
+    int64_t rows, sources, splits, combine;
+  };
+  std::vector<Offsets> attention;
+  for (const cuda::QuantizedAttentionPlan& a : plan.attention) {
+    Offsets o{};
+    o.rows = place(a.rows.size() * sizeof(AttentionChunk));
+    o.sources = place(a.sources.size() * sizeof(cuda::ExactSource));
+    o.splits = place(a.splits.size() * sizeof(cuda::QuantizedSplit));
+    o.combine = place(a.combine.size() * sizeof(cuda::DecodeChunk));
+    attention.push_back(o);
+  }
+  quantized_index_host_.reserve(std::max<int64_t>(bytes, kAlign));
+  quantized_index_.reserve(std::max<int64_t>(bytes, kAlign));
+  char* host = quantized_index_host_.data();
+  const char* device = quantized_index_.as<char>();
+  auto copy_in = [&](int64_t offset, const auto& v) {
+    if (!v.empty()) std::memcpy(host + offset, v.data(), v.size() * sizeof(v[0]));
+  };
+  copy_in(runs, plan.writes.runs);
+  copy_in(rows, plan.writes.rows);
+  copy_in(saves, plan.saves);
+  QuantizedStepArgs args;
+  args.runs = reinterpret_cast<const cuda::KvWriteRun*>(device + runs);
+  args.n_runs = static_cast<int32_t>(plan.writes.runs.size());
+  args.rows = reinterpret_cast<const cuda::KvWriteRow*>(device + rows);
+  args.rows_layer_stride = plan.rows_per_layer ? static_cast<int64_t>(plan.writes.rows.size()) / config_.n_layers : 0;
+  args.saves = reinterpret_cast<const cuda::ExactRowSave*>(device + saves);
+  args.n_saves = static_cast<int32_t>(plan.saves.size());
+  for (size_t i = 0; i < plan.attention.size(); ++i) {
+    const cuda::QuantizedAttentionPlan& a = plan.attention[i];
+    const Offsets& o = attention[i];
+    copy_in(o.rows, a.rows);
+    copy_in(o.sources, a.sources);
+    copy_in(o.splits, a.splits);
+    copy_in(o.combine, a.combine);
+    args.attention.push_back({reinterpret_cast<const AttentionChunk*>(device + o.rows),
+                              reinterpret_cast<const cuda::ExactSource*>(device + o.sources),
+                              reinterpret_cast<const cuda::QuantizedSplit*>(device + o.splits),
+                              static_cast<int32_t>(a.splits.size()),
+                              reinterpret_cast<const cuda::DecodeChunk*>(device + o.combine),
+                              static_cast<int32_t>(a.combine.size())});
+  }
+  if (bytes > 0) CUDA_CHECK(cudaMemcpyAsync(quantized_index_.as<void>(), host, bytes, cudaMemcpyHostToDevice, context_.stream));
+  return args;
+}
+
+void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const QuantizedStepArgs& q,
+                                          const cuda::AttentionQuery& query) {
+  const LlamaConfig& c = config_;
+  cudaStream_t stream = context_.stream;
+  __half* qkv = qkv_.as<__half>();
+  const bool keys_post_rope = kv_options_.format.keys_post_rope();
+  uint8_t* pool = pool_.as<uint8_t>() + layer * layer_pool_bytes_;
+  const cuda::DeviceLayerCalibration calib = calibration_->layer(layer);
+  const cuda::ExactRowStore store = exact_store(layer);
+  // The CPU's order: keys rotated before they are stored (post-RoPE formats), pages written, attention, then
+  // the exact rows saved (the attention still reads the window's older rows).
+  cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
+                             rope_.as<float2>(), stream);
+  cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
+                           outlier_counts_.as<unsigned long long>(), stream);
+  const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
+                                  keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
+  for (const QuantizedStepArgs::Attention& a : q.attention) {
+    cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
+                                     decode_workspace_.as<void>(), stream);
+  }
+  cuda::launch_save_exact_rows(qkv, c.q_dim(), c.n_kv_heads, c.head_dim, q.saves, q.n_saves, store, stream);
 }
 
 void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "cpu/cpu_backend.h"
 #include "engine/step_batch.h"
 #include "model/llama.h"
 
@@ -17,10 +18,12 @@ struct CudaBackendOptions {
   int32_t max_step_tokens = 2048;  // workspace sizing hint (grown on demand if a step carries more)
   uint64_t dummy_seed = 0;         // for weights == nullptr
   bool decode_graphs = true;       // replay decode steps as CUDA graphs (KVQ_CUDA_GRAPHS=0 in the environment: off)
+  KvCacheOptions kv;               // --kv format and its options; the calibration must outlive the call only
 };
 
 // A Backend on CUDA device 0 with the same semantics as CpuBackend::forward:
-// fp16 weights and pages (pre-RoPE keys), fp32 residual stream and accumulation.
+// fp16 weights, pages in options.kv's format (the CPU's block bytes), fp32
+// residual stream and accumulation.
 // weights == nullptr: random weights of config's shapes generated on the GPU
 // (the --dummy presets); otherwise the fp32 host weights are rounded to fp16
 // and need not outlive the call. Throws kvq::Error when there is no device or

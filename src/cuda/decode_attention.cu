@@ -25,6 +25,7 @@
 #include "core/error.h"
 #include "cuda/attention.h"
 #include "cuda/cuda_check.h"
+#include "cuda/decode_partials.cuh"
 #include "cuda/kv_page_loader.cuh"
 
 namespace kvq::cuda {
@@ -32,28 +33,11 @@ namespace {
 
 constexpr int kDecodeThreads = 128;
 
-// 2^x (ex2.approx: 2 ulp; -inf gives 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // (cos, sin) of 4 pairs advanced by the angles of `step` (complex multiplication).
 __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step)[4]) {
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
     cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
-  }
-}
-
-__device__ __forceinline__ void half8_to_float(uint4 raw, float (&x)[8]) {
-  const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 f = __half22float2(pairs[j]);
-    x[2 * j] = f.x;
-    x[2 * j + 1] = f.y;
   }
 }
 
@@ -68,17 +52,6 @@ __device__ __forceinline__ void rotate_chunk_to_float(uint4 raw, const float2 (&
     k[2 * j] = x.x * cs[j].x - x.y * cs[j].y;
     k[2 * j + 1] = x.x * cs[j].y + x.y * cs[j].x;
   }
-}
-
-struct DecodeWorkspace {
-  float* partial_out;  // (n_splits, n_heads, head_dim) unnormalized sums of p * v
-  float2* partial_ml;  // (n_splits, n_heads) (max in log2 units, sum of p)
-};
-
-DecodeWorkspace split_workspace(void* workspace, int32_t n_splits, int n_heads, int head_dim) {
-  float* out = static_cast<float*>(workspace);
-  const int64_t out_floats = int64_t{n_splits} * n_heads * head_dim;
-  return {out, reinterpret_cast<float2*>(out + ((out_floats + 3) / 4) * 4)};
 }
 
 // Resident blocks per multiprocessor the kernel is compiled for. 4 (at most 128 registers): without the
@@ -101,14 +74,9 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
   // only the 16-byte chunks it copied itself, so cp.async.wait_group alone orders them (no block barrier).
   constexpr int kStages = 3;
   constexpr int kStageChunks = kStages * kKeysPerStep * 2 * kDecodeThreads;
-  // After the loop the staging area holds the block merge (s_max, s_sum, s_acc).
-  constexpr int kMergeFloats = 2 * kKeyGroups * kMaxGroup + kKeyGroups * kMaxGroup * D;
-  static_assert(kMergeFloats * 4 <= kStageChunks * 16, "the merge fits in the staging area");
+  // After the loop the staging area holds the block merge.
+  static_assert(kSplitMergeFloats<D, kMaxGroup, kKeyGroups> * 4 <= kStageChunks * 16, "the merge fits in the staging area");
   __shared__ uint4 s_stage[kStageChunks];
-  float(*s_max)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(s_stage);
-  float(*s_sum)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(reinterpret_cast<float*>(s_stage) + kKeyGroups * kMaxGroup);
-  float(*s_acc)[kMaxGroup][D] =
-      reinterpret_cast<float(*)[kMaxGroup][D]>(reinterpret_cast<float*>(s_stage) + 2 * kKeyGroups * kMaxGroup);
 
   const int kv_head = blockIdx.x;
   const int split_index = blockIdx.y;
@@ -244,35 +212,8 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
   cp_async_wait<0>();
   __syncthreads();  // every thread is done with the staging area before the merge reuses it
 
-  // Merge the block's key groups, then write the split's partial result.
-  if (sub == 0) {
-#pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) {
-      s_max[key_group][h] = m[h];
-      s_sum[key_group][h] = l[h];
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s_acc[key_group][h][sub * 8 + i] = acc[h][i];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < group * D; i += kDecodeThreads) {
-    const int h = i / D, d = i % D;
-    float block_max = -INFINITY;
-    for (int kg = 0; kg < kKeyGroups; ++kg) block_max = fmaxf(block_max, s_max[kg][h]);
-    float sum = 0.0f, value = 0.0f;
-    for (int kg = 0; kg < kKeyGroups; ++kg) {
-      if (s_max[kg][h] == -INFINITY) continue;  // this key group had no keys
-      const float w = exp2f(s_max[kg][h] - block_max);
-      sum += w * s_sum[kg][h];
-      value += w * s_acc[kg][h][d];
-    }
-    const int head = kv_head * group + h;
-    ws.partial_out[(static_cast<int64_t>(split_index) * query.n_heads + head) * D + d] = value;
-    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * query.n_heads + head] = make_float2(block_max, sum);
-  }
+  write_split_partial<D, kMaxGroup, kKeyGroups, kDecodeThreads>(m, l, acc, reinterpret_cast<float*>(s_stage), key_group,
+                                                                sub, group, kv_head, split_index, query.n_heads, ws);
 }
 
 // One block per (query head, decode chunk): merges the chunk's splits into out. The threads form
@@ -425,6 +366,14 @@ void launch_decode_attention(const AttentionQuery& query, const PagedKv& kv, con
   } else {
     launch_for_head_dim<128>(bucket, query, kv, chunks, splits, n_splits, ws, stream);
   }
+  launch_decode_combine(query, chunks, decode_chunks, n_decode_chunks, n_splits, workspace, stream);
+}
+
+void launch_decode_combine(const AttentionQuery& query, const AttentionChunk* chunks, const DecodeChunk* decode_chunks,
+                           int32_t n_decode_chunks, int32_t n_splits, void* workspace, cudaStream_t stream) {
+  if (n_decode_chunks == 0) return;
+  if (n_decode_chunks > 65535) fail("decode combine: {} query rows in one launch (at most 65535)", n_decode_chunks);
+  const DecodeWorkspace ws = split_workspace(workspace, n_splits, query.n_heads, query.head_dim);
   const dim3 combine_grid(query.n_heads, n_decode_chunks);
   if (query.head_dim == 64) {
     decode_combine_kernel<64><<<combine_grid, kCombineThreads, 0, stream>>>(query, chunks, decode_chunks, ws);

@@ -3,6 +3,8 @@
 //   copy      device-to-device copy, GB/s counting bytes read + written (the ceiling)
 //   prefill   prefill attention kernel TFLOP/s (4 S^2 H D per sequence, halved for causal)
 //   decode    decode attention kernel GB/s (K and V bytes read) and % of copy
+//   qdecode   decode attention over quantized pages (nuq4-1%, nuq3-1%, q4_0, fp8; sinks 1 and the tail for
+//             nuq): ms, GB/s of the bytes of the blocks and exact rows read, and speed-up over fp16 pages
 //   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets; decode with
 //             CUDA graphs on and off, returning logits (forward) or greedy ids (forward_greedy)
 // Each point: warm-up, then the median of repeats timed with events (kernels)
@@ -21,7 +23,11 @@
 #include "core/error.h"
 #include "cuda/attention.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/kv_quantize.h"
 #include "cuda/llama_kernels.h"
+#include "cuda/quantized_attention.h"
+#include "engine/step_batch.h"
+#include "kv/kv_format.h"
 #include "gpu_test_util.h"
 #include "kv/page_tables.h"
 #include "model/dummy_presets.h"
@@ -292,13 +298,128 @@ std::vector<int> parse_ints(const std::string& s) {
   return v;
 }
 
+// Decode attention over quantized pages: B sequences of `context` keys, pages scattered, written by
+// launch_kv_quantize from random rows with a synthetic calibration; one query row per sequence.
+json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
+  struct Point {
+    const char* model;
+    AttnShape shape;
+    int batch, context;
+  };
+  const Point points[] = {{"smollm2-135m", kShapes[0], 64, 8192}, {"llama3-8b", kShapes[2], 16, 8192}};
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  json results = json::array();
+  const int page = 64;
+  for (const Point& p : points) {
+    const int D = p.shape.head_dim, n_kv = p.shape.n_kv_heads, n_heads = p.shape.n_heads;
+    const int kv_dim = n_kv * D, q_dim = n_heads * D, stride = q_dim + 2 * kv_dim;
+    double fp16_ms = 0;
+    for (const json& r : fp16_points) {
+      if (r["model"] == p.model && r["batch"] == p.batch && r["context"] == p.context) fp16_ms = r["ms"].get<double>();
+    }
+    // Random K/V rows of every position (B, context, 2, kv_dim) and the step's rows (B, stride).
+    DeviceArray<__half> rows(size_t(p.batch) * p.context * 2 * kv_dim), step(size_t(p.batch) * stride), out(size_t(p.batch) * q_dim);
+    cuda::launch_fill_uniform(rows.get(), int64_t(rows.size()), 11, 2.5f, nullptr);
+    cuda::launch_fill_uniform(step.get(), int64_t(step.size()), 12, 1.7f, nullptr);
+    const int pages_per_seq = (p.context + page - 1) / page;
+    const int n_pages = pages_per_seq * p.batch;
+    PageTables tables(n_pages, page);
+    for (int s = 0; s < p.batch; ++s) tables.add_sequence(s);
+    for (int64_t need = page; need <= p.context; need += page) {  // interleaved: pages scattered
+      for (int s = 0; s < p.batch; ++s) tables.reserve(s, need);
+    }
+    std::vector<int32_t> ids(p.context, 0);
+    StepBatch writes_batch;
+    for (int s = 0; s < p.batch; ++s) writes_batch.add_chunk(s, 0, ids.data(), p.context, false);
+    std::vector<cuda::AttentionChunk> chunks;
+    std::vector<int32_t> page_table, slots;
+    for (int s = 0; s < p.batch; ++s) {
+      chunks.push_back({s, 1, p.context - 1, int32_t(page_table.size())});
+      const std::vector<int32_t>& pages = tables.pages(s);
+      page_table.insert(page_table.end(), pages.begin(), pages.end());
+      slots.push_back(s);
+    }
+    DeviceArray<int32_t> d_pages(page_table);
+    LlamaConfig c;
+    c.head_dim = D;
+    c.context = p.context;
+    c.rope_theta = 10000.0f;
+    DeviceArray<float2> d_rope(rope_table(c));
+    for (const char* name : {"nuq4-1%", "nuq3-1%", "q4_0", "fp8"}) {
+      KvCacheOptions options;
+      options.format = parse_kv_format(name);
+      const TestCalibration calib(1, kv_dim, options.format.bits);
+      const std::vector<LayerCalibration> none;
+      const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : none, options.format, kv_dim);
+      const cuda::PageBlockLayout kl = cuda::page_block_layout(PageCodec(options.format, KvKind::key, page, D, false));
+      const cuda::PageBlockLayout vl = cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, false));
+      const int64_t page_bytes = int64_t{n_kv} * (kl.block_bytes + vl.block_bytes);
+      const int sinks = options.effective_sinks(), window = options.exact_window_capacity(page);
+      const uint16_t* base = reinterpret_cast<const uint16_t*>(rows.get());
+      auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
+        return base + (size_t(chunk.seq) * p.context + pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
+      };
+      auto block_offset = [&](KvKind kind, int32_t pg, int h) -> int64_t {
+        return pg * page_bytes + (kind == KvKind::key ? h * int64_t{kl.block_bytes} : n_kv * int64_t{kl.block_bytes} + h * int64_t{vl.block_bytes});
+      };
+      const cuda::KvWritePlan writes = cuda::plan_kv_writes(writes_batch, tables, kl, vl, n_kv, sinks, source, block_offset);
+      DeviceArray<uint8_t> pool(size_t(n_pages) * page_bytes);
+      CUDA_CHECK(cudaMemset(pool.get(), 0, pool.size()));
+      {
+        DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
+        DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
+        DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
+        cuda::launch_kv_quantize(pool.get(), kl, vl, device_calib.layer(0), d_runs.get(), int32_t(writes.runs.size()),
+                                 d_rows.get(), counts.get(), nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+      }
+      const int per_head = sinks + window;
+      DeviceArray<__half> store(std::max<size_t>(8, size_t(p.batch) * 2 * kv_dim * per_head));
+      cuda::launch_fill_uniform(store.get(), int64_t(store.size()), 13, 2.5f, nullptr);
+      const cuda::QuantizedPagedKv kv{pool.get(), kl, vl, device_calib.layer(0), d_pages.get(), d_rope.get(), n_kv,
+                                      options.format.keys_post_rope() ? 0 : 1, step.get() + q_dim, stride,
+                                      {store.get(), sinks, window}};
+      const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
+      const std::vector<cuda::QuantizedAttentionPlan> plans =
+          cuda::plan_quantized_attention(chunks, slots, options, page, n_kv, prop.multiProcessorCount);
+      const cuda::QuantizedAttentionPlan& plan = plans.at(0);
+      DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
+      DeviceArray<cuda::ExactSource> d_sources(plan.sources);
+      DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
+      DeviceArray<cuda::DecodeChunk> d_combine(plan.combine);
+      DeviceArray<char> ws(cuda::quantized_attention_workspace_bytes(int32_t(plan.splits.size()), n_heads, D));
+      const double ms = time_kernel_ms(
+          [&] {
+            cuda::launch_quantized_attention(query, kv, d_rows.get(), d_sources.get(), d_splits.get(), int32_t(plan.splits.size()),
+                                             d_combine.get(), int32_t(plan.rows.size()), ws.get(), nullptr);
+          },
+          5, 30);
+      // Bytes read: the blocks of every page of every sequence (codes, parameters, outlier slots) and the exact rows.
+      int64_t exact_rows = 0;
+      for (const cuda::QuantizedSplit& sp : plan.splits) exact_rows += sp.exact ? sp.key_end - sp.key_begin : 0;
+      const double bytes = double(p.batch) * pages_per_seq * page_bytes + double(exact_rows) * 2 * kv_dim * 2;
+      const double gbs = bytes / (ms * 1e-3) / 1e9;
+      results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", name}, {"batch", p.batch}, {"context", p.context},
+                         {"splits", plan.splits.size()}, {"ms", ms}, {"bytes", bytes}, {"gb_s", gbs},
+                         {"fraction_of_copy", gbs / copy_gbs}, {"fp16_ms", fp16_ms},
+                         {"speedup_vs_fp16", fp16_ms > 0 ? fp16_ms / ms : 0.0}});
+      std::printf("qdecode-attn %-12s %-12s %-8s B=%-3d ctx=%-6d %8.4f ms %7.0f GB/s (%.0f%% of copy) %.2fx fp16 pages\n",
+                  p.model, p.shape.name, name, p.batch, p.context, ms, gbs, 100.0 * gbs / copy_gbs,
+                  fp16_ms > 0 ? fp16_ms / ms : 0.0);
+      std::fflush(stdout);
+    }
+  }
+  return results;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kvq-gpu-bench: CUDA attention and end-to-end benchmarks"};
   std::string parts = "copy,prefill,decode,e2e", json_path, lengths = "512,2048,8192,16384";
   int tokens_per_point = 16384;
-  app.add_option("--parts", parts, "which of copy,prefill,decode,e2e");
+  app.add_option("--parts", parts, "which of copy,prefill,decode,qdecode,e2e");
   app.add_option("--lengths", lengths, "prefill attention sequence lengths");
   app.add_option("--tokens", tokens_per_point, "prefill attention: batch = max(1, tokens / S)");
   app.add_option("--json", json_path, "write the results here");
@@ -319,7 +440,8 @@ int main(int argc, char** argv) {
     out["copy_gb_s"] = copy_gbs;
     std::printf("copy %.0f GB/s (read + write) on %s\n", copy_gbs, prop.name);
     if (wants("prefill")) out["prefill_attention"] = bench_prefill(parse_ints(lengths), tokens_per_point);
-    if (wants("decode")) out["decode_attention"] = bench_decode(copy_gbs);
+    if (wants("decode") || wants("qdecode")) out["decode_attention"] = bench_decode(copy_gbs);
+    if (wants("qdecode")) out["quantized_decode_attention"] = bench_quantized_decode(copy_gbs, out["decode_attention"]);
     if (wants("e2e")) {
       json e2e = json::array();
       for (auto& r : bench_e2e("smollm2-135m", {{2048, 64}}, true, {1, 64}, 2048, true)) e2e.push_back(r);

@@ -81,4 +81,27 @@ void reference_attention_row(const PagedLayer& layer, const RopeTable& rope, int
   }
 }
 
+TestCalibration::TestCalibration(int n_layers, int kv_dim, int bits) {
+  const int levels = bits <= 4 ? 1 << bits : 16;
+  for (int l = 0; l < n_layers; ++l) {
+    std::vector<float> lo(kv_dim), hi(kv_dim);
+    for (int k = 0; k < kv_dim; ++k) {
+      const float shift = 0.25f * std::sin(0.7f * static_cast<float>(k) + static_cast<float>(l));
+      lo[k] = -3.5f + shift;
+      hi[k] = 3.5f + shift;
+    }
+    std::vector<float> codebook(levels);
+    for (int i = 0; i < levels; ++i) {
+      const float u = -1.0f + 2.0f * static_cast<float>(i) / static_cast<float>(levels - 1);
+      codebook[i] = std::copysign(std::pow(std::fabs(u), 1.3f), u);
+    }
+    key_lo.push_back(std::move(lo));
+    key_hi.push_back(std::move(hi));
+    codebooks.push_back(std::move(codebook));
+  }
+  for (int l = 0; l < n_layers; ++l) {
+    layers.push_back({key_lo[l].data(), key_hi[l].data(), codebooks[l].data(), codebooks[l].data(), 2.5f});
+  }
+}
+
 }  // namespace kvq::gputest

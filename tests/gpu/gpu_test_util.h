@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cuda/attention.h"
+#include "calib/calibration_file.h"
 #include "cpu/llama_ops.h"
 #include "cuda/cuda_check.h"
 #include "model/llama.h"
@@ -74,5 +75,15 @@ PagedLayer make_paged_layer(std::mt19937& rng, const std::vector<int64_t>& seq_l
 // RopeTable::rotate in fp32, scores and softmax in double. out (head_dim).
 void reference_attention_row(const PagedLayer& layer, const RopeTable& rope, int seq, int kv_head, const uint16_t* q, int64_t n_keys,
                              float scale, double* out);
+
+// A calibration for random keys ~ N(0, 1.5^2) per channel: key ranges [-3.5 + s, 3.5 + s] with a small
+// per-channel shift s, codebooks ascending and denser near 0 (the shape of real ones), value threshold 2.5
+// (about 1% of Gaussian values). Its quality only sets how far the formats are from fp16; the CPU and the
+// GPU quantize with the same numbers.
+struct TestCalibration {
+  TestCalibration(int n_layers, int kv_dim, int bits);
+  std::vector<std::vector<float>> key_lo, key_hi, codebooks;  // (n_layers) x (kv_dim), (kv_dim), (2^bits)
+  std::vector<LayerCalibration> layers;                       // views of the above
+};
 
 }  // namespace kvq::gputest

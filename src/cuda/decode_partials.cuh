@@ -1,0 +1,89 @@
+// What the split-K attention kernels share (decode_attention.cu over fp16
+// pages, quantized_attention.cu over quantized pages and exact rows): the
+// partial results a split writes and the combine kernel merges (one format for
+// both, so one combine serves both), the merge of a block's key groups into its
+// split's partial result, and two small helpers.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/attention.h"
+
+namespace kvq::cuda {
+
+struct DecodeWorkspace {
+  float* partial_out;  // (n_splits, n_heads, head_dim) unnormalized sums of p * v
+  float2* partial_ml;  // (n_splits, n_heads) (max in log2 units, sum of p)
+};
+
+inline DecodeWorkspace split_workspace(void* workspace, int32_t n_splits, int n_heads, int head_dim) {
+  float* out = static_cast<float*>(workspace);
+  const int64_t out_floats = int64_t{n_splits} * n_heads * head_dim;
+  return {out, reinterpret_cast<float2*>(out + ((out_floats + 3) / 4) * 4)};
+}
+
+// 2^x (ex2.approx: 2 ulp; -inf gives 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void half8_to_float(uint4 raw, float (&x)[8]) {
+  const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(pairs[j]);
+    x[2 * j] = f.x;
+    x[2 * j + 1] = f.y;
+  }
+}
+
+// Shared memory the merge of kKeyGroups key groups needs (floats).
+template <int D, int kMaxGroup, int kKeyGroups>
+constexpr int kSplitMergeFloats = 2 * kKeyGroups * kMaxGroup + kKeyGroups * kMaxGroup * D;
+
+// Merges the running (max m, sum l, acc) of the block's key groups (lane `sub` of key group `key_group` holds
+// dims sub * 8 .. sub * 8 + 7) and writes split `split_index`'s partial result for the `group` query heads of
+// kv_head. merge: kSplitMergeFloats floats of shared memory; the caller synchronizes before reusing it.
+template <int D, int kMaxGroup, int kKeyGroups, int kThreads>
+__device__ __forceinline__ void write_split_partial(const float (&m)[kMaxGroup], const float (&l)[kMaxGroup],
+                                                    const float (&acc)[kMaxGroup][8], float* merge, int key_group,
+                                                    int sub, int group, int kv_head, int split_index, int n_heads,
+                                                    const DecodeWorkspace& ws) {
+  float(*s_max)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(merge);
+  float(*s_sum)[kMaxGroup] = reinterpret_cast<float(*)[kMaxGroup]>(merge + kKeyGroups * kMaxGroup);
+  float(*s_acc)[kMaxGroup][D] = reinterpret_cast<float(*)[kMaxGroup][D]>(merge + 2 * kKeyGroups * kMaxGroup);
+  if (sub == 0) {
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      s_max[key_group][h] = m[h];
+      s_sum[key_group][h] = l[h];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s_acc[key_group][h][sub * 8 + i] = acc[h][i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    float block_max = -INFINITY;
+    for (int kg = 0; kg < kKeyGroups; ++kg) block_max = fmaxf(block_max, s_max[kg][h]);
+    float sum = 0.0f, value = 0.0f;
+    for (int kg = 0; kg < kKeyGroups; ++kg) {
+      if (s_max[kg][h] == -INFINITY) continue;  // this key group had no keys
+      const float w = exp2f(s_max[kg][h] - block_max);
+      sum += w * s_sum[kg][h];
+      value += w * s_acc[kg][h][d];
+    }
+    const int head = kv_head * group + h;
+    ws.partial_out[(static_cast<int64_t>(split_index) * n_heads + head) * D + d] = value;
+    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * n_heads + head] = make_float2(block_max, sum);
+  }
+}
+
+}  // namespace kvq::cuda

@@ -1,0 +1,85 @@
+// Attention over quantized KV pages (every --kv format but fp16), prefill and
+// decode rows alike: each query row's keys are split into two disjoint sets by
+// one rule, the CPU's (KvCacheOptions::exact_from): key p is read exactly iff
+// p < sinks or p >= exact_from(row) (from this step's K/V when the row's chunk
+// holds p, else from the sequence's exact-row store), and from the pages
+// otherwise (codes decoded with kv_dequant.cuh, outliers put back, RoPE at p for
+// pre-RoPE formats). Each set is cut into key ranges (typed splits: one source
+// each) that run as split-K flash attention in parallel, all the query heads of
+// a KV head in one block; launch_decode_combine merges a row's splits.
+//
+// Work is one block per (split, KV head) whatever the chunk length, so prefill
+// rows re-read their keys once per row: correct everywhere and fast for decode,
+// a stopgap for long prefill chunks until the wgmma prefill kernel gains the
+// quantized loader (docs/FORMATS.md, "How the GPU reads pages").
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/cpu_backend.h"
+#include "cuda/attention.h"
+#include "cuda/exact_rows.h"
+#include "cuda/kv_quantize.h"
+
+namespace kvq::cuda {
+
+// One layer's quantized pages and the exact rows beside them.
+struct QuantizedPagedKv {
+  const uint8_t* pool;             // this layer's pages: (n_pages, [K block] x n_kv_heads, [V block] x n_kv_heads)
+  PageBlockLayout key_layout;
+  PageBlockLayout value_layout;
+  DeviceLayerCalibration calib;
+  const int32_t* page_table;       // as PagedKv::page_table
+  const float2* rope;              // (context, head_dim / 2) (cos, sin)
+  int32_t n_kv_heads;
+  int32_t rotate_keys;             // 1: stored keys (pages and exact rows) are pre-RoPE, rotated at their positions
+  const __half* step_keys;         // (T, step_stride): K of this step's rows at column kv_head * head_dim, V kv_dim later
+  int32_t step_stride;
+  ExactRowStore store;
+};
+
+// Where a query row's exact keys come from: its chunk's rows of this step, or the store.
+struct ExactSource {
+  int32_t chunk_first_row;  // step row of the chunk's first token
+  int32_t chunk_start;      // position of that token: keys from here on are this step's rows
+  int32_t slot;             // the sequence's slot in the exact-row store
+};
+
+struct QuantizedSplit {
+  int32_t row;        // index into the launch's query rows (AttentionChunk of one token each)
+  int32_t key_begin;  // keys [key_begin, key_end) of the row's sequence; empty: padding, writes nothing read
+  int32_t key_end;
+  int32_t exact;      // 1: read exactly (ExactSource), 0: from the pages
+};
+
+// One launch: query rows (one AttentionChunk each: first_row = the row, start_pos = its position, page_offset =
+// its sequence's), their exact sources, the splits, and which splits merge into which row.
+struct QuantizedAttentionPlan {
+  std::vector<AttentionChunk> rows;
+  std::vector<ExactSource> sources;  // (rows)
+  std::vector<QuantizedSplit> splits;
+  std::vector<DecodeChunk> combine;  // (rows): DecodeChunk::chunk indexes rows
+};
+
+// Query rows per launch at most (the combine grid's limit, and workspace).
+constexpr int32_t kQuantizedRowsPerLaunch = 16384;
+
+// The step's launches: every row of the listed chunks (chunk_slots: each chunk's store slot), cut into splits
+// of sizes that fill `n_sms` multiprocessors; sinks: effective sinks.
+std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<AttentionChunk>& chunks,
+                                                             const std::vector<int32_t>& chunk_slots,
+                                                             const KvCacheOptions& options, int page_size,
+                                                             int n_kv_heads, int n_sms);
+
+bool quantized_attention_supported(int head_dim, int group);
+int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
+
+// rows, sources, splits, combine: device arrays of one plan.
+void launch_quantized_attention(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
+                                const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits,
+                                const DecodeChunk* combine, int32_t n_rows, void* workspace, cudaStream_t stream);
+
+}  // namespace kvq::cuda

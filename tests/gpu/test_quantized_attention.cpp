@@ -1,0 +1,268 @@
+// The quantized attention kernel (cuda/quantized_attention.h) against a CPU
+// twin reading the same bytes: pages written by launch_kv_quantize from random
+// fp16 rows (sequences' pages scattered in the pool), downloaded and decoded with
+// PageCodec::decode; exact rows from the same fp16 rows; the split rule of
+// KvCacheOptions::exact_from; RoPE with RopeTable::rotate for pre-RoPE formats;
+// scores and softmax in double. Every format and option the backend passes,
+// head_dim 64 and 128, groups 1, 3 and 8, chunks of 1 to 40 rows after 0 to 250
+// earlier keys.
+//
+// Tolerance: the twin's operands are the kernel's to the bit (decode is
+// bit-exact, the exact rows are the same halves), so what differs is fp32
+// accumulation order and ex2.approx in the kernel (~1e-6 relative) and the
+// output's rounding to fp16 (2^-11 relative): |gpu - cpu| <= 2e-3 (|cpu| + 0.1).
+// A key read from the wrong source, row, page or head, or a wrong RoPE angle,
+// moves outputs by the spread of values, ~0.1 to 1.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/dtypes.h"
+#include "cuda/kv_quantize.h"
+#include "cuda/quantized_attention.h"
+#include "engine/step_batch.h"
+#include "gpu_test_util.h"
+#include "kv/kv_format.h"
+#include "kv/page_codec.h"
+#include "kv/page_tables.h"
+
+namespace kvq::gputest {
+namespace {
+
+struct Case {
+  std::string kv;
+  int sinks = 1;
+  bool tail = true;
+  bool page_ranges = false;
+  bool exact_chunk = false;
+};
+
+void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
+  const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
+  const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
+  KvCacheOptions options;
+  options.format = parse_kv_format(test.kv);
+  options.sinks = test.sinks;
+  options.tail = test.tail;
+  options.per_page_key_ranges = test.page_ranges;
+  options.exact_chunk = test.exact_chunk;
+  const int page = options.format.scheme == KvScheme::kivi ? 32 : 16;
+  const TestCalibration calib(1, kv_dim, options.format.bits);
+  const std::vector<LayerCalibration> no_layers;
+  const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : no_layers, options.format, kv_dim);
+  const PageCodec key_codec(options.format, KvKind::key, page, D, test.page_ranges);
+  const PageCodec value_codec(options.format, KvKind::value, page, D, test.page_ranges);
+  const cuda::PageBlockLayout key_layout = cuda::page_block_layout(key_codec);
+  const cuda::PageBlockLayout value_layout = cuda::page_block_layout(value_codec);
+  const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
+  const int sinks = options.effective_sinks();
+  const int window = options.exact_window_capacity(page);
+  const std::string what = test.kv + " sinks " + std::to_string(test.sinks) + (test.tail ? " tail" : "") +
+                           (test.page_ranges ? " kscale-page" : "") + (test.exact_chunk ? " exact-chunk" : "") +
+                           " head_dim " + std::to_string(D) + " group " + std::to_string(group);
+
+  // Sequences: `earlier` keys before a chunk of `chunk` query rows.
+  const std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
+  const std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
+  const int n_seqs = static_cast<int>(earlier.size());
+  std::mt19937 rng(seed);
+  const int n_pages = 64;
+  PageTables tables(n_pages, page);
+  for (int s = 0; s < n_seqs; ++s) tables.add_sequence(s);
+  for (int64_t need = page; need <= 320; need += page) {  // interleaved: pages scattered over the pool
+    for (int s = 0; s < n_seqs; ++s) ASSERT_TRUE(tables.reserve(s, std::min<int64_t>(need, earlier[s] + chunk[s])));
+  }
+
+  // Every row of every sequence: (len, 2, kv_dim) fp16 K then V; the chunk's rows also sit in the step rows.
+  std::vector<std::vector<uint16_t>> kv_rows(n_seqs);
+  for (int s = 0; s < n_seqs; ++s) kv_rows[s] = random_half(rng, size_t(earlier[s] + chunk[s]) * 2 * kv_dim, 1.5f);
+  int total_rows = 0;
+  for (int s = 0; s < n_seqs; ++s) total_rows += chunk[s];
+  std::vector<uint16_t> step = random_half(rng, size_t(total_rows) * stride, 1.0f);  // Q columns: random
+  std::vector<int> first_row(n_seqs);
+  for (int s = 0, row = 0; s < n_seqs; row += chunk[s], ++s) {
+    first_row[s] = row;
+    for (int t = 0; t < chunk[s]; ++t) {
+      std::copy_n(kv_rows[s].data() + size_t(earlier[s] + t) * 2 * kv_dim, 2 * kv_dim,
+                  step.data() + size_t(row + t) * stride + q_dim);
+    }
+  }
+
+  // Pages: every row of every sequence written in one launch (one chunk per sequence from position 0).
+  std::vector<uint16_t> all_rows;
+  std::vector<size_t> seq_offset(n_seqs);
+  for (int s = 0; s < n_seqs; ++s) {
+    seq_offset[s] = all_rows.size();
+    all_rows.insert(all_rows.end(), kv_rows[s].begin(), kv_rows[s].end());
+  }
+  DeviceArray<uint16_t> d_all_rows(all_rows);
+  std::vector<int32_t> ids(512, 0);
+  StepBatch write_batch;
+  for (int s = 0; s < n_seqs; ++s) write_batch.add_chunk(s, 0, ids.data(), earlier[s] + chunk[s], false);
+  auto source = [&](const SequenceChunk& c, int64_t pos, KvKind kind, int h) -> const uint16_t* {
+    return d_all_rows.get() + seq_offset[c.seq] + size_t(pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
+  };
+  auto block_offset = [&](KvKind kind, int32_t p, int h) -> int64_t {
+    return p * page_bytes + (kind == KvKind::key ? h * int64_t{key_layout.block_bytes}
+                                                 : n_kv_heads * int64_t{key_layout.block_bytes} + h * int64_t{value_layout.block_bytes});
+  };
+  const cuda::KvWritePlan writes =
+      cuda::plan_kv_writes(write_batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+  DeviceArray<uint8_t> d_pool(size_t(n_pages) * page_bytes);
+  CUDA_CHECK(cudaMemset(d_pool.get(), 0, d_pool.size()));
+  DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
+  DeviceArray<cuda::KvWriteRow> d_write_rows(writes.rows);
+  DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
+  cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
+                           int32_t(writes.runs.size()), d_write_rows.get(), d_counts.get(), nullptr);
+  const std::vector<uint8_t> pool = d_pool.download();
+
+  // Exact-row store: sinks and the ring of the newest `window` rows before each chunk.
+  const int per_head = sinks + window;
+  std::vector<uint16_t> store(std::max<size_t>(1, size_t(n_seqs) * 2 * kv_dim * per_head), 0);
+  cuda::ExactRowStore store_view{nullptr, sinks, window};
+  for (int s = 0; s < n_seqs && per_head > 0; ++s) {
+    for (int64_t pos = 0; pos < earlier[s]; ++pos) {
+      if (pos >= sinks && pos < earlier[s] - window) continue;
+      for (int kind = 0; kind < 2; ++kind) {
+        for (int h = 0; h < n_kv_heads; ++h) {
+          std::copy_n(kv_rows[s].data() + size_t(pos) * 2 * kv_dim + kind * kv_dim + h * D, D,
+                      store.data() + cuda::exact_row_offset(store_view, n_kv_heads, D, s, kind, h, pos));
+        }
+      }
+    }
+  }
+  DeviceArray<uint16_t> d_store(store);
+  store_view.rows = reinterpret_cast<__half*>(d_store.get());
+
+  // The attention step.
+  std::vector<cuda::AttentionChunk> chunks;
+  std::vector<int32_t> page_table, slots;
+  for (int s = 0; s < n_seqs; ++s) {
+    chunks.push_back({first_row[s], chunk[s], earlier[s], int32_t(page_table.size())});
+    const std::vector<int32_t>& pages = tables.pages(s);
+    page_table.insert(page_table.end(), pages.begin(), pages.end());
+    slots.push_back(s);
+  }
+  LlamaConfig config;
+  config.head_dim = D;
+  config.context = 512;
+  config.rope_theta = 10000.0f;
+  const RopeTable rope(config);
+  DeviceArray<float2> d_rope(rope_table(config));
+  DeviceArray<int32_t> d_pages(page_table);
+  DeviceArray<uint16_t> d_step(step);
+  std::vector<uint16_t> out(size_t(total_rows) * q_dim, 0);
+  DeviceArray<uint16_t> d_out(out);
+  const cuda::AttentionQuery query{reinterpret_cast<const __half*>(d_step.get()), stride,
+                                   reinterpret_cast<__half*>(d_out.get()), q_dim, n_heads, D,
+                                   1.0f / std::sqrt(float(D))};
+  const bool rotate_keys = !options.format.keys_post_rope();
+  const cuda::QuantizedPagedKv kv{d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_pages.get(),
+                                  d_rope.get(), n_kv_heads, rotate_keys ? 1 : 0,
+                                  reinterpret_cast<const __half*>(d_step.get()) + q_dim, stride, store_view};
+  // 132 multiprocessors: splits of the least size (128 keys), so the longest rows get two page splits.
+  for (const cuda::QuantizedAttentionPlan& plan : cuda::plan_quantized_attention(chunks, slots, options, page, n_kv_heads, 132)) {
+    DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
+    DeviceArray<cuda::ExactSource> d_sources(plan.sources);
+    DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
+    DeviceArray<cuda::DecodeChunk> d_combine(plan.combine);
+    DeviceArray<uint8_t> d_workspace(
+        size_t(cuda::quantized_attention_workspace_bytes(int32_t(plan.splits.size()), n_heads, D)));
+    cuda::launch_quantized_attention(query, kv, d_rows.get(), d_sources.get(), d_splits.get(), int32_t(plan.splits.size()),
+                                     d_combine.get(), int32_t(plan.rows.size()), d_workspace.get(), nullptr);
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
+  out = d_out.download();
+
+  // The CPU twin.
+  double worst = 0;
+  int failures = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    const std::vector<int32_t>& pages = tables.pages(s);
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const int n_keys = earlier[s] + chunk[s];
+      // Decoded pages of the sequence, (n_keys rounded up to pages, D) per kind.
+      const int n_blocks = (n_keys + page - 1) / page;
+      std::vector<float> keys(size_t(n_blocks) * page * D), values(keys.size());
+      const HeadCalibration key_calib{calib.key_lo[0].data() + h * D, calib.key_hi[0].data() + h * D,
+                                      calib.codebooks[0].data(), 2.5f};
+      for (int b = 0; b < n_blocks; ++b) {
+        const uint8_t* base = pool.data() + pages[b] * page_bytes;
+        key_codec.decode(base + h * key_layout.block_bytes, page, keys.data() + size_t(b) * page * D, key_calib);
+        value_codec.decode(base + n_kv_heads * key_layout.block_bytes + h * value_layout.block_bytes, page,
+                           values.data() + size_t(b) * page * D, key_calib);
+      }
+      for (int t = 0; t < chunk[s]; ++t) {
+        const int64_t pos = earlier[s] + t;
+        const int64_t n_sinks = std::min<int64_t>(sinks, pos + 1);
+        const int64_t exact_from = std::clamp<int64_t>(options.exact_from(pos, earlier[s], page), n_sinks, pos + 1);
+        std::vector<float> k_rows(size_t(pos + 1) * D), v_rows(k_rows.size());
+        for (int64_t p = 0; p <= pos; ++p) {
+          float* k = k_rows.data() + p * D;
+          float* v = v_rows.data() + p * D;
+          if (p < n_sinks || p >= exact_from) {
+            const uint16_t* row = kv_rows[s].data() + size_t(p) * 2 * kv_dim + h * D;
+            for (int d = 0; d < D; ++d) k[d] = fp16_to_fp32(row[d]), v[d] = fp16_to_fp32(row[kv_dim + d]);
+          } else {
+            std::copy_n(keys.data() + p * D, D, k);
+            std::copy_n(values.data() + p * D, D, v);
+          }
+          if (rotate_keys) rope.rotate(k, p);
+        }
+        for (int g = 0; g < group; ++g) {
+          const int head = h * group + g;
+          const uint16_t* q = step.data() + size_t(first_row[s] + t) * stride + head * D;
+          std::vector<double> scores(pos + 1);
+          double max_score = -1e300;
+          for (int64_t p = 0; p <= pos; ++p) {
+            double dot = 0;
+            for (int d = 0; d < D; ++d) dot += double(fp16_to_fp32(q[d])) * k_rows[p * D + d];
+            scores[p] = dot / std::sqrt(double(D));
+            max_score = std::max(max_score, scores[p]);
+          }
+          double sum = 0;
+          for (double& x : scores) sum += (x = std::exp(x - max_score));
+          for (int d = 0; d < D; ++d) {
+            double ref = 0;
+            for (int64_t p = 0; p <= pos; ++p) ref += scores[p] * v_rows[p * D + d];
+            ref /= sum;
+            const double gpu = fp16_to_fp32(out[size_t(first_row[s] + t) * q_dim + head * D + d]);
+            const double err = std::fabs(gpu - ref);
+            worst = std::max(worst, err);
+            if (err > 2e-3 * (std::fabs(ref) + 0.1) && ++failures <= 5) {
+              ADD_FAILURE() << what << ": seq " << s << " pos " << pos << " head " << head << " dim " << d << ": gpu "
+                            << gpu << " cpu " << ref;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(failures, 0) << what;
+  std::printf("[ info ] %s: worst abs error %.2e\n", what.c_str(), worst);
+}
+
+TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<Case> cases;
+  for (const char* kv : {"int2", "int3", "int4", "nuq2", "nuq3", "nuq4", "int4-1%", "nuq2-1%", "nuq3-1%", "nuq4-1%"}) {
+    cases.push_back({kv});
+  }
+  cases.push_back({"nuq3-1%", 1, true, true, false});    // --kscale page
+  cases.push_back({"nuq3-1%", 1, false, false, false});  // --no-tail
+  cases.push_back({"nuq3-1%", 0, true, false, false});
+  cases.push_back({"nuq4-1%", 4, true, false, true});    // 4 sinks, --exact-chunk
+  for (const char* kv : {"fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) cases.push_back({kv});
+  cases.push_back({"q4_0", 1, true, false, true});
+  uint32_t seed = 1;
+  for (int head_dim : {64, 128}) {
+    for (int group : {1, 3, 8}) {
+      for (const Case& c : cases) run_case(c, head_dim, group, seed++);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvq::gputest
