@@ -21,7 +21,9 @@ __global__ void save_exact_rows_kernel(const __half* qkv, int32_t q_dim, int32_t
   }
 }
 
-// The rotation of write_kv_rotate_q_kernel (llama_kernels.cu) and RopeTable::rotate: fp32, rounded to fp16.
+// RopeTable::rotate's operations, each rounded as the CPU rounds them (explicit _rn intrinsics: never
+// contracted into FMAs), then rounded to fp16: keys rotated here before quantization equal the CPU's
+// kv_rows_ whenever the pre-RoPE halves are equal.
 __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
                                      int32_t head_dim, int32_t rotate_keys, const float2* rope) {
   const int32_t t = blockIdx.x;
@@ -32,7 +34,9 @@ __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int3
   for (int k = threadIdx.x * 2; k < rotated; k += blockDim.x * 2) {
     const float2 cs = angles[(k % head_dim) / 2];
     const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + k));
-    *reinterpret_cast<__half2*>(row + k) = __floats2half2_rn(x.x * cs.x - x.y * cs.y, x.x * cs.y + x.y * cs.x);
+    *reinterpret_cast<__half2*>(row + k) =
+        __floats2half2_rn(__fsub_rn(__fmul_rn(x.x, cs.x), __fmul_rn(x.y, cs.y)),
+                          __fadd_rn(__fmul_rn(x.x, cs.y), __fmul_rn(x.y, cs.x)));
   }
 }
 

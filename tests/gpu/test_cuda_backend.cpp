@@ -296,35 +296,40 @@ KvCacheOptions kv_options_for(const FormatCase& f, const TestCalibration* calib)
   return kv;
 }
 
-// One layer whose K/V rows are the same on both backends: embedding rows of +-1 (rms exactly 1) and an
-// attn_norm of ones make the normalized rows +-1 on the GPU (fp16) and +-(1 - 5e-6) on the CPU (fp32), so K
-// and V differ by ~5e-6 relative before both round them to fp16: the same halves but for about 1% of
-// elements one ulp apart, which moves a code only when it also sits on a quantization boundary (~1e-5 of
-// elements). Pages then hold the same codes on both sides, and what remains is what differs for fp16 pages
-// (the top of the file). With several layers, every difference of the first layer's attention output flips
-// codes in the next layers' pages, each flip one quantization step: that measures the format's sensitivity,
-// not the GPU path (observed 2e-2 (q8_0) to 5e-1 (int2) of the logits' RMS with 3 layers, H100 2026-11-27).
+// One layer whose K/V rows are the same halves on both backends, so that their pages hold the same codes:
+// embedding rows of +-1 (mean square exactly 1), rms_eps 0 and an attn_norm of ones make the normalized rows
+// exactly +-1 on both; Q/K/V weights on a grid of 2^-8 make every K and V element a sum of exact terms on
+// that grid below 8 in magnitude, which fp32 sums exactly in any order and fp16 holds exactly; post-RoPE
+// formats rotate those keys with the same fp32 operations (exact_rows.cu) and round them once. What remains
+// is what differs for fp16 pages (the top of the file), so the tolerance is the same.
+// Why one layer with crafted weights: with several layers, or with K/V that differ by an ulp, a code flips
+// wherever the two sides' inputs straddle a quantization boundary, each flip one quantization step of one
+// element that every later query reads: that measures the format's sensitivity, not the GPU path (observed
+// 2e-2 (q8_0) to 5e-1 (int2) of the logits' RMS with 3 random layers; 1e-2 to 5e-2 in a few rows of one
+// sequence with 1e-5 relative K/V differences; H100, 2026-11-27).
 LlamaConfig one_layer_config(int head_dim) {
   LlamaConfig c = small_config(head_dim);
   c.n_layers = 1;
+  c.rms_eps = 0.0f;
   return c;
 }
 LlamaWeights exact_kv_weights(const LlamaConfig& c, uint32_t seed) {
   LlamaWeights w = random_fp16_weights(c, seed);
   std::mt19937 rng(seed + 1);
   for (float& x : w.token_embd) x = rng() % 2 ? 1.0f : -1.0f;
-  for (LlamaLayerWeights& lw : w.layers) std::fill(lw.attn_norm.begin(), lw.attn_norm.end(), 1.0f);
+  for (LlamaLayerWeights& lw : w.layers) {
+    std::fill(lw.attn_norm.begin(), lw.attn_norm.end(), 1.0f);
+    for (float& x : lw.wqkv) x = std::round(x * 256.0f) / 256.0f;
+  }
   return w;
 }
 
 // Every quantized --kv format through both backends: ragged prefill in chunks that are not multiples of the
 // page, decode steps crossing page (and KIVI group) boundaries, sequences freed and new ones started in their
-// pages, GQA (6 query heads over 2 KV heads), head_dim 64 and 128. Both quantize the same fp16 K/V rows with
-// the same codec, so the pages hold the same codes wherever the K/V rows agree; what differs is what
-// differs for fp16 pages (see the top of the file: fp16 activations, other summation orders), plus a code
-// that flips where such a difference straddles a quantization boundary (one level of one element, rare).
-// So the tolerance is the fp16 test's, 1e-2 of the row RMS; a wrong code path (page, slot, outlier, RoPE,
-// exact/page split, sink) moves logits by O(1) of it. Pool bytes per page equal the CPU's.
+// pages and exact-row slots, GQA (6 query heads over 2 KV heads), head_dim 64 and 128, on the one-layer model
+// above (pages equal on both sides). Tolerance: the fp16 test's, 1e-2 of the row RMS; a wrong code path
+// (page, slot, outlier, RoPE, exact/page split, sink, store slot) moves logits by O(1) of it. Pool bytes per
+// page and exact-row bytes per sequence equal the CPU's; outlier counts agree.
 TEST(CudaBackend, QuantizedFormatsMatchCpu) {
   SKIP_WITHOUT_GPU();
   for (int head_dim : {64, 128}) {
