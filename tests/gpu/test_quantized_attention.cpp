@@ -264,5 +264,68 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   }
 }
 
+// The planner alone (host code, runs without a GPU): for every option set, each query row's splits cover
+// its keys 0..pos exactly once, in order, each split of one source by the CPU's rule, none longer than the
+// planned size; rows and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows.
+TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
+  const std::vector<Case> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
+                                   {"nuq4-1%", 2, true, false, true}, {"kivi2"}, {"q4_0"}, {"fp8", 1, true, false, true}};
+  for (const Case& test : cases) {
+    KvCacheOptions options;
+    options.format = parse_kv_format(test.kv);
+    options.sinks = test.sinks;
+    options.tail = test.tail;
+    options.per_page_key_ranges = test.page_ranges;
+    options.exact_chunk = test.exact_chunk;
+    const int page = 32;
+    // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 20000 rows forces a second launch.
+    const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 20000, 300, 11},
+                                                      {20042, 3, 8190, 30}};
+    const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
+    const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
+    ASSERT_EQ(plans.size(), 2u) << test.kv;
+    size_t chunk = 0;
+    int32_t t = 0;
+    int64_t longest = 0;
+    for (const cuda::QuantizedAttentionPlan& plan : plans) {
+      ASSERT_LE(plan.rows.size(), size_t(cuda::kQuantizedRowsPerLaunch));
+      ASSERT_EQ(plan.rows.size(), plan.sources.size());
+      ASSERT_EQ(plan.rows.size(), plan.combine.size());
+      for (size_t r = 0; r < plan.rows.size(); ++r) {
+        while (t == chunks[chunk].n_tokens) ++chunk, t = 0;
+        const cuda::AttentionChunk& c = chunks[chunk];
+        const int64_t pos = int64_t{c.start_pos} + t;
+        ASSERT_EQ(plan.rows[r].first_row, c.first_row + t);
+        ASSERT_EQ(plan.rows[r].start_pos, pos);
+        ASSERT_EQ(plan.rows[r].page_offset, c.page_offset);
+        ASSERT_EQ(plan.sources[r].chunk_first_row, c.first_row);
+        ASSERT_EQ(plan.sources[r].chunk_start, c.start_pos);
+        ASSERT_EQ(plan.sources[r].slot, slots[chunk]);
+        const cuda::DecodeChunk& dc = plan.combine[r];
+        ASSERT_EQ(dc.chunk, int32_t(r));
+        ASSERT_GE(dc.n_splits, 1);
+        const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
+        const int64_t exact_from = std::max(options.exact_from(pos, c.start_pos, page), n_sinks);
+        int64_t next = 0;
+        for (int32_t k = 0; k < dc.n_splits; ++k) {
+          const cuda::QuantizedSplit& split = plan.splits[dc.split_begin + k];
+          ASSERT_EQ(split.row, int32_t(r));
+          ASSERT_EQ(split.key_begin, next) << test.kv << " pos " << pos;
+          ASSERT_LT(split.key_begin, split.key_end);
+          const bool exact = split.key_end <= n_sinks || split.key_begin >= exact_from;
+          const bool paged = split.key_begin >= n_sinks && split.key_end <= exact_from;
+          ASSERT_TRUE(exact != paged) << test.kv << " pos " << pos << ": split straddles a source boundary";
+          ASSERT_EQ(split.exact, exact ? 1 : 0) << test.kv << " pos " << pos;
+          longest = std::max<int64_t>(longest, split.key_end - split.key_begin);
+          next = split.key_end;
+        }
+        ASSERT_EQ(next, pos + 1) << test.kv << " pos " << pos;
+        ++t;
+      }
+    }
+    EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
+  }
+}
+
 }  // namespace
 }  // namespace kvq::gputest
