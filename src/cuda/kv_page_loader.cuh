@@ -183,29 +183,31 @@ struct Fp16PageProducer {
   // Starts copying keys [k0, k0 + kRows) into sK and values into sV (rows at or past n_keys zero-filled).
   __device__ Pending issue(const PagedKv& kv, const int32_t* pages, int kv_head, int k0, int n_keys, __half* sK,
                            __half* sV) const {
-    // The pool pages of the thread's rows first, all loads in flight at once (no division per row:
-    // (page, slot) of the next row is stepped), then the copies.
+    // The pool pages of a batch of the thread's rows first, all loads in flight at once (no division per
+    // row: (page, slot) of the next row is stepped), then their copies; batches of 8 rows bound the registers.
+    constexpr int kBatch = kRowsPerThread < 8 ? kRowsPerThread : 8;
     const int pos0 = k0 + first_row;
-    const int page0 = pos0 / kv.page_size, slot0 = pos0 - page0 * kv.page_size;
-    int pool_page[kRowsPerThread];
-    int page = page0, slot = slot0;
+    int page = pos0 / kv.page_size, slot = pos0 - page * kv.page_size;
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      pool_page[j] = pos0 + j * kRowStep < n_keys ? pages[page] : -1;
-      next_row(kv, page, slot);
-    }
-    page = page0;
-    slot = slot0;
+    for (int j0 = 0; j0 < kRowsPerThread; j0 += kBatch) {
+      int pool_page[kBatch];
+      int batch_page = page, batch_slot = slot;
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = first_row + j * kRowStep;
-      const bool valid = pool_page[j] >= 0;
-      const int64_t offset =
-          valid ? ((static_cast<int64_t>(pool_page[j]) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D + column * 8
-                : 0;
-      cp_async_16(sK + tile_offset<D, kRows>(r, column * 8), kv.keys + offset, valid);
-      cp_async_16(sV + tile_offset<D, kRows>(r, column * 8), kv.values + offset, valid);
-      next_row(kv, page, slot);
+      for (int j = 0; j < kBatch; ++j) {
+        pool_page[j] = pos0 + (j0 + j) * kRowStep < n_keys ? pages[batch_page] : -1;
+        next_row(kv, batch_page, batch_slot);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int r = first_row + (j0 + j) * kRowStep;
+        const bool valid = pool_page[j] >= 0;
+        const int64_t offset =
+            valid ? ((static_cast<int64_t>(pool_page[j]) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D + column * 8
+                  : 0;
+        cp_async_16(sK + tile_offset<D, kRows>(r, column * 8), kv.keys + offset, valid);
+        cp_async_16(sV + tile_offset<D, kRows>(r, column * 8), kv.values + offset, valid);
+        next_row(kv, page, slot);
+      }
     }
     return load_angles(kv, pos0 < n_keys ? pos0 : -1);
   }

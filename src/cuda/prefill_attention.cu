@@ -41,10 +41,11 @@ struct PrefillShape {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
   static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128, kStages = 3;
-  static constexpr int kThreads = 128 * (kConsumers + 1);
-  // setmaxnreg budgets: 128 * kProducerRegs + 256 * kConsumerRegs <= 65536 (one block per multiprocessor);
-  // the splits with no spills in ptxas's report (nvcc 13.0).
-  static constexpr int kProducerRegs = D == 128 ? 80 : 88, kConsumerRegs = D == 128 ? 208 : 200;
+  static constexpr int kProducers = 2;  // warpgroups of the load stage, taking tiles in turn
+  static constexpr int kThreads = 128 * (kProducers + kConsumers);
+  // setmaxnreg budgets: 128 * (kProducers * kProducerRegs + kConsumers * kConsumerRegs) <= 65536
+  // (one block per multiprocessor); no spills in ptxas's report (nvcc 13.0).
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 200;
   using Loader = Fp16PageProducer<D, kBlockN, 128>;
   // sQ (kBlockM, D), then per stage sK (kBlockN, D) and sV (kBlockN, D), fp16, then the mbarriers;
   // 1024 bytes of slack to align the tiles for the swizzle.
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbarrier_init(&full[i], 128);                        // every producer thread
+      mbarrier_init(&full[i], 128);                        // every thread of the tile's producer
       mbarrier_init(&empty[i], 128 * Shape::kConsumers);   // every consumer thread
     }
     mbarrier_init_fence();
@@ -138,39 +139,32 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
   const int n_tiles = (n_keys + kBlockN - 1) / kBlockN;
   const int warp_group = threadIdx.x / 128;
 
-  if (warp_group == 0) {
-    // ---- producer: the load stage ----
+  if (warp_group < Shape::kProducers) {
+    // ---- producers: the load stage, warpgroup p filling tiles p, p + kProducers, ... ----
+    // One tile at a time per warpgroup (copy, wait, rotate): the other warpgroup's tile hides the latency.
     setmaxnreg_dec<Shape::kProducerRegs>();
     const int32_t* pages = kv.page_table + chunk.page_offset;
-    const Loader loader(kv, n_keys, threadIdx.x);
-    typename Loader::Pending landing{};  // of the tile issued one step earlier
-    for (int tile = 0; tile <= n_tiles; ++tile) {
-      typename Loader::Pending issued{};
-      if (tile < n_tiles) {
-        // Stage reuse: the consumers have returned tile - kStages (their step tile - kStages + 1, which
-        // needs tile - kStages + 1 full, done at our step tile - kStages + 2 <= tile - 1: kStages >= 3).
-        if (tile >= kStages) mbarrier_wait(&empty[tile % kStages], (tile / kStages - 1) & 1);
-        issued = loader.issue(kv, pages, kv_head, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
-        cp_async_commit();
-      }
-      if (tile > 0) {
-        if (tile < n_tiles) {
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        loader.finish(landing, stage_k(tile - 1));
-        fence_proxy_async();  // the rotated keys and the copied values are read by wgmma next
-        mbarrier_arrive(&full[(tile - 1) % kStages]);
-      }
-      landing = issued;
+    const Loader loader(kv, n_keys, threadIdx.x % 128);
+    for (int tile = warp_group; tile < n_tiles; tile += Shape::kProducers) {
+      // Stage reuse: the consumers have returned tile - kStages (at their step tile - kStages + 1, which
+      // needs tiles up to tile - kStages + 1 <= tile - kProducers full: filled at earlier steps).
+      static_assert(kStages >= Shape::kProducers + 1, "a producer never waits on its own unfinished tile");
+      if (tile >= kStages) mbarrier_wait(&empty[tile % kStages], (tile / kStages - 1) & 1);
+      const typename Loader::Pending pending =
+          loader.issue(kv, pages, kv_head, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
+      cp_async_commit();
+      cp_async_wait<0>();
+      loader.finish(pending, stage_k(tile));
+      fence_proxy_async();  // the rotated keys and the copied values are read by wgmma next
+      mbarrier_arrive(&full[tile % kStages]);
     }
   } else {
     // ---- consumers: matrix work and softmax ----
     setmaxnreg_inc<Shape::kConsumerRegs>();
     const int group_thread = threadIdx.x % 128, warp = group_thread / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int group_row0 = (warp_group - 1) * 64;
+    const int group = warp_group - Shape::kProducers, other_group = 1 - group;
+    const int group_row0 = group * 64;
     const int warp_row0 = group_row0 + warp * 16;
 
     // This warpgroup's 64 rows of Q (rows past the chunk zero-filled).
@@ -186,11 +180,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
-    named_barrier_sync(warp_group, 128);
+    named_barrier_sync(1 + group, 128);
 
     // Tiles with a key visible to one of a group's rows: k0 <= the position of its last row.
     const auto tiles_of_group = [&](int row0) { return row0 < q_rows ? (q_pos0 + min(row0 + 64, q_rows) - 1) / kBlockN + 1 : 0; };
-    const int group = warp_group - 1, other_group = 1 - group;
     const int my_tiles = tiles_of_group(group_row0);
 #if KVQ_PREFILL_PINGPONG
     // The two groups take turns issuing their matrix work (named barriers 3 and 4), so that one's
