@@ -161,17 +161,23 @@ struct Fp16PageProducer {
     float4 cs01, cs23;
   };
 
-  int column;        // the thread's column chunk
-  int first_row;     // its first row in the tile
-  int step_pages;    // kRowStep = step_pages * page_size + step_slots
-  int step_slots;
-  float2 step[4];    // rotation by kRowStep positions of its 4 pairs
+  int column;         // the thread's column chunk
+  int first_row;      // its first row in the tile
+  int page_elems;     // halves of one pool page (all KV heads)
+  int head_elems;     // offset of the thread's chunk in a page at slot 0: kv_head's rows, column
+  int page_size_elems;  // halves of a page's rows of one head
+  int step_pages;     // kRowStep rows = step_pages pages + step_slot_elems / D slots
+  int step_slot_elems;
+  float2 step[4];     // rotation by kRowStep positions of its 4 pairs
 
-  __device__ Fp16PageProducer(const PagedKv& kv, int n_keys, int thread)
+  __device__ Fp16PageProducer(const PagedKv& kv, int kv_head, int n_keys, int thread)
       : column(thread % kChunksPerRow),
         first_row(thread / kChunksPerRow),
+        page_elems(kv.n_kv_heads * kv.page_size * D),
+        head_elems(kv_head * kv.page_size * D + column * 8),
+        page_size_elems(kv.page_size * D),
         step_pages(kRowStep / kv.page_size),
-        step_slots(kRowStep % kv.page_size) {
+        step_slot_elems(kRowStep % kv.page_size * D) {
     // Row kRowStep of the table exists whenever a second row is ever rotated.
     const Pending angles = load_angles(kv, kRowStep < n_keys ? kRowStep : -1);
     step[0] = {angles.cs01.x, angles.cs01.y};
@@ -180,33 +186,37 @@ struct Fp16PageProducer {
     step[3] = {angles.cs23.z, angles.cs23.w};
   }
 
-  // Starts copying keys [k0, k0 + kRows) into sK and values into sV (rows at or past n_keys zero-filled).
-  __device__ Pending issue(const PagedKv& kv, const int32_t* pages, int kv_head, int k0, int n_keys, __half* sK,
-                           __half* sV) const {
-    // The pool pages of a batch of the thread's rows first, all loads in flight at once (no division per
-    // row: (page, slot) of the next row is stepped), then their copies; batches of 8 rows bound the registers.
+  // Starts copying keys [k0, k0 + kRows) into sK and values into sV (rows at or past n_keys zero-filled);
+  // pages: the sequence's page indices.
+  __device__ Pending issue(const PagedKv& kv, const int32_t* pages, int k0, int n_keys, __half* sK, __half* sV) const {
+    // A batch of the thread's rows at a time: their pool pages first, all loads in flight at once (no
+    // division per row: (page, slot) of the next row is stepped), then their copies. Batches of 8 rows
+    // bound the registers.
     constexpr int kBatch = kRowsPerThread < 8 ? kRowsPerThread : 8;
     const int pos0 = k0 + first_row;
-    int page = pos0 / kv.page_size, slot = pos0 - page * kv.page_size;
+    int page = pos0 / kv.page_size;
+    int slot_offset = (pos0 - page * kv.page_size) * D;  // of the row in its page's head
 #pragma unroll
     for (int j0 = 0; j0 < kRowsPerThread; j0 += kBatch) {
-      int pool_page[kBatch];
-      int batch_page = page, batch_slot = slot;
+      int pool_page[kBatch], row_offset[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        pool_page[j] = pos0 + (j0 + j) * kRowStep < n_keys ? pages[batch_page] : -1;
-        next_row(kv, batch_page, batch_slot);
+        pool_page[j] = pos0 + (j0 + j) * kRowStep < n_keys ? pages[page] : -1;
+        row_offset[j] = head_elems + slot_offset;
+        page += step_pages;
+        slot_offset += step_slot_elems;
+        if (slot_offset >= page_size_elems) {
+          slot_offset -= page_size_elems;
+          ++page;
+        }
       }
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
         const int r = first_row + (j0 + j) * kRowStep;
         const bool valid = pool_page[j] >= 0;
-        const int64_t offset =
-            valid ? ((static_cast<int64_t>(pool_page[j]) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D + column * 8
-                  : 0;
+        const int64_t offset = valid ? static_cast<int64_t>(pool_page[j]) * page_elems + row_offset[j] : 0;
         cp_async_16(sK + tile_offset<D, kRows>(r, column * 8), kv.keys + offset, valid);
         cp_async_16(sV + tile_offset<D, kRows>(r, column * 8), kv.values + offset, valid);
-        next_row(kv, page, slot);
       }
     }
     return load_angles(kv, pos0 < n_keys ? pos0 : -1);
@@ -233,16 +243,6 @@ struct Fp16PageProducer {
   }
 
  private:
-  // (page index in the sequence, slot) of the position kRowStep further.
-  __device__ void next_row(const PagedKv& kv, int& page, int& slot) const {
-    page += step_pages;
-    slot += step_slots;
-    if (slot >= kv.page_size) {
-      slot -= kv.page_size;
-      ++page;
-    }
-  }
-
   // The (cos, sin) of the thread's pairs at a position (-1: none, identity returned).
   __device__ Pending load_angles(const PagedKv& kv, int pos) const {
     if (pos < 0) return {{1.0f, 0.0f, 1.0f, 0.0f}, {1.0f, 0.0f, 1.0f, 0.0f}};

@@ -45,7 +45,7 @@ struct PrefillShape {
   static constexpr int kThreads = 128 * (kProducers + kConsumers);
   // setmaxnreg budgets: 128 * (kProducers * kProducerRegs + kConsumers * kConsumerRegs) <= 65536
   // (one block per multiprocessor); no spills in ptxas's report (nvcc 13.0).
-  static constexpr int kProducerRegs = 56, kConsumerRegs = 200;
+  static constexpr int kProducerRegs = D == 128 ? 56 : 64, kConsumerRegs = D == 128 ? 200 : 192;
   using Loader = Fp16PageProducer<D, kBlockN, 128>;
   // sQ (kBlockM, D), then per stage sK (kBlockN, D) and sV (kBlockN, D), fp16, then the mbarriers;
   // 1024 bytes of slack to align the tiles for the swizzle.
@@ -144,14 +144,14 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     // One tile at a time per warpgroup (copy, wait, rotate): the other warpgroup's tile hides the latency.
     setmaxnreg_dec<Shape::kProducerRegs>();
     const int32_t* pages = kv.page_table + chunk.page_offset;
-    const Loader loader(kv, n_keys, threadIdx.x % 128);
+    const Loader loader(kv, kv_head, n_keys, threadIdx.x % 128);
     for (int tile = warp_group; tile < n_tiles; tile += Shape::kProducers) {
       // Stage reuse: the consumers have returned tile - kStages (at their step tile - kStages + 1, which
       // needs tiles up to tile - kStages + 1 <= tile - kProducers full: filled at earlier steps).
       static_assert(kStages >= Shape::kProducers + 1, "a producer never waits on its own unfinished tile");
       if (tile >= kStages) mbarrier_wait(&empty[tile % kStages], (tile / kStages - 1) & 1);
       const typename Loader::Pending pending =
-          loader.issue(kv, pages, kv_head, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
+          loader.issue(kv, pages, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
       cp_async_commit();
       cp_async_wait<0>();
       loader.finish(pending, stage_k(tile));
