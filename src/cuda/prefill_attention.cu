@@ -4,18 +4,23 @@
 // CMakeLists.txt).
 //
 // Warp-specialized: a block owns kBlockM = 128 query rows of one chunk and one
-// query head and has three warpgroups.
-//   producer (warpgroup 0, few registers): the K/V load stage
-//     (kv_page_loader.cuh's Fp16PageProducer): cp.async of each key tile of
-//     kBlockN keys and its values into one of kStages shared-memory stages,
-//     RoPE on the keys once they land, then `full[stage]`. It copies tile t+1
-//     before rotating tile t, so two tiles' loads are in flight.
-//   consumers (warpgroups 1 and 2, 64 query rows each, many registers): per
+// query head and has four warpgroups, one block per multiprocessor.
+//   producers (warpgroups 0 and 1, few registers): the K/V load stage
+//     (kv_page_loader.cuh's Fp16PageProducer), taking key tiles of kBlockN
+//     keys in turn: cp.async of the tile's keys and values into one of
+//     kStages shared-memory stages, RoPE on the keys once they land, then
+//     `full[stage]`. Each handles one tile at a time; the other's tile hides
+//     the copy latency. (One producer warpgroup copying one tile ahead was
+//     the bottleneck: its per-row page lookups, address arithmetic and
+//     rotation issue about as many instructions per tile as the consumers.)
+//   consumers (warpgroups 2 and 3, 64 query rows each, many registers): per
 //     tile S = Q K^T (wgmma, Q and K in shared memory), mask, online softmax
 //     in the log2 domain, P (fp16, in registers) times V (wgmma, V N-major),
 //     then `empty[stage]`. Inside a warpgroup the loop is skewed by one tile:
 //     S of tile t and P V of tile t-1 are issued together, and the softmax of
-//     tile t runs while P V of tile t-1 is still on the tensor cores.
+//     tile t runs while P V of tile t-1 is still on the tensor cores; the two
+//     warpgroups take turns issuing their products (named barriers), so one's
+//     softmax overlaps the other's matrix work.
 // No block-wide barrier after the start: stages change hands through mbarriers
 // (warp_specialize.cuh). A consumer warpgroup skips the matrix work of tiles
 // wholly in its rows' future but still takes and returns them.
@@ -28,10 +33,6 @@
 #include "cuda/kv_page_loader.cuh"
 #include "cuda/warp_specialize.cuh"
 #include "cuda/wgmma.cuh"
-
-#ifndef KVQ_PREFILL_PINGPONG
-#define KVQ_PREFILL_PINGPONG 1
-#endif
 
 namespace kvq::cuda {
 namespace {
@@ -183,9 +184,10 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     named_barrier_sync(1 + group, 128);
 
     // Tiles with a key visible to one of a group's rows: k0 <= the position of its last row.
-    const auto tiles_of_group = [&](int row0) { return row0 < q_rows ? (q_pos0 + min(row0 + 64, q_rows) - 1) / kBlockN + 1 : 0; };
+    const auto tiles_of_group = [&](int row0) {
+      return row0 < q_rows ? (q_pos0 + min(row0 + 64, q_rows) - 1) / kBlockN + 1 : 0;
+    };
     const int my_tiles = tiles_of_group(group_row0);
-#if KVQ_PREFILL_PINGPONG
     // The two groups take turns issuing their matrix work (named barriers 3 and 4), so that one's
     // softmax runs while the other's products are on the tensor cores. A group's turns: S of tile 0,
     // then S of tile t with P V of tile t - 1 for each later tile, then P V of its last tile. Turn k
@@ -201,10 +203,6 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
       if (group == 0 ? turn < other_turns : turn + 1 < other_turns) named_barrier_arrive(3 + other_group, 256);
       ++turn;
     };
-#else
-    const auto begin_turn = [] {};
-    const auto end_turn = [] {};
-#endif
     const float scale_log2 = query.scale * 1.4426950408889634f;
     const int q_pos_g = q_pos0 + warp_row0 + g;
     // K-major operands: 8-row groups 1024 bytes apart; k-step kk at column block kk / 4, byte 32 (kk % 4).
