@@ -4,7 +4,7 @@
 //
 // A loader has two phases so the next tile loads while the current one is used:
 //   issue():  starts copying what the pages store (cp.async) into the tiles;
-//   finish(): after cp_async_wait + __syncthreads, turns stored data into the
+//   finish(): once the copies have landed, turns stored data into the
 //             attention's operands in place (here: RoPE on the keys).
 // A quantized-page loader keeps this interface: issue() copies codes, scales and
 // outlier slots to its staging area, finish() dequantizes and rotates into the
@@ -50,91 +50,6 @@ __device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) 
   }
   return raw;
 }
-
-// The same with the angles read from a table row (16-byte aligned).
-__device__ __forceinline__ uint4 rope_chunk(uint4 raw, const float2* angles) {
-  const float4 a01 = *reinterpret_cast<const float4*>(angles);
-  const float4 a23 = *reinterpret_cast<const float4*>(angles + 2);
-  const float2 cs[4] = {{a01.x, a01.y}, {a01.z, a01.w}, {a23.x, a23.y}, {a23.z, a23.w}};
-  return rotate_chunk(raw, cs);
-}
-
-// Pool offset (in halves) of key `pos` of a sequence for one KV head.
-template <int D>
-__device__ __forceinline__ int64_t page_row_offset(const PagedKv& kv, const int32_t* pages, int kv_head, int pos) {
-  const int page = pages[pos / kv.page_size], slot = pos % kv.page_size;
-  return ((static_cast<int64_t>(page) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D;
-}
-
-// fp16 pages: stored keys are pre-RoPE fp16, values fp16.
-//
-// RoPE angles are linear in the position (RopeTable: angle = pos * freq), so a
-// thread that rotates rows r0, r0 + kRowStep, r0 + 2 kRowStep, ... of one
-// column chunk needs only the table rows of positions k0 + r0 and kRowStep:
-// it steps its (cos, sin) by complex multiplication (fp32, at most 7 steps:
-// ~1e-6 relative, far below the keys' fp16 rounding). The staging area holds
-// those kRowStep + 1 table rows, copied with the keys so that finish() reads
-// only shared memory.
-template <int D, int kRows, int kThreads>
-struct Fp16PageLoader {
-  static constexpr int kChunksPerRow = D / 8;
-  static constexpr int kChunks = kRows * kChunksPerRow;
-  static constexpr int kRowStep = kThreads / kChunksPerRow;  // rows between one thread's chunks
-  static constexpr int kAngleChunksPerRow = D / 4;           // (D / 2) float2 = D * 4 bytes per row
-  static constexpr int kAngleChunks = (kRowStep + 1) * kAngleChunksPerRow;
-  static constexpr int kStagingBytes = (kRowStep + 1) * D * 4;
-  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowStep == 0, "every thread rotates the same rows");
-
-  // Keys [k0, k0 + kRows) into sK, sV and their angles into staging; rows at or past n_keys are zero-filled.
-  // staging may be reused as soon as the previous tile's finish() has completed (one buffer suffices).
-  __device__ static void issue(const PagedKv& kv, const int32_t* pages, int kv_head, int k0, int n_keys, __half* sK,
-                               __half* sV, void* staging) {
-#pragma unroll
-    for (int j = 0; j < kChunks / kThreads; ++j) {
-      const int i = threadIdx.x + j * kThreads;
-      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      const int pos = k0 + r;
-      const bool valid = pos < n_keys;
-      const int64_t offset = valid ? page_row_offset<D>(kv, pages, kv_head, pos) + c * 8 : 0;
-      cp_async_16(sK + tile_offset<D, kRows>(r, c * 8), kv.keys + offset, valid);
-      cp_async_16(sV + tile_offset<D, kRows>(r, c * 8), kv.values + offset, valid);
-    }
-    // Rows 0 .. kRowStep - 1: positions k0 + row; row kRowStep: position kRowStep (the step's angles).
-    float2* angles = static_cast<float2*>(staging);
-    for (int i = threadIdx.x; i < kAngleChunks; i += kThreads) {
-      const int r = i / kAngleChunksPerRow, c = i % kAngleChunksPerRow;
-      const int pos = r < kRowStep ? k0 + r : kRowStep;
-      const bool valid = pos < n_keys;  // n_keys <= the table's rows; an invalid row is never used
-      cp_async_16(angles + r * (D / 2) + c * 2, kv.rope + (valid ? static_cast<int64_t>(pos) * (D / 2) + c * 2 : 0), valid);
-    }
-  }
-
-  // RoPE on the landed keys at their positions.
-  __device__ static void finish(int k0, int n_keys, __half* sK, const void* staging) {
-    const float2* angles = static_cast<const float2*>(staging);
-    const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
-    float2 cs[4], step[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      cs[j] = angles[r0 * (D / 2) + c * 4 + j];
-      step[j] = angles[kRowStep * (D / 2) + c * 4 + j];
-    }
-#pragma unroll
-    for (int j = 0; j < kRows / kRowStep; ++j) {
-      const int r = r0 + j * kRowStep;
-      if (k0 + r < n_keys) {
-        uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D, kRows>(r, c * 8));
-        *chunk = rotate_chunk(*chunk, cs);
-      }
-      if (j + 1 < kRows / kRowStep) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
-        }
-      }
-    }
-  }
-};
 
 // The fp16 load stage for a warp-specialized kernel: the kThreads threads of a
 // producer warpgroup fill a tile, each one rotating only the key chunks it
