@@ -27,6 +27,7 @@ NvmlEnergyMeter::NvmlEnergyMeter(const std::string& pci_bus_id, const char* libr
   auto init = symbol<NvmlReturn (*)()>(library_, "nvmlInit_v2");
   auto by_index = symbol<NvmlReturn (*)(unsigned, NvmlDevice*)>(library_, "nvmlDeviceGetHandleByIndex_v2");
   auto by_bus_id = symbol<NvmlReturn (*)(const char*, NvmlDevice*)>(library_, "nvmlDeviceGetHandleByPciBusId_v2");
+  count_ = symbol<NvmlReturn (*)(unsigned*)>(library_, "nvmlDeviceGetCount_v2");
   shutdown_ = symbol<NvmlReturn (*)()>(library_, "nvmlShutdown");
   get_total_energy_ = symbol<NvmlReturn (*)(NvmlDevice, unsigned long long*)>(library_,
                                                                                 "nvmlDeviceGetTotalEnergyConsumption");
@@ -40,7 +41,9 @@ NvmlEnergyMeter::NvmlEnergyMeter(const std::string& pci_bus_id, const char* libr
     return;
   }
   initialized_ = true;
-  const NvmlReturn code = pci_bus_id.empty() ? by_index(0, &device_) : by_bus_id(pci_bus_id.c_str(), &device_);
+  NvmlReturn code = pci_bus_id.empty() ? by_index(0, &device_) : by_bus_id(pci_bus_id.c_str(), &device_);
+  unsigned count = 0;
+  if (code != 0 && count_ && count_(&count) == 0 && count == 1) code = by_index(0, &device_);  // the only GPU is ours
   if (code != 0) {
     mark_unsupported(describe(pci_bus_id.empty() ? "nvmlDeviceGetHandleByIndex_v2(0)" : "nvmlDeviceGetHandleByPciBusId_v2", code));
     return;

@@ -36,6 +36,7 @@ class NvmlEnergyMeter {
   void* library_ = nullptr;  // dlopen handle
   bool initialized_ = false;  // nvmlInit_v2 succeeded: nvmlShutdown is owed
   NvmlDevice device_ = nullptr;
+  NvmlReturn (*count_)(unsigned*) = nullptr;
   NvmlReturn (*shutdown_)() = nullptr;
   NvmlReturn (*get_total_energy_)(NvmlDevice, unsigned long long*) = nullptr;
   const char* (*error_string_)(NvmlReturn) = nullptr;
