@@ -53,6 +53,13 @@ def calib_sensitivity(argv):
     return "plain" if re.search(r"(none|plain)", os.path.basename(path)) else "fisher"
 
 
+def command_line(command, argv):
+    """The command as a reader would type it in the repository: `kvq bench ...`, `python3 scripts/baseline_hf.py ...`."""
+    if command == "baseline_hf":
+        return " ".join(["python3", "scripts/" + os.path.basename(argv[0] if argv else "baseline_hf.py")] + argv[1:])
+    return " ".join(["kvq"] + argv[1:])
+
+
 def load(results_dir):
     """Rows: every result of every JSON file, with its envelope's provenance and settings folded in."""
     rows, sources = [], []
@@ -67,7 +74,7 @@ def load(results_dir):
             continue
         argv = report.get("argv") or []
         source = dict(id=len(sources) + 1, file=os.path.relpath(path, os.path.dirname(results_dir.rstrip("/")) or "."),
-                      command=report["command"], argv=" ".join(argv[1:] if report["command"] != "baseline_hf" else argv),
+                      command=report["command"], argv=command_line(report["command"], argv),
                       device=report.get("device", "?"), date=report.get("date", "?"),
                       commit=report.get("git_commit", "?"), model=report.get("model", "?"))
         sources.append(source)
@@ -117,6 +124,23 @@ def kv_parts(kv):
     return (m.group(1), int(m.group(2)), float(m.group(3) or 0)) if m else (kv, None, None)
 
 
+def config_label(row):
+    """The format and every option that differs from the defaults: "nuq3-1% --no-tail --page 32"."""
+    family = kv_parts(row.get("kv"))[0]
+    label = [row.get("kv") or "?"]
+    if family in ("int", "nuq") and row.get("tail") is False:
+        label.append("--no-tail")
+    if family in ("int", "nuq") and row.get("kscale") == "page":
+        label.append("--kscale page")
+    if family == "nuq" and row.get("sensitivity") == "plain":
+        label.append("plain codebooks")
+    if row.get("exact_chunk"):
+        label.append("--exact-chunk")
+    if row.get("page") not in (None, 64):
+        label.append(f"--page {row['page']}")
+    return " ".join(label)
+
+
 def fmt(value, spec=".3g"):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -146,14 +170,25 @@ def kv_style(kv, all_kvs):
     return dict(color=colors[index % len(colors)], linestyle="-", marker="o")
 
 
-def grid_axes(plt, n, title):
-    cols = min(n, 4)
+def grid_axes(plt, n, title, cols=4):
+    cols = min(n, cols)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
     return fig, list(axes.flat)
+
+
+def figure_legend(fig, axes):
+    """One legend for the figure: every series of every panel, once."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=min(len(seen), 6),
+                   fontsize=7)
 
 
 def save(fig, path, made):
@@ -196,9 +231,11 @@ def throughput_and_memory_figures(plt, rows, model, device, out_dir, made):
                             ax.annotate("oom", (r["batch"], 0), xycoords=("data", "axes fraction"),
                                         color=style["color"], ha="center", va="bottom", fontsize=7)
             ax.set_xscale("log", base=2)
+            batches = [r["batch"] for r in points if r["prompt_len"] == L]
+            ax.set_xlim(min(batches) / 1.5, max(batches) * 1.5)  # oom points too, which draw no line
             ax.set_xlabel("batch")
             ax.set_title(f"L={L}: {m.replace('_tok_s', ' tok/s').replace('peak_mem_bytes', 'peak GiB')}")
-        axes[0].legend(fontsize=6)
+        figure_legend(fig, axes)
         save(fig, os.path.join(out_dir, f"{name}_{slug}.png"), made)
 
 
@@ -229,6 +266,10 @@ def speedup_figure(plt, rows, model, device, out_dir, made):
     save(fig, os.path.join(out_dir, f"speedup_{model}.png"), made)
 
 
+ENERGY_METRICS = [("energy_j_per_token", "whole run"), ("prefill_j_per_token", "prefill"),
+                  ("decode_j_per_token", "decode")]
+
+
 def energy_figure(plt, rows, model, device, out_dir, made):
     points = [r for r in sweep_rows(rows, model, device) if ok(r) and
               isinstance(r.get("energy_j_per_token"), (int, float)) and not r.get("ragged")]
@@ -236,69 +277,77 @@ def energy_figure(plt, rows, model, device, out_dir, made):
     kvs = sorted({r["kv"] for r in points})
     if not points:
         return
-    fig, axes = grid_axes(plt, len(batches), f"{model} on {device}: energy per token (prompt + decode) vs length")
-    for ax, B in zip(axes, batches):
+    panels = [(B, metric, name) for B in batches for metric, name in ENERGY_METRICS]
+    fig, axes = grid_axes(plt, len(panels), f"{model} on {device}: energy per token vs prompt length",
+                          cols=len(ENERGY_METRICS))
+    for ax, (B, metric, name) in zip(axes, panels):
         for kv in kvs:
-            series = sorted((r for r in points if r["batch"] == B and r["kv"] == kv), key=lambda r: r["prompt_len"])
+            series = sorted((r for r in points if r["batch"] == B and r["kv"] == kv and
+                             isinstance(r.get(metric), (int, float)) and r[metric] > 0), key=lambda r: r["prompt_len"])
             if series:
-                ax.plot([r["prompt_len"] for r in series], [r["energy_j_per_token"] for r in series], label=kv,
-                        **kv_style(kv, kvs))
+                ax.plot([r["prompt_len"] for r in series], [r[metric] for r in series], label=kv, **kv_style(kv, kvs))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt length")
         ax.set_ylabel("J / token")
-        ax.set_title(f"batch {B}")
-    axes[0].legend(fontsize=6)
+        ax.set_title(f"batch {B}: {name}")
+    figure_legend(fig, axes)
     save(fig, os.path.join(out_dir, f"energy_{model}.png"), made)
 
 
-# The ablation axes: what varies, read from a row, and the default the other rows hold.
+# The ablation axes: name, the value a row takes on it, and whether only int/nuq formats have it.
 ABLATIONS = [
-    ("page size", lambda r: r.get("page"), None),
-    ("bits", lambda r: kv_parts(r.get("kv"))[1], None),
-    ("outlier %", lambda r: kv_parts(r.get("kv"))[2], None),
-    ("key ranges (--kscale)", lambda r: r.get("kscale"), None),
-    ("fp16 tail (--tail)", lambda r: r.get("tail"), None),
-    ("codebooks", lambda r: r.get("sensitivity"), None),
+    ("page size", lambda r: r.get("page"), False),
+    ("bits", lambda r: kv_parts(r.get("kv"))[1], True),
+    ("outlier %", lambda r: kv_parts(r.get("kv"))[2], True),
+    ("key ranges (--kscale)", lambda r: r.get("kscale"), True),
+    ("fp16 tail (--tail)", lambda r: r.get("tail"), True),
+    ("codebooks (Fisher vs plain)", lambda r: r.get("sensitivity") if kv_parts(r.get("kv"))[0] == "nuq" else None, True),
 ]
 ABLATION_METRICS = [("ppl", "ppl", "PPL"), ("bench", "prefill_tok_s", "prefill tok/s"),
                     ("bench", "decode_tok_s", "decode tok/s"), ("bench", "energy_j_per_token", "J/token")]
 
 
-def ablation_series(rows, axis_value, command, metric):
-    """Per (model, device, family, shape) group: {axis value: metric} where the axis takes two or more values."""
+def ablation_series(rows, axis, command, metric):
+    """{series label: {axis value: metric}}: rows alike in everything but the axis
+    (model, device, shape and every other option), where the axis takes two or more values."""
+    name, axis_value, quantized_only = axis
     groups = defaultdict(dict)
     for r in rows:
-        if r["command"] != command or not ok(r) and command == "bench" or not isinstance(r.get(metric), (int, float)):
-            continue
-        value = axis_value(r)
-        if value is None:
+        if r["command"] != command or (command == "bench" and not ok(r)) or not isinstance(r.get(metric), (int, float)):
             continue
         family, bits, outliers = kv_parts(r.get("kv"))
-        others = dict(page=r.get("page"), bits=bits, outliers=outliers, kscale=r.get("kscale"), tail=r.get("tail"),
-                      sensitivity=r.get("sensitivity"))
-        key = (r["model"], r["device"], family, r.get("prompt_len"), r.get("batch"), r.get("ctx"),
-               tuple(sorted((k, v) for k, v in others.items() if v != value or k == "_")))
-        groups[key][value] = r[metric]
+        value = axis_value(r)
+        if value is None or (quantized_only and family not in ("int", "nuq")):
+            continue
+        fixed = dict(r, page=None if name == "page size" else r.get("page"),
+                     tail=None if "tail" in name else r.get("tail"),
+                     kscale=None if "kscale" in name else r.get("kscale"),
+                     sensitivity=None if "codebooks" in name else r.get("sensitivity"))
+        if name == "bits":
+            fixed["kv"] = f"{family}*" + (f"-{outliers:g}%" if outliers else "")
+        elif name == "outlier %":
+            fixed["kv"] = f"{family}{bits}" + "-*%"
+        shape = f"ctx {r['ctx']}" if r.get("ctx") else f"{r.get('prompt_len')}x{r.get('batch')}"
+        label = f"{r['model']} {config_label(fixed)} {shape}" + ("" if is_gpu(r["device"]) else " (cpu)")
+        groups[label][value] = r[metric]
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
 
 def ablation_figure(plt, rows, out_dir, made):
     panels = []
-    for name, axis_value, _ in ABLATIONS:
+    for axis in ABLATIONS:
         for command, metric, label in ABLATION_METRICS:
-            series = ablation_series(rows, axis_value, command, metric)
+            series = ablation_series(rows, axis, command, metric)
             if series:
-                panels.append((name, label, series))
+                panels.append((axis[0], label, series))
     if not panels:
         return
     fig, axes = grid_axes(plt, len(panels), "ablations: one option varied, the rest fixed")
     for ax, (name, label, series) in zip(axes, panels):
-        for (model, device, family, L, B, ctx, _), values in sorted(series.items(), key=str)[:8]:
+        for series_label, values in sorted(series.items())[:8]:
             xs = sorted(values, key=lambda v: (isinstance(v, str), v))
-            shape = f"ctx {ctx}" if ctx else f"{L}x{B}"
-            ax.plot([str(x) for x in xs], [values[x] for x in xs], marker="o",
-                    label=f"{model} {family} {shape}{'' if is_gpu(device) else ' (cpu)'}")
+            ax.plot([str(x) for x in xs], [values[x] for x in xs], marker="o", label=series_label)
         ax.set_xlabel(name)
         ax.set_title(label)
         ax.legend(fontsize=5)
@@ -310,9 +359,9 @@ def pareto_points(rows):
     shared by every format, the largest such on a GPU), and which are on the Pareto front."""
     out = {}
     for model in sorted({r["model"] for r in rows}):
-        ppl = {(r["kv"], r.get("tail"), r.get("kscale"), r.get("sensitivity")): r["ppl"] for r in rows
+        ppl = {config_label(r): r["ppl"] for r in rows
                if r["command"] == "ppl" and r["model"] == model and isinstance(r.get("ppl"), (int, float))}
-        fp16 = [v for (kv, *_), v in ppl.items() if kv == "fp16"]
+        fp16 = [v for label, v in ppl.items() if label == "fp16"]
         bench = [r for r in rows if r["command"] == "bench" and r["model"] == model and ok(r) and is_gpu(r["device"])
                  and isinstance(r.get("energy_j_per_token"), (int, float)) and not r.get("ragged")]
         if not fp16 or not bench:
@@ -325,9 +374,9 @@ def pareto_points(rows):
         for r in bench:
             if (r["prompt_len"], r["batch"]) != shape:
                 continue
-            key = (r["kv"], r.get("tail"), r.get("kscale"), r.get("sensitivity"))
-            if key in ppl:
-                points.append(dict(kv=r["kv"], loss=100 * (ppl[key] / fp16[0] - 1), j=r["energy_j_per_token"],
+            label = config_label(r)
+            if label in ppl and not any(p["kv"] == label for p in points):
+                points.append(dict(kv=label, loss=100 * (ppl[label] / fp16[0] - 1), j=r["energy_j_per_token"],
                                    tok_s=r["prefill_tok_s"], decode=r.get("decode_tok_s"), source=r["source_id"]))
         for p in points:
             p["front"] = not any(q is not p and q["loss"] <= p["loss"] and q["j"] <= p["j"] and q["tok_s"] >= p["tok_s"]
@@ -387,13 +436,14 @@ def bench_tables(rows):
                          fmt(r.get("ttft_s"), ".3g"), fmt(r.get("decode_tok_s"), ".0f"),
                          fmt(gib(r.get("peak_mem_bytes")), ".2f"), fmt((r.get("kv_bytes") or 0) / 2**20, ".0f")
                          if ok(r) else "-", fmt(r.get("bits_per_element"), ".2f"),
-                         fmt(r.get("energy_j_per_token"), ".3g"), fmt(r.get("avg_watts"), ".0f"),
+                         fmt(r.get("energy_j_per_token"), ".3g"), fmt(r.get("prefill_j_per_token"), ".3g"),
+                         fmt(r.get("decode_j_per_token"), ".3g"), fmt(r.get("avg_watts"), ".0f"),
                          fmt(ratio(r, fp16, "prefill_tok_s"), ".2f") if r["kv"] not in ("fp16", HF_KV) else "",
                          fmt(ratio(r, fp16, "energy_j_per_token"), ".2f") if r["kv"] not in ("fp16", HF_KV) else "",
                          r.get("status", "?") if ok(r) else f"**{r.get('status')}**", f"[{r['source_id']}]"])
         lines += ["", f"#### {model} on {device}", ""]
         lines += table(["kv", "L", "B", "ragged", "prefill tok/s", "x HF", "TTFT s", "decode tok/s", "peak GiB",
-                        "KV MiB", "bits", "J/token", "W", "tok/s vs fp16", "J/token vs fp16", "status", "src"], body)
+                        "KV MiB", "bits", "J/token", "prefill J/tok", "decode J/tok", "W", "tok/s vs fp16", "J/token vs fp16", "status", "src"], body)
     return lines
 
 
@@ -453,7 +503,7 @@ def generated_section(rows, sources, figures, doc_dir):
     lines += ["", "Sources:", ""]
     lines += table(["src", "file", "card", "date", "commit", "command"],
                    [[f"[{s['id']}]", f"`{s['file']}`", s["device"], s["date"], s["commit"],
-                     f"`{'kvq ' if s['command'] != 'baseline_hf' else 'python3 '}{s['argv']}`"] for s in sources])
+                     f"`{s['argv']}`"] for s in sources])
     lines += bench_tables(rows) + energy_notes(rows) + capacity_table(rows)
     pareto = pareto_points(rows)
     for model, (shape, points) in pareto.items():
