@@ -91,14 +91,13 @@ def load(results_dir):
     return merge(rows), sources
 
 
-def config_key(row):
-    return (row["command"] == "ppl", row["model"], row["device"], row.get("kv"), row.get("page"), row.get("tail"),
-            row.get("kscale"), row.get("exact_chunk"), row.get("sensitivity"), row.get("ragged", False),
-            row.get("gen"), "max_batch" in row)
+# What makes two results the same measurement (a newer one replaces the older).
+POINT_FIELDS = ("kv", "page", "tail", "kscale", "exact_chunk", "sensitivity", "ragged", "gen", "prompt_len", "batch",
+                "ctx", "stride", "task", "length", "depth", "chat", "mem_budget_gib")
 
 
 def point_key(row):
-    return config_key(row) + (row.get("prompt_len"), row.get("batch"), row.get("ctx"))
+    return (row["command"], row["model"], row["device"], "max_batch" in row) + tuple(row.get(f) for f in POINT_FIELDS)
 
 
 def merge(rows):
@@ -304,8 +303,10 @@ ABLATIONS = [
     ("fp16 tail (--tail)", lambda r: r.get("tail"), True),
     ("codebooks (Fisher vs plain)", lambda r: r.get("sensitivity") if kv_parts(r.get("kv"))[0] == "nuq" else None, True),
 ]
-ABLATION_METRICS = [("ppl", "ppl", "PPL"), ("bench", "prefill_tok_s", "prefill tok/s"),
-                    ("bench", "decode_tok_s", "decode tok/s"), ("bench", "energy_j_per_token", "J/token")]
+# (command, metric, title); kvq eval's rows count for the passkey task only.
+ABLATION_METRICS = [("ppl", "ppl", "PPL"), ("eval", "accuracy", "passkey accuracy %"),
+                    ("bench", "prefill_tok_s", "prefill tok/s"), ("bench", "decode_tok_s", "decode tok/s"),
+                    ("bench", "energy_j_per_token", "J/token")]
 
 
 def ablation_series(rows, axis, command, metric):
@@ -315,6 +316,8 @@ def ablation_series(rows, axis, command, metric):
     groups = defaultdict(dict)
     for r in rows:
         if r["command"] != command or (command == "bench" and not ok(r)) or not isinstance(r.get(metric), (int, float)):
+            continue
+        if command == "eval" and r.get("task") != "passkey":
             continue
         family, bits, outliers = kv_parts(r.get("kv"))
         value = axis_value(r)
@@ -328,7 +331,12 @@ def ablation_series(rows, axis, command, metric):
             fixed["kv"] = f"{family}*" + (f"-{outliers:g}%" if outliers else "")
         elif name == "outlier %":
             fixed["kv"] = f"{family}{bits}" + "-*%"
-        shape = f"ctx {r['ctx']}" if r.get("ctx") else f"{r.get('prompt_len')}x{r.get('batch')}"
+        if r.get("ctx"):
+            shape = f"ctx {r['ctx']}"
+        elif command == "eval":
+            shape = f"length {r.get('length')} depth {r.get('depth')}"
+        else:
+            shape = f"{r.get('prompt_len')}x{r.get('batch')}"
         label = f"{r['model']} {config_label(fixed)} {shape}" + ("" if is_gpu(r["device"]) else " (cpu)")
         groups[label][value] = r[metric]
     return {k: v for k, v in groups.items() if len(v) >= 2}
@@ -394,12 +402,16 @@ def pareto_figure(plt, rows, out_dir, made):
                              edgecolors=["red" if p["front"] else "none" for p in points])
         for p in points:
             ax.annotate(p["kv"], (p["j"], p["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = sorted((p for p in points if p["front"]), key=lambda p: p["j"])
-        ax.plot([p["j"] for p in front], [p["loss"] for p in front], color="red", linewidth=0.8)
+        staircase, best = [], math.inf  # the front of accuracy and energy alone: each step lowers the loss
+        for p in sorted(points, key=lambda p: (p["j"], p["loss"])):
+            if p["loss"] < best:
+                staircase.append(p)
+                best = p["loss"]
+        ax.step([p["j"] for p in staircase], [p["loss"] for p in staircase], where="post", color="red", linewidth=0.8)
         fig.colorbar(scatter, ax=ax, label="prefill tok/s")
         ax.set_xlabel(f"J / token ({shape[0]} x {shape[1]})")
         ax.set_ylabel("PPL change vs fp16 KV (%)")
-        ax.set_title(f"{model}: accuracy, throughput, energy (red: Pareto front)")
+        ax.set_title(f"{model}: accuracy, throughput, energy\n(red rings: Pareto front of all three; line: of accuracy and energy)")
         save(fig, os.path.join(out_dir, f"pareto_{model}.png"), made)
 
 
@@ -521,10 +533,9 @@ def generated_section(rows, sources, figures, doc_dir):
 def write_doc(doc, section):
     text = open(doc).read() if os.path.exists(doc) else "# Results\n"
     block = "\n".join(section) + "\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
-        text = before + block.rstrip("\n") + after
+    old = re.search(r"<!-- report:begin.*?-->.*?" + re.escape(END), text, flags=re.S)  # whatever its wording
+    if old:
+        text = text[:old.start()] + block.rstrip("\n") + text[old.end():]
     else:
         text = text.rstrip("\n") + "\n\n" + block
     with open(doc, "w") as f:
