@@ -6,6 +6,7 @@
 #include <new>
 
 #include "core/error.h"
+#include "engine/generator.h"
 
 namespace kvq {
 
@@ -22,8 +23,7 @@ std::vector<int32_t> point_prompt_lengths(int32_t length, int32_t batch, bool ra
 int64_t pages_for_batch(const std::vector<int32_t>& prompt_lengths, int32_t gen, int32_t page, int32_t context) {
   int64_t pages = 0;
   for (int32_t n : prompt_lengths) {
-    const int64_t tokens = std::min<int64_t>(int64_t{n} + gen - 1, context);
-    pages += (tokens + page - 1) / page;
+    pages += (kv_tokens_needed(n, gen, context) + page - 1) / page;
   }
   return pages;
 }
