@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 VENV ?= $(or $(KVQ_CACHE),$(HOME)/.cache/kvq)/venv
 DEMO_PROMPT ?= The three most important things to pack for a long hike are
 
-.PHONY: setup setup-dev build demo test test-unit test-asan test-fuzz test-model fuzz clean
+.PHONY: setup setup-dev build demo test test-unit test-asan test-fuzz test-model fuzz report clean
 
 setup:
 	scripts/setup.sh
@@ -51,6 +51,12 @@ fuzz:
 	mkdir -p build-fuzz/corpus
 	./build-fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 \
 	  -artifact_prefix=tests/fuzz/corpus/crash- build-fuzz/corpus tests/fuzz/corpus
+
+# Figures (docs/figures/) and the generated section of docs/RESULTS.md from the JSON
+# files of kvq bench, scripts/baseline_hf.py and kvq ppl under docs/results/.
+report:
+	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || scripts/setup.sh --dev
+	$(VENV)/bin/python scripts/report.py --results docs/results --figures docs/figures --doc docs/RESULTS.md
 
 clean:
 	rm -rf build build-asan build-fuzz

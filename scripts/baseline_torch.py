@@ -12,6 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from baseline_hf import build_model  # the presets' HF models, shared with the bench baseline
+
 SHAPES = [("hd64 9/3", 64, 9, 3), ("hd128 32/32", 128, 32, 32), ("hd128 32/8", 128, 32, 8)]
 
 
@@ -90,25 +92,9 @@ def sdpa_decode(copy):
     return out
 
 
-PRESETS = {
-    "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True),
-    "llama2-7b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                      num_key_value_heads=32, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
-                      rope_theta=10000.0, tie_word_embeddings=False),
-}
-
-
 def hf_prefill(preset, points):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(rms_norm_eps=1e-5, attn_implementation="sdpa", **PRESETS[preset])
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(default)
+    model = build_model(preset)
+    config = model.config
     dtype = next(model.parameters()).dtype
     out = []
     gen = torch.Generator(device="cpu").manual_seed(5)

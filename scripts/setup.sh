@@ -74,11 +74,11 @@ fi
 # --- reference tests: numpy, gguf, llama-cpp-python (built from source), pytest ---
 if [ "$dev" -eq 1 ]; then
   venv=$cache/venv
-  if ! "$venv/bin/python" -c 'import numpy, gguf, llama_cpp, pytest' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import numpy, gguf, llama_cpp, pytest, matplotlib' 2>/dev/null; then
     say "building the reference venv (llama-cpp-python compiles llama.cpp: ~10 minutes on 2 cores)"
     python3 -m venv "$venv"
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet \
-      numpy==2.4.6 gguf==0.19.0 llama-cpp-python==0.3.36 pytest==9.2.0
+      numpy==2.4.6 gguf==0.19.0 llama-cpp-python==0.3.36 pytest==9.2.0 matplotlib==3.11.2
   fi
 fi
 say "ready"

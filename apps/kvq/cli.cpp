@@ -26,6 +26,14 @@ namespace {
 
 constexpr double kDefaultCpuPoolGib = 4.0;  // host memory is committed only as pages are written
 
+// RFC 4180: a cell holding a comma, quote or line break is quoted, its quotes doubled.
+std::string csv_cell(const std::string& text) {
+  if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (char ch : text) quoted += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return quoted + "\"";
+}
+
 bool has_cuda_device() {
 #ifdef KVQ_HAS_CUDA
   return !list_cuda_devices().empty();
@@ -220,7 +228,7 @@ void write_csv(const std::string& path, const nlohmann::json& results) {
       if (!row.contains(key)) {
         cells.emplace_back();
       } else if (row[key].is_string()) {
-        cells.push_back(row[key].get<std::string>());
+        cells.push_back(csv_cell(row[key].get<std::string>()));
       } else {
         cells.push_back(row[key].dump());
       }

@@ -4,7 +4,7 @@
 //
 // A loader has two phases so the next tile loads while the current one is used:
 //   issue():  starts copying what the pages store (cp.async) into the tiles;
-//   finish(): after cp_async_wait + __syncthreads, turns stored data into the
+//   finish(): once the copies have landed, turns stored data into the
 //             attention's operands in place (here: RoPE on the keys).
 // A quantized-page loader keeps this interface: issue() copies codes, scales and
 // outlier slots to its staging area, finish() dequantizes and rotates into the
@@ -51,88 +51,118 @@ __device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) 
   return raw;
 }
 
-// The same with the angles read from a table row (16-byte aligned).
-__device__ __forceinline__ uint4 rope_chunk(uint4 raw, const float2* angles) {
-  const float4 a01 = *reinterpret_cast<const float4*>(angles);
-  const float4 a23 = *reinterpret_cast<const float4*>(angles + 2);
-  const float2 cs[4] = {{a01.x, a01.y}, {a01.z, a01.w}, {a23.x, a23.y}, {a23.z, a23.w}};
-  return rotate_chunk(raw, cs);
-}
-
-// Pool offset (in halves) of key `pos` of a sequence for one KV head.
-template <int D>
-__device__ __forceinline__ int64_t page_row_offset(const PagedKv& kv, const int32_t* pages, int kv_head, int pos) {
-  const int page = pages[pos / kv.page_size], slot = pos % kv.page_size;
-  return ((static_cast<int64_t>(page) * kv.n_kv_heads + kv_head) * kv.page_size + slot) * D;
-}
-
-// fp16 pages: stored keys are pre-RoPE fp16, values fp16.
+// The fp16 load stage for a warp-specialized kernel: the kThreads threads of a
+// producer warpgroup fill a tile, each one rotating only the key chunks it
+// copied itself, so that after its own cp_async_wait a thread can finish()
+// without waiting for the others (no barrier among producers). Thread i copies
+// column chunk i % (D / 8) of rows i / (D / 8) + j * kRowStep; the (cos, sin)
+// of its first row travel in registers from issue() to finish() and are
+// stepped forward by kRowStep positions by complex multiplication (fp32,
+// at most kRows / kRowStep - 1 = 15 steps: ~1e-6 relative, far below the
+// keys' fp16 rounding).
 //
-// RoPE angles are linear in the position (RopeTable: angle = pos * freq), so a
-// thread that rotates rows r0, r0 + kRowStep, r0 + 2 kRowStep, ... of one
-// column chunk needs only the table rows of positions k0 + r0 and kRowStep:
-// it steps its (cos, sin) by complex multiplication (fp32, at most 7 steps:
-// ~1e-6 relative, far below the keys' fp16 rounding). The staging area holds
-// those kRowStep + 1 table rows, copied with the keys so that finish() reads
-// only shared memory.
+// A quantized-page producer keeps this shape: issue() copies codes, scales and
+// outliers (its Pending says where), finish() dequantizes and rotates them
+// into the same tiles.
 template <int D, int kRows, int kThreads>
-struct Fp16PageLoader {
+struct Fp16PageProducer {
   static constexpr int kChunksPerRow = D / 8;
-  static constexpr int kChunks = kRows * kChunksPerRow;
-  static constexpr int kRowStep = kThreads / kChunksPerRow;  // rows between one thread's chunks
-  static constexpr int kAngleChunksPerRow = D / 4;           // (D / 2) float2 = D * 4 bytes per row
-  static constexpr int kAngleChunks = (kRowStep + 1) * kAngleChunksPerRow;
-  static constexpr int kStagingBytes = (kRowStep + 1) * D * 4;
-  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowStep == 0, "every thread rotates the same rows");
+  static constexpr int kRowStep = kThreads / kChunksPerRow;
+  static constexpr int kRowsPerThread = kRows / kRowStep;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowStep == 0, "every thread owns the same rows");
 
-  // Keys [k0, k0 + kRows) into sK, sV and their angles into staging; rows at or past n_keys are zero-filled.
-  // staging may be reused as soon as the previous tile's finish() has completed (one buffer suffices).
-  __device__ static void issue(const PagedKv& kv, const int32_t* pages, int kv_head, int k0, int n_keys, __half* sK,
-                               __half* sV, void* staging) {
-#pragma unroll
-    for (int j = 0; j < kChunks / kThreads; ++j) {
-      const int i = threadIdx.x + j * kThreads;
-      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      const int pos = k0 + r;
-      const bool valid = pos < n_keys;
-      const int64_t offset = valid ? page_row_offset<D>(kv, pages, kv_head, pos) + c * 8 : 0;
-      cp_async_16(sK + tile_offset<D, kRows>(r, c * 8), kv.keys + offset, valid);
-      cp_async_16(sV + tile_offset<D, kRows>(r, c * 8), kv.values + offset, valid);
-    }
-    // Rows 0 .. kRowStep - 1: positions k0 + row; row kRowStep: position kRowStep (the step's angles).
-    float2* angles = static_cast<float2*>(staging);
-    for (int i = threadIdx.x; i < kAngleChunks; i += kThreads) {
-      const int r = i / kAngleChunksPerRow, c = i % kAngleChunksPerRow;
-      const int pos = r < kRowStep ? k0 + r : kRowStep;
-      const bool valid = pos < n_keys;  // n_keys <= the table's rows; an invalid row is never used
-      cp_async_16(angles + r * (D / 2) + c * 2, kv.rope + (valid ? static_cast<int64_t>(pos) * (D / 2) + c * 2 : 0), valid);
-    }
+  // What finish() needs of its issue(): the angles of the thread's 4 pairs at its first row.
+  struct Pending {
+    float4 cs01, cs23;
+  };
+
+  int column;         // the thread's column chunk
+  int first_row;      // its first row in the tile
+  int page_elems;     // halves of one pool page (all KV heads)
+  int head_elems;     // offset of the thread's chunk in a page at slot 0: kv_head's rows, column
+  int page_size_elems;  // halves of a page's rows of one head
+  int step_pages;     // kRowStep rows = step_pages pages + step_slot_elems / D slots
+  int step_slot_elems;
+  float2 step[4];     // rotation by kRowStep positions of its 4 pairs
+
+  __device__ Fp16PageProducer(const PagedKv& kv, int kv_head, int n_keys, int thread)
+      : column(thread % kChunksPerRow),
+        first_row(thread / kChunksPerRow),
+        page_elems(kv.n_kv_heads * kv.page_size * D),
+        head_elems(kv_head * kv.page_size * D + column * 8),
+        page_size_elems(kv.page_size * D),
+        step_pages(kRowStep / kv.page_size),
+        step_slot_elems(kRowStep % kv.page_size * D) {
+    // Row kRowStep of the table exists whenever a second row is ever rotated.
+    const Pending angles = load_angles(kv, kRowStep < n_keys ? kRowStep : -1);
+    step[0] = {angles.cs01.x, angles.cs01.y};
+    step[1] = {angles.cs01.z, angles.cs01.w};
+    step[2] = {angles.cs23.x, angles.cs23.y};
+    step[3] = {angles.cs23.z, angles.cs23.w};
   }
 
-  // RoPE on the landed keys at their positions.
-  __device__ static void finish(int k0, int n_keys, __half* sK, const void* staging) {
-    const float2* angles = static_cast<const float2*>(staging);
-    const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
-    float2 cs[4], step[4];
+  // Starts copying keys [k0, k0 + kRows) into sK and values into sV (rows at or past n_keys zero-filled);
+  // pages: the sequence's page indices.
+  __device__ Pending issue(const PagedKv& kv, const int32_t* pages, int k0, int n_keys, __half* sK, __half* sV) const {
+    // A batch of the thread's rows at a time: their pool pages first, all loads in flight at once (no
+    // division per row: (page, slot) of the next row is stepped), then their copies. Batches of 8 rows
+    // bound the registers.
+    constexpr int kBatch = kRowsPerThread < 8 ? kRowsPerThread : 8;
+    const int pos0 = k0 + first_row;
+    int page = pos0 / kv.page_size;
+    int slot_offset = (pos0 - page * kv.page_size) * D;  // of the row in its page's head
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      cs[j] = angles[r0 * (D / 2) + c * 4 + j];
-      step[j] = angles[kRowStep * (D / 2) + c * 4 + j];
-    }
+    for (int j0 = 0; j0 < kRowsPerThread; j0 += kBatch) {
+      int pool_page[kBatch], row_offset[kBatch];
 #pragma unroll
-    for (int j = 0; j < kRows / kRowStep; ++j) {
-      const int r = r0 + j * kRowStep;
-      if (k0 + r < n_keys) {
-        uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D, kRows>(r, c * 8));
-        *chunk = rotate_chunk(*chunk, cs);
+      for (int j = 0; j < kBatch; ++j) {
+        pool_page[j] = pos0 + (j0 + j) * kRowStep < n_keys ? pages[page] : -1;
+        row_offset[j] = head_elems + slot_offset;
+        page += step_pages;
+        slot_offset += step_slot_elems;
+        if (slot_offset >= page_size_elems) {
+          slot_offset -= page_size_elems;
+          ++page;
+        }
       }
-      if (j + 1 < kRows / kRowStep) {
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int r = first_row + (j0 + j) * kRowStep;
+        const bool valid = pool_page[j] >= 0;
+        const int64_t offset = valid ? static_cast<int64_t>(pool_page[j]) * page_elems + row_offset[j] : 0;
+        cp_async_16(sK + tile_offset<D, kRows>(r, column * 8), kv.keys + offset, valid);
+        cp_async_16(sV + tile_offset<D, kRows>(r, column * 8), kv.values + offset, valid);
+      }
+    }
+    return load_angles(kv, pos0 < n_keys ? pos0 : -1);
+  }
+
+  // RoPE on this thread's landed key chunks (after its cp_async_wait for the tile). Rows past the keys
+  // were zero-filled and stay zero, so every row is rotated: no branch between the shared-memory loads.
+  __device__ void finish(const Pending& pending, __half* sK) const {
+    float2 cs[4] = {{pending.cs01.x, pending.cs01.y},
+                    {pending.cs01.z, pending.cs01.w},
+                    {pending.cs23.x, pending.cs23.y},
+                    {pending.cs23.z, pending.cs23.w}};
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D, kRows>(first_row + j * kRowStep, column * 8));
+      *chunk = rotate_chunk(*chunk, cs);
+      if (j + 1 < kRowsPerThread) {
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
           cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
         }
       }
     }
+  }
+
+ private:
+  // The (cos, sin) of the thread's pairs at a position (-1: none, identity returned).
+  __device__ Pending load_angles(const PagedKv& kv, int pos) const {
+    if (pos < 0) return {{1.0f, 0.0f, 1.0f, 0.0f}, {1.0f, 0.0f, 1.0f, 0.0f}};
+    const float4* row = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(pos) * (D / 2) + column * 4);
+    return {__ldg(row), __ldg(row + 1)};
   }
 };
 

@@ -1,19 +1,29 @@
 // Prefill attention: flash attention (online softmax) over a ragged batch,
-// causal by position, GQA, reading keys and values through the page table with
-// the loader of kv_page_loader.cuh. Tensor cores through sm_90a wgmma (this file
-// alone is built for sm_90a; see CMakeLists.txt).
+// causal by position, GQA, reading keys and values through the page table.
+// Tensor cores through sm_90a wgmma (this file alone is built for sm_90a; see
+// CMakeLists.txt).
 //
-// A block owns kBlockM = 64 * kWarpGroups query rows of one chunk and one query
-// head; each warpgroup owns 64 rows. Per key tile of kBlockN keys: S = Q K^T
-// (wgmma, both operands in shared memory), mask, online softmax in the log2
-// domain, P (fp16, straight from the accumulators, in registers) times V
-// (wgmma, V read N-major). The next key tile is copied (cp.async) while the
-// current one is used; the warpgroups drift apart inside a tile, so one's
-// softmax overlaps the other's matrix work. One block per multiprocessor
-// (225 / 212 registers). Tried and slower (H200, 2026-11-26, hd128 S=8192):
-// one warpgroup per block with Q in registers, kBlockN 64, two blocks per
-// multiprocessor: 138 instead of 198 TFLOP/s (each block re-reads K/V and
-// re-rotates keys for half the rows).
+// Warp-specialized: a block owns kBlockM = 128 query rows of one chunk and one
+// query head and has four warpgroups, one block per multiprocessor.
+//   producers (warpgroups 0 and 1, few registers): the K/V load stage
+//     (kv_page_loader.cuh's Fp16PageProducer), taking key tiles of kBlockN
+//     keys in turn: cp.async of the tile's keys and values into one of
+//     kStages shared-memory stages, RoPE on the keys once they land, then
+//     `full[stage]`. Each handles one tile at a time; the other's tile hides
+//     the copy latency. (One producer warpgroup copying one tile ahead was
+//     the bottleneck: its per-row page lookups, address arithmetic and
+//     rotation issue about as many instructions per tile as the consumers.)
+//   consumers (warpgroups 2 and 3, 64 query rows each, many registers): per
+//     tile S = Q K^T (wgmma, Q and K in shared memory), mask, online softmax
+//     in the log2 domain, P (fp16, in registers) times V (wgmma, V N-major),
+//     then `empty[stage]`. Inside a warpgroup the loop is skewed by one tile:
+//     S of tile t and P V of tile t-1 are issued together, and the softmax of
+//     tile t runs while P V of tile t-1 is still on the tensor cores; the two
+//     warpgroups take turns issuing their products (named barriers), so one's
+//     softmax overlaps the other's matrix work.
+// No block-wide barrier after the start: stages change hands through mbarriers
+// (warp_specialize.cuh). A consumer warpgroup skips the matrix work of tiles
+// wholly in its rows' future but still takes and returns them.
 #include <algorithm>
 #include <cfloat>
 
@@ -21,29 +31,78 @@
 #include "cuda/attention.h"
 #include "cuda/cuda_check.h"
 #include "cuda/kv_page_loader.cuh"
+#include "cuda/warp_specialize.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace kvq::cuda {
 namespace {
 
 template <int D>
-struct PrefillTraits {
+struct PrefillShape {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
-  static constexpr int kWarpGroups = 2, kBlockN = 128;
+  static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
+  static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128, kStages = 3;
+  static constexpr int kProducers = 2;  // warpgroups of the load stage, taking tiles in turn
+  static constexpr int kThreads = 128 * (kProducers + kConsumers);
+  // setmaxnreg budgets: 128 * (kProducers * kProducerRegs + kConsumers * kConsumerRegs) <= 65536
+  // (one block per multiprocessor); no spills in ptxas's report (nvcc 13.0).
+  static constexpr int kProducerRegs = D == 128 ? 56 : 64, kConsumerRegs = D == 128 ? 200 : 192;
+  using Loader = Fp16PageProducer<D, kBlockN, 128>;
+  // sQ (kBlockM, D), then per stage sK (kBlockN, D) and sV (kBlockN, D), fp16, then the mbarriers;
+  // 1024 bytes of slack to align the tiles for the swizzle.
+  static constexpr int kStageHalves = 2 * kBlockN * D;
+  static constexpr int kTileBytes = (kBlockM * D + kStages * kStageHalves) * 2;
+  static constexpr int kSmemBytes = 1024 + kTileBytes + 2 * kStages * 8;
 };
 
-template <int D>
-struct PrefillShape {
-  using T = PrefillTraits<D>;
-  static constexpr int kThreads = T::kWarpGroups * 128;
-  static constexpr int kBlockM = T::kWarpGroups * 64;
-  static constexpr int kBlockN = T::kBlockN;
-  using Loader = Fp16PageLoader<D, kBlockN, kThreads>;
-  // sQ (kBlockM, D), sK 2 x (kBlockN, D), sV 2 x (kBlockN, D) fp16, then the loader's staging;
-  // 1024 bytes of slack to align the tiles for the swizzle.
-  static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * D * 2;
-  static constexpr int kSmemBytes = 1024 + kTileBytes + Loader::kStagingBytes;
-};
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One tile of the online softmax for one thread's two rows (accumulator rows g
+// and g + 8 of its warp): with kMask, masks raw scores s of keys k0 + n * 8 +
+// 2 t + e (n, e the accumulator's block and element) past last_col[hr] (the
+// last key a row sees, minus k0 + 2 t); raises the running maxima and turns s
+// into exp2 probabilities; correction[hr] is what the previous accumulators
+// are to be multiplied by. Tiles off the diagonal take the kMask = false
+// instance: no per-element compares.
+template <int kBlockN, bool kMask>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&correction)[2], const int (&last_col)[2], float scale_log2) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[4 * n + hr * 2 + e];
+        if (kMask && n * 8 + e > last_col[hr]) v = -INFINITY;
+        tile_max = fmaxf(tile_max, v);
+      }
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    // Tile 0 holds key 0, visible to every row, so new_max is finite from then on.
+    const float new_max = fmaxf(row_max[hr], tile_max);
+    const float max_scaled = new_max * scale_log2;
+    correction[hr] = fast_exp2(row_max[hr] * scale_log2 - max_scaled);  // 0 on tile 0 (row_max -inf)
+    row_max[hr] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[4 * n + hr * 2 + e];
+        v = fast_exp2(fmaf(v, scale_log2, -max_scaled));
+        sum += v;
+      }
+    }
+    row_sum[hr] = row_sum[hr] * correction[hr] + sum;
+  }
+}
 
 template <int D>
 __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
@@ -51,15 +110,25 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillShape<D>;
   using Loader = typename Shape::Loader;
-  constexpr int kBlockM = Shape::kBlockM, kBlockN = Shape::kBlockN, kThreads = Shape::kThreads;
+  constexpr int kBlockM = Shape::kBlockM, kBlockN = Shape::kBlockN, kStages = Shape::kStages;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  unsigned char* smem = smem_raw + ((1024 - (raw_address & 1023)) & 1023);
+  unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
   __half* sQ = reinterpret_cast<__half*>(smem);  // (kBlockM, D)
-  __half* sK = sQ + kBlockM * D;                 // 2 x (kBlockN, D)
-  __half* sV = sK + 2 * kBlockN * D;             // 2 x (kBlockN, D)
-  void* staging = smem + Shape::kTileBytes;      // the loader's, one tile
+  __half* stages = sQ + kBlockM * D;             // kStages x {sK (kBlockN, D), sV (kBlockN, D)}
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Shape::kTileBytes);  // (kStages) stage holds a ready tile
+  uint64_t* empty = full + kStages;                                         // (kStages) stage may be refilled
+  const auto stage_k = [&](int tile) { return stages + (tile % kStages) * Shape::kStageHalves; };
+  const auto stage_v = [&](int tile) { return stage_k(tile) + kBlockN * D; };
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&full[i], 128);                        // every thread of the tile's producer
+      mbarrier_init(&empty[i], 128 * Shape::kConsumers);   // every consumer thread
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
 
   const int head = blockIdx.x;
   const PrefillWork item = work[blockIdx.y];
@@ -67,139 +136,195 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
   const int kv_head = head / (query.n_heads / kv.n_kv_heads);
   const int q_rows = min(kBlockM, chunk.n_tokens - item.q_begin);
   const int q_pos0 = chunk.start_pos + item.q_begin;  // position of tile row 0
-  const int n_keys = q_pos0 + q_rows;                 // keys the tile's last row sees
+  const int n_keys = q_pos0 + q_rows;                 // keys the block's last row sees
   const int n_tiles = (n_keys + kBlockN - 1) / kBlockN;
-  const int32_t* pages = kv.page_table + chunk.page_offset;
+  const int warp_group = threadIdx.x / 128;
 
-  const int warp_group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int group_row0 = warp_group * 64;
-  const int warp_row0 = group_row0 + warp * 16;
+  if (warp_group < Shape::kProducers) {
+    // ---- producers: the load stage, warpgroup p filling tiles p, p + kProducers, ... ----
+    // One tile at a time per warpgroup (copy, wait, rotate): the other warpgroup's tile hides the latency.
+    setmaxnreg_dec<Shape::kProducerRegs>();
+    const int32_t* pages = kv.page_table + chunk.page_offset;
+    const Loader loader(kv, kv_head, n_keys, threadIdx.x % 128);
+    for (int tile = warp_group; tile < n_tiles; tile += Shape::kProducers) {
+      // Stage reuse: the consumers have returned tile - kStages (at their step tile - kStages + 1, which
+      // needs tiles up to tile - kStages + 1 <= tile - kProducers full: filled at earlier steps).
+      static_assert(kStages >= Shape::kProducers + 1, "a producer never waits on its own unfinished tile");
+      if (tile >= kStages) mbarrier_wait(&empty[tile % kStages], (tile / kStages - 1) & 1);
+      const typename Loader::Pending pending =
+          loader.issue(kv, pages, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
+      cp_async_commit();
+      cp_async_wait<0>();
+      loader.finish(pending, stage_k(tile));
+      fence_proxy_async();  // the rotated keys and the copied values are read by wgmma next
+      mbarrier_arrive(&full[tile % kStages]);
+    }
+  } else {
+    // ---- consumers: matrix work and softmax ----
+    setmaxnreg_inc<Shape::kConsumerRegs>();
+    const int group_thread = threadIdx.x % 128, warp = group_thread / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int group = warp_group - Shape::kProducers, other_group = 1 - group;
+    const int group_row0 = group * 64;
+    const int warp_row0 = group_row0 + warp * 16;
 
-  // Q tile (rows past the chunk zero-filled), then the first key tile.
-  const __half* q_base = query.q + static_cast<int64_t>(chunk.first_row + item.q_begin) * query.q_stride + head * D;
+    // This warpgroup's 64 rows of Q (rows past the chunk zero-filled).
+    const __half* q_base = query.q + static_cast<int64_t>(chunk.first_row + item.q_begin) * query.q_stride + head * D;
 #pragma unroll
-  for (int j = 0; j < kBlockM * D / 8 / kThreads; ++j) {
-    const int i = threadIdx.x + j * kThreads;
-    const int r = i / (D / 8), c = i % (D / 8);
-    const bool valid = r < q_rows;
-    cp_async_16(sQ + tile_offset<D, kBlockM>(r, c * 8),
-                valid ? q_base + static_cast<int64_t>(r) * query.q_stride + c * 8 : query.q, valid);
-  }
-  Loader::issue(kv, pages, kv_head, 0, n_keys, sK, sV, staging);
-  cp_async_commit();
-
-  float o[D / 2];  // (64, D) per warpgroup, accumulator layout
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const float scale_log2 = query.scale * 1.4426950408889634f;
-  const int group_last_pos = q_pos0 + group_row0 + 63;
-  // K-major operands: 8-row groups 1024 bytes apart; k-step kk at column block kk / 4, byte 32 (kk % 4).
-  const __half* sQg = sQ + group_row0 * 64;
-
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int k0 = tile * kBlockN;
-    __half* sKt = sK + (tile & 1) * kBlockN * D;
-    __half* sVt = sV + (tile & 1) * kBlockN * D;
-    cp_async_wait<0>();
-    __syncthreads();
-    Loader::finish(k0, n_keys, sKt, staging);
-    fence_proxy_async();  // the rotated keys (and cp.async data) are read by wgmma next
-    __syncthreads();
-    if (tile + 1 < n_tiles) {
-      Loader::issue(kv, pages, kv_head, k0 + kBlockN, n_keys, sK + ((tile + 1) & 1) * kBlockN * D,
-                    sV + ((tile + 1) & 1) * kBlockN * D, staging);
+    for (int j = 0; j < 64 * D / 8 / 128; ++j) {
+      const int i = group_thread + j * 128;
+      const int r = group_row0 + i / (D / 8), c = i % (D / 8);
+      const bool valid = r < q_rows;
+      cp_async_16(sQ + tile_offset<D, kBlockM>(r, c * 8),
+                  valid ? q_base + static_cast<int64_t>(r) * query.q_stride + c * 8 : query.q, valid);
     }
     cp_async_commit();
-    if (k0 > group_last_pos) continue;  // every key of the tile is in this warpgroup's future (uniform per group)
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_barrier_sync(1 + group, 128);
 
-    float s[kBlockN / 2];  // (64, kBlockN) per warpgroup
-    wgmma_fence();
+    // Tiles with a key visible to one of a group's rows: k0 <= the position of its last row.
+    const auto tiles_of_group = [&](int row0) {
+      return row0 < q_rows ? (q_pos0 + min(row0 + 64, q_rows) - 1) / kBlockN + 1 : 0;
+    };
+    const int my_tiles = tiles_of_group(group_row0);
+    // The two groups take turns issuing their matrix work (named barriers 3 and 4), so that one's
+    // softmax runs while the other's products are on the tensor cores. A group's turns: S of tile 0,
+    // then S of tile t with P V of tile t - 1 for each later tile, then P V of its last tile. Turn k
+    // of group 0 comes before turn k of group 1, which comes before turn k + 1 of group 0; a group
+    // waits only for a turn the other group has, and signals only a turn the other group waits in.
+    const auto turns_of = [](int tiles) { return tiles > 0 ? tiles + 1 : 0; };
+    const int other_turns = turns_of(tiles_of_group(other_group * 64));
+    int turn = 0;
+    const auto begin_turn = [&] {
+      if (group == 0 ? turn > 0 && turn - 1 < other_turns : turn < other_turns) named_barrier_sync(3 + group, 256);
+    };
+    const auto end_turn = [&] {
+      if (group == 0 ? turn < other_turns : turn + 1 < other_turns) named_barrier_arrive(3 + other_group, 256);
+      ++turn;
+    };
+    const float scale_log2 = query.scale * 1.4426950408889634f;
+    const int q_pos_g = q_pos0 + warp_row0 + g;
+    // K-major operands: 8-row groups 1024 bytes apart; k-step kk at column block kk / 4, byte 32 (kk % 4).
+    const __half* sQg = sQ + group_row0 * 64;
+
+    float o[D / 2];  // (64, D) per warpgroup, accumulator layout
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int block_offset = (kk / 4) * 64, byte_col = (kk % 4) * 16;  // in halves
-      const uint64_t desc_q = wgmma_desc(sQg + block_offset * kBlockM + byte_col, 16, 1024);
-      const uint64_t desc_k = wgmma_desc(sKt + block_offset * kBlockN + byte_col, 16, 1024);
-      Wgmma<kBlockN>::ss(s, desc_q, desc_k, kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    float s[kBlockN / 2];         // (64, kBlockN) per warpgroup
+    uint32_t p[kBlockN / 16][4];  // A operand of P V, k-step kk = keys 16 kk .. 16 kk + 15
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2];
 
-    const bool need_mask = k0 + kBlockN - 1 > q_pos0 + warp_row0 || k0 + kBlockN > n_keys;
+    const auto issue_qk = [&](int tile) {
+      const __half* sKt = stage_k(tile);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int block_offset = (kk / 4) * 64, byte_col = (kk % 4) * 16;  // in halves
+        const uint64_t desc_q = wgmma_desc(sQg + block_offset * kBlockM + byte_col, 16, 1024);
+        const uint64_t desc_k = wgmma_desc(sKt + block_offset * kBlockN + byte_col, 16, 1024);
+        Wgmma<kBlockN>::ss(s, desc_q, desc_k, kk > 0);
+      }
+      wgmma_commit();
+    };
+    // V N-major: 8-key groups 1024 bytes apart, the D column blocks kBlockN * 128 bytes apart.
+    const auto issue_pv = [&](int tile) {
+      const __half* sVt = stage_v(tile);
+      wgmma_fence_operands(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        Wgmma<D>::rs_trans_b(o, p[kk], wgmma_desc(sVt + kk * 16 * 64, kBlockN * 128, 1024), 1);
+      }
+      wgmma_commit();
+    };
+    const auto softmax = [&](int tile) {
+      const int k0 = tile * kBlockN;
+      // A key is visible to a row at position q_pos when key <= q_pos and key < n_keys (rows past the
+      // chunk see no more than its last row).
+      if (k0 + kBlockN - 1 > q_pos0 + warp_row0 || k0 + kBlockN > n_keys) {
+        const int last_col[2] = {min(q_pos_g, n_keys - 1) - k0 - 2 * t, min(q_pos_g + 8, n_keys - 1) - k0 - 2 * t};
+        softmax_tile<kBlockN, true>(s, row_max, row_sum, correction, last_col, scale_log2);
+      } else {
+        const int no_limit[2] = {kBlockN, kBlockN};
+        softmax_tile<kBlockN, false>(s, row_max, row_sum, correction, no_limit, scale_log2);
+      }
+    };
+    const auto pack_p = [&] {
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        p[kk][0] = pack_half2(s[8 * kk + 0], s[8 * kk + 1]);
+        p[kk][1] = pack_half2(s[8 * kk + 2], s[8 * kk + 3]);
+        p[kk][2] = pack_half2(s[8 * kk + 4], s[8 * kk + 5]);
+        p[kk][3] = pack_half2(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+
+    if (my_tiles > 0) {
+      mbarrier_wait(&full[0], 0);
+      begin_turn();
+      issue_qk(0);
+      end_turn();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+      softmax(0);  // o is still zero: no correction
+      pack_p();
+      for (int tile = 1; tile < my_tiles; ++tile) {
+        mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
+        begin_turn();
+        issue_qk(tile);
+        issue_pv(tile - 1);
+        end_turn();
+        wgmma_wait<1>();  // S of this tile
+        wgmma_fence_operands(s);
+        softmax(tile);
+        // Pinned here: the compiler would otherwise sink the softmax past the wait below, serializing it
+        // with P V instead of overlapping.
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(correction);
+        wgmma_wait<0>();  // P V of the previous tile
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(p);
+        mbarrier_arrive(&empty[(tile - 1) % kStages]);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            o[4 * n + hr * 2] *= correction[hr];
+            o[4 * n + hr * 2 + 1] *= correction[hr];
+          }
+        }
+        pack_p();
+      }
+      begin_turn();
+      issue_pv(my_tiles - 1);
+      end_turn();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      wgmma_fence_operands(p);
+      mbarrier_arrive(&empty[(my_tiles - 1) % kStages]);
+    }
+    // Tiles wholly in the group's future: taken and returned (the producer counts on every consumer).
+    for (int tile = my_tiles; tile < n_tiles; ++tile) {
+      mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
+      mbarrier_arrive(&empty[tile % kStages]);
+    }
+
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int q_pos = q_pos0 + warp_row0 + g + hr * 8;
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = k0 + n * 8 + 2 * t + e;
-          float v = s[4 * n + hr * 2 + e] * scale_log2;
-          if (need_mask && (key > q_pos || key >= n_keys)) v = -INFINITY;
-          s[4 * n + hr * 2 + e] = v;
-          tile_max = fmaxf(tile_max, v);
-        }
-      }
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      // Tile 0 holds key 0, visible to every row, so new_max is finite from then on.
-      const float new_max = fmaxf(row_max[hr], tile_max);
-      const float correction = exp2f(row_max[hr] - new_max);
-      row_max[hr] = new_max;
-      float sum = 0.0f;
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(s[4 * n + hr * 2 + e] - new_max);
-          s[4 * n + hr * 2 + e] = p;
-          sum += p;
-        }
-      }
-      row_sum[hr] = row_sum[hr] * correction + sum;
+      float sum = row_sum[hr];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = warp_row0 + g + hr * 8;
+      if (r >= q_rows) continue;
+      const float inv = 1.0f / sum;
+      __half* out =
+          query.out + static_cast<int64_t>(chunk.first_row + item.q_begin + r) * query.out_stride + head * D;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
-        o[4 * n + hr * 2] *= correction;
-        o[4 * n + hr * 2 + 1] *= correction;
+        *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) =
+            pack_half2(o[4 * n + hr * 2] * inv, o[4 * n + hr * 2 + 1] * inv);
       }
-    }
-
-    uint32_t p[kBlockN / 16][4];  // A operand of P V, k-step kk = keys 16 kk .. 16 kk + 15
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      p[kk][0] = pack_half2(s[8 * kk + 0], s[8 * kk + 1]);
-      p[kk][1] = pack_half2(s[8 * kk + 2], s[8 * kk + 3]);
-      p[kk][2] = pack_half2(s[8 * kk + 4], s[8 * kk + 5]);
-      p[kk][3] = pack_half2(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    wgmma_fence_operands(o);
-    wgmma_fence();
-    // V N-major: 8-key groups 1024 bytes apart, the D column blocks kBlockN * 128 bytes apart.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      Wgmma<D>::rs_trans_b(o, p[kk], wgmma_desc(sVt + kk * 16 * 64, kBlockN * 128, 1024), 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(o);
-  }
-  cp_async_wait<0>();
-
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float sum = row_sum[hr];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int r = warp_row0 + g + hr * 8;
-    if (r >= q_rows) continue;
-    const float inv = 1.0f / sum;
-    __half* out = query.out + static_cast<int64_t>(chunk.first_row + item.q_begin + r) * query.out_stride + head * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = pack_half2(o[4 * n + hr * 2] * inv, o[4 * n + hr * 2 + 1] * inv);
     }
   }
 #else

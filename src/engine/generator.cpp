@@ -37,9 +37,8 @@ Generator::Generator(const LlamaConfig& config, Backend& backend, PageTables& ta
   if (options_.chunk <= 0) fail("--chunk must be positive, got {}", options_.chunk);
 }
 
-int64_t Generator::kv_tokens_needed(const GenerationRequest& request) const {
-  // The last generated token is never fed back, so it needs no KV slot.
-  return std::min<int64_t>(static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens - 1, config_.context);
+int64_t kv_tokens_needed(int64_t prompt_tokens, int32_t max_new_tokens, int32_t context) {
+  return std::min<int64_t>(prompt_tokens + max_new_tokens - 1, context);
 }
 
 std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRequest>& requests,
@@ -52,10 +51,11 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
            config_.context);
     }
     if (req.max_new_tokens < 1) fail("request {}: -n must be at least 1, got {}", r + 1, req.max_new_tokens);
-    int32_t pages = tables_.pages_for_tokens(kv_tokens_needed(req));
+    const int64_t needed = kv_tokens_needed(static_cast<int64_t>(req.prompt.size()), req.max_new_tokens, config_.context);
+    const int32_t pages = tables_.pages_for_tokens(needed);
     if (pages > tables_.n_pages()) {
       fail("request {}: needs {} KV pages ({} tokens) but the pool holds only {}; raise --pool-gib or lower -n", r + 1,
-           pages, kv_tokens_needed(req), tables_.n_pages());
+           pages, needed, tables_.n_pages());
     }
   }
 
@@ -73,7 +73,9 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
     while (next_request < requests.size()) {
       const int32_t seq = static_cast<int32_t>(next_request);
       tables_.add_sequence(seq);
-      if (!tables_.reserve(seq, kv_tokens_needed(requests[next_request]))) {
+      const GenerationRequest& request = requests[next_request];
+      if (!tables_.reserve(seq, kv_tokens_needed(static_cast<int64_t>(request.prompt.size()), request.max_new_tokens,
+                                                 config_.context))) {
         tables_.free_sequence(seq);
         backend_.release_sequence(seq);
         break;

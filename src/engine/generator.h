@@ -42,6 +42,10 @@ struct GeneratorOptions {
   SamplerOptions sampling;
 };
 
+// KV slots a request reserves: its prompt and every generated token but the
+// last (never fed back), capped at the context.
+int64_t kv_tokens_needed(int64_t prompt_tokens, int32_t max_new_tokens, int32_t context);
+
 class Generator {
  public:
   Generator(const LlamaConfig& config, Backend& backend, PageTables& tables, GeneratorOptions options,
@@ -55,8 +59,6 @@ class Generator {
   const GenerationStats& stats() const { return stats_; }
 
  private:
-  int64_t kv_tokens_needed(const GenerationRequest& request) const;
-
   const LlamaConfig& config_;
   Backend& backend_;
   PageTables& tables_;
