@@ -64,8 +64,9 @@ struct QuantizedAttentionPlan {
   std::vector<DecodeChunk> combine;  // (rows): DecodeChunk::chunk indexes rows
 };
 
-// Query rows per launch at most (the combine grid's limit, and workspace).
-constexpr int32_t kQuantizedRowsPerLaunch = 16384;
+// Query rows per launch at most: bounds the partial results in flight (a row has about 3 splits: sinks,
+// pages, exact; llama3-8b: 4096 rows x 3 x 32 heads x 128 x 4 bytes = 200 MB) and the combine grid.
+constexpr int32_t kQuantizedRowsPerLaunch = 4096;
 
 // The step's launches: every row of the listed chunks (chunk_slots: each chunk's store slot), cut into splits
 // of sizes that fill `n_sms` multiprocessors; sinks: effective sinks.

@@ -278,9 +278,9 @@ TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
     options.per_page_key_ranges = test.page_ranges;
     options.exact_chunk = test.exact_chunk;
     const int page = 32;
-    // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 20000 rows forces a second launch.
-    const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 20000, 300, 11},
-                                                      {20042, 3, 8190, 30}};
+    // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
+    const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
+                                                      {5042, 3, 8190, 30}};
     const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
     const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
     ASSERT_EQ(plans.size(), 2u) << test.kv;
