@@ -3,12 +3,14 @@
 // head, reading the pool through the sequence's page indices.
 //
 // A loader has two phases so the next tile loads while the current one is used:
-//   issue():  starts copying what the pages store (cp.async) into the tiles;
-//   finish(): once the copies have landed, turns stored data into the
-//             attention's operands in place (here: RoPE on the keys).
-// A quantized-page loader keeps this interface: issue() copies codes, scales and
-// outlier slots to its staging area, finish() dequantizes and rotates into the
-// same tiles, and the kernels do not change.
+//   issue:  starts copying what the pages store (cp.async) into the tiles;
+//   finish: once the copies have landed, turns stored data into the
+//           attention's operands in place (here: RoPE on the keys).
+// Keys and values are issued (and finished) separately, so a kernel can fill
+// each into its own stage as soon as that one is free. A quantized-page loader
+// keeps this interface: issue copies codes, scales and outlier slots to its
+// staging area, finish dequantizes (and rotates) into the same tiles, and the
+// kernels do not change.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -51,48 +53,63 @@ __device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) 
   return raw;
 }
 
-// The fp16 load stage for a warp-specialized kernel: the kThreads threads of a
-// producer warpgroup fill a tile, each one rotating only the key chunks it
-// copied itself, so that after its own cp_async_wait a thread can finish()
-// without waiting for the others (no barrier among producers). Thread i copies
-// column chunk i % (D / 8) of rows i / (D / 8) + j * kRowStep; the (cos, sin)
-// of its first row travel in registers from issue() to finish() and are
-// stepped forward by kRowStep positions by complex multiplication (fp32,
-// at most kRows / kRowStep - 1 = 15 steps: ~1e-6 relative, far below the
-// keys' fp16 rounding).
+// The fp16 load stage for a warp-specialized kernel, in three steps per tile
+// so that keys and values can go into stages freed at different times:
+//   locate():       the pool rows of the tile's keys (one page-table lookup per
+//                   row, each lane of a warp one of the 32 rows its warp
+//                   copies), into the warp's slice of a shared-memory table;
+//   issue_keys() / issue_values(): cp.async of the thread's 16-byte chunks of
+//                   those rows into the tile (rows past the keys zero-filled);
+//   finish_keys():  RoPE on the thread's landed key chunks.
+// Each thread touches only the chunks it copied itself, so after its own
+// cp_async_wait a thread can finish without waiting for the others, and the
+// table is shared only within a warp (__syncwarp, no barrier among producers).
+// Thread i copies column chunk i % (D / 8) of rows i / (D / 8) + j * kRowStep;
+// the (cos, sin) of its first row travel in registers from issue_keys() to
+// finish_keys() and are stepped forward by kRowStep positions by complex
+// multiplication (fp32, at most kRows / kRowStep - 1 = 15 steps: ~1e-6
+// relative, far below the keys' fp16 rounding).
 //
-// A quantized-page producer keeps this shape: issue() copies codes, scales and
-// outliers (its Pending says where), finish() dequantizes and rotates them
-// into the same tiles.
+// A quantized-page producer keeps this shape: locate() is shared, issue_*()
+// copy codes, scales and outliers (its Pending says where), finish_*()
+// dequantize (and rotate) them into the same tiles.
 template <int D, int kRows, int kThreads>
 struct Fp16PageProducer {
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kRowStep = kThreads / kChunksPerRow;
   static constexpr int kRowsPerThread = kRows / kRowStep;
-  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowStep == 0, "every thread owns the same rows");
+  static constexpr int kFirstRowsPerWarp = 32 / kChunksPerRow;
+  static_assert(kThreads % 32 == 0 && 32 % kChunksPerRow == 0 && kRows % kRowStep == 0 && kRowsPerThread % 4 == 0,
+                "every thread owns the same rows, in groups of 4");
+  static_assert(kRows == kThreads, "a warp copies 32 rows: one lookup per lane");
+  // int32 entries of the shared-memory table locate() fills (per warp: its 32 rows' pool rows).
+  static constexpr int kTableEntries = kThreads;
 
-  // What finish() needs of its issue(): the angles of the thread's 4 pairs at its first row.
+  // What finish_keys() needs of its issue_keys(): the angles of the thread's 4 pairs at its first row.
   struct Pending {
     float4 cs01, cs23;
   };
 
-  int column;         // the thread's column chunk
-  int first_row;      // its first row in the tile
-  int page_elems;     // halves of one pool page (all KV heads)
-  int head_elems;     // offset of the thread's chunk in a page at slot 0: kv_head's rows, column
-  int page_size_elems;  // halves of a page's rows of one head
-  int step_pages;     // kRowStep rows = step_pages pages + step_slot_elems / D slots
-  int step_slot_elems;
-  float2 step[4];     // rotation by kRowStep positions of its 4 pairs
+  int column;               // the thread's column chunk
+  int first_row;            // its first row in the tile
+  int kv_head;
+  int lane_row;             // the tile row this lane looks up
+  int32_t* table_entry;     // shared: where this lane's lookup goes
+  const int4* table_rows;   // shared: the pool rows of the thread's kRowsPerThread rows, in order
+  float2 step[4];           // rotation by kRowStep positions of its 4 pairs
 
-  __device__ Fp16PageProducer(const PagedKv& kv, int kv_head, int n_keys, int thread)
-      : column(thread % kChunksPerRow),
-        first_row(thread / kChunksPerRow),
-        page_elems(kv.n_kv_heads * kv.page_size * D),
-        head_elems(kv_head * kv.page_size * D + column * 8),
-        page_size_elems(kv.page_size * D),
-        step_pages(kRowStep / kv.page_size),
-        step_slot_elems(kRowStep % kv.page_size * D) {
+  // table: shared memory of kTableEntries int32 for this producer's threads.
+  __device__ Fp16PageProducer(const PagedKv& kv, int kv_head, int n_keys, int thread, int32_t* table)
+      : column(thread % kChunksPerRow), first_row(thread / kChunksPerRow), kv_head(kv_head) {
+    // A warp's threads have first rows kFirstRowsPerWarp * warp + e (e < kFirstRowsPerWarp), so its rows are
+    // those plus multiples of kRowStep: lane l looks up e = l % kFirstRowsPerWarp, multiple l / kFirstRowsPerWarp,
+    // and stores it where the threads of that e read their rows in order.
+    const int warp = thread / 32, lane = thread % 32;
+    const int e = lane % kFirstRowsPerWarp, j = lane / kFirstRowsPerWarp;
+    int32_t* warp_table = table + warp * 32;
+    lane_row = kFirstRowsPerWarp * warp + e + kRowStep * j;
+    table_entry = warp_table + e * kRowsPerThread + j;
+    table_rows = reinterpret_cast<const int4*>(warp_table + (first_row % kFirstRowsPerWarp) * kRowsPerThread);
     // Row kRowStep of the table exists whenever a second row is ever rotated.
     const Pending angles = load_angles(kv, kRowStep < n_keys ? kRowStep : -1);
     step[0] = {angles.cs01.x, angles.cs01.y};
@@ -101,45 +118,34 @@ struct Fp16PageProducer {
     step[3] = {angles.cs23.z, angles.cs23.w};
   }
 
-  // Starts copying keys [k0, k0 + kRows) into sK and values into sV (rows at or past n_keys zero-filled);
-  // pages: the sequence's page indices.
-  __device__ Pending issue(const PagedKv& kv, const int32_t* pages, int k0, int n_keys, __half* sK, __half* sV) const {
-    // A batch of the thread's rows at a time: their pool pages first, all loads in flight at once (no
-    // division per row: (page, slot) of the next row is stepped), then their copies. Batches of 8 rows
-    // bound the registers.
-    constexpr int kBatch = kRowsPerThread < 8 ? kRowsPerThread : 8;
-    const int pos0 = k0 + first_row;
-    int page = pos0 / kv.page_size;
-    int slot_offset = (pos0 - page * kv.page_size) * D;  // of the row in its page's head
-#pragma unroll
-    for (int j0 = 0; j0 < kRowsPerThread; j0 += kBatch) {
-      int pool_page[kBatch], row_offset[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        pool_page[j] = pos0 + (j0 + j) * kRowStep < n_keys ? pages[page] : -1;
-        row_offset[j] = head_elems + slot_offset;
-        page += step_pages;
-        slot_offset += step_slot_elems;
-        if (slot_offset >= page_size_elems) {
-          slot_offset -= page_size_elems;
-          ++page;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int r = first_row + (j0 + j) * kRowStep;
-        const bool valid = pool_page[j] >= 0;
-        const int64_t offset = valid ? static_cast<int64_t>(pool_page[j]) * page_elems + row_offset[j] : 0;
-        cp_async_16(sK + tile_offset<D, kRows>(r, column * 8), kv.keys + offset, valid);
-        cp_async_16(sV + tile_offset<D, kRows>(r, column * 8), kv.values + offset, valid);
-      }
+  // Looks up the pool rows of keys [k0, k0 + kRows) (-1 at or past n_keys); pages: the sequence's page
+  // indices. A pool row is (page * n_kv_heads + kv_head) * page_size + slot, the row of that key in the pool
+  // viewed as (rows, D); int32 holds it for pools below 2^31 rows (256 GiB of keys at D = 64).
+  __device__ void locate(const PagedKv& kv, const int32_t* pages, int k0, int n_keys) const {
+    const int pos = k0 + lane_row;
+    int32_t pool_row = -1;
+    if (pos < n_keys) {
+      const int page = pos / kv.page_size;
+      pool_row = (pages[page] * kv.n_kv_heads + kv_head) * kv.page_size + (pos - page * kv.page_size);
     }
+    __syncwarp();  // every lane has copied the previous tile's rows
+    *table_entry = pool_row;
+    __syncwarp();
+  }
+
+  // After locate(): starts copying the keys into sK and returns what finish_keys() needs.
+  __device__ Pending issue_keys(const PagedKv& kv, int k0, int n_keys, __half* sK) const {
+    copy_rows(kv.keys, sK);
+    const int pos0 = k0 + first_row;
     return load_angles(kv, pos0 < n_keys ? pos0 : -1);
   }
 
-  // RoPE on this thread's landed key chunks (after its cp_async_wait for the tile). Rows past the keys
-  // were zero-filled and stay zero, so every row is rotated: no branch between the shared-memory loads.
-  __device__ void finish(const Pending& pending, __half* sK) const {
+  // After locate(): starts copying the values into sV.
+  __device__ void issue_values(const PagedKv& kv, __half* sV) const { copy_rows(kv.values, sV); }
+
+  // RoPE on this thread's landed key chunks (after its cp_async_wait for them). Rows past the keys were
+  // zero-filled and stay zero, so every row is rotated: no branch between the shared-memory loads.
+  __device__ void finish_keys(const Pending& pending, __half* sK) const {
     float2 cs[4] = {{pending.cs01.x, pending.cs01.y},
                     {pending.cs01.z, pending.cs01.w},
                     {pending.cs23.x, pending.cs23.y},
@@ -158,6 +164,23 @@ struct Fp16PageProducer {
   }
 
  private:
+  // cp.async of the thread's chunks of the located rows from pool (keys or values) into tile.
+  __device__ void copy_rows(const __half* pool, __half* tile) const {
+    const __half* source = pool + column * 8;
+#pragma unroll
+    for (int j4 = 0; j4 < kRowsPerThread / 4; ++j4) {
+      const int4 four = table_rows[j4];
+      const int32_t pool_rows[4] = {four.x, four.y, four.z, four.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = first_row + (4 * j4 + i) * kRowStep;
+        const bool valid = pool_rows[i] >= 0;
+        cp_async_16(tile + tile_offset<D, kRows>(r, column * 8),
+                    source + static_cast<int64_t>(valid ? pool_rows[i] : 0) * D, valid);
+      }
+    }
+  }
+
   // The (cos, sin) of the thread's pairs at a position (-1: none, identity returned).
   __device__ Pending load_angles(const PagedKv& kv, int pos) const {
     if (pos < 0) return {{1.0f, 0.0f, 1.0f, 0.0f}, {1.0f, 0.0f, 1.0f, 0.0f}};

@@ -7,16 +7,21 @@
 // query head and has four warpgroups, one block per multiprocessor.
 //   producers (warpgroups 0 and 1, few registers): the K/V load stage
 //     (kv_page_loader.cuh's Fp16PageProducer), taking key tiles of kBlockN
-//     keys in turn: cp.async of the tile's keys and values into one of
-//     kStages shared-memory stages, RoPE on the keys once they land, then
-//     `full[stage]`. Each handles one tile at a time; the other's tile hides
-//     the copy latency. (One producer warpgroup copying one tile ahead was
-//     the bottleneck: its per-row page lookups, address arithmetic and
-//     rotation issue about as many instructions per tile as the consumers.)
+//     keys in turn: page lookups, cp.async of the tile's keys into one of
+//     kStages key stages, RoPE on them once they land, `full_k[stage]`; then
+//     cp.async of its values into the value stage, `full_v[stage]`.
+//     Keys and values have their own barriers because the consumers are done
+//     with a tile's keys one step before its values: with one barrier per
+//     stage, a stage came free only after P V of its tile, and a producer had
+//     one consumer step to look up, copy and rotate the tile that reused it
+//     (the limit at head_dim 128). Now the keys of tile t + kStages may load
+//     and rotate as soon as S of tile t is done, about two consumer steps
+//     before they are needed; only the values wait the extra step.
 //   consumers (warpgroups 2 and 3, 64 query rows each, many registers): per
 //     tile S = Q K^T (wgmma, Q and K in shared memory), mask, online softmax
 //     in the log2 domain, P (fp16, in registers) times V (wgmma, V N-major),
-//     then `empty[stage]`. Inside a warpgroup the loop is skewed by one tile:
+//     releasing `empty_k[stage]` when S completes and `empty_v[stage]` when
+//     P V does. Inside a warpgroup the loop is skewed by one tile:
 //     S of tile t and P V of tile t-1 are issued together, and the softmax of
 //     tile t runs while P V of tile t-1 is still on the tensor cores; the two
 //     warpgroups take turns issuing their products (named barriers), so one's
@@ -48,11 +53,13 @@ struct PrefillShape {
   // (one block per multiprocessor); no spills in ptxas's report (nvcc 13.0).
   static constexpr int kProducerRegs = D == 128 ? 56 : 64, kConsumerRegs = D == 128 ? 200 : 192;
   using Loader = Fp16PageProducer<D, kBlockN, 128>;
-  // sQ (kBlockM, D), then per stage sK (kBlockN, D) and sV (kBlockN, D), fp16, then the mbarriers;
-  // 1024 bytes of slack to align the tiles for the swizzle.
+  // sQ (kBlockM, D), then per stage sK (kBlockN, D) and sV (kBlockN, D), fp16, then the mbarriers, then the
+  // producers' row tables; 1024 bytes of slack to align the tiles for the swizzle.
   static constexpr int kStageHalves = 2 * kBlockN * D;
   static constexpr int kTileBytes = (kBlockM * D + kStages * kStageHalves) * 2;
-  static constexpr int kSmemBytes = 1024 + kTileBytes + 2 * kStages * 8;
+  static constexpr int kBarrierBytes = 4 * kStages * 8;
+  static constexpr int kSmemBytes = 1024 + kTileBytes + kBarrierBytes + kProducers * Loader::kTableEntries * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
 };
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -116,15 +123,20 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
   unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
   __half* sQ = reinterpret_cast<__half*>(smem);  // (kBlockM, D)
   __half* stages = sQ + kBlockM * D;             // kStages x {sK (kBlockN, D), sV (kBlockN, D)}
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Shape::kTileBytes);  // (kStages) stage holds a ready tile
-  uint64_t* empty = full + kStages;                                         // (kStages) stage may be refilled
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + Shape::kTileBytes);  // (kStages) stage holds ready keys
+  uint64_t* full_v = full_k + kStages;                                        // (kStages) ... ready values
+  uint64_t* empty_k = full_v + kStages;                                       // (kStages) key stage may be refilled
+  uint64_t* empty_v = empty_k + kStages;                                      // (kStages) value stage ...
+  int32_t* row_tables = reinterpret_cast<int32_t*>(smem + Shape::kTileBytes + Shape::kBarrierBytes);
   const auto stage_k = [&](int tile) { return stages + (tile % kStages) * Shape::kStageHalves; };
   const auto stage_v = [&](int tile) { return stage_k(tile) + kBlockN * D; };
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbarrier_init(&full[i], 128);                        // every thread of the tile's producer
-      mbarrier_init(&empty[i], 128 * Shape::kConsumers);   // every consumer thread
+      mbarrier_init(&full_k[i], 128);                        // every thread of the tile's producer
+      mbarrier_init(&full_v[i], 128);
+      mbarrier_init(&empty_k[i], 128 * Shape::kConsumers);   // every consumer thread
+      mbarrier_init(&empty_v[i], 128 * Shape::kConsumers);
     }
     mbarrier_init_fence();
   }
@@ -142,22 +154,32 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
 
   if (warp_group < Shape::kProducers) {
     // ---- producers: the load stage, warpgroup p filling tiles p, p + kProducers, ... ----
-    // One tile at a time per warpgroup (copy, wait, rotate): the other warpgroup's tile hides the latency.
+    // One tile at a time per warpgroup (keys: copy, wait, rotate; then values: copy, wait): the other
+    // warpgroup's tile hides the latency.
     setmaxnreg_dec<Shape::kProducerRegs>();
     const int32_t* pages = kv.page_table + chunk.page_offset;
-    const Loader loader(kv, kv_head, n_keys, threadIdx.x % 128);
+    const Loader loader(kv, kv_head, n_keys, threadIdx.x % 128, row_tables + warp_group * Loader::kTableEntries);
     for (int tile = warp_group; tile < n_tiles; tile += Shape::kProducers) {
-      // Stage reuse: the consumers have returned tile - kStages (at their step tile - kStages + 1, which
-      // needs tiles up to tile - kStages + 1 <= tile - kProducers full: filled at earlier steps).
+      // Stage reuse: the consumers return the keys of tile - kStages at their step tile - kStages and its
+      // values at step tile - kStages + 1, which needs keys up to tile - kStages + 1 <= tile - kProducers and
+      // values up to tile - kStages: all filled at earlier tiles of this producer or the other.
       static_assert(kStages >= Shape::kProducers + 1, "a producer never waits on its own unfinished tile");
-      if (tile >= kStages) mbarrier_wait(&empty[tile % kStages], (tile / kStages - 1) & 1);
-      const typename Loader::Pending pending =
-          loader.issue(kv, pages, tile * kBlockN, n_keys, stage_k(tile), stage_v(tile));
+      const int stage = tile % kStages;
+      const uint32_t reuse_parity = (tile / kStages - 1) & 1;
+      loader.locate(kv, pages, tile * kBlockN, n_keys);
+      if (tile >= kStages) mbarrier_wait(&empty_k[stage], reuse_parity);
+      const typename Loader::Pending pending = loader.issue_keys(kv, tile * kBlockN, n_keys, stage_k(tile));
       cp_async_commit();
       cp_async_wait<0>();
-      loader.finish(pending, stage_k(tile));
-      fence_proxy_async();  // the rotated keys and the copied values are read by wgmma next
-      mbarrier_arrive(&full[tile % kStages]);
+      loader.finish_keys(pending, stage_k(tile));
+      fence_proxy_async();  // the rotated keys are read by wgmma next
+      mbarrier_arrive(&full_k[stage]);
+      if (tile >= kStages) mbarrier_wait(&empty_v[stage], reuse_parity);
+      loader.issue_values(kv, stage_v(tile));
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mbarrier_arrive(&full_v[stage]);
     }
   } else {
     // ---- consumers: matrix work and softmax ----
@@ -260,23 +282,27 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
       }
     };
 
+    const auto ready_parity = [](int tile) { return static_cast<uint32_t>(tile / kStages) & 1; };
     if (my_tiles > 0) {
-      mbarrier_wait(&full[0], 0);
+      mbarrier_wait(&full_k[0], 0);
       begin_turn();
       issue_qk(0);
       end_turn();
       wgmma_wait<0>();
       wgmma_fence_operands(s);
+      mbarrier_arrive(&empty_k[0]);
       softmax(0);  // o is still zero: no correction
       pack_p();
       for (int tile = 1; tile < my_tiles; ++tile) {
-        mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
+        mbarrier_wait(&full_k[tile % kStages], ready_parity(tile));
+        mbarrier_wait(&full_v[(tile - 1) % kStages], ready_parity(tile - 1));
         begin_turn();
         issue_qk(tile);
         issue_pv(tile - 1);
         end_turn();
         wgmma_wait<1>();  // S of this tile
         wgmma_fence_operands(s);
+        mbarrier_arrive(&empty_k[tile % kStages]);
         softmax(tile);
         // Pinned here: the compiler would otherwise sink the softmax past the wait below, serializing it
         // with P V instead of overlapping.
@@ -285,7 +311,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
         wgmma_wait<0>();  // P V of the previous tile
         wgmma_fence_operands(o);
         wgmma_fence_operands(p);
-        mbarrier_arrive(&empty[(tile - 1) % kStages]);
+        mbarrier_arrive(&empty_v[(tile - 1) % kStages]);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -296,18 +322,21 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
         }
         pack_p();
       }
+      mbarrier_wait(&full_v[(my_tiles - 1) % kStages], ready_parity(my_tiles - 1));
       begin_turn();
       issue_pv(my_tiles - 1);
       end_turn();
       wgmma_wait<0>();
       wgmma_fence_operands(o);
       wgmma_fence_operands(p);
-      mbarrier_arrive(&empty[(my_tiles - 1) % kStages]);
+      mbarrier_arrive(&empty_v[(my_tiles - 1) % kStages]);
     }
     // Tiles wholly in the group's future: taken and returned (the producer counts on every consumer).
     for (int tile = my_tiles; tile < n_tiles; ++tile) {
-      mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
-      mbarrier_arrive(&empty[tile % kStages]);
+      mbarrier_wait(&full_k[tile % kStages], ready_parity(tile));
+      mbarrier_arrive(&empty_k[tile % kStages]);
+      mbarrier_wait(&full_v[tile % kStages], ready_parity(tile));
+      mbarrier_arrive(&empty_v[tile % kStages]);
     }
 
 #pragma unroll
