@@ -52,52 +52,6 @@ __device__ __forceinline__ void apply_row_outliers(const PageBlockLayout& layout
   }
 }
 
-// K and V elements [sub * 8, sub * 8 + 8) of key `pos` for one KV head, as the attention uses them (fp32, keys
-// rotated when stored before RoPE); zeros when !valid. exact: from this step's rows or the store, else the page.
-template <int D, int kBits>
-__device__ __forceinline__ void load_key_value(const QuantizedPagedKv& kv, const AttentionChunk& row,
-                                               const ExactSource& source, int exact, int pos, bool valid, int kv_head,
-                                               int sub, int64_t page_bytes, const BlockCalibration& key_calib,
-                                               const BlockCalibration& value_calib, float (&k)[8], float (&v)[8]) {
-  const int c0 = sub * 8;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) k[i] = v[i] = 0.0f;
-  if (!valid) return;
-  if (exact) {
-    const bool in_step = pos >= source.chunk_start;
-    const __half* key_row =
-        in_step ? kv.step_keys + static_cast<int64_t>(source.chunk_first_row + pos - source.chunk_start) * kv.step_stride +
-                      kv_head * D
-                : kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, D, source.slot, 0, kv_head, pos);
-    // V sits kv_dim after K in a step row, and n_kv_heads * rows-per-head rows after it in the store.
-    const int64_t value_offset =
-        in_step ? int64_t{kv.n_kv_heads} * D : int64_t{kv.n_kv_heads} * (kv.store.sinks + kv.store.window) * D;
-    half8_to_float(*reinterpret_cast<const uint4*>(key_row + c0), k);
-    half8_to_float(*reinterpret_cast<const uint4*>(key_row + value_offset + c0), v);
-  } else {
-    const int page_size = kv.key_layout.page_size;
-    const int32_t page = __ldg(kv.page_table + row.page_offset + pos / page_size);
-    const int page_row = pos % page_size;
-    const uint8_t* page_base = kv.pool + page * page_bytes;
-    const uint8_t* key_block = page_base + kv_head * kv.key_layout.block_bytes;
-    const uint8_t* value_block = page_base + kv.n_kv_heads * kv.key_layout.block_bytes + kv_head * kv.value_layout.block_bytes;
-    decode_chunk8<kBits>(kv.key_layout, key_block, page_row, c0, key_calib, k);
-    decode_chunk8<kBits>(kv.value_layout, value_block, page_row, c0, value_calib, v);
-    if (kv.key_layout.outlier_capacity > 0) apply_row_outliers(kv.key_layout, key_block, page_row, c0, k);
-    if (kv.value_layout.outlier_capacity > 0) apply_row_outliers(kv.value_layout, value_block, page_row, c0, v);
-  }
-  if (kv.rotate_keys) {
-    const float2* angles = kv.rope + static_cast<int64_t>(pos) * (D / 2) + sub * 4;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 cs = __ldg(angles + j);
-      const float x0 = k[2 * j], x1 = k[2 * j + 1];
-      k[2 * j] = x0 * cs.x - x1 * cs.y;
-      k[2 * j + 1] = x0 * cs.y + x1 * cs.x;
-    }
-  }
-}
-
 template <int D, int kMaxGroup, int kBits>
 __global__ void __launch_bounds__(kThreads)
     quantized_split_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows,
@@ -105,8 +59,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kLanes = D / 8;  // lanes per key row
   constexpr int kGroupsPerWarp = 32 / kLanes;
   constexpr int kKeyGroups = kThreads / kLanes;
-  // Keys in flight per lane group: as many as the registers allow beside q and acc (kMaxGroup x 8 each).
-  constexpr int kKeysPerStep = kMaxGroup >= 8 ? 1 : kMaxGroup >= 4 ? 2 : 4;
   __shared__ float s_merge[kSplitMergeFloats<D, kMaxGroup, kKeyGroups>];
 
   const int split_index = blockIdx.x;
@@ -118,14 +70,17 @@ __global__ void __launch_bounds__(kThreads)
   const int group = query.n_heads / kv.n_kv_heads;
   const int lane = threadIdx.x % 32;
   const int sub = lane % kLanes;
+  const int c0 = sub * 8;
   const int key_group = threadIdx.x / 32 * kGroupsPerWarp + lane / kLanes;
+  const int page_size = kv.key_layout.page_size;
+  const int kv_dim = kv.n_kv_heads * D;
   const int64_t page_bytes = int64_t{kv.n_kv_heads} * (kv.key_layout.block_bytes + kv.value_layout.block_bytes);
   const BlockCalibration key_calib = block_calibration(kv.calib, kv.key_layout, kv_head);
   const BlockCalibration value_calib = block_calibration(kv.calib, kv.value_layout, kv_head);
   const float scale_log2 = query.scale * 1.4426950408889634f;
 
   float q[kMaxGroup][8];
-  const __half* q_row = query.q + static_cast<int64_t>(row.first_row) * query.q_stride + (kv_head * group) * D + sub * 8;
+  const __half* q_row = query.q + static_cast<int64_t>(row.first_row) * query.q_stride + (kv_head * group) * D + c0;
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
     float x[8] = {};
@@ -142,43 +97,67 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
   }
 
-  // Each lane group takes kKeysPerStep keys per step, all loaded and decoded before any is used, so that their
-  // independent load chains (page index, codes, parameters) are in flight together. The loop bound is uniform
-  // over the block: the shuffles below need every lane.
-  constexpr int kStride = kKeyGroups * kKeysPerStep;
-  for (int base = split.key_begin; base < split.key_end; base += kStride) {
-    float k[kKeysPerStep][8], v[kKeysPerStep][8];
-    bool valid[kKeysPerStep];
+  // The loop bound is uniform over the block: the shuffles below need every lane.
+  for (int base = split.key_begin; base < split.key_end; base += kKeyGroups) {
+    const int pos = base + key_group;
+    const bool valid = pos < split.key_end;
+    float k[8] = {}, v[8] = {};
+    if (valid && split.exact) {
+      const __half* key_row;
+      if (pos >= source.chunk_start) {
+        key_row = kv.step_keys + static_cast<int64_t>(source.chunk_first_row + pos - source.chunk_start) * kv.step_stride +
+                  kv_head * D;
+      } else {
+        key_row = kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, D, source.slot, 0, kv_head, pos);
+      }
+      // V sits kv_dim after K in a step row, and n_kv_heads * rows-per-head rows after it in the store.
+      const int64_t value_offset = pos >= source.chunk_start
+                                       ? kv_dim
+                                       : int64_t{kv.n_kv_heads} * (kv.store.sinks + kv.store.window) * D;
+      half8_to_float(*reinterpret_cast<const uint4*>(key_row + c0), k);
+      half8_to_float(*reinterpret_cast<const uint4*>(key_row + value_offset + c0), v);
+    } else if (valid) {
+      const int32_t page = __ldg(kv.page_table + row.page_offset + pos / page_size);
+      const int page_row = pos % page_size;
+      const uint8_t* page_base = kv.pool + page * page_bytes;
+      const uint8_t* key_block = page_base + kv_head * kv.key_layout.block_bytes;
+      const uint8_t* value_block =
+          page_base + kv.n_kv_heads * kv.key_layout.block_bytes + kv_head * kv.value_layout.block_bytes;
+      decode_chunk8<kBits>(kv.key_layout, key_block, page_row, c0, key_calib, k);
+      if (kv.key_layout.outlier_capacity > 0) apply_row_outliers(kv.key_layout, key_block, page_row, c0, k);
+      decode_chunk8<kBits>(kv.value_layout, value_block, page_row, c0, value_calib, v);
+      if (kv.value_layout.outlier_capacity > 0) apply_row_outliers(kv.value_layout, value_block, page_row, c0, v);
+    }
+    if (valid && kv.rotate_keys) {
+      const float2* angles = kv.rope + static_cast<int64_t>(pos) * (D / 2) + sub * 4;
 #pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
-      const int pos = base + u * kKeyGroups + key_group;
-      valid[u] = pos < split.key_end;
-      load_key_value<D, kBits>(kv, row, source, split.exact, pos, valid[u], kv_head, sub, page_bytes, key_calib,
-                               value_calib, k[u], v[u]);
+      for (int j = 0; j < 4; ++j) {
+        const float2 cs = __ldg(angles + j);
+        const float x0 = k[2 * j], x1 = k[2 * j + 1];
+        k[2 * j] = x0 * cs.x - x1 * cs.y;
+        k[2 * j + 1] = x0 * cs.y + x1 * cs.x;
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= group) continue;  // uniform over the block
+      float score = 0.0f;
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        if (h >= group) continue;  // uniform over the block
-        float score = 0.0f;
+      for (int i = 0; i < 8; ++i) score = fmaf(q[h][i], k[i], score);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) score = fmaf(q[h][i], k[u][i], score);
+      for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
+      if (!valid) continue;
+      if (score > m[h]) {
+        const float correction = fast_exp2(m[h] - score);  // 0 while m is -inf
+        m[h] = score;
+        l[h] *= correction;
 #pragma unroll
-        for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
-        if (!valid[u]) continue;
-        if (score > m[h]) {
-          const float correction = fast_exp2(m[h] - score);  // 0 while m is -inf
-          m[h] = score;
-          l[h] *= correction;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
-        }
-        const float p = fast_exp2(score - m[h]);
-        l[h] += p;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[u][i], acc[h][i]);
+        for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
       }
+      const float p = fast_exp2(score - m[h]);
+      l[h] += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[i], acc[h][i]);
     }
   }
   write_split_partial<D, kMaxGroup, kKeyGroups, kThreads>(m, l, acc, s_merge, key_group, sub, group, kv_head,
