@@ -38,15 +38,20 @@ struct Case {
   bool exact_chunk = false;
 };
 
-void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
-  const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
-  const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
+KvCacheOptions options_for(const Case& test) {
   KvCacheOptions options;
   options.format = parse_kv_format(test.kv);
   options.sinks = test.sinks;
   options.tail = test.tail;
   options.per_page_key_ranges = test.page_ranges;
   options.exact_chunk = test.exact_chunk;
+  return options;
+}
+
+void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
+  const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
+  const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
+  const KvCacheOptions options = options_for(test);
   const int page = options.format.scheme == KvScheme::kivi ? 32 : 16;
   const TestCalibration calib(1, kv_dim, options.format.bits);
   const std::vector<LayerCalibration> no_layers;
@@ -271,12 +276,7 @@ TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
   const std::vector<Case> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
                                    {"nuq4-1%", 2, true, false, true}, {"kivi2"}, {"q4_0"}, {"fp8", 1, true, false, true}};
   for (const Case& test : cases) {
-    KvCacheOptions options;
-    options.format = parse_kv_format(test.kv);
-    options.sinks = test.sinks;
-    options.tail = test.tail;
-    options.per_page_key_ranges = test.page_ranges;
-    options.exact_chunk = test.exact_chunk;
+    const KvCacheOptions options = options_for(test);
     const int page = 32;
     // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
     const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
