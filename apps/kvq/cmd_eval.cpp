@@ -138,6 +138,8 @@ double score_sample(const TaskSample& sample, const std::string& output) {
   return sample.passkey >= 0 ? score_passkey(output, sample.passkey) : string_match_all(output, sample.references);
 }
 
+constexpr size_t kExamplesKept = 2;
+
 struct Cell {
   double accuracy, ci95;
 };
@@ -182,9 +184,18 @@ void run_generation(const CommonOptions& o, const EvalOptions& e, const LoadedMo
 
       std::vector<double> scores;
       std::map<double, std::vector<double>> scores_by_depth;
+      nlohmann::json examples = nlohmann::json::array();  // the first answers, to see what the model says
       for (size_t i = 0; i < results.size(); ++i) {
-        scores.push_back(score_sample(point.samples[i], model.tokenizer.decode(results[i].tokens)));
+        const std::string output = model.tokenizer.decode(results[i].tokens);
+        scores.push_back(score_sample(point.samples[i], output));
         if (point.task == "passkey") scores_by_depth[point.samples[i].depth].push_back(scores.back());
+        if (i < kExamplesKept) {
+          const TaskSample& s = point.samples[i];
+          examples.push_back({{"output", output},
+                              {"expected", s.passkey >= 0 ? std::vector<std::string>{std::to_string(s.passkey)}
+                                                          : s.references},
+                              {"score", scores.back()}});
+        }
       }
       const AccuracySummary summary = summarize_scores(scores);
       cells[{{point.task, point.length}, kv}] = {summary.accuracy, summary.ci95};
@@ -204,6 +215,7 @@ void run_generation(const CommonOptions& o, const EvalOptions& e, const LoadedMo
                                {"prompt_tokens_mean", point.prompt_tokens_mean},
                                {"prompts_digest", point.digest},
                                {"scores", scores},
+                               {"examples", examples},
                                {"generated_tokens", generated},
                                {"seconds", seconds}};
       report.add_result(result);
@@ -214,6 +226,7 @@ void run_generation(const CommonOptions& o, const EvalOptions& e, const LoadedMo
         result["accuracy"] = at_depth.accuracy;
         result["ci95"] = at_depth.ci95;
         result["scores"] = depth_scores;
+        result.erase("examples");
         result.erase("generated_tokens");
         result.erase("seconds");
         report.add_result(result);

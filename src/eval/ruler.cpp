@@ -130,7 +130,9 @@ TaskSample make_niah(const NiahConfig& c, int64_t units, TaskRng& rng, const Rul
     std::vector<std::string> parts;
     int64_t begin = 0;
     for (size_t i = 0; i < cuts.size(); ++i) {
-      parts.push_back(join(std::vector<std::string>(sentences.begin() + begin, sentences.begin() + cuts[i]), " "));
+      if (cuts[i] > begin) {
+        parts.push_back(join(std::vector<std::string>(sentences.begin() + begin, sentences.begin() + cuts[i]), " "));
+      }
       if (i < needles.size()) parts.push_back(needles[i]);
       begin = cuts[i];
     }
