@@ -96,7 +96,9 @@ std::string prompts_digest(const std::vector<GenerationRequest>& requests) {
   uint64_t hash = 0xcbf29ce484222325ull;
   for (const GenerationRequest& request : requests) {
     for (const int32_t id : request.prompt) {
-      for (int byte = 0; byte < 4; ++byte) hash = (hash ^ ((static_cast<uint32_t>(id) >> (8 * byte)) & 0xffu)) * 0x100000001b3ull;
+      for (int byte = 0; byte < 4; ++byte) {
+        hash = (hash ^ ((static_cast<uint32_t>(id) >> (8 * byte)) & 0xffu)) * 0x100000001b3ull;
+      }
     }
     hash = (hash ^ 0xffu) * 0x100000001b3ull;  // prompt boundary
   }
@@ -138,7 +140,8 @@ double score_sample(const TaskSample& sample, const std::string& output) {
   return sample.passkey >= 0 ? score_passkey(output, sample.passkey) : string_match_all(output, sample.references);
 }
 
-constexpr size_t kExamplesKept = 2;
+constexpr size_t kFirstAnswersKept = 2;
+constexpr size_t kMissesKept = 3;
 
 struct Cell {
   double accuracy, ci95;
@@ -184,14 +187,19 @@ void run_generation(const CommonOptions& o, const EvalOptions& e, const LoadedMo
 
       std::vector<double> scores;
       std::map<double, std::vector<double>> scores_by_depth;
-      nlohmann::json examples = nlohmann::json::array();  // the first answers, to see what the model says
+      // What the model said: the first answers and the first misses.
+      nlohmann::json examples = nlohmann::json::array();
+      size_t misses_kept = 0;
       for (size_t i = 0; i < results.size(); ++i) {
         const std::string output = model.tokenizer.decode(results[i].tokens);
         scores.push_back(score_sample(point.samples[i], output));
         if (point.task == "passkey") scores_by_depth[point.samples[i].depth].push_back(scores.back());
-        if (i < kExamplesKept) {
+        const bool missed = scores.back() < 1.0 && misses_kept < kMissesKept;
+        if (i < kFirstAnswersKept || missed) {
           const TaskSample& s = point.samples[i];
-          examples.push_back({{"output", output},
+          misses_kept += missed;
+          examples.push_back({{"prompt", i + 1},
+                              {"output", output},
                               {"expected", s.passkey >= 0 ? std::vector<std::string>{std::to_string(s.passkey)}
                                                           : s.references},
                               {"score", scores.back()}});
@@ -265,7 +273,6 @@ void run_kl(const CommonOptions& o, const EvalOptions& e, const LoadedModel& mod
   }
   report.set_device(reference.backend().device_name());
 
-  fmt::print("\n{:<10} {:>6} {:>8} {:>10} {:>10} {:>10}\n", "kv", "length", "tokens", "kl_mean", "kl_p99", "top1 %");
   for (const int32_t length : lengths) {
     KlOptions kl;
     kl.length = length;
@@ -278,6 +285,9 @@ void run_kl(const CommonOptions& o, const EvalOptions& e, const LoadedModel& mod
         evaluate_kl(model.config, {&reference.backend(), &reference.tables()}, backends, text, kl,
                     [&](int64_t done, int64_t total) { bar.update(done, total); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (length == lengths.front()) {  // after the first run, so a refused run prints only its error
+      fmt::print("\n{:<10} {:>6} {:>8} {:>10} {:>10} {:>10}\n", "kv", "length", "tokens", "kl_mean", "kl_p99", "top1 %");
+    }
     for (size_t f = 0; f < compared.size(); ++f) {
       const KlSummary& s = summaries[f];
       fmt::print("{:<10} {:>6} {:>8} {:>10.5f} {:>10.5f} {:>10.2f}\n", compared[f], length, s.tokens, s.kl_mean,
@@ -333,9 +343,11 @@ Command add_eval_command(CLI::App& app, CommonOptions& common) {
   CLI::App* cmd = app.add_subcommand("eval", "long-context accuracy: passkey, RULER tasks, KL divergence vs fp16");
   add_common(*cmd, common);
   auto options = std::make_shared<EvalOptions>();
-  cmd->add_option("--task", options->tasks, "tasks, comma-separated: passkey, ruler (all 11), niah_single_1, ..., vt, cwe, fwe, kl")
+  cmd->add_option("--task", options->tasks,
+                  "tasks, comma-separated: passkey, ruler (all 11), niah_single_1, ..., vt, cwe, fwe, kl")
       ->required();
-  cmd->add_option("--lengths", options->lengths, "prompt lengths in tokens (4096 or 4K), comma-separated")->capture_default_str();
+  cmd->add_option("--lengths", options->lengths, "prompt lengths in tokens (4096 or 4K), comma-separated")
+      ->capture_default_str();
   cmd->add_option("--samples", options->samples, "prompts per task and length (kl: windows)")
       ->check(CLI::Range(1, 1 << 20))->capture_default_str();
   cmd->add_option("--kv", options->kv, "KV formats, comma-separated")->capture_default_str();

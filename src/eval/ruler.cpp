@@ -351,7 +351,8 @@ TaskGenerator fwe_generator(int32_t length) {
     const double zeta2 = std::numbers::pi * std::numbers::pi / 6.0;
     std::vector<std::string> text;
     for (int64_t k = 1; k <= vocab_size; ++k) {
-      const auto count = static_cast<int64_t>(static_cast<double>(units) * std::pow(static_cast<double>(k), -kFweAlpha) / zeta2);
+      const double expected = static_cast<double>(units) * std::pow(static_cast<double>(k), -kFweAlpha) / zeta2;
+      const auto count = static_cast<int64_t>(expected);
       text.insert(text.end(), static_cast<size_t>(count), vocab[static_cast<size_t>(k - 1)]);
     }
     rng.shuffle(text);
@@ -412,7 +413,9 @@ RulerSources::RulerSources(const std::string& haystack_text, const std::string& 
   std::sort(words_.begin(), words_.end());
   words_.erase(std::unique(words_.begin(), words_.end()), words_.end());
   if (haystack_words_.empty()) fail("the haystack text is empty");
-  if (words_.size() < 1000) fail("the word list has {} usable words (3-10 lowercase letters); expected a dictionary", words_.size());
+  if (words_.size() < 1000) {
+    fail("the word list has {} usable words (3-10 lowercase letters); expected a dictionary", words_.size());
+  }
 }
 
 const std::vector<std::string>& ruler_task_names() {

@@ -10,7 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_backend.h"
+#include "engine/step_batch.h"
 #include "eval/kl.h"
+#include "eval/perplexity.h"
+#include "kv/kv_format.h"
+#include "kv/page_tables.h"
+#include "tiny_model.h"
 #include "eval/passkey.h"
 #include "eval/ruler.h"
 #include "eval/scoring.h"
@@ -322,6 +328,64 @@ TEST(Kl, SummaryMeanPercentileAgreement) {
   EXPECT_DOUBLE_EQ(s.kl_mean, 50.5);
   EXPECT_DOUBLE_EQ(s.kl_p99, 99.0);  // nearest rank: the 99th of 100
   EXPECT_DOUBLE_EQ(s.top1_agree, 25.0);
+}
+
+// evaluate_kl on a tiny random model: an fp16 copy of the reference diverges by
+// exactly 0; q4_0 by what comparing its own run with the reference's gives
+// (same chunks, so the same logits), and the windows must fit the text.
+TEST(Kl, EvaluateAgainstReferenceOnTinyModel) {
+  const LlamaConfig config = testing::tiny_config(32);  // q4_0 blocks span 32 channels
+  const LlamaWeights weights = testing::random_weights(config, 5);
+  std::mt19937 rng(3);
+  const std::vector<int32_t> text = testing::random_ids(rng, 120, config.vocab);
+  KvCacheOptions fp16, q4_0;
+  q4_0.format = parse_kv_format("q4_0");
+  constexpr int32_t kPage = 16, kPages = 8;
+  CpuBackend reference(config, weights, kPages, kPage, fp16), copy(config, weights, kPages, kPage, fp16),
+      quantized(config, weights, kPages, kPage, q4_0);
+  PageTables reference_tables(kPages, kPage), copy_tables(kPages, kPage), quantized_tables(kPages, kPage);
+  const std::vector<BackendWithTables> formats = {{&copy, &copy_tables}, {&quantized, &quantized_tables}};
+  KlOptions options;
+  options.length = 40;
+  options.windows = 3;
+  options.chunk = 16;  // 16 + 16 + 8 rows per window
+  options.bos_id = 1;
+  const std::vector<KlSummary> s = evaluate_kl(config, {&reference, &reference_tables}, formats, text, options);
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_EQ(s[0].tokens, 120);
+  EXPECT_EQ(s[0].kl_mean, 0.0);
+  EXPECT_EQ(s[0].top1_agree, 100.0);
+  EXPECT_GT(s[1].kl_mean, 0.0);
+  EXPECT_GE(s[1].kl_p99, s[1].kl_mean);
+
+  // The quantized format's first window by hand.
+  options.windows = 1;
+  const KlSummary first = evaluate_kl(config, {&reference, &reference_tables}, std::span(formats).subspan(1), text,
+                                      options)[0];
+  std::vector<int32_t> window = {1};
+  window.insert(window.end(), text.begin(), text.begin() + 39);
+  StepBatch batch;
+  std::vector<float> ref_logits, q_logits;
+  double sum = 0;
+  reference_tables.add_sequence(0);
+  reference_tables.reserve(0, 40);
+  quantized_tables.add_sequence(0);
+  quantized_tables.reserve(0, 40);
+  for (int64_t pos = 0; pos < 40; pos += 16) {
+    const std::span<const int32_t> chunk(window.data() + pos, std::min<size_t>(16, 40 - pos));
+    forward_chunk_all_logits(reference, reference_tables, 0, pos, chunk, batch, ref_logits);
+    forward_chunk_all_logits(quantized, quantized_tables, 0, pos, chunk, batch, q_logits);
+    const size_t vocab = static_cast<size_t>(config.vocab);
+    for (size_t r = 0; r < chunk.size(); ++r) {
+      sum += compare_logits(std::span<const float>(ref_logits.data() + r * vocab, vocab),
+                            std::span<const float>(q_logits.data() + r * vocab, vocab))
+                 .kl;
+    }
+  }
+  EXPECT_NEAR(first.kl_mean, sum / 40, 1e-12);
+
+  options.windows = 4;  // 4 x 39 text tokens > 120
+  EXPECT_THROW(evaluate_kl(config, {&reference, &reference_tables}, formats, text, options), std::exception);
 }
 
 }  // namespace
