@@ -71,6 +71,22 @@ if [ ! -s "$root/data/evaluation.txt" ] || [ ! -s "$root/data/calibration.txt" ]
     --out-dir "$root/data"
 fi
 
+# --- word list: RULER's key words and common words (kvq eval) from the Debian package wamerican --
+if [ ! -s "$root/data/words.txt" ]; then
+  deb=$(ls "$cache"/wamerican_*.deb 2>/dev/null | head -n 1 || true)
+  if [ -z "$deb" ]; then
+    say "downloading wamerican"
+    (cd "$cache" && apt-get download -qq wamerican 2>/dev/null) || {
+      as_root apt-get update -qq
+      (cd "$cache" && apt-get download -qq wamerican)
+    }
+    deb=$(ls "$cache"/wamerican_*.deb | head -n 1)
+  fi
+  rm -rf "$cache/wamerican"
+  dpkg-deb -x "$deb" "$cache/wamerican"
+  cp "$cache/wamerican/usr/share/dict/american-english" "$root/data/words.txt"
+fi
+
 # --- reference tests: numpy, gguf, llama-cpp-python (built from source), pytest ---
 if [ "$dev" -eq 1 ]; then
   venv=$cache/venv

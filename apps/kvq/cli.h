@@ -55,6 +55,7 @@ Command add_run_command(CLI::App& app, CommonOptions& common);
 Command add_ppl_command(CLI::App& app, CommonOptions& common);
 Command add_calibrate_command(CLI::App& app, CommonOptions& common);
 Command add_bench_command(CLI::App& app, CommonOptions& common);
+Command add_eval_command(CLI::App& app, CommonOptions& common);
 
 void add_common(CLI::App& cmd, CommonOptions& o);
 // The names of a comma-separated --kv list, each checked.

@@ -20,6 +20,7 @@ int run_main(int argc, char** argv) {
   const std::vector<Command> commands = {
       add_info_command(app, common),      add_tokenize_command(app, common), add_run_command(app, common),
       add_ppl_command(app, common),       add_calibrate_command(app, common), add_bench_command(app, common),
+      add_eval_command(app, common),
   };
 
   try {

@@ -12,6 +12,22 @@
 
 namespace kvq {
 
+double log_sum_exp(std::span<const float> row) {
+  const float max_logit = *std::max_element(row.begin(), row.end());
+  double sum_exp = 0;
+  for (const float logit : row) sum_exp += std::exp(static_cast<double>(logit - max_logit));
+  return std::log(sum_exp) + max_logit;
+}
+
+void forward_chunk_all_logits(Backend& backend, PageTables& tables, int32_t seq, int64_t pos,
+                              std::span<const int32_t> tokens, StepBatch& batch, std::vector<float>& logits) {
+  batch.tokens.clear();
+  batch.chunks.clear();
+  batch.add_chunk(seq, pos, tokens.data(), static_cast<int32_t>(tokens.size()), true);
+  backend.forward(batch, tables, logits);
+  tables.append(seq, static_cast<int32_t>(tokens.size()));
+}
+
 PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend, PageTables& tables,
                                      std::span<const int32_t> tokens, const PerplexityOptions& options,
                                      const std::function<void(int64_t, int64_t)>& progress) {
@@ -54,21 +70,15 @@ PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend
     tables.reserve(seq, static_cast<int64_t>(window.size()));
     for (int64_t pos = 0; pos < static_cast<int64_t>(window.size()); pos += options.chunk) {
       const int32_t len = static_cast<int32_t>(std::min<int64_t>(options.chunk, window.size() - pos));
-      batch.tokens.clear();
-      batch.chunks.clear();
-      batch.add_chunk(seq, pos, window.data() + pos, len, true);
-      backend.forward(batch, tables, logits);
-      tables.append(seq, len);
+      forward_chunk_all_logits(backend, tables, seq, pos, std::span<const int32_t>(window.data() + pos, len), batch,
+                               logits);
       // Row r predicts window[pos + r + 1], i.e. text index begin + pos + r + 1 - offset.
 #pragma omp parallel for schedule(static) reduction(+ : sum_nll, sum_nll_sq, scored)
       for (int32_t r = 0; r < len; ++r) {
         const int64_t target = begin + pos + r + 1 - offset;
         if (target < scored_until || target >= end) continue;
         const float* row = logits.data() + static_cast<size_t>(r) * config.vocab;
-        const float max_logit = *std::max_element(row, row + config.vocab);
-        double sum_exp = 0;
-        for (int v = 0; v < config.vocab; ++v) sum_exp += std::exp(static_cast<double>(row[v] - max_logit));
-        const double nll = std::log(sum_exp) + max_logit - row[tokens[target]];
+        const double nll = log_sum_exp(std::span<const float>(row, config.vocab)) - row[tokens[target]];
         sum_nll += nll;
         sum_nll_sq += nll * nll;
         ++scored;

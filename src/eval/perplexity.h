@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <vector>
 
 namespace kvq {
 
 class Backend;
 class PageTables;
 struct LlamaConfig;
+struct StepBatch;
 
 struct PerplexityOptions {
   int32_t ctx = 2048;
@@ -26,6 +28,15 @@ struct PerplexityResult {
   double ppl = 0;         // exp(mean_nll)
   double ppl_stderr = 0;  // ppl * stderr(mean_nll), delta method
 };
+
+// log(sum(exp(row))), stable: the normalizer of a logits row.
+double log_sum_exp(std::span<const float> row);
+
+// Runs `tokens` as the chunk of sequence `seq` starting at `pos` (its pages
+// reserved in `tables`), appends it to the sequence and leaves the logits of
+// every token, (tokens.size(), vocab), in `logits`. `batch` is scratch.
+void forward_chunk_all_logits(Backend& backend, PageTables& tables, int32_t seq, int64_t pos,
+                              std::span<const int32_t> tokens, StepBatch& batch, std::vector<float>& logits);
 
 // tokens: the text's ids (already capped by --max-tokens). progress(done, total) after each window.
 PerplexityResult evaluate_perplexity(const LlamaConfig& config, Backend& backend, PageTables& tables,
