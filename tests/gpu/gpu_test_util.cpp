@@ -7,6 +7,7 @@
 #include "core/dtypes.h"
 #include "cpu/llama_ops.h"
 #include "cuda/device.h"
+#include "kv/kv_format.h"
 
 namespace kvq::gputest {
 
@@ -102,6 +103,21 @@ TestCalibration::TestCalibration(int n_layers, int kv_dim, int bits) {
   for (int l = 0; l < n_layers; ++l) {
     layers.push_back({key_lo[l].data(), key_hi[l].data(), codebooks[l].data(), codebooks[l].data(), 2.5f});
   }
+}
+
+std::string FormatCase::label() const {
+  return kv + " sinks " + std::to_string(sinks) + (tail ? " tail" : " no-tail") + (page_ranges ? " kscale-page" : "") +
+         (exact_chunk ? " exact-chunk" : "");
+}
+
+KvCacheOptions options_for(const FormatCase& test) {
+  KvCacheOptions options;
+  options.format = parse_kv_format(test.kv);
+  options.sinks = test.sinks;
+  options.tail = test.tail;
+  options.per_page_key_ranges = test.page_ranges;
+  options.exact_chunk = test.exact_chunk;
+  return options;
 }
 
 }  // namespace kvq::gputest

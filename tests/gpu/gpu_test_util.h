@@ -7,10 +7,12 @@
 
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/attention.h"
 #include "calib/calibration_file.h"
+#include "cpu/cpu_backend.h"
 #include "cpu/llama_ops.h"
 #include "cuda/cuda_check.h"
 #include "model/llama.h"
@@ -85,5 +87,17 @@ struct TestCalibration {
   std::vector<std::vector<float>> key_lo, key_hi, codebooks;  // (n_layers) x (kv_dim), (kv_dim), (2^bits)
   std::vector<LayerCalibration> layers;                       // views of the above
 };
+
+// A --kv format with the shared KV options, as the quantized-format tests sweep them.
+struct FormatCase {
+  std::string kv;
+  int sinks = 1;
+  bool tail = true;
+  bool page_ranges = false;
+  bool exact_chunk = false;
+  std::string label() const;
+};
+// The case's KvCacheOptions (no calibration attached).
+KvCacheOptions options_for(const FormatCase& test);
 
 }  // namespace kvq::gputest

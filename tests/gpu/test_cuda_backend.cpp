@@ -257,18 +257,6 @@ TEST(CudaBackend, DecodeGraphsMatchEagerSteps) {
   }
 }
 
-struct FormatCase {
-  std::string kv;
-  int sinks = 1;
-  bool tail = true;
-  bool page_ranges = false;
-  bool exact_chunk = false;
-  std::string label() const {
-    return kv + " sinks " + std::to_string(sinks) + (tail ? " tail" : " no-tail") + (page_ranges ? " kscale-page" : "") +
-           (exact_chunk ? " exact-chunk" : "");
-  }
-};
-
 std::vector<FormatCase> format_cases() {
   std::vector<FormatCase> cases;
   for (const char* kv : {"int2", "int3", "int4", "nuq2", "nuq3", "nuq4", "int3-1%", "nuq2-1%", "nuq3-1%", "nuq4-1%"}) {
@@ -286,13 +274,8 @@ std::vector<FormatCase> format_cases() {
 }
 
 KvCacheOptions kv_options_for(const FormatCase& f, const TestCalibration* calib) {
-  KvCacheOptions kv;
-  kv.format = parse_kv_format(f.kv);
+  KvCacheOptions kv = options_for(f);
   if (kv.format.calibrated()) kv.calibration = calib->layers;
-  kv.sinks = f.sinks;
-  kv.tail = f.tail;
-  kv.per_page_key_ranges = f.page_ranges;
-  kv.exact_chunk = f.exact_chunk;
   return kv;
 }
 

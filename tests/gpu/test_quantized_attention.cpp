@@ -30,25 +30,7 @@
 namespace kvq::gputest {
 namespace {
 
-struct Case {
-  std::string kv;
-  int sinks = 1;
-  bool tail = true;
-  bool page_ranges = false;
-  bool exact_chunk = false;
-};
-
-KvCacheOptions options_for(const Case& test) {
-  KvCacheOptions options;
-  options.format = parse_kv_format(test.kv);
-  options.sinks = test.sinks;
-  options.tail = test.tail;
-  options.per_page_key_ranges = test.page_ranges;
-  options.exact_chunk = test.exact_chunk;
-  return options;
-}
-
-void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
+void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
   const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
   const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
   const KvCacheOptions options = options_for(test);
@@ -63,9 +45,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
   const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
   const int sinks = options.effective_sinks();
   const int window = options.exact_window_capacity(page);
-  const std::string what = test.kv + " sinks " + std::to_string(test.sinks) + (test.tail ? " tail" : "") +
-                           (test.page_ranges ? " kscale-page" : "") + (test.exact_chunk ? " exact-chunk" : "") +
-                           " head_dim " + std::to_string(D) + " group " + std::to_string(group);
+  const std::string what = test.label() + " head_dim " + std::to_string(D) + " group " + std::to_string(group);
 
   // Sequences: `earlier` keys before a chunk of `chunk` query rows.
   const std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
@@ -251,7 +231,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
 
 TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
-  std::vector<Case> cases;
+  std::vector<FormatCase> cases;
   for (const char* kv : {"int2", "int3", "int4", "nuq2", "nuq3", "nuq4", "int4-1%", "nuq2-1%", "nuq3-1%", "nuq4-1%"}) {
     cases.push_back({kv});
   }
@@ -264,7 +244,7 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   uint32_t seed = 1;
   for (int head_dim : {64, 128}) {
     for (int group : {1, 3, 8}) {
-      for (const Case& c : cases) run_case(c, head_dim, group, seed++);
+      for (const FormatCase& c : cases) run_case(c, head_dim, group, seed++);
     }
   }
 }
@@ -273,9 +253,9 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
 // its keys 0..pos exactly once, in order, each split of one source by the CPU's rule, none longer than the
 // planned size; rows and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows.
 TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
-  const std::vector<Case> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
+  const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
                                    {"nuq4-1%", 2, true, false, true}, {"kivi2"}, {"q4_0"}, {"fp8", 1, true, false, true}};
-  for (const Case& test : cases) {
+  for (const FormatCase& test : cases) {
     const KvCacheOptions options = options_for(test);
     const int page = 32;
     // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
