@@ -127,11 +127,14 @@ def measure_point(model, preset, length, batch, args, energy, generator):
     config = PRESETS[preset]
     point = dict(kv=KV_NAME, prompt_len=length, batch=batch, gen=args.gen, page=None, ragged=args.ragged)
     lengths = [length] * batch
-    if args.ragged:
+    if args.ragged and (length, batch) in args.kvq_lengths:
+        lengths = args.kvq_lengths[length, batch]
+    elif args.ragged:
         lengths = torch.randint(max(1, length // 4), length + 1, (batch,), generator=generator).tolist()
     prompt_tokens = sum(lengths)
     decode_tokens = batch * (args.gen - 1)
     point["prompt_tokens"] = prompt_tokens
+    point["prompt_lengths"] = lengths
     if length > config["max_position_embeddings"]:
         point["status"] = f"prompt length {length} exceeds the model's context of {config['max_position_embeddings']}"
         return point
@@ -225,6 +228,22 @@ def write_csv(path, results):
             writer.writerow(["null" if row.get(k, "") is None else row.get(k, "") for k in columns])
 
 
+def ragged_lengths(path):
+    """{(prompt_len, batch): prompt lengths} of the ragged points of a kvq bench JSON file."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"baseline_hf.py: --lengths-from {path}: {e}")
+    lengths = {}
+    for point in report.get("results", []):
+        if point.get("ragged") and point.get("prompt_lengths"):
+            lengths[point["prompt_len"], point["batch"]] = point["prompt_lengths"]
+    if not lengths:
+        sys.exit(f"baseline_hf.py: --lengths-from {path}: no ragged point with prompt_lengths in it")
+    return lengths
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dummy", required=True, choices=sorted(PRESETS))
@@ -239,11 +258,15 @@ def main():
     p.add_argument("--grid-gco2-per-kwh", type=float, default=400.0)
     p.add_argument("--usd-per-kwh", type=float, default=0.10)
     p.add_argument("--pue", type=float, default=1.0)
+    p.add_argument("--lengths-from", metavar="KVQ_JSON",
+                   help="with --ragged: the prompt lengths kvq bench drew for each (prompt_len, batch) point of "
+                        "this JSON file, so both sides run the same batches (else drawn here from --seed)")
     p.add_argument("--json")
     p.add_argument("--csv")
     args = p.parse_args()
     if args.gen < 1:
         p.error("--gen must be at least 1")
+    args.kvq_lengths = ragged_lengths(args.lengths_from) if args.lengths_from else {}
 
     import torch
     import transformers
@@ -256,7 +279,8 @@ def main():
     dtype = str(next(model.parameters()).dtype)
     backends = sdpa_backends(model, PRESETS[args.dummy]["vocab_size"])
     settings = dict(prompt_len=[int(x) for x in args.prompt_len.split(",")], batch=[int(x) for x in args.batch.split(",")],
-                    gen=args.gen, ragged=args.ragged, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                    gen=args.gen, ragged=args.ragged, lengths_from=args.lengths_from, warmup=args.warmup,
+                    repeats=args.repeats, seed=args.seed,
                     energy_window_s=args.energy_window, energy_status=energy.status,
                     grid_gco2_per_kwh=args.grid_gco2_per_kwh, usd_per_kwh=args.usd_per_kwh, pue=args.pue,
                     torch=torch.__version__, transformers=transformers.__version__, dtype=dtype,

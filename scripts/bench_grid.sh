@@ -25,10 +25,10 @@ both() {
   "$KVQ" bench --device cuda --dummy "$model" --prompt-len "$lengths" --batch "$batches" --gen "$GEN" \
     --kv "fp16,$FORMATS" --json "$OUT/kvq_$name.json" "$@"
   if [ "$HF" = 1 ]; then
-    local ragged=
-    [[ " $* " == *" --ragged "* ]] && ragged=--ragged
+    local ragged=()
+    [[ " $* " == *" --ragged "* ]] && ragged=(--ragged --lengths-from "$OUT/kvq_$name.json")  # the same batches
     python3 scripts/baseline_hf.py --dummy "$model" --prompt-len "$lengths" --batch "$batches" --gen "$GEN" \
-      $ragged --json "$OUT/hf_$name.json"
+      "${ragged[@]}" --json "$OUT/hf_$name.json"
   fi
 }
 

@@ -89,6 +89,12 @@ int64_t total_prompt_tokens(const std::vector<GenerationRequest>& requests) {
   return tokens;
 }
 
+std::vector<int32_t> prompt_lengths(const std::vector<GenerationRequest>& requests) {
+  std::vector<int32_t> lengths;
+  for (const GenerationRequest& r : requests) lengths.push_back(static_cast<int32_t>(r.prompt.size()));
+  return lengths;
+}
+
 std::vector<GenerationResult> generate_once(const Bench& x, Runtime& runtime,
                                             const std::vector<GenerationRequest>& requests, GenerationStats* stats) {
   Generator generator(x.config, runtime.backend(), runtime.tables(), {x.o.chunk, {}}, [](int32_t) { return false; });
@@ -115,8 +121,7 @@ void add_cpu_gemm_ceiling(const Bench& x, const std::vector<GenerationRequest>& 
     gemm_s += g.seconds;
     gemm_flops += g.flops;
   }
-  std::vector<int32_t> lengths;
-  for (const GenerationRequest& r : requests) lengths.push_back(static_cast<int32_t>(r.prompt.size()));
+  const std::vector<int32_t> lengths = prompt_lengths(requests);
   const GemmCeiling attention = measure_cpu_attention_gemms(x.config, lengths, x.b.repeats);
   gemm_s += attention.seconds;
   gemm_flops += attention.flops;
@@ -243,6 +248,7 @@ nlohmann::json base_point(const Bench& x, const std::string& kv, int32_t length,
           {"page", x.o.page},
           {"ragged", x.b.ragged},
           {"prompt_tokens", total_prompt_tokens(requests)},
+          {"prompt_lengths", prompt_lengths(requests)},  // ragged draws, so a baseline can run the same batch
           {"energy_status", x.energy_status}};
 }
 

@@ -95,3 +95,15 @@ def test_capacity_mode_runs_the_largest_batch_and_the_next_is_oom(kvq, model_pat
 
 def test_dummy_weights_need_the_gpu(kvq):
     assert_error(kvq("bench", "--device", "cpu", "--dummy", "llama2-7b"), 1, "--dummy")
+
+
+def test_ragged_lengths_are_recorded_for_the_hf_baseline(kvq, model_path, repo_root, tmp_path):
+    """--ragged draws lengths in [L/4, L]; the JSON lists them, and baseline_hf.py --lengths-from reads them back
+    per (prompt_len, batch) point, so HF runs the very same batches."""
+    import baseline_hf
+    _, report, _ = bench(kvq, model_path, repo_root, tmp_path, "ragged", "--prompt-len", "64", "--batch", "3",
+                         "--gen", 2, "--ragged")
+    (point,) = report["results"]
+    lengths = point["prompt_lengths"]
+    assert len(lengths) == 3 and all(16 <= n <= 64 for n in lengths) and sum(lengths) == point["prompt_tokens"]
+    assert baseline_hf.ragged_lengths(tmp_path / "ragged.json") == {(64, 3): lengths}
