@@ -1,16 +1,24 @@
-// The quantized attention kernel (cuda/quantized_attention.h) against a CPU
-// twin reading the same bytes: pages written by launch_kv_quantize from random
+// The quantized attention kernels against a CPU twin reading the same bytes:
+// the split kernel (cuda/quantized_attention.h) for every row, or, as the
+// backend runs them, the wgmma prefill kernel (cuda/quantized_prefill.h) for
+// chunks of several rows and the split kernel for single rows. Inputs: pages written by launch_kv_quantize from random
 // fp16 rows (sequences' pages scattered in the pool), downloaded and decoded with
 // PageCodec::decode; exact rows from the same fp16 rows; the split rule of
 // KvCacheOptions::exact_from; RoPE with RopeTable::rotate for pre-RoPE formats;
 // scores and softmax in double. Every format and option the backend passes,
 // head_dim 64 and 128, groups 1, 3 and 8, chunks of 1 to 40 rows after 0 to 250
-// earlier keys.
+// earlier keys (split kernel) and, for the prefill kernel, chunks of several
+// 128-row query tiles and 128-key tiles, starting mid-page, reading earlier
+// pages, over pages of 16, 64 and 256 rows.
 //
 // Tolerance: the twin's operands are the kernel's to the bit (decode is
 // bit-exact, the exact rows are the same halves), so what differs is fp32
 // accumulation order and ex2.approx in the kernel (~1e-6 relative) and the
 // output's rounding to fp16 (2^-11 relative): |gpu - cpu| <= 2e-3 (|cpu| + 0.1).
+// The prefill kernel also rounds the decoded (and rotated) keys and values and
+// the probabilities P to fp16 for the tensor cores (2^-11 relative each, random
+// signs over hundreds of keys: ~1e-4 of the output's spread), inside the same
+// bound.
 // A key read from the wrong source, row, page or head, or a wrong RoPE angle,
 // moves outputs by the spread of values, ~0.1 to 1.
 #include <gtest/gtest.h>
@@ -21,6 +29,7 @@
 #include "core/dtypes.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/quantized_attention.h"
+#include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
 #include "gpu_test_util.h"
 #include "kv/kv_format.h"
@@ -48,11 +57,20 @@ KvCacheOptions options_for(const Case& test) {
   return options;
 }
 
-void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
+// Sequences of a step: `earlier` keys before a chunk of `chunk` query rows; page: tokens per page (0: 16, 32
+// for kivi); prefill_kernel: chunks of several rows on the wgmma prefill kernel.
+struct Shapes {
+  std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
+  std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
+  int page = 0;
+  bool prefill_kernel = false;
+};
+
+void run_case(const Case& test, int head_dim, int group, uint32_t seed, const Shapes& shapes = {}) {
   const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
   const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
   const KvCacheOptions options = options_for(test);
-  const int page = options.format.scheme == KvScheme::kivi ? 32 : 16;
+  const int page = shapes.page > 0 ? shapes.page : options.format.scheme == KvScheme::kivi ? 32 : 16;
   const TestCalibration calib(1, kv_dim, options.format.bits);
   const std::vector<LayerCalibration> no_layers;
   const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : no_layers, options.format, kv_dim);
@@ -65,17 +83,19 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
   const int window = options.exact_window_capacity(page);
   const std::string what = test.kv + " sinks " + std::to_string(test.sinks) + (test.tail ? " tail" : "") +
                            (test.page_ranges ? " kscale-page" : "") + (test.exact_chunk ? " exact-chunk" : "") +
-                           " head_dim " + std::to_string(D) + " group " + std::to_string(group);
+                           " head_dim " + std::to_string(D) + " group " + std::to_string(group) + " page " +
+                           std::to_string(page) + (shapes.prefill_kernel ? " prefill kernel" : "");
 
-  // Sequences: `earlier` keys before a chunk of `chunk` query rows.
-  const std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
-  const std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
+  const std::vector<int>& earlier = shapes.earlier;
+  const std::vector<int>& chunk = shapes.chunk;
   const int n_seqs = static_cast<int>(earlier.size());
+  int longest = 0;
+  for (int s = 0; s < n_seqs; ++s) longest = std::max(longest, earlier[s] + chunk[s]);
   std::mt19937 rng(seed);
-  const int n_pages = 64;
+  const int n_pages = n_seqs * ((longest + page - 1) / page + 1);
   PageTables tables(n_pages, page);
   for (int s = 0; s < n_seqs; ++s) tables.add_sequence(s);
-  for (int64_t need = page; need <= 320; need += page) {  // interleaved: pages scattered over the pool
+  for (int64_t need = page; need < longest + page; need += page) {  // interleaved: pages scattered over the pool
     for (int s = 0; s < n_seqs; ++s) ASSERT_TRUE(tables.reserve(s, std::min<int64_t>(need, earlier[s] + chunk[s])));
   }
 
@@ -102,7 +122,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
     all_rows.insert(all_rows.end(), kv_rows[s].begin(), kv_rows[s].end());
   }
   DeviceArray<uint16_t> d_all_rows(all_rows);
-  std::vector<int32_t> ids(512, 0);
+  std::vector<int32_t> ids(longest, 0);
   StepBatch write_batch;
   for (int s = 0; s < n_seqs; ++s) write_batch.add_chunk(s, 0, ids.data(), earlier[s] + chunk[s], false);
   auto source = [&](const SequenceChunk& c, int64_t pos, KvKind kind, int h) -> const uint16_t* {
@@ -152,7 +172,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
   }
   LlamaConfig config;
   config.head_dim = D;
-  config.context = 512;
+  config.context = std::max(512, longest);
   config.rope_theta = 10000.0f;
   const RopeTable rope(config);
   DeviceArray<float2> d_rope(rope_table(config));
@@ -167,8 +187,28 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed) {
   const cuda::QuantizedPagedKv kv{d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_pages.get(),
                                   d_rope.get(), n_kv_heads, rotate_keys ? 1 : 0,
                                   reinterpret_cast<const __half*>(d_step.get()) + q_dim, stride, store_view};
+  // As the backend: chunks of several rows on the prefill kernel, single rows on the split kernel.
+  std::vector<cuda::AttentionChunk> split_chunks;
+  std::vector<int32_t> split_slots, prefill_ids;
+  for (int s = 0; s < n_seqs; ++s) {
+    if (shapes.prefill_kernel && chunk[s] > 1) {
+      prefill_ids.push_back(s);
+    } else {
+      split_chunks.push_back(chunks[s]);
+      split_slots.push_back(slots[s]);
+    }
+  }
+  if (!prefill_ids.empty()) {
+    const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, prefill_ids, D);
+    DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
+    DeviceArray<cuda::PrefillWork> d_work(work);
+    DeviceArray<int32_t> d_slots(slots);
+    const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
+    cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+  }
   // 132 multiprocessors: splits of the least size (128 keys), so the longest rows get two page splits.
-  for (const cuda::QuantizedAttentionPlan& plan : cuda::plan_quantized_attention(chunks, slots, options, page, n_kv_heads, 132)) {
+  for (const cuda::QuantizedAttentionPlan& plan :
+       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, 132)) {
     DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
     DeviceArray<cuda::ExactSource> d_sources(plan.sources);
     DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
@@ -265,6 +305,73 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   for (int head_dim : {64, 128}) {
     for (int group : {1, 3, 8}) {
       for (const Case& c : cases) run_case(c, head_dim, group, seed++);
+    }
+  }
+}
+
+// The prefill kernel over quantized pages (with the split kernel for single rows, as the backend runs them):
+// chunks of 1 to 3 query tiles (128 rows) over 1 to 6 key tiles (128 keys), starting at position 0, mid-page
+// and past earlier pages; pages of 16, 64 and 256 rows (a band of up to 256 keys: 3 band tiles); every option.
+TEST(QuantizedAttention, PrefillKernelMatchesCpuTwin) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<Case> cases;
+  for (const char* kv : {"int2", "int4", "nuq3", "nuq2-1%", "nuq4-1%", "fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) {
+    cases.push_back({kv});
+  }
+  cases.push_back({"nuq3-1%"});
+  cases.push_back({"nuq3-1%", 1, true, true, false});    // --kscale page
+  cases.push_back({"nuq3-1%", 1, false, false, false});  // --no-tail
+  cases.push_back({"nuq3-1%", 0, true, false, false});
+  cases.push_back({"nuq4-1%", 4, true, false, true});    // 4 sinks, --exact-chunk
+  cases.push_back({"q4_0", 1, true, false, true});
+  Shapes shapes;
+  shapes.earlier = {0, 100, 37, 300, 250, 0};
+  shapes.chunk = {300, 200, 1, 140, 5, 2};
+  shapes.prefill_kernel = true;
+  uint32_t seed = 1000;
+  for (int head_dim : {64, 128}) {
+    for (int group : {1, 3, 8}) {
+      for (size_t i = 0; i < cases.size(); ++i) {
+        const int pages[3] = {16, 64, 256};
+        shapes.page = cases[i].kv.rfind("kivi", 0) == 0 ? 32 * (1 + int(i + group) % 2) : pages[(i + group) % 3];
+        run_case(cases[i], head_dim, group, seed++, shapes);
+      }
+    }
+  }
+}
+
+// ExactRule::split is the planner's clamp of KvCacheOptions::exact_from (host code, runs without a GPU), it
+// rises with the position, and a chunk's rows with a band are exactly those from max(chunk start, sinks) on
+// when the options have one (what the prefill kernel's tile plan assumes).
+TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
+  const std::vector<Case> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
+                                   {"nuq4-1%", 2, true, false, true}, {"nuq2", 0, true, false, false}, {"kivi2"},
+                                   {"kivi4", 1, true, false, true}, {"q4_0"}, {"fp8", 1, true, false, true}, {"fp16"}};
+  for (const Case& test : cases) {
+    const KvCacheOptions options = options_for(test);
+    for (int page : {16, 64, 256}) {
+      const cuda::ExactRule rule = cuda::exact_rule(options, page);
+      for (int start : {0, 1, 5, 63, 64, 300, 1000}) {
+        int previous = 0;
+        int first_band = -1;
+        for (int pos = start; pos < start + 600; ++pos) {
+          const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
+          const int64_t expected = std::clamp<int64_t>(options.exact_from(pos, start, page), n_sinks, pos + 1);
+          const int split = rule.split(pos, start);
+          ASSERT_EQ(split, expected) << test.kv << " page " << page << " start " << start << " pos " << pos;
+          ASSERT_GE(split, previous) << test.kv << " pos " << pos;
+          previous = split;
+          if (rule.has_band(pos, start) && first_band < 0) first_band = pos;
+          if (first_band >= 0) ASSERT_TRUE(rule.has_band(pos, start)) << test.kv << " pos " << pos;
+        }
+        const bool any = test.tail || test.page_ranges || test.exact_chunk || options.format.native_exact_window() > 0;
+        const bool calibrated_only = !test.exact_chunk && options.format.native_exact_window() == 0;
+        if (any && !(calibrated_only && !options.format.calibrated())) {
+          EXPECT_EQ(first_band, std::max(start, options.effective_sinks())) << test.kv << " start " << start;
+        } else {
+          EXPECT_EQ(first_band, -1) << test.kv << " start " << start;
+        }
+      }
     }
   }
 }
