@@ -379,8 +379,7 @@ json bench_quantized_prefill() {
     const double fp16_ms = time_kernel_ms(
         [&] { cuda::launch_prefill_attention(fp16.query, fp16.kv, fp16.d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr); },
         3, 10);
-    std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms
-", p.model, p.shape.name, "fp16", p.batch,
+    std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms\n", p.model, p.shape.name, "fp16", p.batch,
                 p.seq_len, fp16_ms);
     // The step's rows (B * S, stride): Q random, K and V the rows the pages were written from.
     DeviceArray<__half> rows(size_t(p.batch) * p.seq_len * 2 * kv_dim), step(size_t(p.batch) * p.seq_len * stride),
@@ -424,8 +423,7 @@ json bench_quantized_prefill() {
       const std::string kv_name = std::string(f.name) + (f.tail ? " tail" : "");
       results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
                          {"seq_len", p.seq_len}, {"ms", ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms}});
-      std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages
-", p.model, p.shape.name,
+      std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages\n", p.model, p.shape.name,
                   kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms);
       std::fflush(stdout);
     }

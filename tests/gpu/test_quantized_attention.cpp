@@ -340,6 +340,19 @@ TEST(QuantizedAttention, PrefillKernelMatchesCpuTwin) {
   }
 }
 
+// What compute-sanitizer runs on the device (memcheck, racecheck): the prefill kernel over quantized pages with
+// page and band tiles, 3 query tiles and 5 or more key tiles (every K/V stage reused), both head_dims.
+TEST(QuantizedAttention, SanitizerQuantizedPrefillSmall) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Shapes shapes;
+  shapes.earlier = {300, 0};
+  shapes.chunk = {300, 140};
+  shapes.page = 64;
+  shapes.prefill_kernel = true;
+  run_case({"kivi2", 1, true, false, true}, 64, 3, 8, shapes);
+  run_case({"nuq3-1%"}, 128, 1, 9, shapes);
+}
+
 // ExactRule::split is the planner's clamp of KvCacheOptions::exact_from (host code, runs without a GPU), it
 // rises with the position, and a chunk's rows with a band are exactly those from max(chunk start, sinks) on
 // when the options have one (what the prefill kernel's tile plan assumes).
@@ -362,7 +375,9 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
           ASSERT_GE(split, previous) << test.kv << " pos " << pos;
           previous = split;
           if (rule.has_band(pos, start) && first_band < 0) first_band = pos;
-          if (first_band >= 0) ASSERT_TRUE(rule.has_band(pos, start)) << test.kv << " pos " << pos;
+          if (first_band >= 0) {
+            ASSERT_TRUE(rule.has_band(pos, start)) << test.kv << " pos " << pos;  // rows with a band: a suffix
+          }
         }
         const bool any = test.tail || test.page_ranges || test.exact_chunk || options.format.native_exact_window() > 0;
         const bool calibrated_only = !test.exact_chunk && options.format.native_exact_window() == 0;
