@@ -72,7 +72,7 @@ struct QuantizedPageProducer {
   __device__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
     const QuantizedPagedKv& kv = source.kv;
     const int c0 = column * 8;
-#pragma unroll 1
+#pragma unroll 2
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int r = first_row + j * kRowStep;
       const int pos = range.k0 + r;
