@@ -26,7 +26,8 @@
 // CPU's steps in the CPU's order: RoPE on the queries (and on the keys of
 // post-RoPE formats) in place -> quantize-on-write of the rows the step
 // completes into the pool (kv_quantize.h; pool layout and bytes are the CPU's)
-// -> attention over quantized pages and exact rows (quantized_attention.h) ->
+// -> attention over quantized pages and exact rows (prefill rows:
+// quantized_prefill.h, the wgmma kernel; decode rows: quantized_attention.h) ->
 // the rows later steps read exactly saved into the sequence's exact-row store
 // (exact_rows.h). Those steps run eagerly (no decode graphs yet).
 #include "cuda/cuda_backend.h"
