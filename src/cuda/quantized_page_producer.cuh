@@ -72,6 +72,22 @@ struct QuantizedPageProducer {
   __device__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
     const QuantizedPagedKv& kv = source.kv;
     const int c0 = column * 8;
+    // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
+    // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
+    // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
+    // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A hint:
+    // no effect on the result.
+#pragma unroll 4
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int pos = range.k0 + first_row + j * kRowStep;
+      if (pos >= range.end) break;
+      if (range.exact || pos < source.rule.sinks) continue;
+      const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+      int page_row;
+      const uint8_t* block = page_block(kv, kind, pos, page_row);
+      prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
+      if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
+    }
 #pragma unroll 2
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int r = first_row + j * kRowStep;
@@ -104,17 +120,28 @@ struct QuantizedPageProducer {
     return kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, D, slot, k, kv_head, pos);
   }
 
-  __device__ void decode_page_chunk(const QuantizedPagedKv& kv, KvKind kind, int pos, int c0, float (&x)[8]) const {
+  // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
+  __device__ const uint8_t* page_block(const QuantizedPagedKv& kv, KvKind kind, int pos, int& page_row) const {
     const bool key = kind == KvKind::key;
     const PageBlockLayout& layout = key ? kv.key_layout : kv.value_layout;
     const int page_size = layout.page_size;
     const int32_t page = __ldg(pages + pos / page_size);
-    const int page_row = pos - (pos / page_size) * page_size;
+    page_row = pos - (pos / page_size) * page_size;
     const int64_t key_blocks = int64_t{kv.n_kv_heads} * kv.key_layout.block_bytes;
     const int64_t page_bytes = key_blocks + int64_t{kv.n_kv_heads} * kv.value_layout.block_bytes;
-    const uint8_t* block = kv.pool + page * page_bytes + (key ? 0 : key_blocks) + int64_t{kv_head} * layout.block_bytes;
+    return kv.pool + page * page_bytes + (key ? 0 : key_blocks) + int64_t{kv_head} * layout.block_bytes;
+  }
+
+  __device__ void decode_page_chunk(const QuantizedPagedKv& kv, KvKind kind, int pos, int c0, float (&x)[8]) const {
+    const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+    int page_row;
+    const uint8_t* block = page_block(kv, kind, pos, page_row);
     decode_chunk8<kBits>(layout, block, page_row, c0, block_calibration(kv.calib, layout, kv_head), x);
     if (layout.outlier_capacity > 0) apply_row_outliers(layout, block, page_row, c0, x);
+  }
+
+  __device__ static void prefetch_l1(const void* global) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(global));
   }
 
   // RoPE at pos on the thread's 4 pairs, fp32 (as the CPU rotates its decoded keys).
