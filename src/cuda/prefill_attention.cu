@@ -29,6 +29,12 @@
 // No block-wide barrier after the start: stages change hands through mbarriers
 // (warp_specialize.cuh). A consumer warpgroup skips the matrix work of tiles
 // wholly in its rows' future but still takes and returns them.
+//
+// Quantized pages (quantized_prefill.h) run the same kernel with the
+// QuantizedPageProducer (quantized_page_producer.cuh) as the load stage: the
+// block's tiles are its page tiles then its band tiles, each masked per row by
+// the set it belongs to; stages, barriers and turns are unchanged. The fp16
+// instances compile to the same consumer code as before (SASS compared).
 #include <algorithm>
 #include <cfloat>
 
