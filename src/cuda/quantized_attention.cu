@@ -80,7 +80,8 @@ constexpr int kStages = 3;  // page stages: kStages - 1 in flight while one is d
 // The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
 //   row_first:  pages_per_stage x 2 (K, V) x (page_size + 1) ints, the staged blocks' outlier index;
-//   calib:      key_lo (D), key_hi (D), key codebook (16), value codebook (16) floats.
+//   calib:      key_lo (D), key_hi (D), key codebook (16), value codebook (16), then for decode_packed8: the
+//               keys' per-channel span (D) and both codebooks' centre + 1 (16 each) floats; 16-byte aligned.
 // After the loop the block merge (kSplitMergeFloats) reuses it from the start.
 struct PageStageShape {
   int32_t pages_per_stage;
@@ -92,9 +93,54 @@ struct PageStageShape {
 };
 
 constexpr int kCodebookFloats = 16;  // 2^bits, bits <= 4
+constexpr int calib_floats(int head_dim) { return 3 * head_dim + 4 * kCodebookFloats; }
+
+// The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
+// with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
+// (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2. These are decode_chunk8's
+// fp32 operations with the same roundings (uniform_decode, codebook_decode), so the result is bit-equal.
+template <int kBits, bool kCodebook>
+__device__ __forceinline__ void decode_packed8(uint32_t codes, const float* centre_plus_one, const float (&lo)[8],
+                                               const float (&span)[8], float (&out)[8]) {
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t code = (codes >> (kBits * j)) & kMask;
+    const float x = kCodebook ? centre_plus_one[code] : static_cast<float>(code);
+    out[j] = __fadd_rn(lo[j], __fmul_rn(x, span[j]));
+  }
+}
+
+// Keys and values of one row (8 elements each) by decode_packed8: the keys' lo and span per channel from
+// shared memory, the values' from the row's (lo, hi).
+template <int kBits, bool kCodebook>
+__device__ __forceinline__ void decode_packed_row(const PageBlockLayout& key_layout, const uint8_t* key_block,
+                                                  const PageBlockLayout& value_layout, const uint8_t* value_block,
+                                                  int row, int c0, const float* s_calib, int head_dim, float (&k)[8],
+                                                  float (&v)[8]) {
+  const int64_t element = int64_t{row} * head_dim + c0;
+  const float4* key_lo = reinterpret_cast<const float4*>(s_calib + c0);
+  const float4* key_span = reinterpret_cast<const float4*>(s_calib + 2 * head_dim + 2 * kCodebookFloats + c0);
+  const float4 lo0 = key_lo[0], lo1 = key_lo[1], span0 = key_span[0], span1 = key_span[1];
+  const float klo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
+  const float kspan[8] = {span0.x, span0.y, span0.z, span0.w, span1.x, span1.y, span1.z, span1.w};
+  const float* key_table = s_calib + 3 * head_dim + 2 * kCodebookFloats;
+  decode_packed8<kBits, kCodebook>(load_codes8<kBits>(key_block + key_layout.codes_offset, element), key_table, klo,
+                                   kspan, k);
+  const uint32_t p = reinterpret_cast<const uint32_t*>(value_block + value_layout.row_params_offset)[row];
+  const float lo = half_bits_to_float(p & 0xffff), hi = half_bits_to_float(p >> 16);
+  const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+  const float vlo[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
+  const float vspan[8] = {span, span, span, span, span, span, span, span};
+  decode_packed8<kBits, kCodebook>(load_codes8<kBits>(value_block + value_layout.codes_offset, element),
+                                   key_table + kCodebookFloats, vlo, vspan, v);
+}
+
+// Resident blocks per multiprocessor the page kernel is compiled for: at most 128, 168 or 256 registers.
+constexpr int page_min_blocks(int max_group) { return max_group >= 8 ? 2 : max_group >= 4 ? 3 : 4; }
 
 template <int D, int kMaxGroup, int kBits>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
     page_split_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows, const QuantizedSplit* splits,
                       PageStageShape shape, DecodeWorkspace ws) {
   constexpr int kLanes = D / 8;  // lanes per key row
@@ -124,7 +170,6 @@ __global__ void __launch_bounds__(kThreads)
   const int first_page = split.key_begin / page_size;
   const int n_pages = (split.key_end - 1) / page_size + 1 - first_page;
   const int n_stages = (n_pages + shape.pages_per_stage - 1) / shape.pages_per_stage;  // uniform over the block
-  const int stage_rows = shape.pages_per_stage * page_size;
 
   // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block); 16-byte
   // chunks spread over the block's threads (block_bytes are multiples of 16).
@@ -152,12 +197,28 @@ __global__ void __launch_bounds__(kThreads)
   float* s_calib = reinterpret_cast<float*>(smem + shape.calib_offset);
   const BlockCalibration global_key_calib = block_calibration(kv.calib, key_layout, kv_head);
   const BlockCalibration global_value_calib = block_calibration(kv.calib, value_layout, kv_head);
+  const bool codebook = key_layout.scheme == KvScheme::nonuniform;
+  // decode_packed_row serves int and nuq pages with calibrated key ranges; the rest go through decode_chunk8.
+  const bool packed = (key_layout.scheme == KvScheme::uniform || codebook) && !key_layout.per_page_key_ranges &&
+                      global_key_calib.key_lo != nullptr;
   for (int i = threadIdx.x; i < D; i += kThreads) {
-    if (global_key_calib.key_lo) s_calib[i] = global_key_calib.key_lo[i], s_calib[D + i] = global_key_calib.key_hi[i];
+    if (global_key_calib.key_lo) {
+      const float lo = global_key_calib.key_lo[i], hi = global_key_calib.key_hi[i];
+      s_calib[i] = lo;
+      s_calib[D + i] = hi;
+      s_calib[2 * D + 2 * kCodebookFloats + i] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+    }
   }
   if (threadIdx.x < kCodebookFloats && threadIdx.x < (1 << kBits)) {
-    if (global_key_calib.codebook) s_calib[2 * D + threadIdx.x] = global_key_calib.codebook[threadIdx.x];
-    if (global_value_calib.codebook) s_calib[2 * D + kCodebookFloats + threadIdx.x] = global_value_calib.codebook[threadIdx.x];
+    float* centres_plus_one = s_calib + 3 * D + 2 * kCodebookFloats;
+    if (global_key_calib.codebook) {
+      s_calib[2 * D + threadIdx.x] = global_key_calib.codebook[threadIdx.x];
+      centres_plus_one[threadIdx.x] = __fadd_rn(global_key_calib.codebook[threadIdx.x], 1.0f);
+    }
+    if (global_value_calib.codebook) {
+      s_calib[2 * D + kCodebookFloats + threadIdx.x] = global_value_calib.codebook[threadIdx.x];
+      centres_plus_one[kCodebookFloats + threadIdx.x] = __fadd_rn(global_value_calib.codebook[threadIdx.x], 1.0f);
+    }
   }
   const BlockCalibration key_calib{global_key_calib.key_lo ? s_calib : nullptr, global_key_calib.key_lo ? s_calib + D : nullptr,
                                    global_key_calib.codebook ? s_calib + 2 * D : nullptr};
@@ -203,7 +264,8 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // This lane group's rows of the stage: t = key_group + i * kKeyGroups, at page j = t / page_size and row
-    // r = t % page_size (advanced without divisions), position stage_pos + t.
+    // r = t % page_size (advanced without divisions), position stage_pos + t; the loop ends with the split's
+    // keys in the stage (a bound uniform over the block).
     const int stage_pos = (first_page + s * shape.pages_per_stage) * page_size;
     const int stage_end = min(split.key_end, stage_pos + stage_pages * page_size);
     int j = key_group / page_size, r = key_group % page_size;
@@ -214,15 +276,21 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int p = 0; p < 4; ++p) cs[p] = __ldg(angles + p);
     }
-    for (int t = key_group; t - key_group < stage_rows; t += kKeyGroups) {
+    for (int t = key_group; t - key_group < stage_end - stage_pos; t += kKeyGroups) {
       const int pos = stage_pos + t;
       const bool valid = pos >= split.key_begin && pos < stage_end;
       float k[8] = {}, v[8] = {};
       if (valid) {
         const uint8_t* key_block = stage + j * shape.pair_bytes;
         const uint8_t* value_block = key_block + key_bytes;
-        decode_chunk8<kBits>(key_layout, key_block, r, c0, key_calib, k);
-        decode_chunk8<kBits>(value_layout, value_block, r, c0, value_calib, v);
+        if (packed && codebook) {
+          decode_packed_row<kBits, true>(key_layout, key_block, value_layout, value_block, r, c0, s_calib, D, k, v);
+        } else if (packed) {
+          decode_packed_row<kBits, false>(key_layout, key_block, value_layout, value_block, r, c0, s_calib, D, k, v);
+        } else {
+          decode_chunk8<kBits>(key_layout, key_block, r, c0, key_calib, k);
+          decode_chunk8<kBits>(value_layout, value_block, r, c0, value_calib, v);
+        }
         const int* first = row_first + j * 2 * (page_size + 1);
         if (key_outliers) apply_outliers8(outlier_slots(key_layout, key_block), first, r, c0, D, k);
         if (value_outliers) apply_outliers8(outlier_slots(value_layout, value_block), first + page_size + 1, r, c0, D, v);
@@ -327,8 +395,8 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int head_dim, int me
   shape.pair_bytes = key.block_bytes + value.block_bytes;
   shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
   shape.row_first_offset = kStages * shape.stage_bytes;
-  shape.calib_offset = shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4;
-  shape.smem_bytes = std::max(shape.calib_offset + (2 * head_dim + 2 * kCodebookFloats) * 4, merge_bytes);
+  shape.calib_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 15) / 16 * 16;
+  shape.smem_bytes = std::max(shape.calib_offset + calib_floats(head_dim) * 4, merge_bytes);
   if (shape.smem_bytes > kMaxSharedBytes) {
     fail("quantized attention: pages of {} rows need {} bytes of shared memory per block (at most {})", key.page_size,
          shape.smem_bytes, kMaxSharedBytes);
@@ -423,13 +491,18 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
       const int64_t n_keys = pos + 1;
       const int64_t n_sinks = std::min<int64_t>(sinks, n_keys);
       const int64_t exact_from = std::clamp<int64_t>(options.exact_from(pos, c.start_pos, page_size), n_sinks, n_keys);
+      // Page ranges are cut at page starts (a multiple of page_size keys apart, so no two splits stage the same
+      // page but the one a cut cannot avoid); exact ranges anywhere.
       auto add = [&](int64_t begin, int64_t end, int exact) {
         if (begin >= end) return;
         const int64_t count = (end - begin + split_keys - 1) / split_keys;
-        const int64_t size = (end - begin + count - 1) / count;
-        for (int64_t k = begin; k < end; k += size) {
-          plan.splits.push_back({row, static_cast<int32_t>(k), static_cast<int32_t>(std::min(k + size, end)), exact});
+        int64_t size = (end - begin + count - 1) / count;
+        if (!exact) size = (size + page_size - 1) / page_size * page_size;
+        for (int64_t k = begin; k < end;) {
+          const int64_t next = std::min(end, exact ? k + size : (k + size) / page_size * page_size);
+          plan.splits.push_back({row, static_cast<int32_t>(k), static_cast<int32_t>(next), exact});
           ++dc.n_splits;
+          k = next;
         }
       };
       add(0, n_sinks, 1);
