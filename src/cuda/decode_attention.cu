@@ -152,13 +152,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
 
   // Running max m (log2 units), sum l and weighted values acc per head (accumulate_key).
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][8];
-#pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
-  }
+  init_running_softmax<kMaxGroup>(m, l, acc);
 
   // The loop bound is uniform over the block: the shuffles below need every lane.
   for (int s = 0; s < n_steps; ++s) {

@@ -54,6 +54,19 @@ __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step
 // l and acc is rare after the first keys; p = exp2(score - m) then stays below 2^kRescaleSlack, far inside fp32.
 constexpr float kRescaleSlack = 8.0f;
 
+// The running max (-inf), sum and weighted values (zeros) before the first key.
+template <int kMaxGroup>
+__device__ __forceinline__ void init_running_softmax(float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                                     float (&acc)[kMaxGroup][8]) {
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+  }
+}
+
 // One key of a lane group (kLanes lanes, 8 dims each) into the running max m (log2 units), sum l and
 // weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads h >= group only pad
 // kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must call it (the score

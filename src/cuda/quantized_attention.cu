@@ -54,15 +54,16 @@ __device__ __forceinline__ void load_scaled_query(const AttentionQuery& query, c
   }
 }
 
-template <int kMaxGroup>
-__device__ __forceinline__ void init_running(float (&m)[kMaxGroup], float (&l)[kMaxGroup], float (&acc)[kMaxGroup][8]) {
-#pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
-  }
+// Where a thread sits: head_dim / 8 lanes (a lane group) read a key row, lane `sub` its elements c0 .. c0 + 7;
+// key_group numbers the block's lane groups.
+struct LanePlace {
+  int sub, c0, key_group;
+};
+template <int D>
+__device__ __forceinline__ LanePlace lane_place() {
+  constexpr int kLanes = D / 8;
+  const int thread = static_cast<int>(threadIdx.x), lane = thread % 32, sub = lane % kLanes;
+  return {sub, sub * 8, thread / 32 * (32 / kLanes) + lane / kLanes};
 }
 
 // Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
@@ -144,7 +145,6 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
     page_split_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows, const QuantizedSplit* splits,
                       PageStageShape shape, DecodeWorkspace ws) {
   constexpr int kLanes = D / 8;  // lanes per key row
-  constexpr int kGroupsPerWarp = 32 / kLanes;
   constexpr int kKeyGroups = kThreads / kLanes;
   extern __shared__ uint4 s_dynamic[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(s_dynamic);
@@ -155,10 +155,7 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
   if (split.exact || split.key_begin == split.key_end) return;  // exact_split_kernel's, or padding
   const AttentionChunk row = rows[split.row];
   const int group = query.n_heads / kv.n_kv_heads;
-  const int lane = threadIdx.x % 32;
-  const int sub = lane % kLanes;
-  const int c0 = sub * 8;
-  const int key_group = threadIdx.x / 32 * kGroupsPerWarp + lane / kLanes;
+  const auto [sub, c0, key_group] = lane_place<D>();
   const PageBlockLayout& key_layout = kv.key_layout;
   const PageBlockLayout& value_layout = kv.value_layout;
   const int page_size = key_layout.page_size;
@@ -230,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
   float q[kMaxGroup][8];
   load_scaled_query<D, kMaxGroup>(query, row, kv_head, group, c0, q);
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][8];
-  init_running<kMaxGroup>(m, l, acc);
+  init_running_softmax<kMaxGroup>(m, l, acc);
   float2 step[4];  // (cos, sin) of kKeyGroups positions: a lane group's next key
   if (kv.rotate_keys) {
     const float2* angles = kv.rope + int64_t{kKeyGroups} * (D / 2) + sub * 4;
@@ -315,7 +312,6 @@ __global__ void __launch_bounds__(kThreads)
     exact_split_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows, const ExactSource* sources,
                        const QuantizedSplit* splits, DecodeWorkspace ws) {
   constexpr int kLanes = D / 8;  // lanes per key row
-  constexpr int kGroupsPerWarp = 32 / kLanes;
   constexpr int kKeyGroups = kThreads / kLanes;
   __shared__ float s_merge[kSplitMergeFloats<D, kMaxGroup, kKeyGroups>];
 
@@ -326,16 +322,13 @@ __global__ void __launch_bounds__(kThreads)
   const AttentionChunk row = rows[split.row];
   const ExactSource source = sources[split.row];
   const int group = query.n_heads / kv.n_kv_heads;
-  const int lane = threadIdx.x % 32;
-  const int sub = lane % kLanes;
-  const int c0 = sub * 8;
-  const int key_group = threadIdx.x / 32 * kGroupsPerWarp + lane / kLanes;
+  const auto [sub, c0, key_group] = lane_place<D>();
   const int kv_dim = kv.n_kv_heads * D;
 
   float q[kMaxGroup][8];
   load_scaled_query<D, kMaxGroup>(query, row, kv_head, group, c0, q);
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][8];
-  init_running<kMaxGroup>(m, l, acc);
+  init_running_softmax<kMaxGroup>(m, l, acc);
 
   // The loop bound is uniform over the block: the shuffles need every lane.
   for (int base = split.key_begin; base < split.key_end; base += kKeyGroups) {
