@@ -6,10 +6,11 @@
 // PageCodec::decode; exact rows from the same fp16 rows; the split rule of
 // KvCacheOptions::exact_from; RoPE with RopeTable::rotate for pre-RoPE formats;
 // scores and softmax in double. Every format and option the backend passes,
-// head_dim 64 and 128, groups 1, 3 and 8, chunks of 1 to 40 rows after 0 to 250
-// earlier keys (split kernel) and, for the prefill kernel, chunks of several
-// 128-row query tiles and 128-key tiles, starting mid-page, reading earlier
-// pages, over pages of 16, 64 and 256 rows.
+// head_dim 64 and 128, groups 1, 3 and 8, pages of 16 to 256 rows (page splits
+// starting mid-page after sinks), chunks of 1 to 40 rows after 0 to 250 earlier
+// keys (split kernel) and, for the prefill kernel, chunks of several 128-row
+// query tiles and 128-key tiles, starting mid-page, reading earlier pages, over
+// pages of 16, 64 and 256 rows.
 //
 // Tolerance: the twin's operands are the kernel's to the bit (decode is
 // bit-exact, the exact rows are the same halves), so what differs is fp32
@@ -45,6 +46,7 @@ struct Case {
   bool tail = true;
   bool page_ranges = false;
   bool exact_chunk = false;
+  int page = 0;  // rows per page; 0: 16 (32 for KIVI, whose key groups are 32 rows)
 };
 
 KvCacheOptions options_for(const Case& test) {
@@ -57,12 +59,11 @@ KvCacheOptions options_for(const Case& test) {
   return options;
 }
 
-// Sequences of a step: `earlier` keys before a chunk of `chunk` query rows; page: tokens per page (0: 16, 32
-// for kivi); prefill_kernel: chunks of several rows on the wgmma prefill kernel.
+// Sequences of a step: `earlier` keys before a chunk of `chunk` query rows; prefill_kernel: chunks of several
+// rows on the wgmma prefill kernel.
 struct Shapes {
   std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
   std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
-  int page = 0;
   bool prefill_kernel = false;
 };
 
@@ -70,7 +71,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed, const Sh
   const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
   const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
   const KvCacheOptions options = options_for(test);
-  const int page = shapes.page > 0 ? shapes.page : options.format.scheme == KvScheme::kivi ? 32 : 16;
+  const int page = test.page > 0 ? test.page : options.format.scheme == KvScheme::kivi ? 32 : 16;
   const TestCalibration calib(1, kv_dim, options.format.bits);
   const std::vector<LayerCalibration> no_layers;
   const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : no_layers, options.format, kv_dim);
@@ -142,6 +143,7 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed, const Sh
   cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
                            int32_t(writes.runs.size()), d_write_rows.get(), d_counts.get(), nullptr);
   const std::vector<uint8_t> pool = d_pool.download();
+  const std::vector<unsigned long long> outlier_counts = d_counts.download();  // stored, found their block full
 
   // Exact-row store: sinks and the ring of the newest `window` rows before each chunk.
   const int per_head = sinks + window;
@@ -286,7 +288,8 @@ void run_case(const Case& test, int head_dim, int group, uint32_t seed, const Sh
     }
   }
   EXPECT_EQ(failures, 0) << what;
-  std::printf("[ info ] %s: worst abs error %.2e\n", what.c_str(), worst);
+  std::printf("[ info ] %s: worst abs error %.2e (outliers stored %llu, block full %llu)\n", what.c_str(), worst,
+              outlier_counts[0], outlier_counts[1]);
 }
 
 TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
@@ -301,6 +304,14 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   cases.push_back({"nuq4-1%", 4, true, false, true});    // 4 sinks, --exact-chunk
   for (const char* kv : {"fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) cases.push_back({kv});
   cases.push_back({"q4_0", 1, true, false, true});
+  // Page sizes: a stage of several pages (16, 32, 64) or one page of 256; 4 sinks start the page range
+  // mid-page; -0.5% leaves fewer slots than the random rows' outliers (blocks full).
+  cases.push_back({"nuq3-1%", 4, true, false, false, 32});
+  cases.push_back({"nuq4-1%", 1, true, false, false, 64});
+  cases.push_back({"int3-0.5%", 1, false, false, false, 64});
+  cases.push_back({"nuq2-1%", 4, true, true, false, 256});
+  cases.push_back({"kivi4", 1, true, false, false, 64});
+  cases.push_back({"fp8", 1, true, false, false, 256});
   uint32_t seed = 1;
   for (int head_dim : {64, 128}) {
     for (int group : {1, 3, 8}) {
@@ -333,8 +344,9 @@ TEST(QuantizedAttention, PrefillKernelMatchesCpuTwin) {
     for (int group : {1, 3, 8}) {
       for (size_t i = 0; i < cases.size(); ++i) {
         const int pages[3] = {16, 64, 256};
-        shapes.page = cases[i].kv.rfind("kivi", 0) == 0 ? 32 * (1 + int(i + group) % 2) : pages[(i + group) % 3];
-        run_case(cases[i], head_dim, group, seed++, shapes);
+        Case test = cases[i];
+        test.page = test.kv.rfind("kivi", 0) == 0 ? 32 * (1 + int(i + group) % 2) : pages[(i + group) % 3];
+        run_case(test, head_dim, group, seed++, shapes);
       }
     }
   }
@@ -347,10 +359,9 @@ TEST(QuantizedAttention, SanitizerQuantizedPrefillSmall) {
   Shapes shapes;
   shapes.earlier = {300, 0};
   shapes.chunk = {300, 140};
-  shapes.page = 64;
   shapes.prefill_kernel = true;
-  run_case({"kivi2", 1, true, false, true}, 64, 3, 8, shapes);
-  run_case({"nuq3-1%"}, 128, 1, 9, shapes);
+  run_case({"kivi2", 1, true, false, true, 64}, 64, 3, 8, shapes);
+  run_case({"nuq3-1%", 1, true, false, false, 64}, 128, 1, 9, shapes);
 }
 
 // ExactRule::split is the planner's clamp of KvCacheOptions::exact_from (host code, runs without a GPU), it
@@ -391,61 +402,76 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
   }
 }
 
+// A few cases for compute-sanitizer (memcheck, racecheck): the page kernel's stage barriers and outlier index
+// with stages of several pages (16), of two (64) and of one page (256), KIVI's 32-row key groups, exact splits.
+TEST(QuantizedAttention, SanitizerSmall) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  run_case({"nuq3-1%", 4, true, false, false, 16}, 64, 3, 101);
+  run_case({"nuq4-1%", 1, false, false, false, 64}, 128, 4, 102);
+  run_case({"nuq2-1%", 1, true, true, false, 256}, 64, 1, 103);
+  run_case({"kivi2"}, 128, 8, 104);
+}
+
 // The planner alone (host code, runs without a GPU): for every option set, each query row's splits cover
 // its keys 0..pos exactly once, in order, each split of one source by the CPU's rule, none longer than the
-// planned size; rows and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows.
+// planned size, page splits cut at page starts (only the first may start mid-page, after the sinks); rows
+// and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows. Pages of 16 to 256 rows.
 TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
   const std::vector<Case> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
                                    {"nuq4-1%", 2, true, false, true}, {"kivi2"}, {"q4_0"}, {"fp8", 1, true, false, true}};
-  for (const Case& test : cases) {
-    const KvCacheOptions options = options_for(test);
-    const int page = 32;
-    // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
-    const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
-                                                      {5042, 3, 8190, 30}};
-    const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
-    const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
-    ASSERT_EQ(plans.size(), 2u) << test.kv;
-    size_t chunk = 0;
-    int32_t t = 0;
-    int64_t longest = 0;
-    for (const cuda::QuantizedAttentionPlan& plan : plans) {
-      ASSERT_LE(plan.rows.size(), size_t(cuda::kQuantizedRowsPerLaunch));
-      ASSERT_EQ(plan.rows.size(), plan.sources.size());
-      ASSERT_EQ(plan.rows.size(), plan.combine.size());
-      for (size_t r = 0; r < plan.rows.size(); ++r) {
-        while (t == chunks[chunk].n_tokens) ++chunk, t = 0;
-        const cuda::AttentionChunk& c = chunks[chunk];
-        const int64_t pos = int64_t{c.start_pos} + t;
-        ASSERT_EQ(plan.rows[r].first_row, c.first_row + t);
-        ASSERT_EQ(plan.rows[r].start_pos, pos);
-        ASSERT_EQ(plan.rows[r].page_offset, c.page_offset);
-        ASSERT_EQ(plan.sources[r].chunk_first_row, c.first_row);
-        ASSERT_EQ(plan.sources[r].chunk_start, c.start_pos);
-        ASSERT_EQ(plan.sources[r].slot, slots[chunk]);
-        const cuda::DecodeChunk& dc = plan.combine[r];
-        ASSERT_EQ(dc.chunk, int32_t(r));
-        ASSERT_GE(dc.n_splits, 1);
-        const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
-        const int64_t exact_from = std::max(options.exact_from(pos, c.start_pos, page), n_sinks);
-        int64_t next = 0;
-        for (int32_t k = 0; k < dc.n_splits; ++k) {
-          const cuda::QuantizedSplit& split = plan.splits[dc.split_begin + k];
-          ASSERT_EQ(split.row, int32_t(r));
-          ASSERT_EQ(split.key_begin, next) << test.kv << " pos " << pos;
-          ASSERT_LT(split.key_begin, split.key_end);
-          const bool exact = split.key_end <= n_sinks || split.key_begin >= exact_from;
-          const bool paged = split.key_begin >= n_sinks && split.key_end <= exact_from;
-          ASSERT_TRUE(exact != paged) << test.kv << " pos " << pos << ": split straddles a source boundary";
-          ASSERT_EQ(split.exact, exact ? 1 : 0) << test.kv << " pos " << pos;
-          longest = std::max<int64_t>(longest, split.key_end - split.key_begin);
-          next = split.key_end;
+  for (const int page : {16, 32, 64, 256}) {
+    for (const Case& test : cases) {
+      const KvCacheOptions options = options_for(test);
+      // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
+      const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
+                                                        {5042, 3, 8190, 30}};
+      const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
+      const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
+      ASSERT_EQ(plans.size(), 2u) << test.kv;
+      size_t chunk = 0;
+      int32_t t = 0;
+      int64_t longest = 0;
+      for (const cuda::QuantizedAttentionPlan& plan : plans) {
+        ASSERT_LE(plan.rows.size(), size_t(cuda::kQuantizedRowsPerLaunch));
+        ASSERT_EQ(plan.rows.size(), plan.sources.size());
+        ASSERT_EQ(plan.rows.size(), plan.combine.size());
+        for (size_t r = 0; r < plan.rows.size(); ++r) {
+          while (t == chunks[chunk].n_tokens) ++chunk, t = 0;
+          const cuda::AttentionChunk& c = chunks[chunk];
+          const int64_t pos = int64_t{c.start_pos} + t;
+          ASSERT_EQ(plan.rows[r].first_row, c.first_row + t);
+          ASSERT_EQ(plan.rows[r].start_pos, pos);
+          ASSERT_EQ(plan.rows[r].page_offset, c.page_offset);
+          ASSERT_EQ(plan.sources[r].chunk_first_row, c.first_row);
+          ASSERT_EQ(plan.sources[r].chunk_start, c.start_pos);
+          ASSERT_EQ(plan.sources[r].slot, slots[chunk]);
+          const cuda::DecodeChunk& dc = plan.combine[r];
+          ASSERT_EQ(dc.chunk, int32_t(r));
+          ASSERT_GE(dc.n_splits, 1);
+          const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
+          const int64_t exact_from = std::max(options.exact_from(pos, c.start_pos, page), n_sinks);
+          int64_t next = 0;
+          for (int32_t k = 0; k < dc.n_splits; ++k) {
+            const cuda::QuantizedSplit& split = plan.splits[dc.split_begin + k];
+            ASSERT_EQ(split.row, int32_t(r));
+            ASSERT_EQ(split.key_begin, next) << test.kv << " pos " << pos;
+            ASSERT_LT(split.key_begin, split.key_end);
+            const bool exact = split.key_end <= n_sinks || split.key_begin >= exact_from;
+            const bool paged = split.key_begin >= n_sinks && split.key_end <= exact_from;
+            ASSERT_TRUE(exact != paged) << test.kv << " pos " << pos << ": split straddles a source boundary";
+            ASSERT_EQ(split.exact, exact ? 1 : 0) << test.kv << " pos " << pos;
+            if (paged && split.key_begin != n_sinks) {
+              ASSERT_EQ(split.key_begin % page, 0) << test.kv << " pos " << pos;
+            }
+            longest = std::max<int64_t>(longest, split.key_end - split.key_begin);
+            next = split.key_end;
+          }
+          ASSERT_EQ(next, pos + 1) << test.kv << " pos " << pos;
+          ++t;
         }
-        ASSERT_EQ(next, pos + 1) << test.kv << " pos " << pos;
-        ++t;
       }
+      EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
     }
-    EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
   }
 }
 
