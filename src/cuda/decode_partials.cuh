@@ -50,6 +50,16 @@ __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step
   }
 }
 
+// Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
+__device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float x0 = k[2 * j], x1 = k[2 * j + 1];
+    k[2 * j] = x0 * cs[j].x - x1 * cs[j].y;
+    k[2 * j + 1] = x0 * cs[j].y + x1 * cs[j].x;
+  }
+}
+
 // The running max is raised only when a score exceeds it by more than this (log2 units), so the rescale of
 // l and acc is rare after the first keys; p = exp2(score - m) then stays below 2^kRescaleSlack, far inside fp32.
 constexpr float kRescaleSlack = 8.0f;

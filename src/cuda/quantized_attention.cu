@@ -66,16 +66,6 @@ __device__ __forceinline__ LanePlace lane_place() {
   return {sub, sub * 8, thread / 32 * (32 / kLanes) + lane / kLanes};
 }
 
-// Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
-__device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float x0 = k[2 * j], x1 = k[2 * j + 1];
-    k[2 * j] = x0 * cs[j].x - x1 * cs[j].y;
-    k[2 * j + 1] = x0 * cs[j].y + x1 * cs[j].x;
-  }
-}
-
 constexpr int kStages = 3;  // page stages: kStages - 1 in flight while one is decoded
 
 // The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
@@ -323,7 +313,6 @@ __global__ void __launch_bounds__(kThreads)
   const ExactSource source = sources[split.row];
   const int group = query.n_heads / kv.n_kv_heads;
   const auto [sub, c0, key_group] = lane_place<D>();
-  const int kv_dim = kv.n_kv_heads * D;
 
   float q[kMaxGroup][8];
   load_scaled_query<D, kMaxGroup>(query, row, kv_head, group, c0, q);
@@ -336,19 +325,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool valid = pos < split.key_end;
     float k[8] = {}, v[8] = {};
     if (valid) {
-      const __half* key_row;
-      if (pos >= source.chunk_start) {
-        key_row = kv.step_keys + static_cast<int64_t>(source.chunk_first_row + pos - source.chunk_start) * kv.step_stride +
-                  kv_head * D;
-      } else {
-        key_row = kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, D, source.slot, 0, kv_head, pos);
-      }
-      // V sits kv_dim after K in a step row, and n_kv_heads * rows-per-head rows after it in the store.
-      const int64_t value_offset = pos >= source.chunk_start
-                                       ? kv_dim
-                                       : int64_t{kv.n_kv_heads} * (kv.store.sinks + kv.store.window) * D;
-      half8_to_float(*reinterpret_cast<const uint4*>(key_row + c0), k);
-      half8_to_float(*reinterpret_cast<const uint4*>(key_row + value_offset + c0), v);
+      half8_to_float(*reinterpret_cast<const uint4*>(exact_kv_row(kv, source, 0, kv_head, D, pos) + c0), k);
+      half8_to_float(*reinterpret_cast<const uint4*>(exact_kv_row(kv, source, 1, kv_head, D, pos) + c0), v);
       if (kv.rotate_keys) {
         const float2* angles = kv.rope + static_cast<int64_t>(pos) * (D / 2) + sub * 4;
         float2 cs[4];

@@ -44,7 +44,7 @@ struct QuantizedPageProducer {
   int column;      // the thread's column chunk
   int first_row;   // its first row in the tile
   int kv_head;
-  int chunk_first_row, chunk_start, slot;
+  ExactSource exact;     // where the chunk's exactly read keys and values are
   const int32_t* pages;  // the sequence's page indices
 
   __device__ QuantizedPageProducer(const Source& source, int kv_head, const AttentionChunk& chunk, int chunk_index,
@@ -52,9 +52,7 @@ struct QuantizedPageProducer {
       : column(thread % kChunksPerRow),
         first_row(thread / kChunksPerRow),
         kv_head(kv_head),
-        chunk_first_row(chunk.first_row),
-        chunk_start(chunk.start_pos),
-        slot(source.chunk_slots[chunk_index]),
+        exact{chunk.first_row, chunk.start_pos, source.chunk_slots[chunk_index]},
         pages(source.kv.page_table + chunk.page_offset) {}
 
   __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
@@ -97,7 +95,8 @@ struct QuantizedPageProducer {
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[i] = 0.0f;
       } else if (range.exact || pos < source.rule.sinks) {
-        half8_to_float(*reinterpret_cast<const uint4*>(exact_row(kv, kind, pos) + c0), x);
+        const __half* row = exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos);
+        half8_to_float(*reinterpret_cast<const uint4*>(row + c0), x);
       } else {
         decode_page_chunk(kv, kind, pos, c0, x);
       }
@@ -108,16 +107,6 @@ struct QuantizedPageProducer {
       for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
       *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = packed;
     }
-  }
-
-  // The fp16 row of an exactly read key or value: this step's row when the chunk holds pos, else the store's.
-  __device__ const __half* exact_row(const QuantizedPagedKv& kv, KvKind kind, int pos) const {
-    const int k = static_cast<int>(kind);
-    if (pos >= chunk_start) {
-      return kv.step_keys + static_cast<int64_t>(chunk_first_row + pos - chunk_start) * kv.step_stride +
-             k * kv.n_kv_heads * D + kv_head * D;
-    }
-    return kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, D, slot, k, kv_head, pos);
   }
 
   // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
@@ -149,12 +138,7 @@ struct QuantizedPageProducer {
     const float4* angles = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(pos) * (D / 2) + column * 4);
     const float4 a = __ldg(angles), b = __ldg(angles + 1);
     const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const float x0 = x[2 * p], x1 = x[2 * p + 1];
-      x[2 * p] = x0 * cs[p].x - x1 * cs[p].y;
-      x[2 * p + 1] = x0 * cs[p].y + x1 * cs[p].x;
-    }
+    rotate8(cs, x);
   }
 };
 
