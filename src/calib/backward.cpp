@@ -104,8 +104,8 @@ class SensitivityPass {
         if (options_.key_delta != nullptr) k[ch] += (*options_.key_delta)[out + ch];
         if (options_.value_delta != nullptr) v[ch] += (*options_.value_delta)[out + ch];
         if (options_.round_kv_to_fp16) {
-          k[ch] = fp16_to_fp32(fp32_to_fp16(k[ch]));
-          v[ch] = fp16_to_fp32(fp32_to_fp16(v[ch]));
+          k[ch] = round_to_fp16(k[ch]);
+          v[ch] = round_to_fp16(v[ch]);
         }
         result_.keys[out + ch] = k[ch];
         result_.values[out + ch] = v[ch];

@@ -83,7 +83,7 @@ void calibrate_layer(const LlamaConfig& config, const Activations& a, int layer,
         for (int d = 0; d < hd; ++d) {
           if (inlier(d)) mn = std::min(mn, values[base + d]), mx = std::max(mx, values[base + d]);
         }
-        const float vlo = fp16_to_fp32(fp32_to_fp16(mn)), vhi = fp16_to_fp32(fp32_to_fp16(mx));
+        const float vlo = round_to_fp16(mn), vhi = round_to_fp16(mx);
         if (!(vhi > vlo)) continue;
         for (int d = 0; d < hd; ++d) {
           if (inlier(d)) value_hist.add((values[base + d] - vlo) * (2.0f / (vhi - vlo)) - 1.0f, value_weights[base + d]);

@@ -58,6 +58,9 @@ inline uint16_t fp32_to_fp16(float f) {
   return static_cast<uint16_t>(sign | result);
 }
 
+// f rounded to the nearest fp16 value (ties to even), back in fp32.
+inline float round_to_fp16(float f) { return fp16_to_fp32(fp32_to_fp16(f)); }
+
 inline float bf16_to_fp32(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 }  // namespace kvq

@@ -137,7 +137,7 @@ void CpuBackend::round_kv(const StepBatch& batch) {
       if (rotate_keys) {
         for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(out + h * config_.head_dim, chunk.start_pos + t);
       }
-      for (int i = 0; i < 2 * kv_dim; ++i) out[i] = fp16_to_fp32(fp32_to_fp16(out[i]));
+      for (int i = 0; i < 2 * kv_dim; ++i) out[i] = round_to_fp16(out[i]);
     }
   }
 }

@@ -26,7 +26,8 @@
 // CPU's steps in the CPU's order: RoPE on the queries (and on the keys of
 // post-RoPE formats) in place -> quantize-on-write of the rows the step
 // completes into the pool (kv_quantize.h; pool layout and bytes are the CPU's)
-// -> attention over quantized pages and exact rows (quantized_attention.h) ->
+// -> attention over quantized pages and exact rows (prefill rows:
+// quantized_prefill.h, the wgmma kernel; decode rows: quantized_attention.h) ->
 // the rows later steps read exactly saved into the sequence's exact-row store
 // (exact_rows.h). Those steps run eagerly (no decode graphs yet).
 #include "cuda/cuda_backend.h"
@@ -50,6 +51,7 @@
 #include "cuda/exact_rows.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/quantized_attention.h"
+#include "cuda/quantized_prefill.h"
 #include "cuda/llama_kernels.h"
 #include "kv/page_tables.h"
 
@@ -176,7 +178,8 @@ struct QuantizedStepPlan {
   cuda::KvWritePlan writes;
   bool rows_per_layer = false;  // writes.rows read earlier rows from the exact-row store: one copy of them per layer
   std::vector<cuda::ExactRowSave> saves;
-  std::vector<cuda::QuantizedAttentionPlan> attention;
+  std::vector<cuda::QuantizedAttentionPlan> attention;  // decode rows (prefill rows: StepPlan::prefill)
+  std::vector<int32_t> chunk_slots;                     // (chunks) exact-row store slots, for the prefill rows
 };
 
 // A quantized step's device arrays, placed in one buffer.
@@ -196,6 +199,7 @@ struct QuantizedStepArgs {
     int32_t n_rows;
   };
   std::vector<Attention> attention;
+  const int32_t* chunk_slots = nullptr;
 };
 
 // Byte offsets of the index arrays in a step's device index buffer, each array
@@ -417,6 +421,9 @@ CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights,
     key_layout_ = cuda::page_block_layout(PageCodec(format, KvKind::key, page_size_, c.head_dim, kv_options_.per_page_key_ranges));
     value_layout_ =
         cuda::page_block_layout(PageCodec(format, KvKind::value, page_size_, c.head_dim, kv_options_.per_page_key_ranges));
+    if (!cuda::quantized_prefill_supported(c.head_dim, key_layout_, value_layout_)) {
+      fail("CUDA backend: --kv {} has no prefill attention kernel at head_dim {}", format.name, c.head_dim);
+    }
     calibration_ = std::make_unique<cuda::DeviceCalibration>(kv_options_.calibration, format, c.kv_dim());
     kv_options_.calibration.clear();  // uploaded; the host copy need not outlive the constructor
     outlier_counts_.reserve(2 * sizeof(unsigned long long));
@@ -613,8 +620,8 @@ StepPlan CudaBackend::plan_step(const StepBatch& batch, const PageTables& tables
       plan.logit_rows.push_back(sc.first_row + sc.n_tokens - 1);
     }
   }
-  if (quantized()) return plan;  // its attention is planned by plan_quantized_step
   plan.prefill = cuda::plan_prefill(plan.chunks, prefill_ids, config_.head_dim);
+  if (quantized()) return plan;  // its decode rows are planned by plan_quantized_step
   plan.decode = cuda::plan_decode(plan.chunks, decode_ids, config_.n_heads, config_.n_kv_heads,
                                   context_.properties.multiProcessorCount);
   return plan;
@@ -698,11 +705,12 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
                                                                                  c.n_heads, c.head_dim));
     }
     decode_workspace_.reserve(workspace);  // no graphs run quantized steps: none to drop
-    const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), 0, 0, 0, n_rows);
+    const auto n_prefill = static_cast<int32_t>(plan.prefill.size());
+    const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), n_prefill, 0, 0, n_rows);
     step_index_.reserve(layout.bytes);
     upload_index(batch, plan, layout, 0, step_index_.as<void>());
     const QuantizedStepArgs quantized_args = upload_quantized(quantized_plan);
-    enqueue_forward(step_args(step_index_.as<char>(), layout, n, 0, 0, 0, n_rows), &quantized_args);
+    enqueue_forward(step_args(step_index_.as<char>(), layout, n, n_prefill, 0, 0, n_rows), &quantized_args);
     return n_rows;
   }
 
@@ -876,8 +884,17 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
       }
     }
   }
-  q.attention = cuda::plan_quantized_attention(plan.chunks, chunk_slots, kv_options_, page_size_, c.n_kv_heads,
+  // Prefill rows run on the wgmma kernel (StepPlan::prefill), decode rows on the split kernel.
+  std::vector<AttentionChunk> decode_chunks;
+  std::vector<int32_t> decode_slots;
+  for (size_t i = 0; i < plan.chunks.size(); ++i) {
+    if (plan.chunks[i].n_tokens != 1) continue;
+    decode_chunks.push_back(plan.chunks[i]);
+    decode_slots.push_back(chunk_slots[i]);
+  }
+  q.attention = cuda::plan_quantized_attention(decode_chunks, decode_slots, kv_options_, page_size_, c.n_kv_heads,
                                                context_.properties.multiProcessorCount);
+  q.chunk_slots = chunk_slots;
   return q;
 }
 
@@ -891,6 +908,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   const int64_t runs = place(plan.writes.runs.size() * sizeof(cuda::KvWriteRun));
   const int64_t rows = place(plan.writes.rows.size() * sizeof(cuda::KvWriteRow));
   const int64_t saves = place(plan.saves.size() * sizeof(cuda::ExactRowSave));
+  const int64_t chunk_slots = place(plan.chunk_slots.size() * sizeof(int32_t));
   struct Offsets {
     int64_t rows, sources, splits, combine;
   };
@@ -913,6 +931,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   copy_in(runs, plan.writes.runs);
   copy_in(rows, plan.writes.rows);
   copy_in(saves, plan.saves);
+  copy_in(chunk_slots, plan.chunk_slots);
   QuantizedStepArgs args;
   args.runs = reinterpret_cast<const cuda::KvWriteRun*>(device + runs);
   args.n_runs = static_cast<int32_t>(plan.writes.runs.size());
@@ -920,6 +939,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   args.rows_layer_stride = plan.rows_per_layer ? static_cast<int64_t>(plan.writes.rows.size()) / config_.n_layers : 0;
   args.saves = reinterpret_cast<const cuda::ExactRowSave*>(device + saves);
   args.n_saves = static_cast<int32_t>(plan.saves.size());
+  args.chunk_slots = reinterpret_cast<const int32_t*>(device + chunk_slots);
   for (size_t i = 0; i < plan.attention.size(); ++i) {
     const cuda::QuantizedAttentionPlan& a = plan.attention[i];
     const Offsets& o = attention[i];
@@ -955,6 +975,8 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
                            outlier_counts_.as<unsigned long long>(), stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
+  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots};
+  cuda::launch_quantized_prefill_attention(query, prefill, step.chunks, step.prefill, step.n_prefill, stream);
   for (const QuantizedStepArgs::Attention& a : q.attention) {
     cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
                                      decode_workspace_.as<void>(), stream);

@@ -33,14 +33,6 @@ namespace {
 
 constexpr int kDecodeThreads = 128;
 
-// (cos, sin) of 4 pairs advanced by the angles of `step` (complex multiplication).
-__device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step)[4]) {
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
-  }
-}
-
 // The decode kernel's load step from stored to operand: 8 stored pre-RoPE key halves rotated at their
 // position in fp32 and kept in fp32 (the prefill loader rounds them to fp16 for its MMAs; here they
 // feed fp32 dot products). A quantized page format replaces this with dequantize-then-rotate.
@@ -158,18 +150,9 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
     }
   }
 
-  // Running max m (log2 units) and sum l per head. The max is raised only when a score exceeds it by more
-  // than kRescaleSlack, so the rescale of l and acc is rare after the first keys; p = exp2(score - m) then
-  // stays below 2^kRescaleSlack, far inside fp32.
-  constexpr float kRescaleSlack = 8.0f;
+  // Running max m (log2 units), sum l and weighted values acc per head (accumulate_key).
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][8];
-#pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
-  }
+  init_running_softmax<kMaxGroup>(m, l, acc);
 
   // The loop bound is uniform over the block: the shuffles below need every lane.
   for (int s = 0; s < n_steps; ++s) {
@@ -187,26 +170,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks(kMaxGroup))
       rotate_chunk_to_float(stage[(2 * u) * kDecodeThreads + threadIdx.x], cs, k);
       step_angles(cs, step);
       half8_to_float(stage[(2 * u + 1) * kDecodeThreads + threadIdx.x], v);
-#pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
-        if (h >= group) continue;  // uniform over the block
-        float score = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) score = fmaf(q[h][i], k[i], score);
-#pragma unroll
-        for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
-        if (valid && score > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
-          const float correction = fast_exp2(m[h] - score);
-          m[h] = score;
-          l[h] *= correction;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
-        }
-        const float p = valid ? fast_exp2(score - m[h]) : 0.0f;  // m is finite once a key is valid
-        l[h] += p;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[i], acc[h][i]);
-      }
+      accumulate_key<kLanes, kMaxGroup>(q, k, v, valid, group, m, l, acc);
     }
   }
   cp_async_wait<0>();

@@ -1,8 +1,9 @@
 // What the split-K attention kernels share (decode_attention.cu over fp16
 // pages, quantized_attention.cu over quantized pages and exact rows): the
 // partial results a split writes and the combine kernel merges (one format for
-// both, so one combine serves both), the merge of a block's key groups into its
-// split's partial result, and two small helpers.
+// both, so one combine serves both), the per-key online softmax both run,
+// the merge of a block's key groups into its split's partial result, and small
+// helpers.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -38,6 +39,71 @@ __device__ __forceinline__ void half8_to_float(uint4 raw, float (&x)[8]) {
     const float2 f = __half22float2(pairs[j]);
     x[2 * j] = f.x;
     x[2 * j + 1] = f.y;
+  }
+}
+
+// (cos, sin) of 4 pairs advanced by the angles of `step` (complex multiplication).
+__device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step)[4]) {
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    cs[p] = make_float2(cs[p].x * step[p].x - cs[p].y * step[p].y, cs[p].x * step[p].y + cs[p].y * step[p].x);
+  }
+}
+
+// Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
+__device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float x0 = k[2 * j], x1 = k[2 * j + 1];
+    k[2 * j] = x0 * cs[j].x - x1 * cs[j].y;
+    k[2 * j + 1] = x0 * cs[j].y + x1 * cs[j].x;
+  }
+}
+
+// The running max is raised only when a score exceeds it by more than this (log2 units), so the rescale of
+// l and acc is rare after the first keys; p = exp2(score - m) then stays below 2^kRescaleSlack, far inside fp32.
+constexpr float kRescaleSlack = 8.0f;
+
+// The running max (-inf), sum and weighted values (zeros) before the first key.
+template <int kMaxGroup>
+__device__ __forceinline__ void init_running_softmax(float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                                     float (&acc)[kMaxGroup][8]) {
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+  }
+}
+
+// One key of a lane group (kLanes lanes, 8 dims each) into the running max m (log2 units), sum l and
+// weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads h >= group only pad
+// kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must call it (the score
+// is summed by shuffles); an invalid key (valid false, k and v finite) changes nothing. m starts at -inf.
+template <int kLanes, int kMaxGroup>
+__device__ __forceinline__ void accumulate_key(const float (&q)[kMaxGroup][8], const float (&k)[8], const float (&v)[8],
+                                               bool valid, int group, float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                               float (&acc)[kMaxGroup][8]) {
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h >= group) continue;
+    float score = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) score = fmaf(q[h][i], k[i], score);
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
+    if (valid && score > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
+      const float correction = fast_exp2(m[h] - score);
+      m[h] = score;
+      l[h] *= correction;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
+    }
+    const float p = valid ? fast_exp2(score - m[h]) : 0.0f;  // m is finite once a key is valid
+    l[h] += p;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[i], acc[h][i]);
   }
 }
 

@@ -203,4 +203,33 @@ __device__ __forceinline__ void apply_outliers8(const uint32_t* slots, const int
   }
 }
 
+// As apply_outliers8 without an index: the row's first slot is found by bisection over the block's slots
+// (global memory; for loaders with no shared memory to index a block in).
+__device__ __forceinline__ void apply_row_outliers(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
+                                                   float (&out)[8]) {
+  const uint32_t count = outlier_count(layout, block);
+  if (count == 0) return;
+  const uint32_t* slots = outlier_slots(layout, block);
+  const uint32_t row_begin = static_cast<uint32_t>(row * layout.head_dim), row_end = row_begin + layout.head_dim;
+  uint32_t lo = 0, hi = count;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (slot_index(slots[mid]) < row_begin) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const uint32_t base = row_begin + c0;
+  for (uint32_t s = lo; s < count; ++s) {
+    const uint32_t index = slot_index(slots[s]);
+    if (index >= row_end) break;
+    const uint32_t offset = index - base;  // wraps to a large value below c0
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (offset == static_cast<uint32_t>(j)) out[j] = slot_value(slots[s]);
+    }
+  }
+}
+
 }  // namespace kvq::cuda

@@ -7,10 +7,9 @@
 //   finish: once the copies have landed, turns stored data into the
 //           attention's operands in place (here: RoPE on the keys).
 // Keys and values are issued (and finished) separately, so a kernel can fill
-// each into its own stage as soon as that one is free. A quantized-page loader
-// keeps this interface: issue copies codes, scales and outlier slots to its
-// staging area, finish dequantizes (and rotates) into the same tiles, and the
-// kernels do not change.
+// each into its own stage as soon as that one is free. The quantized-page
+// loader (quantized_page_producer.cuh) keeps this interface: its issue decodes
+// (and rotates) straight into the same tiles and its finish has nothing left.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -53,6 +52,14 @@ __device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) 
   return raw;
 }
 
+// The keys of one tile: [k0, k0 + rows) of the sequence, those at or past `end` zero-filled. exact: read every
+// key exactly (a quantized band tile, quantized_prefill.h); fp16 pages have page tiles only.
+struct KeyRange {
+  int k0;
+  int end;
+  int exact;
+};
+
 // The fp16 load stage for a warp-specialized kernel, in three steps per tile
 // so that keys and values can go into stages freed at different times:
 //   locate():       the pool rows of the tile's keys (one page-table lookup per
@@ -70,11 +77,11 @@ __device__ __forceinline__ uint4 rotate_chunk(uint4 raw, const float2 (&cs)[4]) 
 // multiplication (fp32, at most kRows / kRowStep - 1 = 15 steps: ~1e-6
 // relative, far below the keys' fp16 rounding).
 //
-// A quantized-page producer keeps this shape: locate() is shared, issue_*()
-// copy codes, scales and outliers (its Pending says where), finish_*()
-// dequantize (and rotate) them into the same tiles.
+// The quantized-page producer (quantized_page_producer.cuh) keeps this shape.
 template <int D, int kRows, int kThreads>
 struct Fp16PageProducer {
+  static constexpr bool kQuantized = false;
+  using Source = PagedKv;
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kRowStep = kThreads / kChunksPerRow;
   static constexpr int kRowsPerThread = kRows / kRowStep;
@@ -118,13 +125,13 @@ struct Fp16PageProducer {
     step[3] = {angles.cs23.z, angles.cs23.w};
   }
 
-  // Looks up the pool rows of keys [k0, k0 + kRows) (-1 at or past n_keys); pages: the sequence's page
+  // Looks up the pool rows of keys [k0, k0 + kRows) (-1 at or past end); pages: the sequence's page
   // indices. A pool row is (page * n_kv_heads + kv_head) * page_size + slot, the row of that key in the pool
   // viewed as (rows, D); int32 holds it for pools below 2^31 rows (256 GiB of keys at D = 64).
-  __device__ void locate(const PagedKv& kv, const int32_t* pages, int k0, int n_keys) const {
-    const int pos = k0 + lane_row;
+  __device__ void locate(const PagedKv& kv, const int32_t* pages, const KeyRange& range) const {
+    const int pos = range.k0 + lane_row;
     int32_t pool_row = -1;
-    if (pos < n_keys) {
+    if (pos < range.end) {
       const int page = pos / kv.page_size;
       pool_row = (pages[page] * kv.n_kv_heads + kv_head) * kv.page_size + (pos - page * kv.page_size);
     }
@@ -134,14 +141,14 @@ struct Fp16PageProducer {
   }
 
   // After locate(): starts copying the keys into sK and returns what finish_keys() needs.
-  __device__ Pending issue_keys(const PagedKv& kv, int k0, int n_keys, __half* sK) const {
+  __device__ Pending issue_keys(const PagedKv& kv, const KeyRange& range, __half* sK) const {
     copy_rows(kv.keys, sK);
-    const int pos0 = k0 + first_row;
-    return load_angles(kv, pos0 < n_keys ? pos0 : -1);
+    const int pos0 = range.k0 + first_row;
+    return load_angles(kv, pos0 < range.end ? pos0 : -1);
   }
 
   // After locate(): starts copying the values into sV.
-  __device__ void issue_values(const PagedKv& kv, __half* sV) const { copy_rows(kv.values, sV); }
+  __device__ void issue_values(const PagedKv& kv, const KeyRange&, __half* sV) const { copy_rows(kv.values, sV); }
 
   // RoPE on this thread's landed key chunks (after its cp_async_wait for them). Rows past the keys were
   // zero-filled and stay zero, so every row is rotated: no branch between the shared-memory loads.

@@ -29,6 +29,12 @@
 // No block-wide barrier after the start: stages change hands through mbarriers
 // (warp_specialize.cuh). A consumer warpgroup skips the matrix work of tiles
 // wholly in its rows' future but still takes and returns them.
+//
+// Quantized pages (quantized_prefill.h) run the same kernel with the
+// QuantizedPageProducer (quantized_page_producer.cuh) as the load stage: the
+// block's tiles are its page tiles then its band tiles, each masked per row by
+// the set it belongs to; stages, barriers and turns are unchanged. The fp16
+// instances compile to the same consumer code as before (SASS compared).
 #include <algorithm>
 #include <cfloat>
 
@@ -36,6 +42,8 @@
 #include "cuda/attention.h"
 #include "cuda/cuda_check.h"
 #include "cuda/kv_page_loader.cuh"
+#include "cuda/quantized_page_producer.cuh"
+#include "cuda/quantized_prefill.h"
 #include "cuda/warp_specialize.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -62,12 +70,6 @@ struct PrefillShape {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // One tile of the online softmax for one thread's two rows (accumulator rows g
 // and g + 8 of its warp): with kMask, masks raw scores s of keys k0 + n * 8 +
 // 2 t + e (n, e the accumulator's block and element) past last_col[hr] (the
@@ -75,9 +77,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // into exp2 probabilities; correction[hr] is what the previous accumulators
 // are to be multiplied by. Tiles off the diagonal take the kMask = false
 // instance: no per-element compares.
-template <int kBlockN, bool kMask>
+//
+// Quantized pages (kQuantized): keys below first_col[hr] are masked too (a band
+// tile), and a row may meet tiles with no key it sees before its first visible
+// one, so a maximum still -inf scales by 0 instead of giving -inf - -inf.
+template <int kBlockN, bool kMask, bool kQuantized = false>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&row_max)[2], float (&row_sum)[2],
-                                             float (&correction)[2], const int (&last_col)[2], float scale_log2) {
+                                             float (&correction)[2], const int (&last_col)[2], float scale_log2,
+                                             const int (&first_col)[2]) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     float tile_max = -INFINITY;
@@ -86,15 +93,15 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&ro
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& v = s[4 * n + hr * 2 + e];
-        if (kMask && n * 8 + e > last_col[hr]) v = -INFINITY;
+        if (kMask && (n * 8 + e > last_col[hr] || (kQuantized && n * 8 + e < first_col[hr]))) v = -INFINITY;
         tile_max = fmaxf(tile_max, v);
       }
     }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    // Tile 0 holds key 0, visible to every row, so new_max is finite from then on.
+    // fp16 pages: tile 0 holds key 0, visible to every row, so new_max is finite from then on.
     const float new_max = fmaxf(row_max[hr], tile_max);
-    const float max_scaled = new_max * scale_log2;
+    const float max_scaled = kQuantized && new_max == -INFINITY ? 0.0f : new_max * scale_log2;
     correction[hr] = fast_exp2(row_max[hr] * scale_log2 - max_scaled);  // 0 on tile 0 (row_max -inf)
     row_max[hr] = new_max;
     float sum = 0.0f;
@@ -111,13 +118,66 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&ro
   }
 }
 
-template <int D>
+// A block's key tiles: page tiles over keys [0, page_end), then (quantized pages) band tiles over
+// [band_begin, band_end) (quantized_prefill.h).
+template <int kBlockN>
+struct BlockTiles {
+  int page_end;
+  int n_page_tiles;
+  int band_begin;
+  int band_end;
+  int n_tiles;
+
+  __device__ KeyRange range(int tile) const {
+    return tile < n_page_tiles ? KeyRange{tile * kBlockN, page_end, 0}
+                               : KeyRange{band_begin + (tile - n_page_tiles) * kBlockN, band_end, 1};
+  }
+};
+
+// n_keys: the keys of the block's last row (its position + 1).
+template <int kBlockN>
+__device__ BlockTiles<kBlockN> block_tiles(const PagedKv&, const AttentionChunk&, int q_pos0, int n_keys) {
+  const int n = (n_keys + kBlockN - 1) / kBlockN;
+  return {n_keys, n, n_keys, n_keys, n};
+}
+template <int kBlockN>
+__device__ BlockTiles<kBlockN> block_tiles(const QuantizedPrefillSource& source, const AttentionChunk& chunk,
+                                           int q_pos0, int n_keys) {
+  const ExactRule& rule = source.rule;
+  const int q_last = n_keys - 1;
+  BlockTiles<kBlockN> tiles;
+  tiles.page_end = rule.split(q_last, chunk.start_pos);  // split rises with the position
+  tiles.n_page_tiles = (tiles.page_end + kBlockN - 1) / kBlockN;
+  // Rows with a band are those from max(chunk start, sinks) on when the rule has one (tested on the host).
+  const int q_band = max(q_pos0, rule.sinks);
+  const bool band = q_band <= q_last && rule.has_band(q_band, chunk.start_pos);
+  tiles.band_begin = band ? rule.split(q_band, chunk.start_pos) : n_keys;
+  tiles.band_end = n_keys;
+  tiles.n_tiles = tiles.n_page_tiles + (tiles.band_end - tiles.band_begin + kBlockN - 1) / kBlockN;
+  return tiles;
+}
+
+__device__ __forceinline__ int kv_heads_of(const PagedKv& kv) { return kv.n_kv_heads; }
+__device__ __forceinline__ int kv_heads_of(const QuantizedPrefillSource& source) { return source.kv.n_kv_heads; }
+__device__ __forceinline__ const int32_t* page_table_of(const PagedKv& kv) { return kv.page_table; }
+__device__ __forceinline__ const int32_t* page_table_of(const QuantizedPrefillSource& source) {
+  return source.kv.page_table;
+}
+
+// Loader: Fp16PageProducer (fp16 pages) or QuantizedPageProducer; its Source is what the kernel reads.
+template <int D, class Loader>
 __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
-    prefill_attention_kernel(AttentionQuery query, PagedKv kv, const AttentionChunk* chunks, const PrefillWork* work) {
+    prefill_attention_kernel(AttentionQuery query, typename Loader::Source kv, const AttentionChunk* chunks,
+                             const PrefillWork* work) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillShape<D>;
-  using Loader = typename Shape::Loader;
+  constexpr bool kQuantized = Loader::kQuantized;
   constexpr int kBlockM = Shape::kBlockM, kBlockN = Shape::kBlockN, kStages = Shape::kStages;
+  // The quantized producer decodes at head_dim 128 with 64 registers (56 spilled its loop state); its
+  // consumers keep the rest of the budget.
+  constexpr int kProducerRegs = kQuantized && D == 128 ? 64 : Shape::kProducerRegs;
+  constexpr int kConsumerRegs = kQuantized && D == 128 ? 192 : Shape::kConsumerRegs;
+  static_assert(Shape::kProducers * kProducerRegs + Shape::kConsumers * kConsumerRegs <= 65536 / 128);
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
@@ -145,20 +205,27 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
   const int head = blockIdx.x;
   const PrefillWork item = work[blockIdx.y];
   const AttentionChunk chunk = chunks[item.chunk];
-  const int kv_head = head / (query.n_heads / kv.n_kv_heads);
+  const int kv_head = head / (query.n_heads / kv_heads_of(kv));
   const int q_rows = min(kBlockM, chunk.n_tokens - item.q_begin);
   const int q_pos0 = chunk.start_pos + item.q_begin;  // position of tile row 0
   const int n_keys = q_pos0 + q_rows;                 // keys the block's last row sees
-  const int n_tiles = (n_keys + kBlockN - 1) / kBlockN;
+  const BlockTiles<kBlockN> tiles = block_tiles<kBlockN>(kv, chunk, q_pos0, n_keys);
+  const int n_tiles = tiles.n_tiles;
   const int warp_group = threadIdx.x / 128;
 
   if (warp_group < Shape::kProducers) {
     // ---- producers: the load stage, warpgroup p filling tiles p, p + kProducers, ... ----
     // One tile at a time per warpgroup (keys: copy, wait, rotate; then values: copy, wait): the other
     // warpgroup's tile hides the latency.
-    setmaxnreg_dec<Shape::kProducerRegs>();
-    const int32_t* pages = kv.page_table + chunk.page_offset;
-    const Loader loader(kv, kv_head, n_keys, threadIdx.x % 128, row_tables + warp_group * Loader::kTableEntries);
+    setmaxnreg_dec<kProducerRegs>();
+    const int32_t* pages = page_table_of(kv) + chunk.page_offset;
+    const Loader loader = [&] {
+      if constexpr (kQuantized) {
+        return Loader(kv, kv_head, chunk, item.chunk, threadIdx.x % 128);
+      } else {
+        return Loader(kv, kv_head, n_keys, threadIdx.x % 128, row_tables + warp_group * Loader::kTableEntries);
+      }
+    }();
     for (int tile = warp_group; tile < n_tiles; tile += Shape::kProducers) {
       // Stage reuse: the consumers return the keys of tile - kStages at their step tile - kStages and its
       // values at step tile - kStages + 1, which needs keys up to tile - kStages + 1 <= tile - kProducers and
@@ -166,16 +233,17 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
       static_assert(kStages >= Shape::kProducers + 1, "a producer never waits on its own unfinished tile");
       const int stage = tile % kStages;
       const uint32_t reuse_parity = (tile / kStages - 1) & 1;
-      loader.locate(kv, pages, tile * kBlockN, n_keys);
+      const KeyRange range = tiles.range(tile);
+      loader.locate(kv, pages, range);
       if (tile >= kStages) mbarrier_wait(&empty_k[stage], reuse_parity);
-      const typename Loader::Pending pending = loader.issue_keys(kv, tile * kBlockN, n_keys, stage_k(tile));
+      const typename Loader::Pending pending = loader.issue_keys(kv, range, stage_k(tile));
       cp_async_commit();
       cp_async_wait<0>();
       loader.finish_keys(pending, stage_k(tile));
       fence_proxy_async();  // the rotated keys are read by wgmma next
       mbarrier_arrive(&full_k[stage]);
       if (tile >= kStages) mbarrier_wait(&empty_v[stage], reuse_parity);
-      loader.issue_values(kv, stage_v(tile));
+      loader.issue_values(kv, range, stage_v(tile));
       cp_async_commit();
       cp_async_wait<0>();
       fence_proxy_async();
@@ -183,7 +251,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     }
   } else {
     // ---- consumers: matrix work and softmax ----
-    setmaxnreg_inc<Shape::kConsumerRegs>();
+    setmaxnreg_inc<kConsumerRegs>();
     const int group_thread = threadIdx.x % 128, warp = group_thread / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int group = warp_group - Shape::kProducers, other_group = 1 - group;
@@ -205,9 +273,17 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     fence_proxy_async();
     named_barrier_sync(1 + group, 128);
 
-    // Tiles with a key visible to one of a group's rows: k0 <= the position of its last row.
+    // Tiles with a key visible to one of a group's rows: k0 <= the position of its last row (fp16); the
+    // page tiles below its last row's split, or every page tile and the band tiles up to its last row.
     const auto tiles_of_group = [&](int row0) {
-      return row0 < q_rows ? (q_pos0 + min(row0 + 64, q_rows) - 1) / kBlockN + 1 : 0;
+      if (row0 >= q_rows) return 0;
+      const int q_last = q_pos0 + min(row0 + 64, q_rows) - 1;
+      if constexpr (kQuantized) {
+        if (kv.rule.has_band(q_last, chunk.start_pos)) return tiles.n_page_tiles + (q_last - tiles.band_begin) / kBlockN + 1;
+        return (kv.rule.split(q_last, chunk.start_pos) + kBlockN - 1) / kBlockN;
+      } else {
+        return q_last / kBlockN + 1;
+      }
     };
     const int my_tiles = tiles_of_group(group_row0);
     // The two groups take turns issuing their matrix work (named barriers 3 and 4), so that one's
@@ -260,16 +336,43 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
       }
       wgmma_commit();
     };
+    // Quantized pages: the thread's two rows' positions (rows past the chunk as its last row) and splits.
+    int row_pos[2] = {}, row_split[2] = {}, warp_split = 0;
+    if constexpr (kQuantized) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        row_pos[hr] = min(q_pos_g + 8 * hr, n_keys - 1);
+        row_split[hr] = kv.rule.split(row_pos[hr], chunk.start_pos);
+      }
+      warp_split = kv.rule.split(min(q_pos0 + warp_row0, n_keys - 1), chunk.start_pos);  // the warp's least
+    }
     const auto softmax = [&](int tile) {
-      const int k0 = tile * kBlockN;
-      // A key is visible to a row at position q_pos when key <= q_pos and key < n_keys (rows past the
-      // chunk see no more than its last row).
-      if (k0 + kBlockN - 1 > q_pos0 + warp_row0 || k0 + kBlockN > n_keys) {
-        const int last_col[2] = {min(q_pos_g, n_keys - 1) - k0 - 2 * t, min(q_pos_g + 8, n_keys - 1) - k0 - 2 * t};
-        softmax_tile<kBlockN, true>(s, row_max, row_sum, correction, last_col, scale_log2);
+      const int no_limit[2] = {kBlockN, kBlockN}, no_floor[2] = {0, 0};
+      if constexpr (kQuantized) {
+        // Page tiles: keys below the row's split; band tiles: keys from its split to its position.
+        const KeyRange range = tiles.range(tile);
+        const int k0 = range.k0;
+        if (!range.exact && k0 + kBlockN <= warp_split) {
+          softmax_tile<kBlockN, false, true>(s, row_max, row_sum, correction, no_limit, scale_log2, no_floor);
+        } else {
+          int last_col[2], first_col[2];
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            last_col[hr] = (range.exact ? row_pos[hr] : row_split[hr] - 1) - k0 - 2 * t;
+            first_col[hr] = (range.exact ? row_split[hr] : 0) - k0 - 2 * t;
+          }
+          softmax_tile<kBlockN, true, true>(s, row_max, row_sum, correction, last_col, scale_log2, first_col);
+        }
       } else {
-        const int no_limit[2] = {kBlockN, kBlockN};
-        softmax_tile<kBlockN, false>(s, row_max, row_sum, correction, no_limit, scale_log2);
+        const int k0 = tile * kBlockN;
+        // A key is visible to a row at position q_pos when key <= q_pos and key < n_keys (rows past the
+        // chunk see no more than its last row).
+        if (k0 + kBlockN - 1 > q_pos0 + warp_row0 || k0 + kBlockN > n_keys) {
+          const int last_col[2] = {min(q_pos_g, n_keys - 1) - k0 - 2 * t, min(q_pos_g + 8, n_keys - 1) - k0 - 2 * t};
+          softmax_tile<kBlockN, true>(s, row_max, row_sum, correction, last_col, scale_log2, no_floor);
+        } else {
+          softmax_tile<kBlockN, false>(s, row_max, row_sum, correction, no_limit, scale_log2, no_floor);
+        }
       }
     };
     const auto pack_p = [&] {
@@ -291,7 +394,7 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
       wgmma_wait<0>();
       wgmma_fence_operands(s);
       mbarrier_arrive(&empty_k[0]);
-      softmax(0);  // o is still zero: no correction
+      softmax(0);  // o is still zero: no correction (0 or 1: the quantized rows may have seen nothing yet)
       pack_p();
       for (int tile = 1; tile < my_tiles; ++tile) {
         mbarrier_wait(&full_k[tile % kStages], ready_parity(tile));
@@ -361,15 +464,31 @@ __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
 #endif
 }
 
-template <int D>
-void launch(const AttentionQuery& query, const PagedKv& kv, const AttentionChunk* chunks, const PrefillWork* work,
-            int32_t n_work, cudaStream_t stream) {
+template <int D, class Loader>
+void launch(const AttentionQuery& query, const typename Loader::Source& kv, const AttentionChunk* chunks,
+            const PrefillWork* work, int32_t n_work, cudaStream_t stream) {
   using Shape = PrefillShape<D>;
-  CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_kernel<D, Loader>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   Shape::kSmemBytes));
   const dim3 grid(query.n_heads, n_work);
-  prefill_attention_kernel<D><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(query, kv, chunks, work);
+  prefill_attention_kernel<D, Loader><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(query, kv, chunks, work);
   CUDA_CHECK_LAUNCH(stream, "prefill_attention_kernel");
+}
+
+template <int D>
+using Fp16Loader = Fp16PageProducer<D, PrefillShape<D>::kBlockN, 128>;
+template <int D, int kBits>
+using QuantizedLoader = QuantizedPageProducer<D, PrefillShape<D>::kBlockN, 128, kBits>;
+
+template <int D>
+void launch_quantized(int bits, const AttentionQuery& query, const QuantizedPrefillSource& source,
+                      const AttentionChunk* chunks, const PrefillWork* work, int32_t n_work, cudaStream_t stream) {
+  switch (bits) {
+    case 2: return launch<D, QuantizedLoader<D, 2>>(query, source, chunks, work, n_work, stream);
+    case 3: return launch<D, QuantizedLoader<D, 3>>(query, source, chunks, work, n_work, stream);
+    case 4: return launch<D, QuantizedLoader<D, 4>>(query, source, chunks, work, n_work, stream);
+    default: fail("quantized prefill attention: {}-bit codes are not supported", bits);
+  }
 }
 
 }  // namespace
@@ -408,10 +527,49 @@ void launch_prefill_attention(const AttentionQuery& query, const PagedKv& kv, co
   if (n_work > 65535) fail("prefill attention: {} query tiles in one step (at most 65535)", n_work);
   if (query.n_heads % kv.n_kv_heads != 0) fail("prefill attention: {} heads over {} KV heads", query.n_heads, kv.n_kv_heads);
   switch (query.head_dim) {
-    case 64: return launch<64>(query, kv, chunks, work, n_work, stream);
-    case 128: return launch<128>(query, kv, chunks, work, n_work, stream);
+    case 64: return launch<64, Fp16Loader<64>>(query, kv, chunks, work, n_work, stream);
+    case 128: return launch<128, Fp16Loader<128>>(query, kv, chunks, work, n_work, stream);
     default: fail("prefill attention: head_dim {} is not supported (64 or 128)", query.head_dim);
   }
+}
+
+ExactRule exact_rule(const KvCacheOptions& options, int page_size) {
+  ExactRule rule{};
+  rule.sinks = options.effective_sinks();
+  rule.native_window = options.format.native_exact_window();
+  rule.page_align = options.format.calibrated() && (options.tail || options.per_page_key_ranges) ? page_size : 0;
+  rule.exact_chunk = options.exact_chunk ? 1 : 0;
+  return rule;
+}
+
+// The bits a layout's kernel instance is built for: the packed schemes' own, 4 for the others (which ignore them).
+static int bits_bucket_of(const PageBlockLayout& layout) {
+  const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
+                      layout.scheme == KvScheme::kivi;
+  return packed ? layout.bits : 4;
+}
+
+bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout) {
+  const int bits = bits_bucket_of(key_layout);
+  return prefill_attention_supported(head_dim) && bits == bits_bucket_of(value_layout) && bits >= 2 && bits <= 4 &&
+         key_layout.head_dim == head_dim && value_layout.head_dim == head_dim;
+}
+
+void launch_quantized_prefill_attention(const AttentionQuery& query, const QuantizedPrefillSource& source,
+                                        const AttentionChunk* chunks, const PrefillWork* work, int32_t n_work,
+                                        cudaStream_t stream) {
+  if (n_work == 0) return;
+  if (n_work > 65535) fail("quantized prefill attention: {} query tiles in one step (at most 65535)", n_work);
+  const QuantizedPagedKv& kv = source.kv;
+  if (query.n_heads % kv.n_kv_heads != 0) {
+    fail("quantized prefill attention: {} heads over {} KV heads", query.n_heads, kv.n_kv_heads);
+  }
+  if (!quantized_prefill_supported(query.head_dim, kv.key_layout, kv.value_layout)) {
+    fail("quantized prefill attention: head_dim {} with these pages is not supported", query.head_dim);
+  }
+  const int bits = bits_bucket_of(kv.key_layout);
+  if (query.head_dim == 64) return launch_quantized<64>(bits, query, source, chunks, work, n_work, stream);
+  launch_quantized<128>(bits, query, source, chunks, work, n_work, stream);
 }
 
 }  // namespace kvq::cuda

@@ -8,10 +8,11 @@
 // each) that run as split-K flash attention in parallel, all the query heads of
 // a KV head in one block; launch_decode_combine merges a row's splits.
 //
-// Work is one block per (split, KV head) whatever the chunk length, so prefill
-// rows re-read their keys once per row: correct everywhere and fast for decode,
-// a stopgap for long prefill chunks until the wgmma prefill kernel gains the
-// quantized loader (docs/FORMATS.md, "How the GPU reads pages").
+// Work is one block per (split, KV head) whatever the chunk length, so rows of
+// a chunk re-read their keys once per row: correct for any row and fast for
+// decode; the backend runs decode rows here and chunks of several rows on the
+// wgmma prefill kernel (quantized_prefill.h), which reads keys once per query
+// tile.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,6 +48,17 @@ struct ExactSource {
   int32_t chunk_start;      // position of that token: keys from here on are this step's rows
   int32_t slot;             // the sequence's slot in the exact-row store
 };
+
+// The fp16 row (head_dim halves) of key (kind 0) or value (kind 1) `pos` of KV head kv_head, read exactly:
+// this step's row when the chunk holds pos, else the store's.
+__host__ __device__ inline const __half* exact_kv_row(const QuantizedPagedKv& kv, const ExactSource& source, int kind,
+                                                      int kv_head, int head_dim, int pos) {
+  if (pos >= source.chunk_start) {
+    return kv.step_keys + static_cast<int64_t>(source.chunk_first_row + pos - source.chunk_start) * kv.step_stride +
+           (kind * kv.n_kv_heads + kv_head) * head_dim;
+  }
+  return kv.store.rows + exact_row_offset(kv.store, kv.n_kv_heads, head_dim, source.slot, kind, kv_head, pos);
+}
 
 struct QuantizedSplit {
   int32_t row;        // index into the launch's query rows (AttentionChunk of one token each)

@@ -5,6 +5,8 @@
 //   decode    decode attention kernel GB/s (K and V bytes read) and % of copy
 //   qdecode   decode attention over quantized pages (nuq4-1%, nuq3-1%, q4_0, fp8; sinks 1 and the tail for
 //             nuq): ms, GB/s of the bytes of the blocks and exact rows read, and speed-up over fp16 pages
+//   qprefill  prefill attention over quantized pages (nuq4-1%, nuq3-1% with and without the tail, q4_0, fp8,
+//             kivi2) against fp16 pages, same shapes: ms and the ratio to fp16 (the gate: <= 1.05)
 //   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets; decode with
 //             CUDA graphs on and off, returning logits (forward) or greedy ids (forward_greedy)
 // Each point: warm-up, then the median of repeats timed with events (kernels)
@@ -26,6 +28,7 @@
 #include "cuda/kv_quantize.h"
 #include "cuda/llama_kernels.h"
 #include "cuda/quantized_attention.h"
+#include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
 #include "kv/kv_format.h"
 #include "gpu_test_util.h"
@@ -298,6 +301,136 @@ std::vector<int> parse_ints(const std::string& s) {
   return v;
 }
 
+// One layer's quantized pages for `batch` sequences of `context` keys (pages scattered, `tables`), written by
+// launch_kv_quantize from rows (batch, context, 2, kv_dim) with a synthetic calibration.
+struct QuantizedPages {
+  QuantizedPages(const KvCacheOptions& options, const __half* rows, const PageTables& tables, int batch, int context,
+                 int page, int n_kv, int D)
+      : calib(1, n_kv * D, options.format.bits),
+        device_calib(options.format.calibrated() ? calib.layers : std::vector<LayerCalibration>{}, options.format, n_kv * D),
+        key_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::key, page, D, options.per_page_key_ranges))),
+        value_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, options.per_page_key_ranges))),
+        page_bytes(int64_t{n_kv} * (key_layout.block_bytes + value_layout.block_bytes)),
+        pool(size_t(tables.n_pages()) * page_bytes) {
+    const int kv_dim = n_kv * D;
+    std::vector<int32_t> ids(context, 0);
+    StepBatch writes_batch;
+    for (int s = 0; s < batch; ++s) writes_batch.add_chunk(s, 0, ids.data(), context, false);
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(rows);
+    auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
+      return base + (size_t(chunk.seq) * context + pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
+    };
+    auto block_offset = [&](KvKind kind, int32_t pg, int h) -> int64_t {
+      return pg * page_bytes + (kind == KvKind::key ? h * int64_t{key_layout.block_bytes}
+                                                    : n_kv * int64_t{key_layout.block_bytes} + h * int64_t{value_layout.block_bytes});
+    };
+    const cuda::KvWritePlan writes = cuda::plan_kv_writes(writes_batch, tables, key_layout, value_layout, n_kv,
+                                                          options.effective_sinks(), source, block_offset);
+    CUDA_CHECK(cudaMemset(pool.get(), 0, pool.size()));
+    DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
+    DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
+    DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
+    cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
+                             int32_t(writes.runs.size()), d_rows.get(), counts.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  TestCalibration calib;
+  cuda::DeviceCalibration device_calib;
+  cuda::PageBlockLayout key_layout, value_layout;
+  int64_t page_bytes;
+  DeviceArray<uint8_t> pool;
+};
+
+// B sequences of `context` tokens on pages interleaved over the pool (as a batch fills it).
+PageTables interleaved_tables(int batch, int context, int page) {
+  PageTables tables(batch * ((context + page - 1) / page), page);
+  for (int s = 0; s < batch; ++s) tables.add_sequence(s);
+  for (int64_t need = page; need < context + page; need += page) {
+    for (int s = 0; s < batch; ++s) tables.reserve(s, std::min<int64_t>(need, context));
+  }
+  return tables;
+}
+
+// Prefill attention over quantized pages against fp16 pages, same shapes: B prompts of S tokens in one chunk
+// each (position 0 on), time of the attention alone. Default options (sinks 1, no tail) and the tail for
+// nuq3-1% (a band of up to a page per query tile).
+json bench_quantized_prefill() {
+  struct Point {
+    const char* model;
+    AttnShape shape;
+    int batch, seq_len;
+  };
+  const Point points[] = {{"smollm2-135m", kShapes[0], 16, 1024}, {"llama2-7b", kShapes[1], 1, 2048},
+                          {"llama2-7b", kShapes[1], 4, 2048}, {"llama2-7b", kShapes[1], 1, 8192}};
+  struct Format {
+    const char* name;
+    bool tail;
+  };
+  const Format formats[] = {{"nuq4-1%", false}, {"nuq3-1%", false}, {"nuq3-1%", true}, {"q4_0", false}, {"fp8", false},
+                            {"kivi2", false}};
+  json results = json::array();
+  const int page = 64;
+  for (const Point& p : points) {
+    const int D = p.shape.head_dim, n_kv = p.shape.n_kv_heads, n_heads = p.shape.n_heads;
+    const int kv_dim = n_kv * D, q_dim = n_heads * D, stride = q_dim + 2 * kv_dim;
+    AttentionSetup fp16(p.batch, p.seq_len, p.seq_len, D, n_heads, n_kv, page);
+    const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(fp16.chunks, fp16.ids, D);
+    DeviceArray<cuda::PrefillWork> d_work(work);
+    const double fp16_ms = time_kernel_ms(
+        [&] { cuda::launch_prefill_attention(fp16.query, fp16.kv, fp16.d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr); },
+        3, 10);
+    std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms\n", p.model, p.shape.name, "fp16", p.batch,
+                p.seq_len, fp16_ms);
+    // The step's rows (B * S, stride): Q random, K and V the rows the pages were written from.
+    DeviceArray<__half> rows(size_t(p.batch) * p.seq_len * 2 * kv_dim), step(size_t(p.batch) * p.seq_len * stride),
+        out(size_t(p.batch) * p.seq_len * q_dim);
+    cuda::launch_fill_uniform(rows.get(), int64_t(rows.size()), 11, 2.5f, nullptr);
+    cuda::launch_fill_uniform(step.get(), int64_t(step.size()), 12, 1.7f, nullptr);
+    const PageTables tables = interleaved_tables(p.batch, p.seq_len, page);
+    std::vector<cuda::AttentionChunk> chunks;
+    std::vector<int32_t> page_table, slots;
+    for (int s = 0; s < p.batch; ++s) {
+      chunks.push_back({s * p.seq_len, p.seq_len, 0, int32_t(page_table.size())});
+      const std::vector<int32_t>& pages = tables.pages(s);
+      page_table.insert(page_table.end(), pages.begin(), pages.end());
+      slots.push_back(s);
+    }
+    DeviceArray<int32_t> d_pages(page_table), d_slots(slots);
+    DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
+    LlamaConfig c;
+    c.head_dim = D;
+    c.context = p.seq_len;
+    c.rope_theta = 10000.0f;
+    DeviceArray<float2> d_rope(rope_table(c));
+    for (const Format& f : formats) {
+      KvCacheOptions options;
+      options.format = parse_kv_format(f.name);
+      options.tail = f.tail;
+      const QuantizedPages pages(options, rows.get(), tables, p.batch, p.seq_len, page, n_kv, D);
+      const int sinks = options.effective_sinks(), window = options.exact_window_capacity(page);
+      DeviceArray<__half> store(std::max<size_t>(8, size_t(p.batch) * 2 * kv_dim * (sinks + window)));
+      cuda::launch_fill_uniform(store.get(), int64_t(store.size()), 13, 2.5f, nullptr);
+      const cuda::QuantizedPagedKv kv{pages.pool.get(), pages.key_layout, pages.value_layout, pages.device_calib.layer(0),
+                                      d_pages.get(), d_rope.get(), n_kv, options.format.keys_post_rope() ? 0 : 1,
+                                      step.get() + q_dim, stride, {store.get(), sinks, window}};
+      const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
+      const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
+      const double ms = time_kernel_ms(
+          [&] {
+            cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+          },
+          3, 10);
+      const std::string kv_name = std::string(f.name) + (f.tail ? " tail" : "");
+      results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
+                         {"seq_len", p.seq_len}, {"ms", ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms}});
+      std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages\n", p.model, p.shape.name,
+                  kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms);
+      std::fflush(stdout);
+    }
+  }
+  return results;
+}
+
 // Decode attention over quantized pages: B sequences of `context` keys, pages scattered, written by
 // launch_kv_quantize from random rows with a synthetic calibration; one query row per sequence.
 json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
@@ -419,7 +552,7 @@ int main(int argc, char** argv) {
   CLI::App app{"kvq-gpu-bench: CUDA attention and end-to-end benchmarks"};
   std::string parts = "copy,prefill,decode,e2e", json_path, lengths = "512,2048,8192,16384";
   int tokens_per_point = 16384;
-  app.add_option("--parts", parts, "which of copy,prefill,decode,qdecode,e2e");
+  app.add_option("--parts", parts, "which of copy,prefill,qprefill,decode,qdecode,e2e");
   app.add_option("--lengths", lengths, "prefill attention sequence lengths");
   app.add_option("--tokens", tokens_per_point, "prefill attention: batch = max(1, tokens / S)");
   app.add_option("--json", json_path, "write the results here");
@@ -439,7 +572,8 @@ int main(int argc, char** argv) {
     const double copy_gbs = measure_copy_gbs();
     out["copy_gb_s"] = copy_gbs;
     std::printf("copy %.0f GB/s (read + write) on %s\n", copy_gbs, prop.name);
-    if (wants("prefill")) out["prefill_attention"] = bench_prefill(parse_ints(lengths), tokens_per_point);
+    if (wants("qprefill")) out["quantized_prefill_attention"] = bench_quantized_prefill();
+    if (wants(",prefill") || parts.rfind("prefill", 0) == 0) out["prefill_attention"] = bench_prefill(parse_ints(lengths), tokens_per_point);
     if (wants("decode") || wants("qdecode")) out["decode_attention"] = bench_decode(copy_gbs);
     if (wants("qdecode")) out["quantized_decode_attention"] = bench_quantized_decode(copy_gbs, out["decode_attention"]);
     if (wants("e2e")) {

@@ -95,6 +95,7 @@ struct FormatCase {
   bool tail = true;
   bool page_ranges = false;
   bool exact_chunk = false;
+  int page = 0;  // rows per page where a test varies it; 0: the test's default
   std::string label() const;
 };
 // The case's KvCacheOptions (no calibration attached).

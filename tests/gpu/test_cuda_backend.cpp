@@ -31,7 +31,7 @@ LlamaWeights random_fp16_weights(const LlamaConfig& c, uint32_t seed) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   auto fill = [&](size_t n, float scale, float offset = 0.0f) {
     std::vector<float> v(n);
-    for (float& x : v) x = fp16_to_fp32(fp32_to_fp16(offset + scale * normal(rng)));
+    for (float& x : v) x = round_to_fp16(offset + scale * normal(rng));
     return v;
   };
   LlamaWeights w;

@@ -1,16 +1,26 @@
-// The quantized attention kernel (cuda/quantized_attention.h) against a CPU
-// twin reading the same bytes: pages written by launch_kv_quantize from random
+// The quantized attention kernels against a CPU twin reading the same bytes:
+// the split kernel (cuda/quantized_attention.h) for every row, or, as the
+// backend runs them, the wgmma prefill kernel (cuda/quantized_prefill.h) for
+// chunks of several rows and the split kernel for single rows. Inputs: pages written by launch_kv_quantize from random
 // fp16 rows (sequences' pages scattered in the pool), downloaded and decoded with
 // PageCodec::decode; exact rows from the same fp16 rows; the split rule of
 // KvCacheOptions::exact_from; RoPE with RopeTable::rotate for pre-RoPE formats;
 // scores and softmax in double. Every format and option the backend passes,
-// head_dim 64 and 128, groups 1, 3 and 8, chunks of 1 to 40 rows after 0 to 250
-// earlier keys.
+// head_dim 64 and 128, groups 1, 3 and 8, pages of 16 to 256 rows (page splits
+// starting mid-page after sinks), chunks of 1 to 40 rows after 0 to 250 earlier
+// keys (split kernel) and, for the prefill kernel, chunks of several 128-row
+// query tiles and 128-key tiles, starting mid-page, reading earlier pages, over
+// pages of 16, 64 and 256 rows.
 //
 // Tolerance: the twin's operands are the kernel's to the bit (decode is
 // bit-exact, the exact rows are the same halves), so what differs is fp32
 // accumulation order and ex2.approx in the kernel (~1e-6 relative) and the
 // output's rounding to fp16 (2^-11 relative): |gpu - cpu| <= 2e-3 (|cpu| + 0.1).
+// The prefill kernel also rounds the decoded, rotated keys and the values to
+// fp16 for the tensor cores; the twin rounds them the same way for its rows
+// (without that, scores at |q||k| ~ 10 moved outputs by up to 4e-3 on the H200,
+// 2026-11-27). What is left is P in fp16 (2^-11 relative per weight): for those
+// rows the absolute term is 1e-3 instead of 2e-4.
 // A key read from the wrong source, row, page or head, or a wrong RoPE angle,
 // moves outputs by the spread of values, ~0.1 to 1.
 #include <gtest/gtest.h>
@@ -21,6 +31,7 @@
 #include "core/dtypes.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/quantized_attention.h"
+#include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
 #include "gpu_test_util.h"
 #include "kv/kv_format.h"
@@ -30,11 +41,19 @@
 namespace kvq::gputest {
 namespace {
 
-void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
+// Sequences of a step: `earlier` keys before a chunk of `chunk` query rows; prefill_kernel: chunks of several
+// rows on the wgmma prefill kernel.
+struct Shapes {
+  std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
+  std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
+  bool prefill_kernel = false;
+};
+
+void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, const Shapes& shapes = {}) {
   const int n_kv_heads = 2, n_heads = n_kv_heads * group, D = head_dim;
   const int q_dim = n_heads * D, kv_dim = n_kv_heads * D, stride = q_dim + 2 * kv_dim;
   const KvCacheOptions options = options_for(test);
-  const int page = options.format.scheme == KvScheme::kivi ? 32 : 16;
+  const int page = test.page > 0 ? test.page : options.format.scheme == KvScheme::kivi ? 32 : 16;
   const TestCalibration calib(1, kv_dim, options.format.bits);
   const std::vector<LayerCalibration> no_layers;
   const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : no_layers, options.format, kv_dim);
@@ -45,17 +64,19 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
   const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
   const int sinks = options.effective_sinks();
   const int window = options.exact_window_capacity(page);
-  const std::string what = test.label() + " head_dim " + std::to_string(D) + " group " + std::to_string(group);
+  const std::string what = test.label() + " head_dim " + std::to_string(D) + " group " + std::to_string(group) +
+                           " page " + std::to_string(page) + (shapes.prefill_kernel ? " prefill kernel" : "");
 
-  // Sequences: `earlier` keys before a chunk of `chunk` query rows.
-  const std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
-  const std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
+  const std::vector<int>& earlier = shapes.earlier;
+  const std::vector<int>& chunk = shapes.chunk;
   const int n_seqs = static_cast<int>(earlier.size());
+  int longest = 0;
+  for (int s = 0; s < n_seqs; ++s) longest = std::max(longest, earlier[s] + chunk[s]);
   std::mt19937 rng(seed);
-  const int n_pages = 64;
+  const int n_pages = n_seqs * ((longest + page - 1) / page + 1);
   PageTables tables(n_pages, page);
   for (int s = 0; s < n_seqs; ++s) tables.add_sequence(s);
-  for (int64_t need = page; need <= 320; need += page) {  // interleaved: pages scattered over the pool
+  for (int64_t need = page; need < longest + page; need += page) {  // interleaved: pages scattered over the pool
     for (int s = 0; s < n_seqs; ++s) ASSERT_TRUE(tables.reserve(s, std::min<int64_t>(need, earlier[s] + chunk[s])));
   }
 
@@ -82,7 +103,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
     all_rows.insert(all_rows.end(), kv_rows[s].begin(), kv_rows[s].end());
   }
   DeviceArray<uint16_t> d_all_rows(all_rows);
-  std::vector<int32_t> ids(512, 0);
+  std::vector<int32_t> ids(longest, 0);
   StepBatch write_batch;
   for (int s = 0; s < n_seqs; ++s) write_batch.add_chunk(s, 0, ids.data(), earlier[s] + chunk[s], false);
   auto source = [&](const SequenceChunk& c, int64_t pos, KvKind kind, int h) -> const uint16_t* {
@@ -102,6 +123,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
   cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
                            int32_t(writes.runs.size()), d_write_rows.get(), d_counts.get(), nullptr);
   const std::vector<uint8_t> pool = d_pool.download();
+  const std::vector<unsigned long long> outlier_counts = d_counts.download();  // stored, found their block full
 
   // Exact-row store: sinks and the ring of the newest `window` rows before each chunk.
   const int per_head = sinks + window;
@@ -132,7 +154,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
   }
   LlamaConfig config;
   config.head_dim = D;
-  config.context = 512;
+  config.context = std::max(512, longest);
   config.rope_theta = 10000.0f;
   const RopeTable rope(config);
   DeviceArray<float2> d_rope(rope_table(config));
@@ -147,8 +169,28 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
   const cuda::QuantizedPagedKv kv{d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_pages.get(),
                                   d_rope.get(), n_kv_heads, rotate_keys ? 1 : 0,
                                   reinterpret_cast<const __half*>(d_step.get()) + q_dim, stride, store_view};
+  // As the backend: chunks of several rows on the prefill kernel, single rows on the split kernel.
+  std::vector<cuda::AttentionChunk> split_chunks;
+  std::vector<int32_t> split_slots, prefill_ids;
+  for (int s = 0; s < n_seqs; ++s) {
+    if (shapes.prefill_kernel && chunk[s] > 1) {
+      prefill_ids.push_back(s);
+    } else {
+      split_chunks.push_back(chunks[s]);
+      split_slots.push_back(slots[s]);
+    }
+  }
+  if (!prefill_ids.empty()) {
+    const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, prefill_ids, D);
+    DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
+    DeviceArray<cuda::PrefillWork> d_work(work);
+    DeviceArray<int32_t> d_slots(slots);
+    const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
+    cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+  }
   // 132 multiprocessors: splits of the least size (128 keys), so the longest rows get two page splits.
-  for (const cuda::QuantizedAttentionPlan& plan : cuda::plan_quantized_attention(chunks, slots, options, page, n_kv_heads, 132)) {
+  for (const cuda::QuantizedAttentionPlan& plan :
+       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, 132)) {
     DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
     DeviceArray<cuda::ExactSource> d_sources(plan.sources);
     DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
@@ -179,6 +221,9 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
         value_codec.decode(base + n_kv_heads * key_layout.block_bytes + h * value_layout.block_bytes, page,
                            values.data() + size_t(b) * page * D, key_calib);
       }
+      const bool on_prefill_kernel = shapes.prefill_kernel && chunk[s] > 1;
+      // Split kernel: fp32 operands, so only the output's fp16 rounding; prefill kernel: P in fp16 as well.
+      const double abs_tolerance = on_prefill_kernel ? 1e-3 : 2e-4;
       for (int t = 0; t < chunk[s]; ++t) {
         const int64_t pos = earlier[s] + t;
         const int64_t n_sinks = std::min<int64_t>(sinks, pos + 1);
@@ -195,6 +240,9 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
             std::copy_n(values.data() + p * D, D, v);
           }
           if (rotate_keys) rope.rotate(k, p);
+          if (on_prefill_kernel) {  // the kernel's tensor-core operands: rotated keys and values in fp16
+            for (int d = 0; d < D; ++d) k[d] = round_to_fp16(k[d]), v[d] = round_to_fp16(v[d]);
+          }
         }
         for (int g = 0; g < group; ++g) {
           const int head = h * group + g;
@@ -216,7 +264,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
             const double gpu = fp16_to_fp32(out[size_t(first_row[s] + t) * q_dim + head * D + d]);
             const double err = std::fabs(gpu - ref);
             worst = std::max(worst, err);
-            if (err > 2e-3 * (std::fabs(ref) + 0.1) && ++failures <= 5) {
+            if (err > 2e-3 * std::fabs(ref) + abs_tolerance && ++failures <= 5) {
               ADD_FAILURE() << what << ": seq " << s << " pos " << pos << " head " << head << " dim " << d << ": gpu "
                             << gpu << " cpu " << ref;
             }
@@ -226,7 +274,8 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed) {
     }
   }
   EXPECT_EQ(failures, 0) << what;
-  std::printf("[ info ] %s: worst abs error %.2e\n", what.c_str(), worst);
+  std::printf("[ info ] %s: worst abs error %.2e (outliers stored %llu, block full %llu)\n", what.c_str(), worst,
+              outlier_counts[0], outlier_counts[1]);
 }
 
 TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
@@ -241,6 +290,14 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   cases.push_back({"nuq4-1%", 4, true, false, true});    // 4 sinks, --exact-chunk
   for (const char* kv : {"fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) cases.push_back({kv});
   cases.push_back({"q4_0", 1, true, false, true});
+  // Page sizes: a stage of several pages (16, 32, 64) or one page of 256; 4 sinks start the page range
+  // mid-page; -0.5% leaves fewer slots than the random rows' outliers (blocks full).
+  cases.push_back({"nuq3-1%", 4, true, false, false, 32});
+  cases.push_back({"nuq4-1%", 1, true, false, false, 64});
+  cases.push_back({"int3-0.5%", 1, false, false, false, 64});
+  cases.push_back({"nuq2-1%", 4, true, true, false, 256});
+  cases.push_back({"kivi4", 1, true, false, false, 64});
+  cases.push_back({"fp8", 1, true, false, false, 256});
   uint32_t seed = 1;
   for (int head_dim : {64, 128}) {
     for (int group : {1, 3, 8}) {
@@ -249,61 +306,158 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   }
 }
 
+// The prefill kernel over quantized pages (with the split kernel for single rows, as the backend runs them):
+// chunks of 1 to 3 query tiles (128 rows) over 1 to 6 key tiles (128 keys), starting at position 0, mid-page
+// and past earlier pages; pages of 16, 64 and 256 rows (a band of up to 256 keys: 3 band tiles); every option.
+TEST(QuantizedAttention, PrefillKernelMatchesCpuTwin) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<FormatCase> cases;
+  for (const char* kv : {"int2", "int4", "nuq3", "nuq2-1%", "nuq4-1%", "fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) {
+    cases.push_back({kv});
+  }
+  cases.push_back({"nuq3-1%"});
+  cases.push_back({"nuq3-1%", 1, true, true, false});    // --kscale page
+  cases.push_back({"nuq3-1%", 1, false, false, false});  // --no-tail
+  cases.push_back({"nuq3-1%", 0, true, false, false});
+  cases.push_back({"nuq4-1%", 4, true, false, true});    // 4 sinks, --exact-chunk
+  cases.push_back({"q4_0", 1, true, false, true});
+  Shapes shapes;
+  shapes.earlier = {0, 100, 37, 300, 250, 0};
+  shapes.chunk = {300, 200, 1, 140, 5, 2};
+  shapes.prefill_kernel = true;
+  uint32_t seed = 1000;
+  for (int head_dim : {64, 128}) {
+    for (int group : {1, 3, 8}) {
+      for (size_t i = 0; i < cases.size(); ++i) {
+        const int pages[3] = {16, 64, 256};
+        FormatCase test = cases[i];
+        test.page = test.kv.rfind("kivi", 0) == 0 ? 32 * (1 + int(i + group) % 2) : pages[(i + group) % 3];
+        run_case(test, head_dim, group, seed++, shapes);
+      }
+    }
+  }
+}
+
+// What compute-sanitizer runs on the device (memcheck, racecheck): the prefill kernel over quantized pages with
+// page and band tiles, 3 query tiles and 5 or more key tiles (every K/V stage reused), both head_dims.
+TEST(QuantizedAttention, SanitizerQuantizedPrefillSmall) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Shapes shapes;
+  shapes.earlier = {300, 0};
+  shapes.chunk = {300, 140};
+  shapes.prefill_kernel = true;
+  run_case({"kivi2", 1, true, false, true, 64}, 64, 3, 8, shapes);
+  run_case({"nuq3-1%", 1, true, false, false, 64}, 128, 1, 9, shapes);
+}
+
+// ExactRule::split is the planner's clamp of KvCacheOptions::exact_from (host code, runs without a GPU), it
+// rises with the position, and a chunk's rows with a band are exactly those from max(chunk start, sinks) on
+// when the options have one (what the prefill kernel's tile plan assumes).
+TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
+  const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
+                                   {"nuq4-1%", 2, true, false, true}, {"nuq2", 0, true, false, false}, {"kivi2"},
+                                   {"kivi4", 1, true, false, true}, {"q4_0"}, {"fp8", 1, true, false, true}, {"fp16"}};
+  for (const FormatCase& test : cases) {
+    const KvCacheOptions options = options_for(test);
+    for (int page : {16, 64, 256}) {
+      const cuda::ExactRule rule = cuda::exact_rule(options, page);
+      for (int start : {0, 1, 5, 63, 64, 300, 1000}) {
+        int previous = 0;
+        int first_band = -1;
+        for (int pos = start; pos < start + 600; ++pos) {
+          const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
+          const int64_t expected = std::clamp<int64_t>(options.exact_from(pos, start, page), n_sinks, pos + 1);
+          const int split = rule.split(pos, start);
+          ASSERT_EQ(split, expected) << test.kv << " page " << page << " start " << start << " pos " << pos;
+          ASSERT_GE(split, previous) << test.kv << " pos " << pos;
+          previous = split;
+          if (rule.has_band(pos, start) && first_band < 0) first_band = pos;
+          if (first_band >= 0) {
+            ASSERT_TRUE(rule.has_band(pos, start)) << test.kv << " pos " << pos;  // rows with a band: a suffix
+          }
+        }
+        const bool any = test.tail || test.page_ranges || test.exact_chunk || options.format.native_exact_window() > 0;
+        const bool calibrated_only = !test.exact_chunk && options.format.native_exact_window() == 0;
+        if (any && !(calibrated_only && !options.format.calibrated())) {
+          EXPECT_EQ(first_band, std::max(start, options.effective_sinks())) << test.kv << " start " << start;
+        } else {
+          EXPECT_EQ(first_band, -1) << test.kv << " start " << start;
+        }
+      }
+    }
+  }
+}
+
+// A few cases for compute-sanitizer (memcheck, racecheck): the page kernel's stage barriers and outlier index
+// with stages of several pages (16), of two (64) and of one page (256), KIVI's 32-row key groups, exact splits.
+TEST(QuantizedAttention, SanitizerSmall) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  run_case({"nuq3-1%", 4, true, false, false, 16}, 64, 3, 101);
+  run_case({"nuq4-1%", 1, false, false, false, 64}, 128, 4, 102);
+  run_case({"nuq2-1%", 1, true, true, false, 256}, 64, 1, 103);
+  run_case({"kivi2"}, 128, 8, 104);
+}
+
 // The planner alone (host code, runs without a GPU): for every option set, each query row's splits cover
 // its keys 0..pos exactly once, in order, each split of one source by the CPU's rule, none longer than the
-// planned size; rows and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows.
+// planned size, page splits cut at page starts (only the first may start mid-page, after the sinks); rows
+// and combine entries line up; launches hold at most kQuantizedRowsPerLaunch rows. Pages of 16 to 256 rows.
 TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
   const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, false, false, false}, {"int4", 1, false, true, false},
                                    {"nuq4-1%", 2, true, false, true}, {"kivi2"}, {"q4_0"}, {"fp8", 1, true, false, true}};
-  for (const FormatCase& test : cases) {
-    const KvCacheOptions options = options_for(test);
-    const int page = 32;
-    // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
-    const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
-                                                      {5042, 3, 8190, 30}};
-    const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
-    const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
-    ASSERT_EQ(plans.size(), 2u) << test.kv;
-    size_t chunk = 0;
-    int32_t t = 0;
-    int64_t longest = 0;
-    for (const cuda::QuantizedAttentionPlan& plan : plans) {
-      ASSERT_LE(plan.rows.size(), size_t(cuda::kQuantizedRowsPerLaunch));
-      ASSERT_EQ(plan.rows.size(), plan.sources.size());
-      ASSERT_EQ(plan.rows.size(), plan.combine.size());
-      for (size_t r = 0; r < plan.rows.size(); ++r) {
-        while (t == chunks[chunk].n_tokens) ++chunk, t = 0;
-        const cuda::AttentionChunk& c = chunks[chunk];
-        const int64_t pos = int64_t{c.start_pos} + t;
-        ASSERT_EQ(plan.rows[r].first_row, c.first_row + t);
-        ASSERT_EQ(plan.rows[r].start_pos, pos);
-        ASSERT_EQ(plan.rows[r].page_offset, c.page_offset);
-        ASSERT_EQ(plan.sources[r].chunk_first_row, c.first_row);
-        ASSERT_EQ(plan.sources[r].chunk_start, c.start_pos);
-        ASSERT_EQ(plan.sources[r].slot, slots[chunk]);
-        const cuda::DecodeChunk& dc = plan.combine[r];
-        ASSERT_EQ(dc.chunk, int32_t(r));
-        ASSERT_GE(dc.n_splits, 1);
-        const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
-        const int64_t exact_from = std::max(options.exact_from(pos, c.start_pos, page), n_sinks);
-        int64_t next = 0;
-        for (int32_t k = 0; k < dc.n_splits; ++k) {
-          const cuda::QuantizedSplit& split = plan.splits[dc.split_begin + k];
-          ASSERT_EQ(split.row, int32_t(r));
-          ASSERT_EQ(split.key_begin, next) << test.kv << " pos " << pos;
-          ASSERT_LT(split.key_begin, split.key_end);
-          const bool exact = split.key_end <= n_sinks || split.key_begin >= exact_from;
-          const bool paged = split.key_begin >= n_sinks && split.key_end <= exact_from;
-          ASSERT_TRUE(exact != paged) << test.kv << " pos " << pos << ": split straddles a source boundary";
-          ASSERT_EQ(split.exact, exact ? 1 : 0) << test.kv << " pos " << pos;
-          longest = std::max<int64_t>(longest, split.key_end - split.key_begin);
-          next = split.key_end;
+  for (const int page : {16, 32, 64, 256}) {
+    for (const FormatCase& test : cases) {
+      const KvCacheOptions options = options_for(test);
+      // Chunks: (first_row, n_tokens, start_pos, page_offset); one of 5000 rows forces a second launch.
+      const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
+                                                        {5042, 3, 8190, 30}};
+      const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
+      const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
+      ASSERT_EQ(plans.size(), 2u) << test.kv;
+      size_t chunk = 0;
+      int32_t t = 0;
+      int64_t longest = 0;
+      for (const cuda::QuantizedAttentionPlan& plan : plans) {
+        ASSERT_LE(plan.rows.size(), size_t(cuda::kQuantizedRowsPerLaunch));
+        ASSERT_EQ(plan.rows.size(), plan.sources.size());
+        ASSERT_EQ(plan.rows.size(), plan.combine.size());
+        for (size_t r = 0; r < plan.rows.size(); ++r) {
+          while (t == chunks[chunk].n_tokens) ++chunk, t = 0;
+          const cuda::AttentionChunk& c = chunks[chunk];
+          const int64_t pos = int64_t{c.start_pos} + t;
+          ASSERT_EQ(plan.rows[r].first_row, c.first_row + t);
+          ASSERT_EQ(plan.rows[r].start_pos, pos);
+          ASSERT_EQ(plan.rows[r].page_offset, c.page_offset);
+          ASSERT_EQ(plan.sources[r].chunk_first_row, c.first_row);
+          ASSERT_EQ(plan.sources[r].chunk_start, c.start_pos);
+          ASSERT_EQ(plan.sources[r].slot, slots[chunk]);
+          const cuda::DecodeChunk& dc = plan.combine[r];
+          ASSERT_EQ(dc.chunk, int32_t(r));
+          ASSERT_GE(dc.n_splits, 1);
+          const int64_t n_sinks = std::min<int64_t>(options.effective_sinks(), pos + 1);
+          const int64_t exact_from = std::max(options.exact_from(pos, c.start_pos, page), n_sinks);
+          int64_t next = 0;
+          for (int32_t k = 0; k < dc.n_splits; ++k) {
+            const cuda::QuantizedSplit& split = plan.splits[dc.split_begin + k];
+            ASSERT_EQ(split.row, int32_t(r));
+            ASSERT_EQ(split.key_begin, next) << test.kv << " pos " << pos;
+            ASSERT_LT(split.key_begin, split.key_end);
+            const bool exact = split.key_end <= n_sinks || split.key_begin >= exact_from;
+            const bool paged = split.key_begin >= n_sinks && split.key_end <= exact_from;
+            ASSERT_TRUE(exact != paged) << test.kv << " pos " << pos << ": split straddles a source boundary";
+            ASSERT_EQ(split.exact, exact ? 1 : 0) << test.kv << " pos " << pos;
+            if (paged && split.key_begin != n_sinks) {
+              ASSERT_EQ(split.key_begin % page, 0) << test.kv << " pos " << pos;
+            }
+            longest = std::max<int64_t>(longest, split.key_end - split.key_begin);
+            next = split.key_end;
+          }
+          ASSERT_EQ(next, pos + 1) << test.kv << " pos " << pos;
+          ++t;
         }
-        ASSERT_EQ(next, pos + 1) << test.kv << " pos " << pos;
-        ++t;
       }
+      EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
     }
-    EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
   }
 }
 

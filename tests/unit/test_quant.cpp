@@ -127,7 +127,7 @@ struct CodecFixture {
   CodecFixture() : rows(kPage * kHeadDim), key_lo(kHeadDim), key_hi(kHeadDim) {
     std::mt19937 rng(4);
     std::normal_distribution<float> dist(0.0f, 1.0f);
-    for (float& v : rows) v = fp16_to_fp32(fp32_to_fp16(dist(rng)));
+    for (float& v : rows) v = round_to_fp16(dist(rng));
     rows[5 * kHeadDim + 7] = 25.0f;    // outliers
     rows[40 * kHeadDim + 63] = -30.0f;
     // ~0.3% of N(0, 1) lies outside +-3: within the 1% slots, so every outlier is kept.
@@ -243,7 +243,7 @@ TEST(PageCodec, OutlierSlotsRoundTripExactlyAndOverflowIsCounted) {
   int exact = 0, clamped = 0;
   for (int i = 0; i < n * hd; ++i) {
     if (rows[i] < 2) continue;
-    if (out[i] == fp16_to_fp32(fp32_to_fp16(rows[i]))) ++exact;
+    if (out[i] == round_to_fp16(rows[i])) ++exact;
     else if (out[i] == 1.0f) ++clamped;
   }
   EXPECT_EQ(exact, 41);

@@ -1,0 +1,145 @@
+// The load stage of the prefill attention kernel over quantized pages: the
+// quantized twin of Fp16PageProducer (kv_page_loader.cuh), same thread layout
+// and interface, filling the same swizzled fp16 tiles.
+//
+// A tile is a page tile (keys read from the pages, sinks from the exact rows)
+// or a band tile (every key read exactly: this step's rows of the chunk, or the
+// sequence's exact-row store before the chunk), quantized_prefill.h. Each thread
+// decodes its 8-element chunks straight from global memory (codes, row and group
+// parameters are per block contiguous and L2-resident while the block's query
+// tiles pass; no shared staging, for which head_dim 128 has no room), puts the
+// row's outliers back (bisection over the block's slots), rotates pre-RoPE keys
+// at their positions in fp32 as the CPU rotates its decoded keys, and stores
+// fp16. So issue_*() do all the work with ordinary loads and stores and
+// finish_keys() has nothing left: the kernel's fence.proxy.async before each
+// full barrier's arrival publishes the stores to wgmma as it does the rotated
+// fp16 keys. Keys outside the tile's range are zero (never garbage from pages
+// the step has not written: zero keys and values are masked and add nothing).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/decode_partials.cuh"
+#include "cuda/kv_dequant.cuh"
+#include "cuda/kv_page_loader.cuh"
+#include "cuda/quantized_prefill.h"
+
+namespace kvq::cuda {
+
+// kBits: bits_bucket of the layouts (the packed schemes' bits; 4 for the others, which ignore it).
+template <int D, int kRows, int kThreads, int kBits>
+struct QuantizedPageProducer {
+  static constexpr bool kQuantized = true;
+  using Source = QuantizedPrefillSource;
+  static constexpr int kChunksPerRow = D / 8;
+  static constexpr int kRowStep = kThreads / kChunksPerRow;
+  static constexpr int kRowsPerThread = kRows / kRowStep;
+  static_assert(kThreads % 32 == 0 && kRows % kRowStep == 0, "every thread owns the same rows");
+  static constexpr int kTableEntries = 0;  // no shared row table: each thread looks up its own rows
+
+  struct Pending {};
+
+  int column;      // the thread's column chunk
+  int first_row;   // its first row in the tile
+  int kv_head;
+  ExactSource exact;     // where the chunk's exactly read keys and values are
+  const int32_t* pages;  // the sequence's page indices
+
+  __device__ QuantizedPageProducer(const Source& source, int kv_head, const AttentionChunk& chunk, int chunk_index,
+                                   int thread)
+      : column(thread % kChunksPerRow),
+        first_row(thread / kChunksPerRow),
+        kv_head(kv_head),
+        exact{chunk.first_row, chunk.start_pos, source.chunk_slots[chunk_index]},
+        pages(source.kv.page_table + chunk.page_offset) {}
+
+  __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
+
+  __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
+    fill(source, range, KvKind::key, sK);
+    return {};
+  }
+  __device__ void issue_values(const Source& source, const KeyRange& range, __half* sV) const {
+    fill(source, range, KvKind::value, sV);
+  }
+  __device__ void finish_keys(const Pending&, __half*) const {}
+
+ private:
+  __device__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
+    const QuantizedPagedKv& kv = source.kv;
+    const int c0 = column * 8;
+    // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
+    // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
+    // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
+    // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A hint:
+    // no effect on the result.
+#pragma unroll 4
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int pos = range.k0 + first_row + j * kRowStep;
+      if (pos >= range.end) break;
+      if (range.exact || pos < source.rule.sinks) continue;
+      const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+      int page_row;
+      const uint8_t* block = page_block(kv, kind, pos, page_row);
+      prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
+      if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
+    }
+#pragma unroll 2
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = first_row + j * kRowStep;
+      const int pos = range.k0 + r;
+      float x[8];
+      if (pos >= range.end) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+      } else if (range.exact || pos < source.rule.sinks) {
+        const __half* row = exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos);
+        half8_to_float(*reinterpret_cast<const uint4*>(row + c0), x);
+      } else {
+        decode_page_chunk(kv, kind, pos, c0, x);
+      }
+      if (kind == KvKind::key && kv.rotate_keys && pos < range.end) rotate(kv, pos, x);
+      uint4 packed;
+      __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = packed;
+    }
+  }
+
+  // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
+  __device__ const uint8_t* page_block(const QuantizedPagedKv& kv, KvKind kind, int pos, int& page_row) const {
+    const bool key = kind == KvKind::key;
+    const PageBlockLayout& layout = key ? kv.key_layout : kv.value_layout;
+    const int page_size = layout.page_size;
+    const int32_t page = __ldg(pages + pos / page_size);
+    page_row = pos - (pos / page_size) * page_size;
+    const int64_t key_blocks = int64_t{kv.n_kv_heads} * kv.key_layout.block_bytes;
+    const int64_t page_bytes = key_blocks + int64_t{kv.n_kv_heads} * kv.value_layout.block_bytes;
+    return kv.pool + page * page_bytes + (key ? 0 : key_blocks) + int64_t{kv_head} * layout.block_bytes;
+  }
+
+  __device__ void decode_page_chunk(const QuantizedPagedKv& kv, KvKind kind, int pos, int c0, float (&x)[8]) const {
+    const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+    int page_row;
+    const uint8_t* block = page_block(kv, kind, pos, page_row);
+    decode_chunk8<kBits>(layout, block, page_row, c0, block_calibration(kv.calib, layout, kv_head), x);
+    if (layout.outlier_capacity > 0) apply_row_outliers(layout, block, page_row, c0, x);
+  }
+
+  __device__ static void prefetch_l1(const void* global) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(global));
+  }
+
+  // RoPE at pos on the thread's 4 pairs, fp32 (as the CPU rotates its decoded keys).
+  __device__ void rotate(const QuantizedPagedKv& kv, int pos, float (&x)[8]) const {
+    const float4* angles = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(pos) * (D / 2) + column * 4);
+    const float4 a = __ldg(angles), b = __ldg(angles + 1);
+    const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
+    rotate8(cs, x);
+  }
+};
+
+}  // namespace kvq::cuda

@@ -1,0 +1,71 @@
+// Prefill attention over quantized pages on the warp-specialized wgmma kernel
+// (prefill_attention.cu, with quantized_page_producer.cuh as its load stage).
+//
+// A query at position q reads key p exactly iff p < sinks or p >= exact_from(q)
+// (KvCacheOptions::exact_from, the CPU's rule), from the pages otherwise. With
+// split(q) the planner's clamp of exact_from(q) to [min(sinks, q + 1), q + 1]:
+//   page keys:  p < split(q)        (sinks among them read exactly),
+//   band keys:  split(q) <= p <= q  (read exactly; empty when split(q) = q + 1).
+// A block of query rows walks its page tiles (keys [0, split(last row))) and
+// then its band tiles (keys [split(first row with a band), last row]) in one
+// online softmax: each tile is masked per row by the set it belongs to, so no
+// second pass and no merge. The band is at most a page (tail, --kscale page),
+// 128 keys (kivi) or the chunk (--exact-chunk, whose page tiles then stop at
+// the chunk's start), so it costs about one tile per block.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/cpu_backend.h"
+#include "cuda/attention.h"
+#include "cuda/quantized_attention.h"
+
+namespace kvq::cuda {
+
+// KvCacheOptions::exact_from as data a kernel evaluates.
+struct ExactRule {
+  int32_t sinks;          // effective sinks
+  int32_t native_window;  // 0, or the format's newest keys read exactly (kivi: 128)
+  int32_t page_align;     // 0, or the page size (calibrated formats with --tail or --kscale page)
+  int32_t exact_chunk;    // 1: a chunk's own keys are read exactly
+
+  // The first key the query at `pos` (of a chunk starting at chunk_start) reads in its band; pos + 1 when
+  // it has none. Keys below it come from the pages (sinks exactly).
+  __host__ __device__ int split(int pos, int chunk_start) const {
+    int from = pos + 1;
+    if (native_window > 0) from = min_(from, pos + 1 - native_window);
+    if (page_align > 0) from = min_(from, pos / page_align * page_align);
+    if (exact_chunk) from = min_(from, chunk_start);
+    const int n_sinks = min_(sinks, pos + 1);
+    return max_(max_(from, 0), n_sinks);  // never above pos + 1: every term above is at most pos + 1
+  }
+  __host__ __device__ bool has_band(int pos, int chunk_start) const { return split(pos, chunk_start) <= pos; }
+
+ private:
+  __host__ __device__ static int min_(int a, int b) { return a < b ? a : b; }
+  __host__ __device__ static int max_(int a, int b) { return a > b ? a : b; }
+};
+
+ExactRule exact_rule(const KvCacheOptions& options, int page_size);
+
+// What the quantized prefill kernel reads: the layer's pages and exact rows, the rule, and each chunk's slot
+// in the exact-row store.
+struct QuantizedPrefillSource {
+  QuantizedPagedKv kv;
+  ExactRule rule;
+  const int32_t* chunk_slots;  // (chunks) store slot of each chunk's sequence
+};
+
+// head_dim 64 or 128, keys and values of the same bits bucket.
+bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
+
+// The step's prefill rows (work as plan_prefill plans it; chunks, work and source.chunk_slots device arrays)
+// into query.out.
+void launch_quantized_prefill_attention(const AttentionQuery& query, const QuantizedPrefillSource& source,
+                                        const AttentionChunk* chunks, const PrefillWork* work, int32_t n_work,
+                                        cudaStream_t stream);
+
+}  // namespace kvq::cuda
