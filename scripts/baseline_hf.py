@@ -135,8 +135,9 @@ def measure_point(model, preset, length, batch, args, energy, generator):
     decode_tokens = batch * (args.gen - 1)
     point["prompt_tokens"] = prompt_tokens
     point["prompt_lengths"] = lengths
-    if length > config["max_position_embeddings"]:
-        point["status"] = f"prompt length {length} exceeds the model's context of {config['max_position_embeddings']}"
+    if length + args.gen - 1 > config["max_position_embeddings"]:  # as kvq bench: the last token is not fed back
+        point["status"] = (f"prompt length {length} + {args.gen} generated tokens exceeds the model's context of "
+                           f"{config['max_position_embeddings']}")
         return point
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

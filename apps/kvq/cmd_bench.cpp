@@ -268,6 +268,14 @@ CommonOptions with_pool_pages(const CommonOptions& o, int64_t pages, int64_t pag
   return sized;
 }
 
+// Why a prompt of `length` tokens cannot run --gen tokens in the model's context (the last generated token is
+// never fed back), or "" when it can; a generation cut short would report no decode speed at all.
+std::string context_error(const Bench& x, int32_t length) {
+  if (int64_t{length} + x.b.gen - 1 <= x.config.context) return {};
+  return fmt::format("prompt length {} + {} generated tokens exceeds the model's context of {}", length, x.b.gen,
+                     x.config.context);
+}
+
 // One point of the sweep, on its own backend.
 nlohmann::json sweep_point(const Bench& x, const std::string& kv, const std::optional<KvSizing>& sizing,
                            const std::string& format_error, int32_t length, int32_t batch, std::mt19937_64& rng) {
@@ -278,8 +286,8 @@ nlohmann::json sweep_point(const Bench& x, const std::string& kv, const std::opt
     point["status"] = format_error;
     return point;
   }
-  if (length > x.config.context) {
-    point["status"] = fmt::format("prompt length {} exceeds the model's context of {}", length, x.config.context);
+  if (const std::string why = context_error(x, length); !why.empty()) {
+    point["status"] = why;
     return point;
   }
   const int64_t pages = pages_for_batch(lengths, x.b.gen, x.o.page, x.config.context);
@@ -309,6 +317,7 @@ nlohmann::json sweep_point(const Bench& x, const std::string& kv, const std::opt
 // is always the first b of them and a larger batch never needs less.
 std::vector<nlohmann::json> capacity_points(const Bench& x, const std::string& kv, const KvSizing& sizing,
                                             int32_t length, std::mt19937_64& rng) {
+  if (const std::string why = context_error(x, length); !why.empty()) fail("{}", why);
   const int64_t budget_bytes = static_cast<int64_t>(x.b.mem_budget_gib * kGib);
   const int64_t pages_per_sequence_min = pages_for_batch({std::max(1, x.b.ragged ? length / 4 : length)}, x.b.gen,
                                                          x.o.page, x.config.context);

@@ -71,6 +71,17 @@ def test_point_that_does_not_fit_is_oom_and_the_sweep_goes_on(kvq, model_path, r
     assert [row["status"] for row in rows] == ["oom", "ok"]
 
 
+def test_generation_past_the_context_is_refused_per_point(kvq, model_path, repo_root, tmp_path):
+    # SmolLM2's context is 8192: 8192 + 2 generated tokens need 8193 positions, 8191 + 2 fit (the last token is
+    # never fed back). The refused point says why; the sweep goes on (nothing is run for it).
+    _, report, _ = bench(kvq, model_path, repo_root, tmp_path, "context", "--prompt-len", "8192", "--gen", 2)
+    (point,) = report["results"]
+    assert point["status"] == "prompt length 8192 + 2 generated tokens exceeds the model's context of 8192"
+    _, report, _ = bench(kvq, model_path, repo_root, tmp_path, "capacity-context", "--prompt-len", "8192", "--gen", 2,
+                         "--mem-budget", 1)
+    assert [r["status"] for r in report["results"]] == [point["status"]]
+
+
 def test_capacity_mode_runs_the_largest_batch_and_the_next_is_oom(kvq, model_path, repo_root, tmp_path):
     # 3.5 fp16 pages: three 32-token sequences (+3 fed back: one page each) fit, a fourth does not.
     budget_bytes = 3.5 * FP16_PAGE_BYTES
