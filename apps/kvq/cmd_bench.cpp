@@ -41,6 +41,7 @@ struct BenchOptions {
   bool ragged = false;
   std::string dummy;  // preset name: random weights of its shapes instead of -m
   int repeats = 3;
+  int warmup = 1;
   uint64_t seed = 0;
   double mem_budget_gib = 0;  // > 0: capacity mode
   double energy_window_s = 5;
@@ -132,7 +133,7 @@ void add_cpu_gemm_ceiling(const Bench& x, const std::vector<GenerationRequest>& 
                 {"prefill_over_gemm_only", prefill_s / gemm_s}});
 }
 
-// Measures one point on a runtime whose pool holds it: a warm-up, then
+// Measures one point on a runtime whose pool holds it: --warmup runs, then
 // repetitions of the whole generation (at least --repeats, and with energy
 // until the window lasts --energy-window seconds); medians of the timings,
 // energy over the window. With energy, a second window of prefill alone
@@ -146,7 +147,7 @@ void measure_point(const Bench& x, Runtime& runtime, const std::vector<Generatio
   auto read_energy = [&]() -> std::optional<uint64_t> { return energy ? x.meter->total_energy_mj() : std::nullopt; };
 
   GenerationStats stats;
-  generate_once(x, runtime, requests, nullptr);  // warm-up
+  for (int i = 0; i < x.b.warmup; ++i) generate_once(x, runtime, requests, nullptr);
   std::vector<double> prefill_s, decode_s, ttft_s;
   const EnergyWindow full = measure_energy_window(
       [&] {
@@ -416,7 +417,7 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
   report.set_model(model ? o.model : "dummy:" + b.dummy);
   report.settings() = {
       {"prompt_len", b.prompt_lengths}, {"batch", b.batches}, {"gen", b.gen}, {"ragged", b.ragged},
-      {"repeats", b.repeats}, {"seed", b.seed}, {"page", o.page}, {"chunk", o.chunk}, {"sinks", o.sinks},
+      {"repeats", b.repeats}, {"warmup", b.warmup}, {"seed", b.seed}, {"page", o.page}, {"chunk", o.chunk}, {"sinks", o.sinks},
       {"tail", o.tail}, {"kscale", o.kscale}, {"exact_chunk", o.exact_chunk}, {"pool_gib", o.pool_gib},
       {"threads", omp_get_max_threads()}, {"mem_budget_gib", b.mem_budget_gib},
       {"energy_window_s", b.energy_window_s}, {"energy_status", x.energy_status},
@@ -500,8 +501,12 @@ Command add_bench_command(CLI::App& app, CommonOptions& common) {
   cmd->add_flag("--ragged", options->ragged, "prompt lengths uniform in [L/4, L]");
   cmd->add_option("--dummy", options->dummy,
                   "random weights of a preset's shapes: " + fmt::format("{}", fmt::join(dummy_preset_names(), ", ")));
-  cmd->add_option("--repeats", options->repeats, "timed repetitions after one warm-up at least (median reported)")
+  cmd->add_option("--repeats", options->repeats, "timed repetitions after the warm-up at least (median reported)")
       ->check(CLI::Range(1, 1000))->capture_default_str();
+  cmd->add_option("--warmup", options->warmup,
+                  "untimed runs of each point first (0: a point too long to run twice, timed cold)")
+      ->check(CLI::Range(0, 100))
+      ->capture_default_str();
   cmd->add_option("--seed", options->seed, "seed of the random prompts")->capture_default_str();
   cmd->add_option("--mem-budget", options->mem_budget_gib,
                   "capacity mode: the largest batch per format and length whose KV fits this many GiB")
