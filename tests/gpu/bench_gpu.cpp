@@ -313,25 +313,11 @@ struct QuantizedPages {
         page_bytes(int64_t{n_kv} * (key_layout.block_bytes + value_layout.block_bytes)),
         pool(size_t(tables.n_pages()) * page_bytes) {
     const int kv_dim = n_kv * D;
-    std::vector<int32_t> ids(context, 0);
-    StepBatch writes_batch;
-    for (int s = 0; s < batch; ++s) writes_batch.add_chunk(s, 0, ids.data(), context, false);
     const uint16_t* base = reinterpret_cast<const uint16_t*>(rows);
-    auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
-      return base + (size_t(chunk.seq) * context + pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
-    };
-    auto block_offset = [&](KvKind kind, int32_t pg, int h) -> int64_t {
-      return pg * page_bytes + (kind == KvKind::key ? h * int64_t{key_layout.block_bytes}
-                                                    : n_kv * int64_t{key_layout.block_bytes} + h * int64_t{value_layout.block_bytes});
-    };
-    const cuda::KvWritePlan writes = cuda::plan_kv_writes(writes_batch, tables, key_layout, value_layout, n_kv,
-                                                          options.effective_sinks(), source, block_offset);
-    CUDA_CHECK(cudaMemset(pool.get(), 0, pool.size()));
-    DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
-    DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
-    DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
-    cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
-                             int32_t(writes.runs.size()), d_rows.get(), counts.get(), nullptr);
+    quantize_rows_into_pool(pool.get(), pool.size(), std::vector<int>(batch, context), tables, key_layout, value_layout,
+                            n_kv, D, options.effective_sinks(), device_calib.layer(0), [&](int s, int64_t pos) {
+                              return base + (size_t(s) * context + pos) * 2 * kv_dim;
+                            });
     CUDA_CHECK(cudaDeviceSynchronize());
   }
   TestCalibration calib;

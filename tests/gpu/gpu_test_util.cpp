@@ -7,6 +7,7 @@
 #include "core/dtypes.h"
 #include "cpu/llama_ops.h"
 #include "cuda/device.h"
+#include "engine/step_batch.h"
 #include "kv/kv_format.h"
 
 namespace kvq::gputest {
@@ -118,6 +119,35 @@ KvCacheOptions options_for(const FormatCase& test) {
   options.per_page_key_ranges = test.page_ranges;
   options.exact_chunk = test.exact_chunk;
   return options;
+}
+
+std::array<unsigned long long, 2> quantize_rows_into_pool(
+    uint8_t* pool, size_t pool_bytes, const std::vector<int>& lengths, const PageTables& tables,
+    const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim,
+    int sinks, const cuda::DeviceLayerCalibration& calib, const std::function<const uint16_t*(int, int64_t)>& row) {
+  const int kv_dim = n_kv_heads * head_dim;
+  const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
+  std::vector<int32_t> ids(*std::max_element(lengths.begin(), lengths.end()), 0);
+  StepBatch batch;
+  for (int s = 0; s < int(lengths.size()); ++s) batch.add_chunk(s, 0, ids.data(), lengths[s], false);
+  auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
+    return row(chunk.seq, pos) + static_cast<int>(kind) * kv_dim + h * head_dim;
+  };
+  auto block_offset = [&](KvKind kind, int32_t page, int h) -> int64_t {
+    return page * page_bytes + (kind == KvKind::key ? h * int64_t{key_layout.block_bytes}
+                                                    : n_kv_heads * int64_t{key_layout.block_bytes} +
+                                                          h * int64_t{value_layout.block_bytes});
+  };
+  const cuda::KvWritePlan writes =
+      cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+  CUDA_CHECK(cudaMemset(pool, 0, pool_bytes));
+  DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
+  DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
+  DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
+  cuda::launch_kv_quantize(pool, key_layout, value_layout, calib, d_runs.get(), int32_t(writes.runs.size()),
+                           d_rows.get(), d_counts.get(), nullptr);
+  const std::vector<unsigned long long> counts = d_counts.download();
+  return {counts[0], counts[1]};
 }
 
 }  // namespace kvq::gputest

@@ -5,7 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -15,6 +17,8 @@
 #include "cpu/cpu_backend.h"
 #include "cpu/llama_ops.h"
 #include "cuda/cuda_check.h"
+#include "cuda/kv_quantize.h"
+#include "kv/page_tables.h"
 #include "model/llama.h"
 
 namespace kvq::gputest {
@@ -100,5 +104,14 @@ struct FormatCase {
 };
 // The case's KvCacheOptions (no calibration attached).
 KvCacheOptions options_for(const FormatCase& test);
+
+// Writes rows 0..lengths[s]-1 of every sequence s (one chunk each, from position 0) into `pool` (zeroed first)
+// with one launch_kv_quantize, as a prefill step of that batch would: the pages of `tables`, blocks laid out per
+// page as n_kv_heads key blocks then n_kv_heads value blocks. row(s, pos): that row's (2, n_kv_heads * head_dim)
+// fp16 keys and values on the device. Returns the outlier counts {stored, found their block full}.
+std::array<unsigned long long, 2> quantize_rows_into_pool(
+    uint8_t* pool, size_t pool_bytes, const std::vector<int>& lengths, const PageTables& tables,
+    const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim,
+    int sinks, const cuda::DeviceLayerCalibration& calib, const std::function<const uint16_t*(int, int64_t)>& row);
 
 }  // namespace kvq::gputest

@@ -103,27 +103,15 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     all_rows.insert(all_rows.end(), kv_rows[s].begin(), kv_rows[s].end());
   }
   DeviceArray<uint16_t> d_all_rows(all_rows);
-  std::vector<int32_t> ids(longest, 0);
-  StepBatch write_batch;
-  for (int s = 0; s < n_seqs; ++s) write_batch.add_chunk(s, 0, ids.data(), earlier[s] + chunk[s], false);
-  auto source = [&](const SequenceChunk& c, int64_t pos, KvKind kind, int h) -> const uint16_t* {
-    return d_all_rows.get() + seq_offset[c.seq] + size_t(pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
-  };
-  auto block_offset = [&](KvKind kind, int32_t p, int h) -> int64_t {
-    return p * page_bytes + (kind == KvKind::key ? h * int64_t{key_layout.block_bytes}
-                                                 : n_kv_heads * int64_t{key_layout.block_bytes} + h * int64_t{value_layout.block_bytes});
-  };
-  const cuda::KvWritePlan writes =
-      cuda::plan_kv_writes(write_batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+  std::vector<int> lengths(n_seqs);
+  for (int s = 0; s < n_seqs; ++s) lengths[s] = earlier[s] + chunk[s];
   DeviceArray<uint8_t> d_pool(size_t(n_pages) * page_bytes);
-  CUDA_CHECK(cudaMemset(d_pool.get(), 0, d_pool.size()));
-  DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
-  DeviceArray<cuda::KvWriteRow> d_write_rows(writes.rows);
-  DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
-  cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
-                           int32_t(writes.runs.size()), d_write_rows.get(), d_counts.get(), nullptr);
+  const std::array<unsigned long long, 2> outlier_counts =  // stored, found their block full
+      quantize_rows_into_pool(d_pool.get(), d_pool.size(), lengths, tables, key_layout, value_layout, n_kv_heads, D,
+                              sinks, device_calib.layer(0), [&](int s, int64_t pos) {
+                                return d_all_rows.get() + seq_offset[s] + size_t(pos) * 2 * kv_dim;
+                              });
   const std::vector<uint8_t> pool = d_pool.download();
-  const std::vector<unsigned long long> outlier_counts = d_counts.download();  // stored, found their block full
 
   // Exact-row store: sinks and the ring of the newest `window` rows before each chunk.
   const int per_head = sinks + window;
