@@ -63,11 +63,17 @@ void add_common(CLI::App& cmd, CommonOptions& o) {
   cmd.add_option("--csv", o.csv_path, "write results as CSV");
 }
 
+std::vector<std::string> split_commas(const std::string& list) {
+  std::vector<std::string> items;
+  std::stringstream stream(list);
+  for (std::string item; std::getline(stream, item, ',');) items.push_back(item);
+  return items;
+}
+
 std::vector<std::string> parse_kv_formats(const std::string& list) {
   std::vector<std::string> formats;
-  std::stringstream stream(list);
-  for (std::string name; std::getline(stream, name, ',');) {
-    parse_kv_format(name);  // refuses unknown names before any work starts
+  for (const std::string& name : split_commas(list)) {
+    parse_kv_format(name);  // refuses unknown names, the empty one too, before any work starts
     formats.push_back(name);
   }
   if (formats.empty()) throw UsageError("--kv needs at least one format");

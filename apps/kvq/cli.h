@@ -60,6 +60,8 @@ Command add_eval_command(CLI::App& app, CommonOptions& common);
 void add_common(CLI::App& cmd, CommonOptions& o);
 // The names of a comma-separated --kv list, each checked.
 std::vector<std::string> parse_kv_formats(const std::string& list);
+// The items of a comma-separated option value, empty ones included (each parser says what an empty item means).
+std::vector<std::string> split_commas(const std::string& list);
 void apply_threads(const CommonOptions& o);
 // "cpu" or "cuda": --device, or cuda when this build has CUDA and sees a GPU.
 std::string resolve_device(const CommonOptions& o);

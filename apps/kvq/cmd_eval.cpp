@@ -8,7 +8,6 @@
 #include <chrono>
 #include <map>
 #include <optional>
-#include <sstream>
 
 #include <fmt/format.h>
 
@@ -38,23 +37,16 @@ struct EvalOptions {
   std::string text = "data/evaluation.txt";
 };
 
-std::vector<std::string> split_list(const std::string& list) {
-  std::vector<std::string> items;
-  std::stringstream stream(list);
-  for (std::string item; std::getline(stream, item, ',');) {
-    if (!item.empty()) items.push_back(item);
-  }
-  return items;
-}
-
 // --task: names checked, "ruler" expanded to its 11 tasks, duplicates dropped.
 std::vector<std::string> parse_tasks(const std::string& list) {
   std::vector<std::string> tasks;
   auto add = [&](const std::string& name) {
     if (std::find(tasks.begin(), tasks.end(), name) == tasks.end()) tasks.push_back(name);
   };
-  for (const std::string& name : split_list(list)) {
-    if (name == "ruler") {
+  for (const std::string& name : split_commas(list)) {
+    if (name.empty()) {
+      continue;  // "passkey," or "passkey,,kl"
+    } else if (name == "ruler") {
       for (const std::string& task : ruler_task_names()) add(task);
     } else if (name == "passkey" || name == "kl" || is_ruler_task(name)) {
       add(name);
@@ -71,7 +63,8 @@ std::vector<std::string> parse_tasks(const std::string& list) {
 // --lengths: tokens, "4096" or "4K" (x1024).
 std::vector<int32_t> parse_lengths(const std::string& list) {
   std::vector<int32_t> lengths;
-  for (const std::string& item : split_list(list)) {
+  for (const std::string& item : split_commas(list)) {
+    if (item.empty()) continue;
     std::string digits = item;
     int64_t scale = 1;
     if (digits.back() == 'K' || digits.back() == 'k') {
