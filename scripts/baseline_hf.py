@@ -267,6 +267,8 @@ def main():
     args = p.parse_args()
     if args.gen < 1:
         p.error("--gen must be at least 1")
+    if args.lengths_from and not args.ragged:
+        p.error("--lengths-from gives ragged batches' lengths: it needs --ragged")
     args.kvq_lengths = ragged_lengths(args.lengths_from) if args.lengths_from else {}
 
     import torch
