@@ -218,6 +218,14 @@ def git_commit():
         return "unknown"
 
 
+def write_json(path, report, results):
+    """The report with the results so far, replacing the file whole (written beside it, then renamed)."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(dict(report, results=results), f, indent=2)
+    os.replace(partial, path)
+
+
 def write_csv(path, results):
     columns = []
     for row in results:
@@ -297,6 +305,9 @@ def main():
     print(f"{'kv':<8} {'prompt':>6} {'batch':>5} {'gen':>4} {'prefill_s':>9} {'prefill t/s':>11} {'decode t/s':>10} "
           f"{'peak GiB':>8} {'J/token':>9} {'W':>5}  status", flush=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    report = dict(command="baseline_hf", argv=sys.argv, kvq_version=None, git_commit=git_commit(),
+                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(), device=props.name,
+                  model=f"dummy:{args.dummy}", settings=settings)
     results = []
     for length in settings["prompt_len"]:
         for batch in settings["batch"]:
@@ -311,12 +322,10 @@ def main():
                   f"{fmt('prefill_tok_s', '.1f'):>11} {fmt('decode_tok_s', '.1f'):>10} "
                   f"{(format(peak / 2**30, '.2f') if peak else '-'):>8} {fmt('energy_j_per_token', '.4g'):>9} "
                   f"{fmt('avg_watts', '.0f'):>5}  {point['status']}", flush=True)
-    report = dict(command="baseline_hf", argv=sys.argv, kvq_version=None, git_commit=git_commit(),
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(), device=props.name,
-                  model=f"dummy:{args.dummy}", settings=settings, results=results)
+            if args.json:  # after every point, as kvq bench does: a run stopped part-way keeps what it measured
+                write_json(args.json, report, results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report, results)
     if args.csv:
         write_csv(args.csv, results)
 

@@ -459,6 +459,7 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
           points.push_back(sweep_point(x, kv, sizing, format_error, length, batch, rng));
           print_row(points.back(), on_cpu);
           report.add_result(points.back());
+          report.write(o.json_path);  // what is measured survives a run stopped part-way
           bar.update(++done, total_points);
         }
         continue;
@@ -467,6 +468,7 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
         if (point.contains("batch")) print_row(point, on_cpu);
         report.add_result(point);
       }
+      report.write(o.json_path);
       bar.update(++done, total_points);
     }
   }

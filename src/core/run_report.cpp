@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdio>
 #include <ctime>
 #include <fstream>
 
@@ -33,10 +34,16 @@ nlohmann::json RunReport::to_json() const {
 
 void RunReport::write(const std::string& path) const {
   if (path.empty()) return;
-  std::ofstream out(path);
-  if (!out) fail("--json: cannot write '{}'", path);
-  out << to_json().dump(2) << '\n';
-  if (!out) fail("--json: writing '{}' failed", path);
+  // Written beside the file and renamed over it, so a reader (or a run killed mid-write) sees the old or the new
+  // object whole.
+  const std::string partial = path + ".partial";
+  {
+    std::ofstream out(partial);
+    if (!out) fail("--json: cannot write '{}'", partial);
+    out << to_json().dump(2) << '\n';
+    if (!out.flush()) fail("--json: writing '{}' failed", partial);
+  }
+  if (std::rename(partial.c_str(), path.c_str()) != 0) fail("--json: cannot rename '{}' to '{}'", partial, path);
 }
 
 }  // namespace kvq

@@ -20,7 +20,8 @@ class RunReport {
   nlohmann::json& settings() { return settings_; }
   void add_result(nlohmann::json result) { results_.push_back(std::move(result)); }
   nlohmann::json to_json() const;
-  // Writes the object to `path` (nothing when path is empty); throws on I/O failure.
+  // Writes the object to `path` (nothing when path is empty), replacing the file whole; throws on I/O failure.
+  // Long commands call it after each result too, so a run stopped part-way keeps what it measured.
   void write(const std::string& path) const;
 
  private:
