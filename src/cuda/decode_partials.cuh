@@ -77,34 +77,60 @@ __device__ __forceinline__ void init_running_softmax(float (&m)[kMaxGroup], floa
   }
 }
 
-// One key of a lane group (kLanes lanes, 8 dims each) into the running max m (log2 units), sum l and
-// weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads h >= group only pad
-// kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must call it (the score
-// is summed by shuffles); an invalid key (valid false, k and v finite) changes nothing. m starts at -inf.
-template <int kLanes, int kMaxGroup>
-__device__ __forceinline__ void accumulate_key(const float (&q)[kMaxGroup][8], const float (&k)[8], const float (&v)[8],
-                                               bool valid, int group, float (&m)[kMaxGroup], float (&l)[kMaxGroup],
-                                               float (&acc)[kMaxGroup][8]) {
+// kKeys keys of a lane group (kLanes lanes, 8 dims each; key u in k[u], v[u]) into the running max m (log2
+// units), sum l and weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads
+// h >= group only pad kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must
+// call it (the scores are summed by shuffles); an invalid key (valid false, k and v finite) changes nothing.
+// m starts at -inf. Several keys at once: their dot products, shuffles and exponentials are independent, so
+// they overlap in the pipeline, and the max is raised once for all of them.
+template <int kLanes, int kMaxGroup, int kKeys>
+__device__ __forceinline__ void accumulate_keys(const float (&q)[kMaxGroup][8], const float (&k)[kKeys][8],
+                                                const float (&v)[kKeys][8], const bool (&valid)[kKeys], int group,
+                                                float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                                float (&acc)[kMaxGroup][8]) {
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
     if (h >= group) continue;
-    float score = 0.0f;
+    float score[kKeys];
+    float top = -INFINITY;  // the largest valid score
 #pragma unroll
-    for (int i = 0; i < 8; ++i) score = fmaf(q[h][i], k[i], score);
+    for (int u = 0; u < kKeys; ++u) {
+      float even = 0.0f, odd = 0.0f;  // two chains of 4 dependent FMAs instead of one of 8
 #pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
-    if (valid && score > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
-      const float correction = fast_exp2(m[h] - score);
-      m[h] = score;
+      for (int i = 0; i < 8; i += 2) {
+        even = fmaf(q[h][i], k[u][i], even);
+        odd = fmaf(q[h][i + 1], k[u][i + 1], odd);
+      }
+      score[u] = even + odd;
+#pragma unroll
+      for (int offset = kLanes / 2; offset > 0; offset /= 2) score[u] += __shfl_xor_sync(0xffffffffu, score[u], offset);
+      if (valid[u]) top = fmaxf(top, score[u]);
+    }
+    if (top > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
+      const float correction = fast_exp2(m[h] - top);
+      m[h] = top;
       l[h] *= correction;
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
     }
-    const float p = valid ? fast_exp2(score - m[h]) : 0.0f;  // m is finite once a key is valid
-    l[h] += p;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[i], acc[h][i]);
+    for (int u = 0; u < kKeys; ++u) {
+      const float p = valid[u] ? fast_exp2(score[u] - m[h]) : 0.0f;  // m is finite once a key is valid
+      l[h] += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[u][i], acc[h][i]);
+    }
   }
+}
+
+// One key: accumulate_keys with kKeys = 1.
+template <int kLanes, int kMaxGroup>
+__device__ __forceinline__ void accumulate_key(const float (&q)[kMaxGroup][8], const float (&k)[8], const float (&v)[8],
+                                               bool valid, int group, float (&m)[kMaxGroup], float (&l)[kMaxGroup],
+                                               float (&acc)[kMaxGroup][8]) {
+  const bool valids[1] = {valid};
+  accumulate_keys<kLanes, kMaxGroup, 1>(q, reinterpret_cast<const float(&)[1][8]>(k),
+                                        reinterpret_cast<const float(&)[1][8]>(v), valids, group, m, l, acc);
 }
 
 // Shared memory the merge of kKeyGroups key groups needs (floats).

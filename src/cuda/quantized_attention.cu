@@ -16,10 +16,10 @@
 // from shared memory (bit-equal to PageCodec::decode; calibrated key ranges and
 // codebooks copied to shared memory once per block), outliers put back
 // (apply_outliers8), pre-RoPE keys rotated in fp32 with (cos, sin) stepped in
-// registers, and accumulate_key, the per-key online softmax the fp16 decode
-// kernel runs. The next stages' copies are in flight meanwhile. Keys of a staged
-// page outside the split (a split starting or ending mid-page) are decoded as
-// zeros and masked.
+// registers, and accumulate_keys, the online softmax the fp16 decode kernel
+// runs, kRowsPerIteration rows at a time so that their latencies overlap. The
+// next stages' copies are in flight meanwhile. Keys of a staged page outside
+// the split (a split starting or ending mid-page) are masked.
 //
 // exact_split_kernel (sinks, the exact tail window, the step's own rows): fp16
 // rows from this step's K/V or the sequence's exact-row store, one key per lane
@@ -67,6 +67,7 @@ __device__ __forceinline__ LanePlace lane_place() {
 }
 
 constexpr int kStages = 3;  // page stages: kStages - 1 in flight while one is decoded
+constexpr int kRowsPerIteration = 2;  // rows a lane group decodes and accumulates together (instruction-level parallelism)
 
 // The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
@@ -250,9 +251,11 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
       __syncthreads();  // the index is complete
     }
 
-    // This lane group's rows of the stage: t = key_group + i * kKeyGroups, at page j = t / page_size and row
-    // r = t % page_size (advanced without divisions), position stage_pos + t; the loop ends with the split's
-    // keys in the stage (a bound uniform over the block).
+    // This lane group's rows of the stage, kRowsPerIteration at a time: t = key_group + i * kKeyGroups at
+    // page j = t / page_size and row r = t % page_size (advanced without divisions), position stage_pos + t; the
+    // loop ends with the split's keys in the stage (a bound uniform over the block). A row outside the split
+    // decodes the stage's first row instead (staged and indexed whatever the split), masked: every iteration
+    // decodes without branches, so the compiler interleaves the rows' loads, shuffles and exponentials.
     const int stage_pos = (first_page + s * shape.pages_per_stage) * page_size;
     const int stage_end = min(split.key_end, stage_pos + stage_pages * page_size);
     int j = key_group / page_size, r = key_group % page_size;
@@ -263,31 +266,34 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
 #pragma unroll
       for (int p = 0; p < 4; ++p) cs[p] = __ldg(angles + p);
     }
-    for (int t = key_group; t - key_group < stage_end - stage_pos; t += kKeyGroups) {
-      const int pos = stage_pos + t;
-      const bool valid = pos >= split.key_begin && pos < stage_end;
-      float k[8] = {}, v[8] = {};
-      if (valid) {
-        const uint8_t* key_block = stage + j * shape.pair_bytes;
+    for (int t = key_group; t - key_group < stage_end - stage_pos; t += kRowsPerIteration * kKeyGroups) {
+      float k[kRowsPerIteration][8], v[kRowsPerIteration][8];
+      bool valid[kRowsPerIteration];
+#pragma unroll
+      for (int u = 0; u < kRowsPerIteration; ++u) {
+        const int pos = stage_pos + t + u * kKeyGroups;
+        valid[u] = pos >= split.key_begin && pos < stage_end;
+        const int page = valid[u] ? j : 0, row = valid[u] ? r : 0;
+        const uint8_t* key_block = stage + page * shape.pair_bytes;
         const uint8_t* value_block = key_block + key_bytes;
         if (packed && codebook) {
-          decode_packed_row<kBits, true>(key_layout, key_block, value_layout, value_block, r, c0, s_calib, D, k, v);
+          decode_packed_row<kBits, true>(key_layout, key_block, value_layout, value_block, row, c0, s_calib, D, k[u], v[u]);
         } else if (packed) {
-          decode_packed_row<kBits, false>(key_layout, key_block, value_layout, value_block, r, c0, s_calib, D, k, v);
+          decode_packed_row<kBits, false>(key_layout, key_block, value_layout, value_block, row, c0, s_calib, D, k[u], v[u]);
         } else {
-          decode_chunk8<kBits>(key_layout, key_block, r, c0, key_calib, k);
-          decode_chunk8<kBits>(value_layout, value_block, r, c0, value_calib, v);
+          decode_chunk8<kBits>(key_layout, key_block, row, c0, key_calib, k[u]);
+          decode_chunk8<kBits>(value_layout, value_block, row, c0, value_calib, v[u]);
         }
-        const int* first = row_first + j * 2 * (page_size + 1);
-        if (key_outliers) apply_outliers8(outlier_slots(key_layout, key_block), first, r, c0, D, k);
-        if (value_outliers) apply_outliers8(outlier_slots(value_layout, value_block), first + page_size + 1, r, c0, D, v);
+        const int* first = row_first + page * 2 * (page_size + 1);
+        if (key_outliers) apply_outliers8(outlier_slots(key_layout, key_block), first, row, c0, D, k[u]);
+        if (value_outliers) apply_outliers8(outlier_slots(value_layout, value_block), first + page_size + 1, row, c0, D, v[u]);
+        if (kv.rotate_keys) {
+          rotate8(cs, k[u]);
+          step_angles(cs, step);
+        }
+        for (r += kKeyGroups; r >= page_size; r -= page_size) ++j;
       }
-      if (kv.rotate_keys) {
-        rotate8(cs, k);
-        step_angles(cs, step);
-      }
-      accumulate_key<kLanes, kMaxGroup>(q, k, v, valid, group, m, l, acc);
-      for (r += kKeyGroups; r >= page_size; r -= page_size) ++j;
+      accumulate_keys<kLanes, kMaxGroup, kRowsPerIteration>(q, k, v, valid, group, m, l, acc);
     }
   }
   cp_async_wait<0>();
