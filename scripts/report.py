@@ -317,8 +317,8 @@ def ablation_series(rows, axis, command, metric):
     for r in rows:
         if r["command"] != command or (command == "bench" and not ok(r)) or not isinstance(r.get(metric), (int, float)):
             continue
-        if command == "eval" and r.get("task") != "passkey":
-            continue
+        if command == "eval" and (r.get("task") != "passkey" or r.get("depth") is not None):
+            continue  # passkey's overall accuracy per length (its per-depth rows have 10 prompts each)
         family, bits, outliers = kv_parts(r.get("kv"))
         value = axis_value(r)
         if value is None or (quantized_only and family not in ("int", "nuq")):
@@ -327,17 +327,19 @@ def ablation_series(rows, axis, command, metric):
                      tail=None if "tail" in name else r.get("tail"),
                      kscale=None if "kscale" in name else r.get("kscale"),
                      sensitivity=None if "codebooks" in name else r.get("sensitivity"))
+        # The options are labelled from the row's own format; the varied part of the format becomes "*".
+        label = config_label(fixed)
         if name == "bits":
-            fixed["kv"] = f"{family}*" + (f"-{outliers:g}%" if outliers else "")
+            label = label.replace(r["kv"], f"{family}*" + (f"-{outliers:g}%" if outliers else ""), 1)
         elif name == "outlier %":
-            fixed["kv"] = f"{family}{bits}" + "-*%"
+            label = label.replace(r["kv"], f"{family}{bits}-*%", 1)
         if r.get("ctx"):
             shape = f"ctx {r['ctx']}"
         elif command == "eval":
-            shape = f"length {r.get('length')} depth {r.get('depth')}"
+            shape = f"length {r.get('length')}"
         else:
             shape = f"{r.get('prompt_len')}x{r.get('batch')}"
-        label = f"{r['model']} {config_label(fixed)} {shape}" + ("" if is_gpu(r["device"]) else " (cpu)")
+        label = f"{r['model']} {label} {shape}" + ("" if is_gpu(r["device"]) else " (cpu)")
         groups[label][value] = r[metric]
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
@@ -353,9 +355,14 @@ def ablation_figure(plt, rows, out_dir, made):
         return
     fig, axes = grid_axes(plt, len(panels), "ablations: one option varied, the rest fixed")
     for ax, (name, label, series) in zip(axes, panels):
-        for series_label, values in sorted(series.items())[:8]:
-            xs = sorted(values, key=lambda v: (isinstance(v, str), v))
-            ax.plot([str(x) for x in xs], [values[x] for x in xs], marker="o", label=series_label)
+        shown = sorted(series.items())[:8]
+        # One order of x for every series of a panel (a categorical axis would follow first appearance).
+        order = sorted({x for _, values in shown for x in values}, key=lambda v: (isinstance(v, str), str(v) if
+                                                                                   isinstance(v, str) else v))
+        for series_label, values in shown:
+            xs = [x for x in order if x in values]
+            ax.plot([order.index(x) for x in xs], [values[x] for x in xs], marker="o", label=series_label)
+        ax.set_xticks(range(len(order)), [str(x) for x in order])
         ax.set_xlabel(name)
         ax.set_title(label)
         ax.legend(fontsize=5)
@@ -367,8 +374,13 @@ def pareto_points(rows):
     shared by every format, the largest such on a GPU), and which are on the Pareto front."""
     out = {}
     for model in sorted({r["model"] for r in rows}):
-        ppl = {config_label(r): r["ppl"] for r in rows
-               if r["command"] == "ppl" and r["model"] == model and isinstance(r.get("ppl"), (int, float))}
+        # One perplexity setting (window, tokens, device): the one with fp16 and the most configurations.
+        settings = defaultdict(dict)
+        for r in rows:
+            if r["command"] == "ppl" and r["model"] == model and isinstance(r.get("ppl"), (int, float)):
+                settings[(r.get("ctx"), r.get("tokens"), is_gpu(r["device"]))][config_label(r)] = r["ppl"]
+        candidates = [s for s in settings if "fp16" in settings[s]]
+        ppl = settings[max(candidates, key=lambda s: (len(settings[s]), s[2]))] if candidates else {}
         fp16 = [v for label, v in ppl.items() if label == "fp16"]
         bench = [r for r in rows if r["command"] == "bench" and r["model"] == model and ok(r) and is_gpu(r["device"])
                  and isinstance(r.get("energy_j_per_token"), (int, float)) and not r.get("ragged")]
@@ -430,7 +442,7 @@ def bench_tables(rows):
         mine = sorted((r for r in points if r["model"] == model and r["device"] == device),
                       key=lambda r: (r.get("prompt_len") or 0, bool(r.get("ragged")), r.get("batch") or 0,
                                      r["kv"] != HF_KV, r["kv"] != "fp16", r["kv"]))
-        index = {(r["kv"], r["prompt_len"], r.get("batch"), bool(r.get("ragged"))): r for r in mine}
+        index = {(config_label(r), r["prompt_len"], r.get("batch"), bool(r.get("ragged"))): r for r in mine}
         body = []
         for r in mine:
             shape = (r["prompt_len"], r.get("batch"), bool(r.get("ragged")))
@@ -442,7 +454,7 @@ def bench_tables(rows):
                         isinstance(b.get(key), (int, float)) and b[key]:
                     return a[key] / b[key]
                 return None
-            body.append([r["kv"], r["prompt_len"], r.get("batch"), "yes" if r.get("ragged") else "",
+            body.append([config_label(r), r["prompt_len"], r.get("batch"), "yes" if r.get("ragged") else "",
                          fmt(r.get("prefill_tok_s"), ".0f"),
                          fmt(ratio(r, hf, "prefill_tok_s"), ".2f") if r["kv"] != HF_KV else "",
                          fmt(r.get("ttft_s"), ".3g"), fmt(r.get("decode_tok_s"), ".0f"),
@@ -460,13 +472,14 @@ def bench_tables(rows):
 
 
 def energy_notes(rows):
-    """Where a quantized format's J/token falls less than its throughput rises, say why:
-    J/token = W / (tok/s), so the difference is exactly the change in average power."""
+    """Each quantized configuration's J/token next to its throughput against fp16 at the same point, and why
+    the two ratios differ where they do: J/token = W / (tok/s), so J/token moves as 1 / throughput only when
+    the board's average power stays the same; the difference is exactly the change in power."""
     lines = []
     bench = [r for r in rows if r["command"] == "bench" and ok(r) and isinstance(r.get("energy_j_per_token"), (int, float))]
     index = {(r["model"], r["device"], r["prompt_len"], r["batch"], bool(r.get("ragged")), r.get("gen")): r
              for r in bench if r["kv"] == "fp16"}
-    for r in sorted(bench, key=lambda r: (r["model"], r["prompt_len"], r["batch"], r["kv"])):
+    for r in sorted(bench, key=lambda r: (r["model"], r["prompt_len"], r["batch"], config_label(r))):
         if r["kv"] == "fp16" or "max_batch" in r:
             continue
         base = index.get((r["model"], r["device"], r["prompt_len"], r["batch"], bool(r.get("ragged")), r.get("gen")))
@@ -475,13 +488,17 @@ def energy_notes(rows):
         tokens = lambda x: x["prompt_tokens"] + x["batch"] * (x["gen"] - 1)
         gain = (tokens(r) / r["window_s"] * r["repetitions"]) / (tokens(base) / base["window_s"] * base["repetitions"])
         energy_ratio = r["energy_j_per_token"] / base["energy_j_per_token"]
-        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {r['kv']}: throughput x{gain:.2f} over fp16, "
+        power_ratio = r["avg_watts"] / base["avg_watts"]
+        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {config_label(r)}: throughput x{gain:.2f} over fp16, "
                 f"J/token x{energy_ratio:.2f} ({r['avg_watts']:.0f} W vs {base['avg_watts']:.0f} W)")
         if gain > 1 and 1 / energy_ratio < gain * 0.98:
-            line += (f"; energy falls less than throughput rises because the board draws "
-                     f"{r['avg_watts'] / base['avg_watts']:.2f}x the power while it runs faster "
-                     f"(J/token = W / tok/s: the faster run keeps more of the GPU busy, and the idle "
-                     f"and memory power do not shrink with the bytes moved)")
+            line += (f"; energy falls less than throughput rises because the board draws {power_ratio:.2f}x the "
+                     f"power while it runs faster (J/token = W / tok/s: the faster run keeps more of the GPU busy, "
+                     f"and the idle and memory power do not shrink with the bytes moved)")
+        elif gain < 1 and energy_ratio < 0.98 / gain:
+            line += (f"; J/token rises less than throughput falls because the board draws {power_ratio:.2f}x the "
+                     f"power over the longer run (J/token = W / tok/s: the page decoding is latency-bound integer "
+                     f"and shared-memory work that keeps fewer units busy than fp16's tensor-core GEMMs and copies)")
         lines.append(line + f" [{r['source_id']}][{base['source_id']}]")
     if lines:
         lines = ["", "Energy against throughput (whole windows: prompt + decode tokens per second):", ""] + lines

@@ -2,8 +2,9 @@
 and kvq ppl: every figure is drawn, the generated section of the document is
 replaced in place (text around it kept, a second run changes nothing), newer
 measurements replace older ones, out-of-memory points are listed, and where a
-quantized format's J/token falls less than its throughput rises the report
-says why (its average power rose)."""
+quantized format's J/token falls less than its throughput rises (or rises
+less than its throughput falls) the report says why (its average power
+changed), and the Pareto front compares perplexities of one window size."""
 
 import json
 import subprocess
@@ -58,11 +59,15 @@ def write_results(folder):
         "capacity.json": envelope("bench", "dummy:llama2-7b", capacity),
         "pages.json": envelope("bench", "models/SmolLM2-135M-Instruct.Q4_1.gguf", ablation),
         "speed.json": envelope("bench", "dummy:smollm2-135m",
-                               [bench_point(kv, 2048, 4, s, 300) for kv, s in (("fp16", 9e4), ("nuq3-1%", 1e5),
-                                                                             ("nuq4-1%", 9.5e4))]),
+                               [bench_point(kv, 2048, 4, s, w) for kv, s, w in (("fp16", 9e4, 300), ("nuq3-1%", 1e5, 300),
+                                                                                ("nuq4-1%", 9.5e4, 300),
+                                                                                ("q4_0", 4.5e4, 200))]),
         "ppl.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf", ppl, device="Intel(R) Xeon(R)"),
         "ppl_pages.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf",
                                    [dict(ppl[1], ppl=22.5)], device="Intel(R) Xeon(R)", page=16),
+        # Another window: the Pareto front must not take its fp16 as the 2048 windows' baseline.
+        "ppl_8k.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                [dict(ppl[0], ctx=8192, tokens=16383, ppl=20.48)]),
     }
     for name, report in files.items():
         (folder / name).parent.mkdir(exist_ok=True)
@@ -94,6 +99,9 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     assert "throughput x1.50 over fp16, J/token x0.80 (600 W vs 500 W); energy falls less than throughput rises" in text
     assert "| fp16 | 2048 | 1 |  | 1000 | 1.25 |" in text  # the newer fp16 2048x1 (1000 tok/s), 1.25x HF's 800
     assert "| llama2-7b | NVIDIA H100 80GB HBM3 | nuq3-1% | 2048 | 8 | 30 | 4.29 |" in text  # capacity vs fp16's 7
+    # Half the throughput at 2/3 of the power: J/token rises to 1.33, not to 2, and the report says why.
+    assert "q4_0: throughput x0.50 over fp16, J/token x1.33 (200 W vs 300 W); J/token rises less than throughput falls" in text
     assert "#### Pareto front: smollm2-135m" in text
+    assert "| nuq3-1% | +1.76 |" in text  # against fp16 of the same 2048-token windows (22.56 / 22.17)
     assert run_report(repo_root, tmp_path).returncode == 0
     assert doc.read_text() == text  # a second run from the same files changes nothing
