@@ -423,7 +423,8 @@ def pareto_figure(plt, rows, out_dir, made):
         fig.colorbar(scatter, ax=ax, label="prefill tok/s")
         ax.set_xlabel(f"J / token ({shape[0]} x {shape[1]})")
         ax.set_ylabel("PPL change vs fp16 KV (%)")
-        ax.set_title(f"{model}: accuracy, throughput, energy\n(red rings: Pareto front of all three; line: of accuracy and energy)")
+        ax.set_title(f"{model}: accuracy, throughput, energy\n(red rings: Pareto front of all three;\nline: of accuracy and energy)",
+                     fontsize=9)
         save(fig, os.path.join(out_dir, f"pareto_{model}.png"), made)
 
 

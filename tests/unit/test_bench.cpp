@@ -1,17 +1,21 @@
 // The bench's logic without a model or device (src/bench/sweep.h): ragged
 // lengths, the pages a batch needs (checked against what the generator really
 // reserves), the capacity search against fake runners, the energy window with a
-// fake clock and counter, failure classification, carbon and cost; and the
-// NVML loader where there is no library.
+// fake clock and counter, failure classification, carbon and cost; the NVML
+// loader where there is no library; and the --json file a long run rewrites
+// after every point.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <new>
 #include <set>
 
 #include "bench/nvml_energy.h"
 #include "bench/sweep.h"
 #include "core/error.h"
+#include "core/run_report.h"
 #include "cpu/cpu_backend.h"
 #include "engine/generator.h"
 #include "kv/page_tables.h"
@@ -197,6 +201,29 @@ TEST(NvmlEnergy, LibraryWithoutNvmlFunctionsIsUnsupported) {
   NvmlEnergyMeter meter("", "libm.so.6");  // loads, but is not NVML
   EXPECT_FALSE(meter.supported());
   EXPECT_NE(meter.status().find("lacks the NVML functions"), std::string::npos) << meter.status();
+}
+
+// kvq bench writes its report after every point: each write replaces the file with the whole object so far,
+// and leaves nothing beside it.
+TEST(RunReportFile, EachWriteReplacesTheFileWithEveryResultSoFar) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / "kvq_run_report";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "bench.json").string();
+  char name[] = "kvq";
+  char* argv[] = {name};
+  RunReport report("bench", 1, argv);
+  auto read = [&] { return nlohmann::json::parse(std::ifstream(path)); };
+  report.add_result({{"batch", 1}});
+  report.write(path);
+  EXPECT_EQ(read()["results"].size(), 1u);
+  report.add_result({{"batch", 2}});
+  report.write(path);
+  const nlohmann::json written = read();
+  ASSERT_EQ(written["results"].size(), 2u);
+  EXPECT_EQ(written["results"][1]["batch"], 2);
+  EXPECT_FALSE(std::filesystem::exists(path + ".partial"));
+  EXPECT_THROW(report.write((dir / "no-such-dir" / "bench.json").string()), Error);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
