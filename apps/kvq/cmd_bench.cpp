@@ -98,7 +98,10 @@ std::vector<int32_t> prompt_lengths(const std::vector<GenerationRequest>& reques
 
 std::vector<GenerationResult> generate_once(const Bench& x, Runtime& runtime,
                                             const std::vector<GenerationRequest>& requests, GenerationStats* stats) {
-  Generator generator(x.config, runtime.backend(), runtime.tables(), {x.o.chunk, {}}, [](int32_t) { return false; });
+  // Decode waits for the whole batch's prefill: decode_s times full-batch decode steps, as HF's baseline does.
+  GeneratorOptions options{x.o.chunk, {}};
+  options.decode_after_prefill = true;
+  Generator generator(x.config, runtime.backend(), runtime.tables(), options, [](int32_t) { return false; });
   std::vector<GenerationResult> results = generator.generate(requests);
   if (stats != nullptr) *stats = generator.stats();
   return results;
@@ -425,7 +428,8 @@ int cmd_bench(const CommonOptions& o, const BenchOptions& b, RunReport& report) 
       {"peak_mem_method", on_cpu ? "host peak resident set (VmHWM, reset before each point)"
                                  : "device memory in use (cudaMemGetInfo total - free) after the point, backend alive"},
       {"pool", o.pool_gib > 0 ? "--pool-gib" : capacity_mode ? "--mem-budget" : "per point: the pages it needs"},
-      {"ttft", "mean over the batch's requests of the time to their first token"}};
+      {"ttft", "mean over the batch's requests of the time to their first token"},
+      {"decode", "after the whole batch is prefilled: every decode step carries every sequence"}};
   if (!on_cpu) fmt::print("energy: {}\n", x.energy_status);
   print_header(on_cpu);
 

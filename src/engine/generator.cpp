@@ -90,8 +90,10 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
     batch.chunks.clear();
     int32_t budget = options_.chunk;
     bool has_prompt_tokens = false;
+    const bool hold_decode = options_.decode_after_prefill &&
+                             std::any_of(live.begin(), live.end(), [](const LiveSequence& s) { return !s.decoding(); });
     for (LiveSequence& s : live) {
-      if (!s.decoding()) continue;
+      if (!s.decoding() || hold_decode) continue;
       const int32_t seq = static_cast<int32_t>(s.request);
       batch.add_chunk(seq, tables_.length(seq), &s.last_token, 1, false);
       --budget;
@@ -119,7 +121,7 @@ std::vector<GenerationResult> Generator::generate(const std::vector<GenerationRe
     for (LiveSequence& s : live) {
       auto chunk_it = std::find_if(batch.chunks.begin(), batch.chunks.end(),
                                    [&](const SequenceChunk& c) { return c.seq == static_cast<int32_t>(s.request); });
-      if (chunk_it == batch.chunks.end()) {  // prompt waiting for budget
+      if (chunk_it == batch.chunks.end()) {  // not in this step: a prompt waiting for budget, or a held decode
         still_live.push_back(s);
         continue;
       }

@@ -40,6 +40,10 @@ struct GenerationStats {
 struct GeneratorOptions {
   int32_t chunk = 2048;  // most tokens one step carries
   SamplerOptions sampling;
+  // Hold decode tokens until every admitted prompt is prefilled, so that no step mixes the two phases and the
+  // decode steps carry the whole batch (benchmarks: decode_s then times what a batched prefill-then-decode
+  // baseline times). Off: a finished prompt's decode tokens ride along with the next prompts' chunks.
+  bool decode_after_prefill = false;
 };
 
 // KV slots a request reserves: its prompt and every generated token but the

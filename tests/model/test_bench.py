@@ -34,6 +34,7 @@ def test_sweep_reports_every_design_field_in_json_and_csv(kvq, model_path, repo_
                                "--batch", "1,2", "--gen", 4, "--kv", "fp16,nuq3-1%")
     assert ENVELOPE <= report.keys() and report["command"] == "bench"
     assert report["settings"]["energy_status"].startswith("unsupported: ")
+    assert report["settings"]["decode"].startswith("after the whole batch is prefilled")
     results = report["results"]
     assert [(r["kv"], r["prompt_len"], r["batch"]) for r in results] == [
         (kv, L, B) for kv in ("fp16", "nuq3-1%") for L in (32, 64) for B in (1, 2)]

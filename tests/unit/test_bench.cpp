@@ -70,6 +70,31 @@ TEST(BenchSweep, PagesForBatchIsWhatTheGeneratorHoldsForTheWholeBatch) {
   }
 }
 
+// The bench holds decode until the batch is prefilled: the same tokens come out, prompt chunks fill whole steps
+// (no decode token takes their budget), and the gen - 1 decode steps each carry the whole batch.
+TEST(BenchSweep, DecodeAfterPrefillKeepsThePhasesApartAndTheTokens) {
+  const LlamaConfig c = testing::tiny_config();
+  const LlamaWeights w = testing::random_weights(c, 3);
+  std::mt19937 ids(9);
+  std::vector<GenerationRequest> requests;
+  for (int32_t n : {5, 7, 9}) requests.push_back({testing::random_ids(ids, n, c.vocab), 4});
+  auto run = [&](bool decode_after_prefill) {
+    CpuBackend backend(c, w, 16, 4);
+    PageTables tables(16, 4);
+    GeneratorOptions options{4, {}};
+    options.decode_after_prefill = decode_after_prefill;
+    Generator generator(c, backend, tables, options, [](int32_t) { return false; });
+    std::vector<std::vector<int32_t>> tokens;
+    for (const GenerationResult& r : generator.generate(requests)) tokens.push_back(r.tokens);
+    return std::pair(tokens, generator.stats().steps);
+  };
+  const auto [riding, riding_steps] = run(false);
+  const auto [held, held_steps] = run(true);
+  EXPECT_EQ(held, riding);
+  EXPECT_EQ(held_steps, (5 + 7 + 9 + 3) / 4 + 3);  // 21 prompt tokens in steps of 4, then 3 decode steps
+  EXPECT_GT(riding_steps, held_steps);  // riding decode tokens take prompt budget
+}
+
 // A fake runner: batches up to `capacity` fit; it records what was asked.
 struct FakeRunner {
   int32_t capacity;
