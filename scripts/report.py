@@ -87,6 +87,9 @@ def load(results_dir):
                 row.setdefault(key, settings.get(key))
             row.setdefault("page", settings.get("page"))
             row["sensitivity"] = calib_sensitivity(argv)
+            # kvq bench before settings.decode let decode tokens ride along with later prompts' chunks: they were
+            # counted in decode_tok_s but timed as prefill, which overstates it (HF always decodes after prefill).
+            row["decode_rode_along"] = report["command"] == "bench" and "decode" not in settings
             rows.append(row)
     return merge(rows), sources
 
@@ -436,6 +439,18 @@ def table(header, body):
     return lines
 
 
+RODE_ALONG_NOTE = ("decode tok/s marked * comes from runs where decode tokens rode along with later prompts' "
+                   "prefill chunks: counted as decode, timed as prefill, so it overstates the decode rate (most at "
+                   "large batches with many prefill steps; kvq bench decodes after the whole batch's prefill since "
+                   "commit 287b394, and its JSON then says so in settings.decode)")
+
+
+def decode_cell(r):
+    cell = fmt(r.get("decode_tok_s"), ".0f")
+    return cell + "*" if r.get("decode_rode_along") and isinstance(r.get("decode_tok_s"), (int, float)) and \
+        r["decode_tok_s"] > 0 else cell
+
+
 def bench_tables(rows):
     lines = []
     points = [r for r in rows if r["command"] in ("bench", "baseline_hf") and "max_batch" not in r]
@@ -458,7 +473,7 @@ def bench_tables(rows):
             body.append([config_label(r), r["prompt_len"], r.get("batch"), "yes" if r.get("ragged") else "",
                          fmt(r.get("prefill_tok_s"), ".0f"),
                          fmt(ratio(r, hf, "prefill_tok_s"), ".2f") if r["kv"] != HF_KV else "",
-                         fmt(r.get("ttft_s"), ".3g"), fmt(r.get("decode_tok_s"), ".0f"),
+                         fmt(r.get("ttft_s"), ".3g"), decode_cell(r),
                          fmt(gib(r.get("peak_mem_bytes")), ".2f"), fmt((r.get("kv_bytes") or 0) / 2**20, ".0f")
                          if ok(r) else "-", fmt(r.get("bits_per_element"), ".2f"),
                          fmt(r.get("energy_j_per_token"), ".3g"), fmt(r.get("prefill_j_per_token"), ".3g"),
@@ -469,6 +484,8 @@ def bench_tables(rows):
         lines += ["", f"#### {model} on {device}", ""]
         lines += table(["kv", "L", "B", "ragged", "prefill tok/s", "x HF", "TTFT s", "decode tok/s", "peak GiB",
                         "KV MiB", "bits", "J/token", "prefill J/tok", "decode J/tok", "W", "tok/s vs fp16", "J/token vs fp16", "status", "src"], body)
+        if any(row[7].endswith("*") for row in body):
+            lines += ["", f"\\* {RODE_ALONG_NOTE}."]
     return lines
 
 
@@ -517,10 +534,11 @@ def capacity_table(rows):
         base = fp16.get((r["model"], r["device"], r["prompt_len"], r.get("mem_budget_gib")))
         body.append([r["model"], r["device"], r["kv"], r["prompt_len"], fmt(r.get("mem_budget_gib"), "g"), r["max_batch"],
                      fmt(r["max_batch"] / base, ".2f") if base else "-", fmt(r.get("prefill_tok_s"), ".0f"),
-                     fmt(r.get("decode_tok_s"), ".0f"), fmt(r.get("energy_j_per_token"), ".3g"), f"[{r['source_id']}]"])
+                     decode_cell(r), fmt(r.get("energy_j_per_token"), ".3g"), f"[{r['source_id']}]"])
     return ["", "#### Capacity under one KV budget (`--mem-budget`; max_batch + 1 was shown not to fit)", ""] + \
         table(["model", "device", "kv", "L", "budget GiB", "max batch", "vs fp16", "prefill tok/s", "decode tok/s",
-               "J/token", "src"], body)
+               "J/token", "src"], body) + \
+        (["", f"\\* {RODE_ALONG_NOTE}."] if any(row[8].endswith("*") for row in body) else [])
 
 
 def generated_section(rows, sources, figures, doc_dir):

@@ -53,7 +53,7 @@ def write_results(folder):
     ppl = [dict(kv=kv, ctx=2048, stride=1024, tokens=32767, ppl=value, ppl_stderr=0.3, bits_per_element=bits)
            for kv, value, bits in (("fp16", 22.17, 16), ("nuq3-1%", 22.56, 4.1), ("nuq4-1%", 22.24, 5.1))]
     files = {
-        "ours.json": envelope("bench", "dummy:llama2-7b", ours),
+        "ours.json": envelope("bench", "dummy:llama2-7b", ours, decode="after the whole batch is prefilled"),
         "old/ours.json": envelope("bench", "dummy:llama2-7b", stale, date="2026-11-20T00:00:00Z"),
         "hf.json": envelope("baseline_hf", "dummy:llama2-7b", hf),
         "capacity.json": envelope("bench", "dummy:llama2-7b", capacity),
@@ -98,6 +98,8 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     # 1.5x the throughput at 1.2x the power: J/token falls to 0.8, not to 1/1.5, and the report says why.
     assert "throughput x1.50 over fp16, J/token x0.80 (600 W vs 500 W); energy falls less than throughput rises" in text
     assert "| fp16 | 2048 | 1 |  | 1000 | 1.25 |" in text  # the newer fp16 2048x1 (1000 tok/s), 1.25x HF's 800
+    # Runs whose decode tokens rode along with prefill chunks (no settings.decode) are marked; phased ones not.
+    assert "| 0.01 | 900* |" in text and "| 0.01 | 40 |" in text and "rode along with later prompts' prefill" in text
     assert "| llama2-7b | NVIDIA H100 80GB HBM3 | nuq3-1% | 2048 | 8 | 30 | 4.29 |" in text  # capacity vs fp16's 7
     # Half the throughput at 2/3 of the power: J/token rises to 1.33, not to 2, and the report says why.
     assert "q4_0: throughput x0.50 over fp16, J/token x1.33 (200 W vs 300 W); J/token rises less than throughput falls" in text
