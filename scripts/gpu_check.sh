@@ -29,6 +29,7 @@ if has tests; then
 fi
 if has sanitize; then
   SUBSET='CudaKernels.Embedding*:CudaKernels.RmsNorm*:CudaKernels.Swiglu*:CudaKernels.KvWrite*:CudaKernels.SanitizerAttentionSmall'
+  SUBSET+=':QuantizedAttention.Sanitizer*'  # the quantized decode and prefill kernels
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 3 "$TESTS" --gtest_filter="$SUBSET" >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?; echo "compute-sanitizer $tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
@@ -63,6 +64,16 @@ if ours:
         b = dd.get((r["model"], r["batch"], r["context"]), {})
         print(f"  {r['model']:13s} {r['shape']:11s} {r['batch']:3d} {r['context']:6d} {r['gb_s']:8.0f} ({100*r['fraction_of_copy']:3.0f}%) "
               f"{b.get('gb_s', float('nan')):9.0f} ({100*b.get('fraction_of_copy', float('nan')):3.0f}%)")
+    if ours.get("quantized_decode_attention"):
+        print("quantized decode attention   kv        B    ctx      ms  GB/s (%copy)  vs fp16 pages")
+        for r in ours["quantized_decode_attention"]:
+            print(f"  {r['model']:13s} {r['shape']:11s} {r['kv']:8s} {r['batch']:3d} {r['context']:6d} {r['ms']:7.3f} "
+                  f"{r['gb_s']:5.0f} ({100*r['fraction_of_copy']:3.0f}%)  {r['speedup_vs_fp16']:5.2f}x")
+    if ours.get("quantized_prefill_attention"):
+        print("quantized prefill attention  kv            B      S      ms  vs fp16 pages")
+        for r in ours["quantized_prefill_attention"]:
+            print(f"  {r['model']:13s} {r['shape']:11s} {r['kv']:12s} {r['batch']:3d} {r['seq_len']:6d} {r['ms']:7.3f}  "
+                  f"{r['ratio_vs_fp16']:5.2f}x time")
     hf = {(r["model"], r["prompt_len"], r["batch"], r["ragged"]): r for r in base.get("hf_prefill", [])}
     print("end to end                    L    B  kind     kvq tok/s    HF tok/s  ratio")
     for r in ours.get("e2e", []):
