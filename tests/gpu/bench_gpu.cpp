@@ -442,15 +442,7 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
     cuda::launch_fill_uniform(rows.get(), int64_t(rows.size()), 11, 2.5f, nullptr);
     cuda::launch_fill_uniform(step.get(), int64_t(step.size()), 12, 1.7f, nullptr);
     const int pages_per_seq = (p.context + page - 1) / page;
-    const int n_pages = pages_per_seq * p.batch;
-    PageTables tables(n_pages, page);
-    for (int s = 0; s < p.batch; ++s) tables.add_sequence(s);
-    for (int64_t need = page; need <= p.context; need += page) {  // interleaved: pages scattered
-      for (int s = 0; s < p.batch; ++s) tables.reserve(s, need);
-    }
-    std::vector<int32_t> ids(p.context, 0);
-    StepBatch writes_batch;
-    for (int s = 0; s < p.batch; ++s) writes_batch.add_chunk(s, 0, ids.data(), p.context, false);
+    const PageTables tables = interleaved_tables(p.batch, p.context, page);
     std::vector<cuda::AttentionChunk> chunks;
     std::vector<int32_t> page_table, slots;
     for (int s = 0; s < p.batch; ++s) {
@@ -468,37 +460,14 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
     for (const char* name : {"nuq4-1%", "nuq3-1%", "q4_0", "fp8"}) {
       KvCacheOptions options;
       options.format = parse_kv_format(name);
-      const TestCalibration calib(1, kv_dim, options.format.bits);
-      const std::vector<LayerCalibration> none;
-      const cuda::DeviceCalibration device_calib(options.format.calibrated() ? calib.layers : none, options.format, kv_dim);
-      const cuda::PageBlockLayout kl = cuda::page_block_layout(PageCodec(options.format, KvKind::key, page, D, false));
-      const cuda::PageBlockLayout vl = cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, false));
-      const int64_t page_bytes = int64_t{n_kv} * (kl.block_bytes + vl.block_bytes);
+      const QuantizedPages pages(options, rows.get(), tables, p.batch, p.context, page, n_kv, D);
       const int sinks = options.effective_sinks(), window = options.exact_window_capacity(page);
-      const uint16_t* base = reinterpret_cast<const uint16_t*>(rows.get());
-      auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
-        return base + (size_t(chunk.seq) * p.context + pos) * 2 * kv_dim + static_cast<int>(kind) * kv_dim + h * D;
-      };
-      auto block_offset = [&](KvKind kind, int32_t pg, int h) -> int64_t {
-        return pg * page_bytes + (kind == KvKind::key ? h * int64_t{kl.block_bytes} : n_kv * int64_t{kl.block_bytes} + h * int64_t{vl.block_bytes});
-      };
-      const cuda::KvWritePlan writes = cuda::plan_kv_writes(writes_batch, tables, kl, vl, n_kv, sinks, source, block_offset);
-      DeviceArray<uint8_t> pool(size_t(n_pages) * page_bytes);
-      CUDA_CHECK(cudaMemset(pool.get(), 0, pool.size()));
-      {
-        DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
-        DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
-        DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
-        cuda::launch_kv_quantize(pool.get(), kl, vl, device_calib.layer(0), d_runs.get(), int32_t(writes.runs.size()),
-                                 d_rows.get(), counts.get(), nullptr);
-        CUDA_CHECK(cudaDeviceSynchronize());
-      }
       const int per_head = sinks + window;
       DeviceArray<__half> store(std::max<size_t>(8, size_t(p.batch) * 2 * kv_dim * per_head));
       cuda::launch_fill_uniform(store.get(), int64_t(store.size()), 13, 2.5f, nullptr);
-      const cuda::QuantizedPagedKv kv{pool.get(), kl, vl, device_calib.layer(0), d_pages.get(), d_rope.get(), n_kv,
-                                      options.format.keys_post_rope() ? 0 : 1, step.get() + q_dim, stride,
-                                      {store.get(), sinks, window}};
+      const cuda::QuantizedPagedKv kv{pages.pool.get(), pages.key_layout, pages.value_layout, pages.device_calib.layer(0),
+                                      d_pages.get(), d_rope.get(), n_kv, options.format.keys_post_rope() ? 0 : 1,
+                                      step.get() + q_dim, stride, {store.get(), sinks, window}};
       const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
       const std::vector<cuda::QuantizedAttentionPlan> plans =
           cuda::plan_quantized_attention(chunks, slots, options, page, n_kv, prop.multiProcessorCount);
@@ -517,7 +486,7 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
       // Bytes read: the blocks of every page of every sequence (codes, parameters, outlier slots) and the exact rows.
       int64_t exact_rows = 0;
       for (const cuda::QuantizedSplit& sp : plan.splits) exact_rows += sp.exact ? sp.key_end - sp.key_begin : 0;
-      const double bytes = double(p.batch) * pages_per_seq * page_bytes + double(exact_rows) * 2 * kv_dim * 2;
+      const double bytes = double(p.batch) * pages_per_seq * pages.page_bytes + double(exact_rows) * 2 * kv_dim * 2;
       const double gbs = bytes / (ms * 1e-3) / 1e9;
       results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", name}, {"batch", p.batch}, {"context", p.context},
                          {"splits", plan.splits.size()}, {"ms", ms}, {"bytes", bytes}, {"gb_s", gbs},
