@@ -445,10 +445,17 @@ RODE_ALONG_NOTE = ("decode tok/s marked * comes from runs where decode tokens ro
                    "commit 287b394, and its JSON then says so in settings.decode)")
 
 
+def rode_along(r):
+    return r.get("decode_rode_along") and isinstance(r.get("decode_tok_s"), (int, float)) and r["decode_tok_s"] > 0
+
+
 def decode_cell(r):
-    cell = fmt(r.get("decode_tok_s"), ".0f")
-    return cell + "*" if r.get("decode_rode_along") and isinstance(r.get("decode_tok_s"), (int, float)) and \
-        r["decode_tok_s"] > 0 else cell
+    return fmt(r.get("decode_tok_s"), ".0f") + ("*" if rode_along(r) else "")
+
+
+def rode_along_footnote(rows):
+    """Under a table showing any decode rate marked by decode_cell: what the mark means."""
+    return ["", f"\\* {RODE_ALONG_NOTE}."] if any(rode_along(r) for r in rows) else []
 
 
 def bench_tables(rows):
@@ -484,8 +491,7 @@ def bench_tables(rows):
         lines += ["", f"#### {model} on {device}", ""]
         lines += table(["kv", "L", "B", "ragged", "prefill tok/s", "x HF", "TTFT s", "decode tok/s", "peak GiB",
                         "KV MiB", "bits", "J/token", "prefill J/tok", "decode J/tok", "W", "tok/s vs fp16", "J/token vs fp16", "status", "src"], body)
-        if any(row[7].endswith("*") for row in body):
-            lines += ["", f"\\* {RODE_ALONG_NOTE}."]
+        lines += rode_along_footnote(mine)
     return lines
 
 
@@ -537,8 +543,7 @@ def capacity_table(rows):
                      decode_cell(r), fmt(r.get("energy_j_per_token"), ".3g"), f"[{r['source_id']}]"])
     return ["", "#### Capacity under one KV budget (`--mem-budget`; max_batch + 1 was shown not to fit)", ""] + \
         table(["model", "device", "kv", "L", "budget GiB", "max batch", "vs fp16", "prefill tok/s", "decode tok/s",
-               "J/token", "src"], body) + \
-        (["", f"\\* {RODE_ALONG_NOTE}."] if any(row[8].endswith("*") for row in body) else [])
+               "J/token", "src"], body) + rode_along_footnote(cap)
 
 
 def generated_section(rows, sources, figures, doc_dir):
