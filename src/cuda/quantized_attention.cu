@@ -1,43 +1,54 @@
 // Split-K attention over quantized pages and exact rows (quantized_attention.h).
 //
 // A block takes one split (a key range of one query row, one source) of one KV
-// head with every query head of the group; head_dim / 8 lanes (a lane group)
-// read a key row, 8 elements each. Two kernels over the same split array, each
-// skipping the other's splits, write the partial results in decode attention's
-// format (decode_partials.cuh), which launch_decode_combine merges:
+// head with every query head of the group. Two kernels over the same split
+// array, each skipping the other's splits, write the partial results in decode
+// attention's format (decode_partials.cuh), which launch_decode_combine merges:
 //
-// page_split_kernel (splits of the pages): a cp.async pipeline of kStages
-// stages, each the whole K and V blocks (codes, row and group parameters,
-// outlier slots: contiguous per block) of `pages_per_stage` consecutive pages of
-// the sequence, copied with 16-byte cp.async by the whole block. Once a stage
-// has landed (block barrier), the block indexes each staged block's outlier
-// slots by row in shared memory (index_outlier_rows, a second barrier), then
-// lane group g takes the stage's rows g, g + kKeyGroups, ...: decode_chunk8
-// from shared memory (bit-equal to PageCodec::decode; calibrated key ranges and
-// codebooks copied to shared memory once per block), outliers put back
-// (apply_outliers8), pre-RoPE keys rotated in fp32 with (cos, sin) stepped in
-// registers, and accumulate_keys, the online softmax the fp16 decode kernel
-// runs, kRowsPerIteration rows at a time so that their latencies overlap. The
-// next stages' copies are in flight meanwhile. Keys of a staged page outside
-// the split (a split starting or ending mid-page) are masked.
+// page_split_kernel (splits of the pages), on the tensor cores (mma.sync,
+// mma_sync.cuh): a cp.async pipeline of kStages stages, each the whole K and V
+// blocks (codes, row and group parameters, outlier slots: contiguous per block)
+// of `pages_per_stage` consecutive pages of the sequence, copied with 16-byte
+// cp.async by the whole block. Once a stage has landed (block barrier), the
+// block indexes each staged block's outlier slots by row in shared memory
+// (index_outlier_rows, a second barrier). Each of the 4 warps then takes a run
+// of consecutive 16-key tiles of the stage and, per tile:
+//   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
+//     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
+//     its packed twin (bit-equal to PageCodec::decode; calibrated per-channel key
+//     constants in registers), outliers put back (apply_outliers8), pre-RoPE keys
+//     rotated in fp32 with (cos, sin) stepped in registers, then rounded to fp16;
+//   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
+//     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
+//   - the online softmax of decode_partials.cuh per head column (log2 units,
+//     kRescaleSlack), keys outside the split masked; P rounded to fp16;
+//   - decodes the 16 value rows into the same tile (the keys are consumed) and
+//     accumulates O^T (head_dim x 8 heads) += V^T P, head_dim / 16 mma.
+// The next stages' copies are in flight meanwhile. At the end the 4 warps'
+// (max, sum, O) are merged in shared memory into the split's partial result.
+// Operands in fp16 are what the wgmma prefill kernel uses too (the CPU twin test
+// rounds the same values).
 //
 // exact_split_kernel (sinks, the exact tail window, the step's own rows): fp16
 // rows from this step's K/V or the sequence's exact-row store, one key per lane
-// group at a time (short ranges: at most the window per row).
+// group at a time on CUDA cores (short ranges: at most the window per row).
 #include "cuda/quantized_attention.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/decode_partials.cuh"
 #include "cuda/kv_dequant.cuh"
 #include "cuda/kv_page_loader.cuh"
+#include "cuda/mma_sync.cuh"
 
 namespace kvq::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
 
 // Q of the block's query heads for this lane's 8 dims, pre-scaled by scale * log2 e (heads >= group: zeros).
 template <int D, int kMaxGroup>
@@ -54,8 +65,8 @@ __device__ __forceinline__ void load_scaled_query(const AttentionQuery& query, c
   }
 }
 
-// Where a thread sits: head_dim / 8 lanes (a lane group) read a key row, lane `sub` its elements c0 .. c0 + 7;
-// key_group numbers the block's lane groups.
+// Where a thread of exact_split_kernel sits: head_dim / 8 lanes (a lane group) read a key row, lane `sub`
+// its elements c0 .. c0 + 7; key_group numbers the block's lane groups.
 struct LanePlace {
   int sub, c0, key_group;
 };
@@ -66,31 +77,43 @@ __device__ __forceinline__ LanePlace lane_place() {
   return {sub, sub * 8, thread / 32 * (32 / kLanes) + lane / kLanes};
 }
 
-constexpr int kStages = 3;  // page stages: kStages - 1 in flight while one is decoded
-constexpr int kRowsPerIteration = 2;  // rows a lane group decodes and accumulates together (instruction-level parallelism)
+// ---- page_split_kernel ----
+
+constexpr int kStages = 3;     // page stages: kStages - 1 in flight while one is decoded
+constexpr int kTileKeys = 16;  // keys per warp tile: the M of mma.m16n8k16 (S^T) and its K (O^T)
+constexpr int kMmaHeads = 8;   // query heads per block as mma columns (N): groups of up to 8
 
 // The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
 //   row_first:  pages_per_stage x 2 (K, V) x (page_size + 1) ints, the staged blocks' outlier index;
-//   calib:      key_lo (D), key_hi (D), key codebook (16), value codebook (16), then for decode_packed8: the
-//               keys' per-channel span (D) and both codebooks' centre + 1 (16 each) floats; 16-byte aligned.
-// After the loop the block merge (kSplitMergeFloats) reuses it from the start.
+//   calib:      key codebook, value codebook, then (decode_packed8) both codebooks' centre + 1, kCodebookFloats
+//               floats each, 16-byte aligned;
+//   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
+//               aligned.
+// After the loop the block merge (kPageMergeFloats) reuses it from the start.
 struct PageStageShape {
   int32_t pages_per_stage;
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
   int32_t stage_bytes;  // pages_per_stage * pair_bytes
   int32_t row_first_offset;
   int32_t calib_offset;
+  int32_t tiles_offset;
   int32_t smem_bytes;
 };
 
 constexpr int kCodebookFloats = 16;  // 2^bits, bits <= 4
-constexpr int calib_floats(int head_dim) { return 3 * head_dim + 4 * kCodebookFloats; }
+constexpr int kCalibFloats = 4 * kCodebookFloats;
+
+// The block merge: per warp the running max and sum of the 8 head columns, then O^T as (warp, head, head_dim).
+template <int D>
+constexpr int kPageMergeFloats = 2 * kWarps * kMmaHeads + kWarps * kMmaHeads * D;
 
 // The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
 // (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2. These are decode_chunk8's
-// fp32 operations with the same roundings (uniform_decode, codebook_decode), so the result is bit-equal.
+// fp32 operations with the same roundings (uniform_decode, codebook_decode), so the result is bit-equal. An
+// int code becomes a float by its bits (2^23 + code, exact, minus 2^23): integer-to-float conversions issue at
+// an eighth of the rate of additions.
 template <int kBits, bool kCodebook>
 __device__ __forceinline__ void decode_packed8(uint32_t codes, const float* centre_plus_one, const float (&lo)[8],
                                                const float (&span)[8], float (&out)[8]) {
@@ -98,45 +121,120 @@ __device__ __forceinline__ void decode_packed8(uint32_t codes, const float* cent
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const uint32_t code = (codes >> (kBits * j)) & kMask;
-    const float x = kCodebook ? centre_plus_one[code] : static_cast<float>(code);
+    const float x = kCodebook ? centre_plus_one[code] : __fsub_rn(__uint_as_float(0x4b000000u | code), 8388608.0f);
     out[j] = __fadd_rn(lo[j], __fmul_rn(x, span[j]));
   }
 }
 
-// Keys and values of one row (8 elements each) by decode_packed8: the keys' lo and span per channel from
-// shared memory, the values' from the row's (lo, hi).
-template <int kBits, bool kCodebook>
-__device__ __forceinline__ void decode_packed_row(const PageBlockLayout& key_layout, const uint8_t* key_block,
-                                                  const PageBlockLayout& value_layout, const uint8_t* value_block,
-                                                  int row, int c0, const float* s_calib, int head_dim, float (&k)[8],
-                                                  float (&v)[8]) {
-  const int64_t element = int64_t{row} * head_dim + c0;
-  const float4* key_lo = reinterpret_cast<const float4*>(s_calib + c0);
-  const float4* key_span = reinterpret_cast<const float4*>(s_calib + 2 * head_dim + 2 * kCodebookFloats + c0);
-  const float4 lo0 = key_lo[0], lo1 = key_lo[1], span0 = key_span[0], span1 = key_span[1];
-  const float klo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
-  const float kspan[8] = {span0.x, span0.y, span0.z, span0.w, span1.x, span1.y, span1.z, span1.w};
-  const float* key_table = s_calib + 3 * head_dim + 2 * kCodebookFloats;
-  decode_packed8<kBits, kCodebook>(load_codes8<kBits>(key_block + key_layout.codes_offset, element), key_table, klo,
-                                   kspan, k);
-  const uint32_t p = reinterpret_cast<const uint32_t*>(value_block + value_layout.row_params_offset)[row];
-  const float lo = half_bits_to_float(p & 0xffff), hi = half_bits_to_float(p >> 16);
-  const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
-  const float vlo[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
-  const float vspan[8] = {span, span, span, span, span, span, span, span};
-  decode_packed8<kBits, kCodebook>(load_codes8<kBits>(value_block + value_layout.codes_offset, element),
-                                   key_table + kCodebookFloats, vlo, vspan, v);
+// How the page kernel decodes a block's rows: decode_packed8 (nuq or int with calibrated key ranges) or
+// decode_chunk8 (every other format).
+enum class RowDecode { codebook, uniform, generic };
+
+// Calls f with row_decode as a compile-time constant (std::integral_constant), so that the loops f runs are
+// compiled once per way of decoding, without a branch per row.
+template <typename F>
+__device__ __forceinline__ void with_row_decode(RowDecode row_decode, F&& f) {
+  switch (row_decode) {
+    case RowDecode::codebook: return f(std::integral_constant<RowDecode, RowDecode::codebook>{});
+    case RowDecode::uniform: return f(std::integral_constant<RowDecode, RowDecode::uniform>{});
+    case RowDecode::generic: return f(std::integral_constant<RowDecode, RowDecode::generic>{});
+  }
 }
 
-// Resident blocks per multiprocessor the page kernel is compiled for: at most 128, 168 or 256 registers.
-constexpr int page_min_blocks(int max_group) { return max_group >= 8 ? 2 : max_group >= 4 ? 3 : 4; }
+// Elements [c0, c0 + 8) of key row `row` of a staged K block, outliers put back (before RoPE: they are
+// pre-RoPE values like the codes). key_lo, key_span: this lane's channels (RowDecode::codebook, uniform).
+template <int kBits, RowDecode kDecode>
+__device__ __forceinline__ void decode_key8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
+                                            const BlockCalibration& calib, const float* centre_plus_one,
+                                            const float (&key_lo)[8], const float (&key_span)[8],
+                                            const int* row_first, float (&k)[8]) {
+  const int head_dim = layout.head_dim;
+  if constexpr (kDecode == RowDecode::generic) {
+    decode_chunk8<kBits>(layout, block, row, c0, calib, k);
+  } else {
+    const uint32_t codes = load_codes8<kBits>(block + layout.codes_offset, int64_t{row} * head_dim + c0);
+    decode_packed8<kBits, kDecode == RowDecode::codebook>(codes, centre_plus_one, key_lo, key_span, k);
+  }
+  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, head_dim, k);
+}
 
-template <int D, int kMaxGroup, int kBits>
-__global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
+// The same for value row `row` of a staged V block (packed: the row's own (lo, hi)).
+template <int kBits, RowDecode kDecode>
+__device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
+                                              const BlockCalibration& calib, const float* centre_plus_one,
+                                              const int* row_first, float (&v)[8]) {
+  const int head_dim = layout.head_dim;
+  if constexpr (kDecode == RowDecode::generic) {
+    decode_chunk8<kBits>(layout, block, row, c0, calib, v);
+  } else {
+    constexpr bool kCodebook = kDecode == RowDecode::codebook;
+    const uint32_t p = reinterpret_cast<const uint32_t*>(block + layout.row_params_offset)[row];
+    const float lo = half_bits_to_float(p & 0xffff), hi = half_bits_to_float(p >> 16);
+    const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+    const float row_lo[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
+    const float row_span[8] = {span, span, span, span, span, span, span, span};
+    const uint32_t codes = load_codes8<kBits>(block + layout.codes_offset, int64_t{row} * head_dim + c0);
+    decode_packed8<kBits, kCodebook>(codes, centre_plus_one, row_lo, row_span, v);
+  }
+  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, head_dim, v);
+}
+
+// 8 elements rounded to fp16 into a tile's 16-byte chunk.
+__device__ __forceinline__ void store_half8(__half* chunk, const float (&x)[8]) {
+  const uint4 packed{half2_bits(x[0], x[1]), half2_bits(x[2], x[3]), half2_bits(x[4], x[5]), half2_bits(x[6], x[7])};
+  *reinterpret_cast<uint4*>(chunk) = packed;
+}
+
+// A staged row: page `page` of the stage, row `row` of that page.
+struct StageRow {
+  int page, row;
+};
+__device__ __forceinline__ StageRow stage_row(int t, int page_size) { return {t / page_size, t % page_size}; }
+// The row `rows` stage rows further, without a division (page_size may be below rows).
+__device__ __forceinline__ void advance(StageRow& at, int rows, int page_size) {
+  for (at.row += rows; at.row >= page_size; at.row -= page_size) ++at.page;
+}
+
+// What a warp decodes of a tile: lane `column` (elements c0 = 8 column .. c0 + 7) of tile rows
+// lane_row + i * kRowStep, i < kPasses; and the register budget that goes with it. Both choices below avoid
+// spills (ptxas -v, nvcc 13.0): head_dim 64 at 128 registers (4 blocks per multiprocessor) needs the passes
+// rolled (unrolled 2 it spilled 12-20 bytes); head_dim 128 runs 3 blocks (its shared memory allows 3 at page 16,
+// nuq3-1%) at 168 registers, passes unrolled by 2 (fully unrolled it spilled 20-44 bytes, at 128 registers
+// rolled ~100). Not yet timed against each other.
+template <int D>
+struct PageTile {
+  static constexpr int kChunks = D / 8;                  // lanes per row
+  static constexpr int kRowStep = 32 / kChunks;          // rows a warp decodes at once
+  static constexpr int kPasses = kTileKeys / kRowStep;   // per lane and tile
+  static constexpr int kMinBlocks = D <= 64 ? 4 : 3;     // resident blocks per multiprocessor compiled for
+  static constexpr int kPassUnroll = D <= 64 ? 1 : 2;
+};
+
+// The query heads of the block as the B operand (head_dim x 8 heads) of S^T = K Q^T, one fragment per 16
+// dims: lane holds head lane / 4's dims 16 kt + 2 (lane % 4) + {0, 1} and + 8 (mma_sync.cuh), fp16 as the
+// step stores them (the softmax scale multiplies the fp32 scores instead, so Q is not rounded again); heads
+// >= group (padding columns) zero.
+template <int D>
+__device__ __forceinline__ void load_query_fragments(const AttentionQuery& query, const AttentionChunk& row, int kv_head,
+                                                     int group, int lane, uint32_t (&q)[D / 16][2]) {
+  const int head = lane / 4;
+  const __half* q_row =
+      query.q + static_cast<int64_t>(row.first_row) * query.q_stride + (kv_head * group + head) * D + 2 * (lane % 4);
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    q[kt][0] = head < group ? *reinterpret_cast<const uint32_t*>(q_row + 16 * kt) : 0u;
+    q[kt][1] = head < group ? *reinterpret_cast<const uint32_t*>(q_row + 16 * kt + 8) : 0u;
+  }
+}
+
+// One split of the pages of one KV head (the file comment tells the steps); the query heads of the group as
+// mma columns, so one kernel serves every group size up to 8.
+template <int D, int kBits>
+__global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     page_split_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows, const QuantizedSplit* splits,
                       PageStageShape shape, DecodeWorkspace ws) {
-  constexpr int kLanes = D / 8;  // lanes per key row
-  constexpr int kKeyGroups = kThreads / kLanes;
+  using Tile = PageTile<D>;
+  constexpr int kDimTiles = D / 16;  // k-steps of S^T, m-tiles of O^T
   extern __shared__ uint4 s_dynamic[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(s_dynamic);
 
@@ -146,7 +244,8 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
   if (split.exact || split.key_begin == split.key_end) return;  // exact_split_kernel's, or padding
   const AttentionChunk row = rows[split.row];
   const int group = query.n_heads / kv.n_kv_heads;
-  const auto [sub, c0, key_group] = lane_place<D>();
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int column = lane % Tile::kChunks, c0 = column * 8, lane_row = lane / Tile::kChunks;
   const PageBlockLayout& key_layout = kv.key_layout;
   const PageBlockLayout& value_layout = kv.value_layout;
   const int page_size = key_layout.page_size;
@@ -181,52 +280,63 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
     cp_async_commit();
   }
 
-  // Calibration in shared memory (read for every key): this KV head's key ranges and both codebooks.
+  // Codebooks in shared memory (read for every element; the first stage barrier publishes them).
   float* s_calib = reinterpret_cast<float*>(smem + shape.calib_offset);
   const BlockCalibration global_key_calib = block_calibration(kv.calib, key_layout, kv_head);
   const BlockCalibration global_value_calib = block_calibration(kv.calib, value_layout, kv_head);
   const bool codebook = key_layout.scheme == KvScheme::nonuniform;
-  // decode_packed_row serves int and nuq pages with calibrated key ranges; the rest go through decode_chunk8.
+  // decode_packed8 serves int and nuq pages with calibrated key ranges; the rest go through decode_chunk8.
   const bool packed = (key_layout.scheme == KvScheme::uniform || codebook) && !key_layout.per_page_key_ranges &&
                       global_key_calib.key_lo != nullptr;
-  for (int i = threadIdx.x; i < D; i += kThreads) {
-    if (global_key_calib.key_lo) {
-      const float lo = global_key_calib.key_lo[i], hi = global_key_calib.key_hi[i];
-      s_calib[i] = lo;
-      s_calib[D + i] = hi;
-      s_calib[2 * D + 2 * kCodebookFloats + i] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
-    }
-  }
+  const RowDecode row_decode = !packed ? RowDecode::generic : codebook ? RowDecode::codebook : RowDecode::uniform;
+  float* key_centres = s_calib + 2 * kCodebookFloats;  // centre + 1 of the key codebook, then the value codebook's
+  float* value_centres = key_centres + kCodebookFloats;
   if (threadIdx.x < kCodebookFloats && threadIdx.x < (1 << kBits)) {
-    float* centres_plus_one = s_calib + 3 * D + 2 * kCodebookFloats;
     if (global_key_calib.codebook) {
-      s_calib[2 * D + threadIdx.x] = global_key_calib.codebook[threadIdx.x];
-      centres_plus_one[threadIdx.x] = __fadd_rn(global_key_calib.codebook[threadIdx.x], 1.0f);
+      s_calib[threadIdx.x] = global_key_calib.codebook[threadIdx.x];
+      key_centres[threadIdx.x] = __fadd_rn(global_key_calib.codebook[threadIdx.x], 1.0f);
     }
     if (global_value_calib.codebook) {
-      s_calib[2 * D + kCodebookFloats + threadIdx.x] = global_value_calib.codebook[threadIdx.x];
-      centres_plus_one[kCodebookFloats + threadIdx.x] = __fadd_rn(global_value_calib.codebook[threadIdx.x], 1.0f);
+      s_calib[kCodebookFloats + threadIdx.x] = global_value_calib.codebook[threadIdx.x];
+      value_centres[threadIdx.x] = __fadd_rn(global_value_calib.codebook[threadIdx.x], 1.0f);
     }
   }
-  const BlockCalibration key_calib{global_key_calib.key_lo ? s_calib : nullptr, global_key_calib.key_lo ? s_calib + D : nullptr,
-                                   global_key_calib.codebook ? s_calib + 2 * D : nullptr};
-  const BlockCalibration value_calib{nullptr, nullptr,
-                                     global_value_calib.codebook ? s_calib + 2 * D + kCodebookFloats : nullptr};
+  // decode_chunk8 reads the key ranges (global) only for the packed schemes, which take decode_packed8 here.
+  const BlockCalibration key_calib{global_key_calib.key_lo, global_key_calib.key_hi,
+                                   global_key_calib.codebook ? s_calib : nullptr};
+  const BlockCalibration value_calib{nullptr, nullptr, global_value_calib.codebook ? s_calib + kCodebookFloats : nullptr};
+  // This lane's key channels c0 .. c0 + 7 (decode_packed8): lo and span, the same for every key.
+  float key_lo[8] = {}, key_span[8] = {};
+  if (packed) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float lo = global_key_calib.key_lo[c0 + j], hi = global_key_calib.key_hi[c0 + j];
+      key_lo[j] = lo;
+      key_span[j] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+    }
+  }
   int* row_first = reinterpret_cast<int*>(smem + shape.row_first_offset);  // (pages_per_stage, 2, page_size + 1)
   const bool key_outliers = key_layout.outlier_capacity > 0, value_outliers = value_layout.outlier_capacity > 0;
+  __half* warp_tile = reinterpret_cast<__half*>(smem + shape.tiles_offset) + warp * kTileKeys * D;  // (kTileKeys, D)
 
-  float q[kMaxGroup][8];
-  load_scaled_query<D, kMaxGroup>(query, row, kv_head, group, c0, q);
-  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][8];
-  init_running_softmax<kMaxGroup>(m, l, acc);
-  float2 step[4];  // (cos, sin) of kKeyGroups positions: a lane group's next key
+  uint32_t q[kDimTiles][2];
+  load_query_fragments<D>(query, row, kv_head, group, lane, q);
+  const float scale_log2 = query.scale * 1.4426950408889634f;
+  // Running max (log2 units) and sum of the lane's two head columns 2 (lane % 4) + {0, 1}, and O^T: out[mt]
+  // holds dims 16 mt + lane / 4 (+ 8 in [2], [3]) of those heads (C fragments).
+  float running_max[2] = {-INFINITY, -INFINITY}, running_sum[2] = {0.0f, 0.0f};
+  float out[kDimTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kDimTiles; ++mt) out[mt][0] = out[mt][1] = out[mt][2] = out[mt][3] = 0.0f;
+  float2 step[4];  // (cos, sin) of kRowStep positions: the lane's next row
   if (kv.rotate_keys) {
-    const float2* angles = kv.rope + int64_t{kKeyGroups} * (D / 2) + sub * 4;
+    const float2* angles = kv.rope + int64_t{Tile::kRowStep} * (D / 2) + column * 4;
 #pragma unroll
     for (int j = 0; j < 4; ++j) step[j] = __ldg(angles + j);
   }
 
-  // The loop bounds are uniform over the block: the barriers and the shuffles need every thread.
+  // The loop bounds are uniform over the block (the barriers need every thread), the tile loop over the warp
+  // (the mma, ldmatrix and shuffles need every lane).
   for (int s = 0; s < n_stages; ++s) {
     cp_async_wait<kStages - 2>();  // stage s has landed (this thread's chunks)
     __syncthreads();               // ... and every thread's; every thread is done with stage s - 1
@@ -251,57 +361,175 @@ __global__ void __launch_bounds__(kThreads, page_min_blocks(kMaxGroup))
       __syncthreads();  // the index is complete
     }
 
-    // This lane group's rows of the stage, kRowsPerIteration at a time: t = key_group + i * kKeyGroups at
-    // page j = t / page_size and row r = t % page_size (advanced without divisions), position stage_pos + t; the
-    // loop ends with the split's keys in the stage (a bound uniform over the block). A row outside the split
-    // decodes the stage's first row instead (staged and indexed whatever the split), masked: every iteration
-    // decodes without branches, so the compiler interleaves the rows' loads, shuffles and exponentials.
+    // The stage's keys at positions [stage_pos, stage_end) (the split's end cuts the last stage) in tiles of
+    // kTileKeys: warp w takes a run of consecutive tiles, so a lane's rows (and RoPE angles) advance by
+    // kRowStep from one pass to the next across its tiles. A split starting mid-page (after the sinks) skips
+    // the tiles before its first key. Rows outside [key_begin, stage_end) (also those past the staged pages
+    // in a last partial tile) decode the stage's first row instead (staged, written and indexed whatever the
+    // split: finite values, so their zero weights add nothing) and their scores are masked.
     const int stage_pos = (first_page + s * shape.pages_per_stage) * page_size;
     const int stage_end = min(split.key_end, stage_pos + stage_pages * page_size);
-    int j = key_group / page_size, r = key_group % page_size;
-    float2 cs[4];
+    const int n_tiles = (stage_end - stage_pos + kTileKeys - 1) / kTileKeys;
+    const int tiles_per_warp = (n_tiles + kWarps - 1) / kWarps;
+    const int tile_end = min(n_tiles, (warp + 1) * tiles_per_warp);
+    int tile = max(warp * tiles_per_warp, (max(split.key_begin, stage_pos) - stage_pos) / kTileKeys);
+    if (tile >= tile_end) continue;  // nothing for this warp in this stage
+    StageRow at = stage_row(tile * kTileKeys + lane_row, page_size);  // the lane's first row of the tile
+    float2 cs[4];  // (cos, sin) of the lane's 4 pairs at its current row
     if (kv.rotate_keys) {
-      const int pos = stage_pos + key_group;
-      const float2* angles = kv.rope + static_cast<int64_t>(pos < split.key_end ? pos : split.key_begin) * (D / 2) + sub * 4;
+      const int pos = stage_pos + tile * kTileKeys + lane_row;
+      const float2* angles = kv.rope + static_cast<int64_t>(pos < split.key_end ? pos : split.key_begin) * (D / 2) + column * 4;
 #pragma unroll
       for (int p = 0; p < 4; ++p) cs[p] = __ldg(angles + p);
     }
-    for (int t = key_group; t - key_group < stage_end - stage_pos; t += kRowsPerIteration * kKeyGroups) {
-      float k[kRowsPerIteration][8], v[kRowsPerIteration][8];
-      bool valid[kRowsPerIteration];
+    for (; tile < tile_end; ++tile) {
+      const int tile_pos = stage_pos + tile * kTileKeys;
+      // Keys: decoded, rotated and rounded into the tile.
+      StageRow r = at;
+      with_row_decode(row_decode, [&](auto decode) {
+#pragma unroll Tile::kPassUnroll
+        for (int i = 0; i < Tile::kPasses; ++i) {
+          const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
+          const bool valid = pos >= split.key_begin && pos < stage_end;
+          const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
+          float k[8];
+          decode_key8<kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
+                                                      key_calib, key_centres, key_lo, key_span,
+                                                      row_first + page * 2 * (page_size + 1), k);
+          if (kv.rotate_keys) {
+            rotate8(cs, k);
+            step_angles(cs, step);
+          }
+          store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), k);
+          advance(r, Tile::kRowStep, page_size);
+        }
+      });
+      __syncwarp();  // the tile's keys are stored
+
+      // S^T (keys x heads): score[0..1] of key lane / 4, score[2..3] of key lane / 4 + 8, heads 2 (lane % 4) + {0, 1}.
+      float score[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int u = 0; u < kRowsPerIteration; ++u) {
-        const int pos = stage_pos + t + u * kKeyGroups;
-        valid[u] = pos >= split.key_begin && pos < stage_end;
-        const int page = valid[u] ? j : 0, row = valid[u] ? r : 0;
-        const uint8_t* key_block = stage + page * shape.pair_bytes;
-        const uint8_t* value_block = key_block + key_bytes;
-        if (packed && codebook) {
-          decode_packed_row<kBits, true>(key_layout, key_block, value_layout, value_block, row, c0, s_calib, D, k[u], v[u]);
-        } else if (packed) {
-          decode_packed_row<kBits, false>(key_layout, key_block, value_layout, value_block, row, c0, s_calib, D, k[u], v[u]);
-        } else {
-          decode_chunk8<kBits>(key_layout, key_block, row, c0, key_calib, k[u]);
-          decode_chunk8<kBits>(value_layout, value_block, row, c0, value_calib, v[u]);
-        }
-        const int* first = row_first + page * 2 * (page_size + 1);
-        if (key_outliers) apply_outliers8(outlier_slots(key_layout, key_block), first, row, c0, D, k[u]);
-        if (value_outliers) apply_outliers8(outlier_slots(value_layout, value_block), first + page_size + 1, row, c0, D, v[u]);
-        if (kv.rotate_keys) {
-          rotate8(cs, k[u]);
-          step_angles(cs, step);
-        }
-        for (r += kKeyGroups; r >= page_size; r -= page_size) ++j;
+      for (int kt = 0; kt < kDimTiles; ++kt) {
+        uint32_t a[4];
+        ldmatrix_x4(a, warp_tile + tile_offset<D, kTileKeys>(lane % 16, 16 * kt + 8 * (lane / 16)));
+        mma_m16n8k16(score, a, q[kt]);
       }
-      accumulate_keys<kLanes, kMaxGroup, kRowsPerIteration>(q, k, v, valid, group, m, l, acc);
+      __syncwarp();  // every lane has read the keys: the values may take their place
+
+      // Online softmax per head column, as accumulate_keys: the max is raised only past kRescaleSlack, each
+      // lane keeps the sum of its own keys' weights (summed over lanes at the end). Branch-free (a correction
+      // of 1 when the max stays), so the warp stays converged for the mma.
+      const int key = tile_pos + lane / 4;
+      const bool valid_low = key >= split.key_begin && key < stage_end;
+      const bool valid_high = key + 8 >= split.key_begin && key + 8 < stage_end;
+      float weight[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float low = score[h] * scale_log2, high = score[2 + h] * scale_log2;
+        float top = fmaxf(valid_low ? low : -INFINITY, valid_high ? high : -INFINITY);
+#pragma unroll
+        for (int offset = 4; offset < 32; offset *= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+        const float new_max = top > running_max[h] + kRescaleSlack ? top : running_max[h];
+        // new_max is finite once a key is valid; -inf - -inf would be NaN, so no correction without a change.
+        const float correction = new_max == running_max[h] ? 1.0f : fast_exp2(running_max[h] - new_max);
+        running_max[h] = new_max;
+        running_sum[h] *= correction;
+#pragma unroll
+        for (int mt = 0; mt < kDimTiles; ++mt) {
+          out[mt][h] *= correction;
+          out[mt][2 + h] *= correction;
+        }
+        weight[h] = valid_low ? fast_exp2(low - new_max) : 0.0f;  // at most 2^kRescaleSlack: fits fp16
+        weight[2 + h] = valid_high ? fast_exp2(high - new_max) : 0.0f;
+      }
+      // P (keys x heads) in fp16, as the mma's B operand (k = keys, n = heads): the C layout transposed. The sums
+      // take the rounded weights, so numerator and denominator weigh each key alike.
+      const uint32_t p_low = half2_bits(weight[0], weight[1]), p_high = half2_bits(weight[2], weight[3]);
+      const float2 rounded_low = __half22float2(*reinterpret_cast<const __half2*>(&p_low));
+      const float2 rounded_high = __half22float2(*reinterpret_cast<const __half2*>(&p_high));
+      running_sum[0] += rounded_low.x + rounded_high.x;
+      running_sum[1] += rounded_low.y + rounded_high.y;
+      const uint32_t p[2] = {movmatrix_trans(p_low), movmatrix_trans(p_high)};
+
+      // Values: decoded and rounded into the tile (the same rows as the keys).
+      r = at;
+      with_row_decode(row_decode, [&](auto decode) {
+#pragma unroll Tile::kPassUnroll
+        for (int i = 0; i < Tile::kPasses; ++i) {
+          const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
+          const bool valid = pos >= split.key_begin && pos < stage_end;
+          const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
+          float v[8];
+          decode_value8<kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
+                                                        page_row, c0, value_calib, value_centres,
+                                                        row_first + page * 2 * (page_size + 1) + page_size + 1, v);
+          store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), v);
+          advance(r, Tile::kRowStep, page_size);
+        }
+      });
+      at = r;
+      __syncwarp();  // the tile's values are stored
+
+      // O^T (dims x heads) += V^T (dims x keys) P (keys x heads).
+#pragma unroll
+      for (int mt = 0; mt < kDimTiles; ++mt) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, warp_tile + tile_offset<D, kTileKeys>(lane % 8 + 8 * (lane / 16), 16 * mt + 8 * (lane / 8 % 2)));
+        mma_m16n8k16(out[mt], a, p);
+      }
+      __syncwarp();  // every lane has read the values: the next tile's keys may take their place
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // every thread is done with the stages before the merge reuses them
 
-  write_split_partial<D, kMaxGroup, kKeyGroups, kThreads>(m, l, acc, reinterpret_cast<float*>(smem), key_group, sub,
-                                                          group, kv_head, split_index, query.n_heads, ws);
+  // Each lane summed the weights of its own keys: the sum over the 8 lanes of its head columns.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int offset = 4; offset < 32; offset *= 2) running_sum[h] += __shfl_xor_sync(0xffffffffu, running_sum[h], offset);
+  }
+  __syncthreads();  // every thread is done with the stages and tiles before the merge reuses them
+
+  // The block merge: each warp's (max, sum) per head column and its O^T, then the split's partial result
+  // (decode_partials.cuh's format) for the `group` real heads.
+  float(*s_max)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(smem);
+  float(*s_sum)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(smem) + kWarps;
+  float(*s_out)[kMmaHeads][D] = reinterpret_cast<float(*)[kMmaHeads][D]>(smem + 2 * kWarps * kMmaHeads * 4);
+  const int head_pair = 2 * (lane % 4);
+  if (lane < 4) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_max[warp][head_pair + h] = running_max[h];
+      s_sum[warp][head_pair + h] = running_sum[h];
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < kDimTiles; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_out[warp][head_pair + h][16 * mt + lane / 4] = out[mt][h];
+      s_out[warp][head_pair + h][16 * mt + 8 + lane / 4] = out[mt][2 + h];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    float block_max = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, s_max[w][h]);
+    float sum = 0.0f, value = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      if (s_max[w][h] == -INFINITY) continue;  // this warp had no keys
+      const float weight = exp2f(s_max[w][h] - block_max);
+      sum += weight * s_sum[w][h];
+      value += weight * s_out[w][h][d];
+    }
+    const int head = kv_head * group + h;
+    ws.partial_out[(static_cast<int64_t>(split_index) * query.n_heads + head) * D + d] = value;
+    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * query.n_heads + head] = make_float2(block_max, sum);
+  }
 }
+
+// ---- exact_split_kernel ----
 
 template <int D, int kMaxGroup>
 __global__ void __launch_bounds__(kThreads)
@@ -356,12 +584,13 @@ int bits_bucket(const PageBlockLayout& layout) {
   return packed ? layout.bits : 4;
 }
 
-// Rows per page stage at least (pages_per_stage = ceil(kStageRows / page_size)): 8 keys per lane group at
-// head_dim 64, 16 at 128, between the stage barriers; page 16, nuq3-1%, head_dim 64: 7.4 KB a stage.
+// Rows per page stage at least (pages_per_stage = ceil(kStageRows / page_size)): 2 tiles per warp between
+// the stage barriers; page 16, nuq3-1%, head_dim 64: 7.4 KB a stage.
 constexpr int kStageRows = 128;
 constexpr int kMaxSharedBytes = 227 * 1024;  // per block, H100
 
-PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int head_dim, int merge_bytes) {
+template <int D>
+PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
   const PageBlockLayout& key = kv.key_layout;
   const PageBlockLayout& value = kv.value_layout;
   if (key.block_bytes % 16 != 0 || value.block_bytes % 16 != 0) {
@@ -373,7 +602,9 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int head_dim, int me
   shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
   shape.row_first_offset = kStages * shape.stage_bytes;
   shape.calib_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 15) / 16 * 16;
-  shape.smem_bytes = std::max(shape.calib_offset + calib_floats(head_dim) * 4, merge_bytes);
+  shape.tiles_offset = (shape.calib_offset + kCalibFloats * 4 + 127) / 128 * 128;
+  const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
+  shape.smem_bytes = std::max(tiles_end, kPageMergeFloats<D> * 4);
   if (shape.smem_bytes > kMaxSharedBytes) {
     fail("quantized attention: pages of {} rows need {} bytes of shared memory per block (at most {})", key.page_size,
          shape.smem_bytes, kMaxSharedBytes);
@@ -381,45 +612,44 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int head_dim, int me
   return shape;
 }
 
-// The page and exact split kernels over the same splits; each block of either kernel returns at once on
-// the other's splits.
-template <int D, int kMaxGroup, int kBits>
-void launch_bits(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
-                 const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits, DecodeWorkspace ws,
-                 cudaStream_t stream) {
-  const dim3 grid(n_splits, kv.n_kv_heads);
-  constexpr int kMergeBytes = kSplitMergeFloats<D, kMaxGroup, kThreads / (D / 8)> * 4;
-  const PageStageShape shape = page_stage_shape(kv, D, kMergeBytes);
-  auto* page_kernel = page_split_kernel<D, kMaxGroup, kBits>;
+template <int D, int kBits>
+void launch_page_kernel(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
+                        const QuantizedSplit* splits, int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
+  const PageStageShape shape = page_stage_shape<D>(kv);
+  auto* kernel = page_split_kernel<D, kBits>;
   if (shape.smem_bytes > 48 * 1024) {
-    CUDA_CHECK(cudaFuncSetAttribute(page_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shape.smem_bytes));
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shape.smem_bytes));
   }
-  page_kernel<<<grid, kThreads, shape.smem_bytes, stream>>>(query, kv, rows, splits, shape, ws);
+  kernel<<<dim3(n_splits, kv.n_kv_heads), kThreads, shape.smem_bytes, stream>>>(query, kv, rows, splits, shape, ws);
   CUDA_CHECK_LAUNCH(stream, "page_split_kernel");
-  exact_split_kernel<D, kMaxGroup><<<grid, kThreads, 0, stream>>>(query, kv, rows, sources, splits, ws);
-  CUDA_CHECK_LAUNCH(stream, "exact_split_kernel");
 }
 
 template <int D, int kMaxGroup>
-void launch_group(int bits, const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
-                  const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits, DecodeWorkspace ws,
-                  cudaStream_t stream) {
-  switch (bits) {
-    case 2: return launch_bits<D, kMaxGroup, 2>(query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 3: return launch_bits<D, kMaxGroup, 3>(query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 4: return launch_bits<D, kMaxGroup, 4>(query, kv, rows, sources, splits, n_splits, ws, stream);
-    default: fail("quantized attention: {}-bit codes are not supported", bits);
-  }
+void launch_exact_kernel(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
+                         const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits, DecodeWorkspace ws,
+                         cudaStream_t stream) {
+  exact_split_kernel<D, kMaxGroup><<<dim3(n_splits, kv.n_kv_heads), kThreads, 0, stream>>>(query, kv, rows, sources,
+                                                                                           splits, ws);
+  CUDA_CHECK_LAUNCH(stream, "exact_split_kernel");
 }
 
+// The page and exact split kernels over the same splits; each block of either kernel returns at once on
+// the other's splits. The page kernel is compiled per code width (its decode), the exact one per group
+// bucket (its per-lane query and accumulator arrays).
 template <int D>
 void launch_head_dim(int bucket, int bits, const AttentionQuery& query, const QuantizedPagedKv& kv,
                      const AttentionChunk* rows, const ExactSource* sources, const QuantizedSplit* splits,
                      int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
+  switch (bits) {
+    case 2: launch_page_kernel<D, 2>(query, kv, rows, splits, n_splits, ws, stream); break;
+    case 3: launch_page_kernel<D, 3>(query, kv, rows, splits, n_splits, ws, stream); break;
+    case 4: launch_page_kernel<D, 4>(query, kv, rows, splits, n_splits, ws, stream); break;
+    default: fail("quantized attention: {}-bit codes are not supported", bits);
+  }
   switch (bucket) {
-    case 1: return launch_group<D, 1>(bits, query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 4: return launch_group<D, 4>(bits, query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 8: return launch_group<D, 8>(bits, query, kv, rows, sources, splits, n_splits, ws, stream);
+    case 1: return launch_exact_kernel<D, 1>(query, kv, rows, sources, splits, n_splits, ws, stream);
+    case 4: return launch_exact_kernel<D, 4>(query, kv, rows, sources, splits, n_splits, ws, stream);
+    case 8: return launch_exact_kernel<D, 8>(query, kv, rows, sources, splits, n_splits, ws, stream);
     default: fail("quantized attention: unsupported group bucket {}", bucket);
   }
 }
