@@ -83,11 +83,18 @@ constexpr int kStages = 3;     // page stages: kStages - 1 in flight while one i
 constexpr int kTileKeys = 16;  // keys per warp tile: the M of mma.m16n8k16 (S^T) and its K (O^T)
 constexpr int kMmaHeads = 8;   // query heads per block as mma columns (N): groups of up to 8
 
+constexpr int kCodebookFloats = 16;  // 2^bits, bits <= 4
+// The calibration's shared-memory bytes (see below): 4 codebook tables, then the keys' lo and span per channel.
+template <int D>
+constexpr int kCalibBytes = (4 * kCodebookFloats + 2 * D) * 4;
+
 // The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
+//   calib:      key codebook, value codebook, then (decode_packed8) both codebooks' centre + 1, kCodebookFloats
+//               floats each, first, so that a lookup's address is the code's offset plus a constant (one
+//               instruction fewer per element); then (decode_packed8) the keys' lo and span per channel (D
+//               floats each; in registers they pushed the kernel into spills);
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
 //   row_first:  pages_per_stage x 2 (K, V) x (page_size + 1) ints, the staged blocks' outlier index;
-//   calib:      key codebook, value codebook, then (decode_packed8) both codebooks' centre + 1, kCodebookFloats
-//               floats each, 16-byte aligned;
 //   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
 //               aligned.
 // After the loop the block merge (kPageMergeFloats) reuses it from the start.
@@ -96,13 +103,9 @@ struct PageStageShape {
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
   int32_t stage_bytes;  // pages_per_stage * pair_bytes
   int32_t row_first_offset;
-  int32_t calib_offset;
   int32_t tiles_offset;
   int32_t smem_bytes;
 };
-
-constexpr int kCodebookFloats = 16;  // 2^bits, bits <= 4
-constexpr int kCalibFloats = 4 * kCodebookFloats;
 
 // The block merge: per warp the running max and sum of the 8 head columns, then O^T as (warp, head, head_dim).
 template <int D>
@@ -141,29 +144,40 @@ __device__ __forceinline__ void with_row_decode(RowDecode row_decode, F&& f) {
   }
 }
 
-// Elements [c0, c0 + 8) of key row `row` of a staged K block, outliers put back (before RoPE: they are
-// pre-RoPE values like the codes). key_lo, key_span: this lane's channels (RowDecode::codebook, uniform).
-template <int kBits, RowDecode kDecode>
+// The 8 packed codes of elements [c0, c0 + 8) of row `row` (c0 % 8 == 0) of a block (head_dim D): load_codes8
+// with the offset in 32-bit arithmetic (a block holds far fewer than 2^31 codes).
+template <int D, int kBits>
+__device__ __forceinline__ uint32_t row_codes8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0) {
+  return load_codes8<kBits>(block + layout.codes_offset + (row * (D / 8) + c0 / 8) * kBits, 0);
+}
+
+// Elements [c0, c0 + 8) of key row `row` of a staged K block (head_dim D), outliers put back (before RoPE: they
+// are pre-RoPE values like the codes). key_lo, key_span (shared, D each): the calibrated channels' lo and span
+// (RowDecode::codebook, uniform).
+template <int D, int kBits, RowDecode kDecode>
 __device__ __forceinline__ void decode_key8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
                                             const BlockCalibration& calib, const float* centre_plus_one,
-                                            const float (&key_lo)[8], const float (&key_span)[8],
-                                            const int* row_first, float (&k)[8]) {
-  const int head_dim = layout.head_dim;
+                                            const float* key_lo, const float* key_span, const int* row_first,
+                                            float (&k)[8]) {
   if constexpr (kDecode == RowDecode::generic) {
     decode_chunk8<kBits>(layout, block, row, c0, calib, k);
   } else {
-    const uint32_t codes = load_codes8<kBits>(block + layout.codes_offset, int64_t{row} * head_dim + c0);
-    decode_packed8<kBits, kDecode == RowDecode::codebook>(codes, centre_plus_one, key_lo, key_span, k);
+    const float4 lo0 = reinterpret_cast<const float4*>(key_lo + c0)[0], lo1 = reinterpret_cast<const float4*>(key_lo + c0)[1];
+    const float4 span0 = reinterpret_cast<const float4*>(key_span + c0)[0];
+    const float4 span1 = reinterpret_cast<const float4*>(key_span + c0)[1];
+    const float lo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
+    const float span[8] = {span0.x, span0.y, span0.z, span0.w, span1.x, span1.y, span1.z, span1.w};
+    decode_packed8<kBits, kDecode == RowDecode::codebook>(row_codes8<D, kBits>(layout, block, row, c0),
+                                                          centre_plus_one, lo, span, k);
   }
-  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, head_dim, k);
+  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, D, k);
 }
 
 // The same for value row `row` of a staged V block (packed: the row's own (lo, hi)).
-template <int kBits, RowDecode kDecode>
+template <int D, int kBits, RowDecode kDecode>
 __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
                                               const BlockCalibration& calib, const float* centre_plus_one,
                                               const int* row_first, float (&v)[8]) {
-  const int head_dim = layout.head_dim;
   if constexpr (kDecode == RowDecode::generic) {
     decode_chunk8<kBits>(layout, block, row, c0, calib, v);
   } else {
@@ -173,16 +187,18 @@ __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, con
     const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
     const float row_lo[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
     const float row_span[8] = {span, span, span, span, span, span, span, span};
-    const uint32_t codes = load_codes8<kBits>(block + layout.codes_offset, int64_t{row} * head_dim + c0);
-    decode_packed8<kBits, kCodebook>(codes, centre_plus_one, row_lo, row_span, v);
+    decode_packed8<kBits, kCodebook>(row_codes8<D, kBits>(layout, block, row, c0), centre_plus_one, row_lo, row_span, v);
   }
-  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, head_dim, v);
+  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, D, v);
 }
 
-// 8 elements rounded to fp16 into a tile's 16-byte chunk.
+// 8 elements rounded to fp16 into a tile's 16-byte chunk (shared memory), one 16-byte store (written as a
+// uint4 the compiler made four 4-byte stores of it).
 __device__ __forceinline__ void store_half8(__half* chunk, const float (&x)[8]) {
-  const uint4 packed{half2_bits(x[0], x[1]), half2_bits(x[2], x[3]), half2_bits(x[4], x[5]), half2_bits(x[6], x[7])};
-  *reinterpret_cast<uint4*>(chunk) = packed;
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(chunk));
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(half2_bits(x[0], x[1])),
+               "r"(half2_bits(x[2], x[3])), "r"(half2_bits(x[4], x[5])), "r"(half2_bits(x[6], x[7]))
+               : "memory");
 }
 
 // A staged row: page `page` of the stage, row `row` of that page.
@@ -196,18 +212,16 @@ __device__ __forceinline__ void advance(StageRow& at, int rows, int page_size) {
 }
 
 // What a warp decodes of a tile: lane `column` (elements c0 = 8 column .. c0 + 7) of tile rows
-// lane_row + i * kRowStep, i < kPasses; and the register budget that goes with it. Both choices below avoid
-// spills (ptxas -v, nvcc 13.0): head_dim 64 at 128 registers (4 blocks per multiprocessor) needs the passes
-// rolled (unrolled 2 it spilled 12-20 bytes); head_dim 128 runs 3 blocks (its shared memory allows 3 at page 16,
-// nuq3-1%) at 168 registers, passes unrolled by 2 (fully unrolled it spilled 20-44 bytes, at 128 registers
-// rolled ~100). Not yet timed against each other.
+// lane_row + i * kRowStep, i < kPasses (unrolled); and the registers that allows: head_dim 64 at most 128 (4
+// blocks per multiprocessor), head_dim 128 at most 168 (3 blocks; its shared memory allows 3 at page 16,
+// nuq3-1%). No spills at these bounds (ptxas -v, nvcc 13.0), but head_dim 64 is at the edge: a plain
+// `#pragma unroll` spilled 4-8 bytes where the explicit count does not. Not yet timed against other bounds.
 template <int D>
 struct PageTile {
   static constexpr int kChunks = D / 8;                  // lanes per row
   static constexpr int kRowStep = 32 / kChunks;          // rows a warp decodes at once
   static constexpr int kPasses = kTileKeys / kRowStep;   // per lane and tile
   static constexpr int kMinBlocks = D <= 64 ? 4 : 3;     // resident blocks per multiprocessor compiled for
-  static constexpr int kPassUnroll = D <= 64 ? 1 : 2;
 };
 
 // The query heads of the block as the B operand (head_dim x 8 heads) of S^T = K Q^T, one fragment per 16
@@ -262,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   // chunks spread over the block's threads (block_bytes are multiples of 16).
   const int key_chunks = key_bytes / 16, pair_chunks = shape.pair_bytes / 16;
   auto issue = [&](int s) {
-    uint8_t* stage = smem + (s % kStages) * shape.stage_bytes;
+    uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
     for (int c = threadIdx.x; c < stage_pages * pair_chunks; c += kThreads) {
       const int j = c / pair_chunks, chunk = c - j * pair_chunks;
@@ -281,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   }
 
   // Codebooks in shared memory (read for every element; the first stage barrier publishes them).
-  float* s_calib = reinterpret_cast<float*>(smem + shape.calib_offset);
+  float* s_calib = reinterpret_cast<float*>(smem);
   const BlockCalibration global_key_calib = block_calibration(kv.calib, key_layout, kv_head);
   const BlockCalibration global_value_calib = block_calibration(kv.calib, value_layout, kv_head);
   const bool codebook = key_layout.scheme == KvScheme::nonuniform;
@@ -305,15 +319,13 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   const BlockCalibration key_calib{global_key_calib.key_lo, global_key_calib.key_hi,
                                    global_key_calib.codebook ? s_calib : nullptr};
   const BlockCalibration value_calib{nullptr, nullptr, global_value_calib.codebook ? s_calib + kCodebookFloats : nullptr};
-  // This lane's key channels c0 .. c0 + 7 (decode_packed8): lo and span, the same for every key.
-  float key_lo[8] = {}, key_span[8] = {};
-  if (packed) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float lo = global_key_calib.key_lo[c0 + j], hi = global_key_calib.key_hi[c0 + j];
-      key_lo[j] = lo;
-      key_span[j] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
-    }
+  // The calibrated key channels (decode_packed8): lo and span, the same for every key.
+  float* key_lo = value_centres + kCodebookFloats;  // (D)
+  float* key_span = key_lo + D;                     // (D)
+  for (int i = threadIdx.x; i < D && packed; i += kThreads) {
+    const float lo = global_key_calib.key_lo[i], hi = global_key_calib.key_hi[i];
+    key_lo[i] = lo;
+    key_span[i] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
   }
   int* row_first = reinterpret_cast<int*>(smem + shape.row_first_offset);  // (pages_per_stage, 2, page_size + 1)
   const bool key_outliers = key_layout.outlier_capacity > 0, value_outliers = value_layout.outlier_capacity > 0;
@@ -328,7 +340,10 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   float out[kDimTiles][4];
 #pragma unroll
   for (int mt = 0; mt < kDimTiles; ++mt) out[mt][0] = out[mt][1] = out[mt][2] = out[mt][3] = 0.0f;
-  float2 step[4];  // (cos, sin) of kRowStep positions: the lane's next row
+  // (cos, sin) of kRowStep positions: the lane's next row. Keys stored after RoPE get the identity (1, 0),
+  // which rotates finite values exactly, so the loop rotates without a branch (the branch cost a register move
+  // per element where the two paths merged).
+  float2 step[4] = {{1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}};
   if (kv.rotate_keys) {
     const float2* angles = kv.rope + int64_t{Tile::kRowStep} * (D / 2) + column * 4;
 #pragma unroll
@@ -342,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     __syncthreads();               // ... and every thread's; every thread is done with stage s - 1
     if (s + kStages - 1 < n_stages) issue(s + kStages - 1);  // into stage s - 1's buffer
     cp_async_commit();
-    const uint8_t* stage = smem + (s % kStages) * shape.stage_bytes;
+    const uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
     if (key_outliers || value_outliers) {
       for (int j = 0; j < stage_pages; ++j) {
@@ -375,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     int tile = max(warp * tiles_per_warp, (max(split.key_begin, stage_pos) - stage_pos) / kTileKeys);
     if (tile >= tile_end) continue;  // nothing for this warp in this stage
     StageRow at = stage_row(tile * kTileKeys + lane_row, page_size);  // the lane's first row of the tile
-    float2 cs[4];  // (cos, sin) of the lane's 4 pairs at its current row
+    float2 cs[4] = {{1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}};  // the lane's 4 pairs at its current row
     if (kv.rotate_keys) {
       const int pos = stage_pos + tile * kTileKeys + lane_row;
       const float2* angles = kv.rope + static_cast<int64_t>(pos < split.key_end ? pos : split.key_begin) * (D / 2) + column * 4;
@@ -387,19 +402,17 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       // Keys: decoded, rotated and rounded into the tile.
       StageRow r = at;
       with_row_decode(row_decode, [&](auto decode) {
-#pragma unroll Tile::kPassUnroll
+#pragma unroll Tile::kPasses
         for (int i = 0; i < Tile::kPasses; ++i) {
           const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
           const bool valid = pos >= split.key_begin && pos < stage_end;
           const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
           float k[8];
-          decode_key8<kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
+          decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
                                                       key_calib, key_centres, key_lo, key_span,
                                                       row_first + page * 2 * (page_size + 1), k);
-          if (kv.rotate_keys) {
-            rotate8(cs, k);
-            step_angles(cs, step);
-          }
+          rotate8(cs, k);
+          step_angles(cs, step);
           store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), k);
           advance(r, Tile::kRowStep, page_size);
         }
@@ -454,13 +467,13 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       // Values: decoded and rounded into the tile (the same rows as the keys).
       r = at;
       with_row_decode(row_decode, [&](auto decode) {
-#pragma unroll Tile::kPassUnroll
+#pragma unroll Tile::kPasses
         for (int i = 0; i < Tile::kPasses; ++i) {
           const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
           const bool valid = pos >= split.key_begin && pos < stage_end;
           const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
           float v[8];
-          decode_value8<kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
+          decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
                                                         page_row, c0, value_calib, value_centres,
                                                         row_first + page * 2 * (page_size + 1) + page_size + 1, v);
           store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), v);
@@ -600,9 +613,8 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
   shape.pages_per_stage = std::max(1, (kStageRows + key.page_size - 1) / key.page_size);
   shape.pair_bytes = key.block_bytes + value.block_bytes;
   shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
-  shape.row_first_offset = kStages * shape.stage_bytes;
-  shape.calib_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 15) / 16 * 16;
-  shape.tiles_offset = (shape.calib_offset + kCalibFloats * 4 + 127) / 128 * 128;
+  shape.row_first_offset = kCalibBytes<D> + kStages * shape.stage_bytes;
+  shape.tiles_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 127) / 128 * 128;
   const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
   shape.smem_bytes = std::max(tiles_end, kPageMergeFloats<D> * 4);
   if (shape.smem_bytes > kMaxSharedBytes) {
