@@ -15,9 +15,10 @@
 // of consecutive 16-key tiles of the stage and, per tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
 //     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
-//     its packed twin (bit-equal to PageCodec::decode; calibrated per-channel key
-//     constants in registers), outliers put back (apply_outliers8), pre-RoPE keys
-//     rotated in fp32 with (cos, sin) stepped in registers, then rounded to fp16;
+//     its packed twin (bit-equal to PageCodec::decode; codebooks and calibrated
+//     per-channel key constants in shared memory), outliers put back
+//     (apply_outliers8), pre-RoPE keys rotated in fp32 with (cos, sin) stepped in
+//     registers, then rounded to fp16;
 //   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
 //     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
 //   - the online softmax of decode_partials.cuh per head column (log2 units,
@@ -193,12 +194,13 @@ __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, con
 }
 
 // 8 elements rounded to fp16 into a tile's 16-byte chunk (shared memory), one 16-byte store (written as a
-// uint4 the compiler made four 4-byte stores of it).
+// uint4 the compiler made four 4-byte stores of it). Only the tile's ldmatrix (volatile asm, kept in order with
+// this one and the __syncwarp between them) reads these bytes, so no memory clobber: the next rows' loads from
+// the stage may be scheduled before it.
 __device__ __forceinline__ void store_half8(__half* chunk, const float (&x)[8]) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(chunk));
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(half2_bits(x[0], x[1])),
-               "r"(half2_bits(x[2], x[3])), "r"(half2_bits(x[4], x[5])), "r"(half2_bits(x[6], x[7]))
-               : "memory");
+               "r"(half2_bits(x[2], x[3])), "r"(half2_bits(x[4], x[5])), "r"(half2_bits(x[6], x[7])));
 }
 
 // A staged row: page `page` of the stage, row `row` of that page.
@@ -294,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     cp_async_commit();
   }
 
-  // Codebooks in shared memory (read for every element; the first stage barrier publishes them).
+  // Calibration in shared memory (read for every element; the first stage barrier publishes it).
   float* s_calib = reinterpret_cast<float*>(smem);
   const BlockCalibration global_key_calib = block_calibration(kv.calib, key_layout, kv_head);
   const BlockCalibration global_value_calib = block_calibration(kv.calib, value_layout, kv_head);
