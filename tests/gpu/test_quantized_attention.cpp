@@ -44,11 +44,12 @@ namespace kvq::gputest {
 namespace {
 
 // Sequences of a step: `earlier` keys before a chunk of `chunk` query rows; prefill_kernel: chunks of several
-// rows on the wgmma prefill kernel.
+// rows on the wgmma prefill kernel; n_sms: the multiprocessors the split planner fills (fewer: longer splits).
 struct Shapes {
   std::vector<int> earlier = {0, 16, 40, 0, 250, 131};
   std::vector<int> chunk = {1, 1, 23, 40, 1, 5};
   bool prefill_kernel = false;
+  int n_sms = 132;
 };
 
 void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, const Shapes& shapes = {}) {
@@ -178,9 +179,9 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
     cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
   }
-  // 132 multiprocessors: splits of the least size (128 keys), so the longest rows get two page splits.
+  // 132 multiprocessors (the default): splits of the least size (128 keys), so the longest rows get two page splits.
   for (const cuda::QuantizedAttentionPlan& plan :
-       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, 132)) {
+       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, shapes.n_sms)) {
     DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
     DeviceArray<cuda::ExactSource> d_sources(plan.sources);
     DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
@@ -374,6 +375,26 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
           EXPECT_EQ(first_band, -1) << test.kv << " start " << start;
         }
       }
+    }
+  }
+}
+
+// Page splits of about 500 keys (the planner filling one multiprocessor: split_keys 576 here), so the page
+// kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6 pages, a
+// lane's next row pages ahead), 24 (tiles across page ends, stages of 144 rows: a partial last tile) and 16;
+// 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding.
+TEST(QuantizedAttention, LongSplitsReuseEveryStage) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Shapes shapes;
+  shapes.earlier = {3000, 1200};
+  shapes.chunk = {1, 1};
+  shapes.n_sms = 1;
+  uint32_t seed = 2000;
+  for (int head_dim : {64, 128}) {
+    for (int group : {1, 3, 8}) {
+      run_case({"nuq3-1%", 4, true, false, false, 3}, head_dim, group, seed++, shapes);
+      run_case({"int4-1%", 4, true, false, false, 24}, head_dim, group, seed++, shapes);
+      run_case({"nuq2-1%", 4, true, false, false, 16}, head_dim, group, seed++, shapes);
     }
   }
 }
