@@ -179,7 +179,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
     cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
   }
-  // 132 multiprocessors (the default): splits of the least size (128 keys), so the longest rows get two page splits.
+  // 132 multiprocessors (default): splits of the least size (128 keys), so the longest rows get two page splits.
   for (const cuda::QuantizedAttentionPlan& plan :
        cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, shapes.n_sms)) {
     DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
@@ -380,9 +380,9 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
 }
 
 // Page splits of about 500 keys (the planner filling one multiprocessor: split_keys 576 here), so the page
-// kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6 pages, a
-// lane's next row pages ahead), 24 (tiles across page ends, stages of 144 rows: a partial last tile) and 16;
-// 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding.
+// kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
+// pages, a lane's next row pages ahead), 24 (tiles across page ends, stages of 144 rows: a partial last tile)
+// and 16; 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding.
 TEST(QuantizedAttention, LongSplitsReuseEveryStage) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   Shapes shapes;
