@@ -23,6 +23,11 @@
 // rows the absolute term is 1e-3 instead of 2e-4.
 // A key read from the wrong source, row, page or head, or a wrong RoPE angle,
 // moves outputs by the spread of values, ~0.1 to 1.
+//
+// The prefill kernel runs twice per case, copying its page tiles from the page
+// scratch (page_scratch.h, as the backend runs it) and decoding them itself
+// (the fallback past the scratch's cap): the tiles are the same halves, so the
+// outputs must be the same bits (no tolerance).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -30,6 +35,7 @@
 
 #include "core/dtypes.h"
 #include "cuda/kv_quantize.h"
+#include "cuda/page_scratch.h"
 #include "cuda/quantized_attention.h"
 #include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
@@ -168,12 +174,33 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       split_slots.push_back(slots[s]);
     }
   }
+  // The prefill kernel's output with the decoding producer, to compare with the page scratch's bit for bit.
+  std::vector<uint16_t> decoded_out;
   if (!prefill_ids.empty()) {
     const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, prefill_ids, D);
     DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
     DeviceArray<cuda::PrefillWork> d_work(work);
     DeviceArray<int32_t> d_slots(slots);
-    const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
+    const cuda::ExactRule rule = cuda::exact_rule(options, page);
+    cuda::QuantizedPrefillSource source{kv, rule, d_slots.get(), {}};  // no scratch yet
+    // A cap of 0 bytes plans no scratch (the backend's fallback): the kernel decodes its page tiles.
+    const cuda::PageScratchPlan none = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, 0);
+    EXPECT_EQ(none.n_rows, 0) << what;
+    EXPECT_TRUE(none.spans.empty()) << what;
+    cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    decoded_out = d_out.download();
+    // As the backend runs it: the pre-pass fills the scratch, the kernel copies its page tiles from it.
+    const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D);
+    const size_t plane = size_t(plan.n_rows) * n_kv_heads * D;
+    DeviceArray<uint16_t> d_scratch(2 * plane);
+    DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
+    DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
+    if (plan.n_rows > 0) {
+      __half* scratch = reinterpret_cast<__half*>(d_scratch.get());
+      source.scratch = {scratch, scratch + plane, d_chunk_rows.get(), plan.n_rows};
+      cuda::launch_fill_page_scratch(source, D, d_chunks.get(), d_spans.get(), int32_t(plan.spans.size()), nullptr);
+    }
     cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
   }
   // 132 multiprocessors: splits of the least size (128 keys), so the longest rows get two page splits.
@@ -190,6 +217,17 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
   }
   CUDA_CHECK(cudaDeviceSynchronize());
   out = d_out.download();
+  // Page scratch and decoding producer: the same tiles, so the same output bits.
+  int scratch_mismatches = 0;
+  for (int s : prefill_ids) {
+    for (size_t i = size_t(first_row[s]) * q_dim; i < size_t(first_row[s] + chunk[s]) * q_dim; ++i) {
+      if (out[i] != decoded_out[i] && ++scratch_mismatches <= 5) {
+        ADD_FAILURE() << what << ": seq " << s << " row " << i / q_dim - first_row[s] << " column " << i % q_dim
+                      << ": page scratch " << fp16_to_fp32(out[i]) << ", decoding producer " << fp16_to_fp32(decoded_out[i]);
+      }
+    }
+  }
+  EXPECT_EQ(scratch_mismatches, 0) << what;
 
   // The CPU twin.
   double worst = 0;
@@ -373,6 +411,54 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
         }
       }
     }
+  }
+}
+
+// The page scratch's plan (host code, runs without a GPU): per prefill chunk, the rows of keys [0, split of its
+// last row) in spans that cover them once, in order, each chunk's rows after the previous chunk's; every
+// query tile's page tiles (keys below its last row's split) lie inside; chunks without prefill work get none;
+// a step over the cap plans no scratch.
+TEST(QuantizedAttention, PageScratchPlanCoversEveryPageTile) {
+  const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, true, false, false}, {"nuq4-1%", 2, true, false, true},
+                                         {"kivi2"}, {"q4_0", 0, true, false, false}};
+  const int D = 128, n_kv_heads = 8, page = 64;
+  // Chunks: a long prompt's middle chunk, a first chunk, a decode row (no prefill work), a chunk of 2 rows.
+  const std::vector<cuda::AttentionChunk> chunks = {{0, 300, 1000, 0}, {300, 129, 0, 20}, {429, 1, 77, 40}, {430, 2, 5, 60}};
+  const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, {0, 1, 3}, D);
+  for (const FormatCase& test : cases) {
+    const KvCacheOptions options = options_for(test);
+    const cuda::ExactRule rule = cuda::exact_rule(options, page);
+    const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D);
+    ASSERT_EQ(plan.chunk_rows.size(), chunks.size()) << test.kv;
+    int64_t rows = 0;
+    size_t span = 0;
+    for (int c : {0, 1, 3}) {
+      const cuda::AttentionChunk& chunk = chunks[c];
+      const int page_keys = rule.split(chunk.start_pos + chunk.n_tokens - 1, chunk.start_pos);
+      EXPECT_EQ(plan.chunk_rows[c], rows) << test.kv << " chunk " << c;
+      int next = 0;
+      for (; span < plan.spans.size() && plan.spans[span].chunk == c; ++span) {
+        EXPECT_EQ(plan.spans[span].key_begin, next) << test.kv << " chunk " << c;
+        EXPECT_GT(plan.spans[span].key_end, plan.spans[span].key_begin) << test.kv;
+        EXPECT_LE(plan.spans[span].key_end - plan.spans[span].key_begin, cuda::kPageScratchSpanRows) << test.kv;
+        next = plan.spans[span].key_end;
+      }
+      EXPECT_EQ(next, page_keys) << test.kv << " chunk " << c;
+      for (const cuda::PrefillWork& w : work) {
+        if (w.chunk != c) continue;
+        const int q_last = chunk.start_pos + std::min(w.q_begin + cuda::prefill_rows_per_tile(D), chunk.n_tokens) - 1;
+        EXPECT_LE(rule.split(q_last, chunk.start_pos), page_keys) << test.kv << " chunk " << c;
+      }
+      rows += page_keys;
+    }
+    EXPECT_EQ(span, plan.spans.size()) << test.kv;  // no spans for chunk 2 (a decode row)
+    EXPECT_EQ(plan.n_rows, rows) << test.kv;
+    const int64_t bytes = cuda::page_scratch_bytes(rows, n_kv_heads, D);
+    EXPECT_EQ(bytes, rows * n_kv_heads * D * 4) << test.kv;
+    EXPECT_EQ(cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, bytes).n_rows, rows) << test.kv;
+    const cuda::PageScratchPlan capped = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, bytes - 1);
+    EXPECT_EQ(capped.n_rows, 0) << test.kv;
+    EXPECT_TRUE(capped.spans.empty()) << test.kv;
   }
 }
 

@@ -1,0 +1,67 @@
+// The page scratch of quantized prefill: every key and value the prefill
+// kernel reads as a page tile (quantized_prefill.h), decoded once per layer and
+// step by a pre-pass into fp16 rows, so the kernel's query tiles copy them
+// (ScratchPageProducer, quantized_page_producer.cuh) instead of each decoding
+// them again (a key was decoded S / 128 times a step, 64 times at S = 8192).
+//
+// Layout (PageScratch): per KV head, the prefill chunks' rows one after the
+// other, chunk c's key p at row chunk_rows[c] + p, for keys [0, split(last row
+// of c)): the page tiles of every query tile of c lie inside (split rises with
+// the position), band tiles are read exactly as before. Each row holds what
+// QuantizedPageProducer::tile_chunk() gives (the pre-pass calls it): sinks read
+// exactly, other keys decoded with their outliers, pre-RoPE keys rotated in
+// fp32, all rounded to fp16, so the tiles and the kernel's results are the
+// same to the bit as with the decoding producer.
+//
+// Bound: the scratch holds the step's page-tile keys once (not the prompt's:
+// chunked prefill bounds a step), one layer at a time (every layer reuses it),
+// and at most kPageScratchCapBytes; a step over the cap plans no scratch and
+// runs the decoding producer.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "cuda/quantized_prefill.h"
+
+namespace kvq::cuda {
+
+// The most a step's page scratch may take: llama2-7b shapes (32 KV heads x 128 x 2 x 2 bytes = 16 KiB a key)
+// fit 32768 page keys (one sequence's last 2048-token chunk at 32K, or 16 chunks at 2K), held beside the pool
+// inside the backend's margin; a step past it keeps the decoding producer (slower, same result).
+constexpr int64_t kPageScratchCapBytes = int64_t{512} << 20;
+
+// Keys [key_begin, key_end) of one chunk's sequence: the pre-pass's work item (a block per span, KV head and
+// K or V).
+struct PageScratchSpan {
+  int32_t chunk;  // index into the step's chunks
+  int32_t key_begin;
+  int32_t key_end;
+};
+
+struct PageScratchPlan {
+  std::vector<int32_t> chunk_rows;  // (chunks) PageScratch::chunk_rows; 0 for chunks without prefill work
+  std::vector<PageScratchSpan> spans;
+  int64_t n_rows = 0;               // rows per KV head; 0: no scratch this step (no page keys, or over the cap)
+};
+
+// Keys per span.
+constexpr int32_t kPageScratchSpanRows = 16;
+
+int64_t page_scratch_bytes(int64_t n_rows, int n_kv_heads, int head_dim);
+
+// The scratch of the chunks that `work` (plan_prefill's) covers; none (n_rows 0, no spans) when its bytes
+// exceed cap_bytes.
+PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, const std::vector<PrefillWork>& work,
+                                  const ExactRule& rule, int n_kv_heads, int head_dim,
+                                  int64_t cap_bytes = kPageScratchCapBytes);
+
+// Fills source.scratch (keys, values, chunk_rows and n_rows of the plan) from source's pages and exact rows,
+// after the step's pages are written; chunks and spans: device arrays.
+void launch_fill_page_scratch(const QuantizedPrefillSource& source, int head_dim, const AttentionChunk* chunks,
+                              const PageScratchSpan* spans, int32_t n_spans, cudaStream_t stream);
+
+}  // namespace kvq::cuda
