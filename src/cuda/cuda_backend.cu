@@ -32,8 +32,9 @@
 // (exact_rows.h). Those steps run eagerly (no decode graphs yet). Before the
 // prefill kernel, a pre-pass decodes the step's page tiles once into the page
 // scratch (page_scratch.h; one buffer every layer reuses, at most
-// kPageScratchCapBytes): a step over the cap, or one the device has no room
-// for, runs the kernel's decoding producer instead (same results).
+// kPageScratchCapBytes, a step over it in groups of chunks): a chunk over the
+// cap by itself, or a step the device has no room for, runs the kernel's
+// decoding producer instead (same results).
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -199,7 +200,7 @@ struct QuantizedStepPlan {
   std::vector<cuda::ExactRowSave> saves;
   std::vector<cuda::QuantizedAttentionPlan> attention;  // decode rows (prefill rows: StepPlan::prefill)
   std::vector<int32_t> chunk_slots;                     // (chunks) exact-row store slots, for the prefill rows
-  cuda::PageScratchPlan scratch;                        // the prefill chunks' page tiles; none: n_rows 0
+  cuda::PageScratchPlan scratch;                        // the prefill rows' launches and their page tiles
 };
 
 // A quantized step's device arrays, placed in one buffer.
@@ -220,10 +221,11 @@ struct QuantizedStepArgs {
   };
   std::vector<Attention> attention;
   const int32_t* chunk_slots = nullptr;
-  const int32_t* scratch_chunk_rows = nullptr;  // (chunks) PageScratch::chunk_rows
+  // The prefill rows' launches (PageScratchPlan): its work, chunk rows and spans on the device, its groups.
+  const cuda::PrefillWork* scratch_work = nullptr;
+  const int32_t* scratch_chunk_rows = nullptr;
   const cuda::PageScratchSpan* scratch_spans = nullptr;
-  int32_t n_scratch_spans = 0;                  // 0: no page scratch this step
-  int64_t scratch_rows = 0;
+  std::vector<cuda::PageScratchGroup> scratch_groups;
 };
 
 // Byte offsets of the index arrays in a step's device index buffer, each array
@@ -724,9 +726,14 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   if (quantized()) {
     const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
     QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
-    if (quantized_plan.scratch.n_rows > 0 &&
-        !page_scratch_.try_reserve(cuda::page_scratch_bytes(quantized_plan.scratch.n_rows, c.n_kv_heads, c.head_dim))) {
-      quantized_plan.scratch = {};  // no room beside the pool: the prefill kernel decodes its page tiles
+    if (quantized_plan.scratch.max_rows > 0 &&
+        !page_scratch_.try_reserve(cuda::page_scratch_bytes(quantized_plan.scratch.max_rows, c.n_kv_heads, c.head_dim))) {
+      // No room beside the pool: one group without rows, the prefill kernel decoding its page tiles.
+      const auto n_work = static_cast<int32_t>(plan.prefill.size());
+      quantized_plan.scratch.work = plan.prefill;
+      quantized_plan.scratch.spans.clear();
+      quantized_plan.scratch.groups = {{0, n_work, 0, 0, 0}};
+      quantized_plan.scratch.max_rows = 0;
     }
     int64_t workspace = kAlign;
     for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
@@ -939,6 +946,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   const int64_t rows = place(plan.writes.rows.size() * sizeof(cuda::KvWriteRow));
   const int64_t saves = place(plan.saves.size() * sizeof(cuda::ExactRowSave));
   const int64_t chunk_slots = place(plan.chunk_slots.size() * sizeof(int32_t));
+  const int64_t scratch_work = place(plan.scratch.work.size() * sizeof(cuda::PrefillWork));
   const int64_t scratch_chunk_rows = place(plan.scratch.chunk_rows.size() * sizeof(int32_t));
   const int64_t scratch_spans = place(plan.scratch.spans.size() * sizeof(cuda::PageScratchSpan));
   struct Offsets {
@@ -964,6 +972,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   copy_in(rows, plan.writes.rows);
   copy_in(saves, plan.saves);
   copy_in(chunk_slots, plan.chunk_slots);
+  copy_in(scratch_work, plan.scratch.work);
   copy_in(scratch_chunk_rows, plan.scratch.chunk_rows);
   copy_in(scratch_spans, plan.scratch.spans);
   QuantizedStepArgs args;
@@ -974,10 +983,10 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   args.saves = reinterpret_cast<const cuda::ExactRowSave*>(device + saves);
   args.n_saves = static_cast<int32_t>(plan.saves.size());
   args.chunk_slots = reinterpret_cast<const int32_t*>(device + chunk_slots);
+  args.scratch_work = reinterpret_cast<const cuda::PrefillWork*>(device + scratch_work);
   args.scratch_chunk_rows = reinterpret_cast<const int32_t*>(device + scratch_chunk_rows);
   args.scratch_spans = reinterpret_cast<const cuda::PageScratchSpan*>(device + scratch_spans);
-  args.n_scratch_spans = static_cast<int32_t>(plan.scratch.spans.size());
-  args.scratch_rows = plan.scratch.n_rows;
+  args.scratch_groups = plan.scratch.groups;
   for (size_t i = 0; i < plan.attention.size(); ++i) {
     const cuda::QuantizedAttentionPlan& a = plan.attention[i];
     const Offsets& o = attention[i];
@@ -1013,15 +1022,10 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
                            outlier_counts_.as<unsigned long long>(), stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
-  cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
-  if (q.n_scratch_spans > 0) {
-    // Keys then values, each (n_kv_heads, rows, head_dim).
-    __half* scratch = page_scratch_.as<__half>();
-    const int64_t plane = q.scratch_rows * c.n_kv_heads * c.head_dim;
-    prefill.scratch = {scratch, scratch + plane, q.scratch_chunk_rows, q.scratch_rows};
-    cuda::launch_fill_page_scratch(prefill, c.head_dim, step.chunks, q.scratch_spans, q.n_scratch_spans, stream);
-  }
-  cuda::launch_quantized_prefill_attention(query, prefill, step.chunks, step.prefill, step.n_prefill, stream);
+  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
+  // The step's prefill work (step.prefill) regrouped by the page scratch's plan.
+  cuda::launch_quantized_prefill_groups(query, prefill, step.chunks, q.scratch_work, q.scratch_chunk_rows,
+                                        q.scratch_spans, q.scratch_groups, page_scratch_.as<void>(), stream);
   for (const QuantizedStepArgs::Attention& a : q.attention) {
     cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
                                      decode_workspace_.as<void>(), stream);

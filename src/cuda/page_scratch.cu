@@ -1,7 +1,7 @@
-// The page scratch's planner and pre-pass (page_scratch.h). The pre-pass is a
-// plain grid, one thread per 16-byte chunk of a row: the decode is
-// QuantizedPageProducer's own (tile_chunk), so the rows are the bits its
-// tiles would hold.
+// The page scratch's planner, pre-pass and group launcher (page_scratch.h).
+// The pre-pass is a plain grid, one thread per 16-byte chunk of a row: the
+// decode is QuantizedPageProducer's own (tile_chunk), so the rows are the bits
+// its tiles would hold.
 #include <algorithm>
 
 #include "core/error.h"
@@ -53,22 +53,49 @@ int64_t page_scratch_bytes(int64_t n_rows, int n_kv_heads, int head_dim) {
 
 PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, const std::vector<PrefillWork>& work,
                                   const ExactRule& rule, int n_kv_heads, int head_dim, int64_t cap_bytes) {
-  std::vector<bool> prefilled(chunks.size(), false);
-  for (const PrefillWork& w : work) prefilled[w.chunk] = true;
   PageScratchPlan plan;
   plan.chunk_rows.assign(chunks.size(), 0);
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    if (!prefilled[c]) continue;
-    const AttentionChunk& chunk = chunks[c];
+  // The chunks in the order of their first work item (the longest key ranges first), each group's in turn.
+  std::vector<int32_t> group_of(chunks.size(), -1);
+  const int64_t row_bytes = page_scratch_bytes(1, n_kv_heads, head_dim);
+  const auto close_group = [&] {
+    if (!plan.groups.empty()) plan.groups.back().span_end = static_cast<int32_t>(plan.spans.size());
+  };
+  const auto open_group = [&] {
+    close_group();
+    const auto spans = static_cast<int32_t>(plan.spans.size());
+    plan.groups.push_back({0, 0, spans, spans, 0});
+  };
+  bool group_decodes = false;  // the open group is a chunk over the cap
+  for (const PrefillWork& w : work) {
+    if (group_of[w.chunk] >= 0) continue;
+    const AttentionChunk& chunk = chunks[w.chunk];
     // The page keys of the chunk's last row: the most any of its query tiles reads as page tiles.
     const int32_t page_keys = rule.split(chunk.start_pos + chunk.n_tokens - 1, chunk.start_pos);
-    plan.chunk_rows[c] = static_cast<int32_t>(plan.n_rows);
-    for (int32_t k = 0; k < page_keys; k += kPageScratchSpanRows) {
-      plan.spans.push_back({static_cast<int32_t>(c), k, std::min(k + kPageScratchSpanRows, page_keys)});
+    const bool over_cap = page_keys * row_bytes > cap_bytes;
+    if (plan.groups.empty() || over_cap || group_decodes || (plan.groups.back().n_rows + page_keys) * row_bytes > cap_bytes) {
+      open_group();
+      group_decodes = over_cap;
     }
-    plan.n_rows += page_keys;
+    PageScratchGroup& group = plan.groups.back();
+    group_of[w.chunk] = static_cast<int32_t>(plan.groups.size()) - 1;
+    if (over_cap) continue;  // n_rows stays 0: the decoding producer
+    plan.chunk_rows[w.chunk] = static_cast<int32_t>(group.n_rows);
+    for (int32_t k = 0; k < page_keys; k += kPageScratchSpanRows) {
+      plan.spans.push_back({w.chunk, k, std::min(k + kPageScratchSpanRows, page_keys)});
+    }
+    group.n_rows += page_keys;
+    plan.max_rows = std::max(plan.max_rows, group.n_rows);
   }
-  if (plan.n_rows == 0 || page_scratch_bytes(plan.n_rows, n_kv_heads, head_dim) > cap_bytes) return {};
+  close_group();
+  for (size_t g = 0; g < plan.groups.size(); ++g) {
+    PageScratchGroup& group = plan.groups[g];
+    group.work_begin = static_cast<int32_t>(plan.work.size());
+    for (const PrefillWork& w : work) {
+      if (group_of[w.chunk] == static_cast<int32_t>(g)) plan.work.push_back(w);
+    }
+    group.work_end = static_cast<int32_t>(plan.work.size());
+  }
   return plan;
 }
 
@@ -83,6 +110,26 @@ void launch_fill_page_scratch(const QuantizedPrefillSource& source, int head_dim
   const int bits = quantized_bits_bucket(kv.key_layout);
   if (head_dim == 64) return launch_fill<64>(bits, source, chunks, spans, n_spans, stream);
   launch_fill<128>(bits, source, chunks, spans, n_spans, stream);
+}
+
+void launch_quantized_prefill_groups(const AttentionQuery& query, const QuantizedPrefillSource& source,
+                                     const AttentionChunk* chunks, const PrefillWork* work, const int32_t* chunk_rows,
+                                     const PageScratchSpan* spans, const std::vector<PageScratchGroup>& groups,
+                                     void* scratch, cudaStream_t stream) {
+  for (const PageScratchGroup& group : groups) {
+    QuantizedPrefillSource group_source = source;
+    group_source.scratch = {};
+    if (group.n_rows > 0) {
+      // Keys then values, each (n_kv_heads, rows, head_dim); the stream orders this group's fill after the
+      // previous group's kernel.
+      __half* keys = static_cast<__half*>(scratch);
+      group_source.scratch = {keys, keys + group.n_rows * source.kv.n_kv_heads * query.head_dim, chunk_rows, group.n_rows};
+      launch_fill_page_scratch(group_source, query.head_dim, chunks, spans + group.span_begin,
+                               group.span_end - group.span_begin, stream);
+    }
+    launch_quantized_prefill_attention(query, group_source, chunks, work + group.work_begin,
+                                       group.work_end - group.work_begin, stream);
+  }
 }
 
 }  // namespace kvq::cuda

@@ -15,8 +15,9 @@
 //
 // Bound: the scratch holds the step's page-tile keys once (not the prompt's:
 // chunked prefill bounds a step), one layer at a time (every layer reuses it),
-// and at most kPageScratchCapBytes; a step over the cap plans no scratch and
-// runs the decoding producer.
+// and at most kPageScratchCapBytes: a step over the cap runs in groups of
+// chunks that fit it, one pre-pass and one prefill launch per group, reusing
+// the buffer; a chunk over the cap by itself runs with the decoding producer.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,26 +43,43 @@ struct PageScratchSpan {
   int32_t key_end;
 };
 
-struct PageScratchPlan {
-  std::vector<int32_t> chunk_rows;  // (chunks) PageScratch::chunk_rows; 0 for chunks without prefill work
-  std::vector<PageScratchSpan> spans;
-  int64_t n_rows = 0;               // rows per KV head; 0: no scratch this step (no page keys, or over the cap)
-};
-
 // Keys per span.
 constexpr int32_t kPageScratchSpanRows = 16;
 
+// One pre-pass and one prefill launch: some chunks' work items and spans.
+struct PageScratchGroup {
+  int32_t work_begin, work_end;  // into PageScratchPlan::work
+  int32_t span_begin, span_end;  // into PageScratchPlan::spans
+  int64_t n_rows;                // rows per KV head; 0: the decoding producer (no page keys, or a chunk over the cap)
+};
+
+struct PageScratchPlan {
+  std::vector<PrefillWork> work;    // the step's work items, group after group (each group's in their order)
+  std::vector<int32_t> chunk_rows;  // (chunks) PageScratch::chunk_rows in its group's scratch; 0 without work
+  std::vector<PageScratchSpan> spans;
+  std::vector<PageScratchGroup> groups;
+  int64_t max_rows = 0;             // the most rows of a group: what the buffer must hold
+};
+
 int64_t page_scratch_bytes(int64_t n_rows, int n_kv_heads, int head_dim);
 
-// The scratch of the chunks that `work` (plan_prefill's) covers; none (n_rows 0, no spans) when its bytes
-// exceed cap_bytes.
+// Groups the chunks of `work` (plan_prefill's) in its order, each group's rows within cap_bytes.
 PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, const std::vector<PrefillWork>& work,
                                   const ExactRule& rule, int n_kv_heads, int head_dim,
                                   int64_t cap_bytes = kPageScratchCapBytes);
 
-// Fills source.scratch (keys, values, chunk_rows and n_rows of the plan) from source's pages and exact rows,
-// after the step's pages are written; chunks and spans: device arrays.
+// Fills source.scratch (keys, values, chunk_rows and n_rows of a group) from source's pages and exact rows,
+// after the step's pages are written; chunks and spans (the group's): device arrays.
 void launch_fill_page_scratch(const QuantizedPrefillSource& source, int head_dim, const AttentionChunk* chunks,
                               const PageScratchSpan* spans, int32_t n_spans, cudaStream_t stream);
+
+// The step's prefill rows as the backend runs them: per group, the pre-pass into `scratch` (device memory of
+// page_scratch_bytes(max_rows) bytes at least) and the prefill kernel over the group's work (the decoding
+// producer for groups without rows). work, chunk_rows, spans: the plan's arrays on the device; groups: the
+// plan's; source.scratch is ignored.
+void launch_quantized_prefill_groups(const AttentionQuery& query, const QuantizedPrefillSource& source,
+                                     const AttentionChunk* chunks, const PrefillWork* work, const int32_t* chunk_rows,
+                                     const PageScratchSpan* spans, const std::vector<PageScratchGroup>& groups,
+                                     void* scratch, cudaStream_t stream);
 
 }  // namespace kvq::cuda

@@ -410,34 +410,34 @@ json bench_quantized_prefill() {
         cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
       };
       const double decoding_ms = time_kernel_ms([&] { run_kernel(decoding); }, 3, 10);
-      // The page scratch without the backend's cap (a point past it would run the decoding producer).
+      // The page scratch without the backend's cap (past it the step would run in groups): one group.
       const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv, D, INT64_MAX);
-      const size_t plane = size_t(plan.n_rows) * n_kv * D;
-      DeviceArray<__half> scratch(std::max<size_t>(8, 2 * plane));
+      DeviceArray<__half> scratch(std::max<size_t>(8, size_t(plan.max_rows) * n_kv * D * 2));
+      DeviceArray<cuda::PrefillWork> d_scratch_work(plan.work);
       DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
       DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
       cuda::QuantizedPrefillSource scratched = decoding;
-      if (plan.n_rows > 0) scratched.scratch = {scratch.get(), scratch.get() + plane, d_chunk_rows.get(), plan.n_rows};
+      scratched.scratch = {scratch.get(), scratch.get() + plan.max_rows * n_kv * D, d_chunk_rows.get(), plan.max_rows};
       const auto fill = [&] {
         cuda::launch_fill_page_scratch(scratched, D, d_chunks.get(), d_spans.get(), int32_t(plan.spans.size()), nullptr);
       };
-      const double fill_ms = time_kernel_ms(fill, 3, 10);
+      const double fill_ms = plan.max_rows > 0 ? time_kernel_ms(fill, 3, 10) : 0.0;
       const double ms = time_kernel_ms(
           [&] {
-            fill();
-            run_kernel(scratched);
+            cuda::launch_quantized_prefill_groups(query, decoding, d_chunks.get(), d_scratch_work.get(),
+                                                  d_chunk_rows.get(), d_spans.get(), plan.groups, scratch.get(), nullptr);
           },
           3, 10);
       const std::string kv_name = std::string(f.name) + (f.tail ? " tail" : "");
       results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
                          {"seq_len", p.seq_len}, {"ms", ms}, {"scratch_fill_ms", fill_ms},
-                         {"scratch_bytes", cuda::page_scratch_bytes(plan.n_rows, n_kv, D)},
+                         {"scratch_bytes", cuda::page_scratch_bytes(plan.max_rows, n_kv, D)},
                          {"decoding_producer_ms", decoding_ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms},
                          {"decoding_ratio_vs_fp16", decoding_ms / fp16_ms}});
       std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages (pre-pass %.3f ms, "
                   "%.0f MiB; decoding producer %.3f ms %.2fx)\n",
                   p.model, p.shape.name, kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms, fill_ms,
-                  cuda::page_scratch_bytes(plan.n_rows, n_kv, D) / 1048576.0, decoding_ms, decoding_ms / fp16_ms);
+                  cuda::page_scratch_bytes(plan.max_rows, n_kv, D) / 1048576.0, decoding_ms, decoding_ms / fp16_ms);
       std::fflush(stdout);
     }
   }
