@@ -4,20 +4,21 @@
 // (ScratchPageProducer, quantized_page_producer.cuh) instead of each decoding
 // them again (a key was decoded S / 128 times a step, 64 times at S = 8192).
 //
-// Layout (PageScratch): per KV head, the prefill chunks' rows one after the
-// other, chunk c's key p at row chunk_rows[c] + p, for keys [0, split(last row
-// of c)): the page tiles of every query tile of c lie inside (split rises with
-// the position), band tiles are read exactly as before. Each row holds what
+// Layout (PageScratch): keys then values, each per KV head the rows of a
+// group of prefill chunks one after the other, chunk c's key p at row
+// chunk_rows[c] + p, for keys [0, split(last row of c)): the page tiles of
+// every query tile of c lie inside (split rises with the position), band tiles
+// are read exactly as before. Each row holds what
 // QuantizedPageProducer::tile_chunk() gives (the pre-pass calls it): sinks read
 // exactly, other keys decoded with their outliers, pre-RoPE keys rotated in
 // fp32, all rounded to fp16, so the tiles and the kernel's results are the
 // same to the bit as with the decoding producer.
 //
-// Bound: the scratch holds the step's page-tile keys once (not the prompt's:
-// chunked prefill bounds a step), one layer at a time (every layer reuses it),
-// and at most kPageScratchCapBytes: a step over the cap runs in groups of
-// chunks that fit it, one pre-pass and one prefill launch per group, reusing
-// the buffer; a chunk over the cap by itself runs with the decoding producer.
+// Bound: a group's page keys (for a chunk late in a long prompt, the prompt's
+// keys so far) of one layer at a time (every layer reuses the buffer), at most
+// kPageScratchCapBytes: a step over the cap runs in groups of chunks that fit
+// it, one pre-pass and one prefill launch per group, reusing the buffer; a
+// chunk over the cap by itself runs with the decoding producer.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,9 +31,10 @@
 
 namespace kvq::cuda {
 
-// The most a step's page scratch may take: llama2-7b shapes (32 KV heads x 128 x 2 x 2 bytes = 16 KiB a key)
-// fit 32768 page keys (one sequence's last 2048-token chunk at 32K, or 16 chunks at 2K), held beside the pool
-// inside the backend's margin; a step past it keeps the decoding producer (slower, same result).
+// The most the page scratch may take: llama2-7b shapes (32 KV heads x 128 x 2 x 2 bytes = 16 KiB a key) fit
+// 32768 page keys, a chunk at the end of a 32K prompt (llama3-8b's 8 KV heads: 131072), held beside the pool
+// inside the backend's margin (1 GiB or 4% of the device at least); a longer chunk keeps the decoding
+// producer (slower, same result).
 constexpr int64_t kPageScratchCapBytes = int64_t{512} << 20;
 
 // Keys [key_begin, key_end) of one chunk's sequence: the pre-pass's work item (a block per span, KV head and
