@@ -204,6 +204,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
       DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
       DeviceArray<uint8_t> d_scratch(size_t(cuda::page_scratch_bytes(plan.max_rows, n_kv_heads, D)));
+      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));  // fp16 NaNs: rows a run misses show
       cuda::launch_quantized_prefill_groups(query, source, d_chunks.get(), d_work.get(), d_chunk_rows.get(),
                                             d_spans.get(), plan.groups, d_scratch.get(), nullptr);
       CUDA_CHECK(cudaDeviceSynchronize());
