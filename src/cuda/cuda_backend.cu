@@ -88,17 +88,20 @@ class DeviceBuffer {
     bytes_ = bytes;
     return true;
   }
-  // As reserve, but false (holding nothing) when the device has no room instead of throwing.
+  // As reserve, but false (holding nothing) when the device has no room instead of throwing; any other error
+  // (a sticky one from an earlier launch, say) still throws.
   bool try_reserve(int64_t bytes) {
     if (bytes <= bytes_) return true;
     if (ptr_) CUDA_CHECK(cudaFree(ptr_));
     ptr_ = nullptr;
     bytes_ = 0;
-    if (cudaMalloc(&ptr_, static_cast<size_t>(bytes)) != cudaSuccess) {
+    const cudaError_t status = cudaMalloc(&ptr_, static_cast<size_t>(bytes));
+    if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();  // clears the allocation error
       ptr_ = nullptr;
       return false;
     }
+    CUDA_CHECK(status);
     bytes_ = bytes;
     return true;
   }
@@ -400,6 +403,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer quantized_index_;
   PinnedBuffer quantized_index_host_;
   DeviceBuffer page_scratch_;     // (2, n_kv_heads, rows, head_dim) fp16: a step's page tiles, one layer at a time
+  int64_t page_scratch_refused_bytes_ = INT64_MAX;  // the least scratch size cudaMalloc refused
 
   // Step workspace for up to workspace_tokens_ tokens.
   int32_t workspace_tokens_ = 0;
@@ -726,8 +730,16 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   if (quantized()) {
     const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
     QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
-    if (quantized_plan.scratch.max_rows > 0 &&
-        !page_scratch_.try_reserve(cuda::page_scratch_bytes(quantized_plan.scratch.max_rows, c.n_kv_heads, c.head_dim))) {
+    // The scratch grows by doubling up to the cap: a long prompt's chunks read ever more keys, and reallocating
+    // at every step would cost a device-wide cudaFree each time. A size the device refused is not asked again.
+    const int64_t scratch_need = cuda::page_scratch_bytes(quantized_plan.scratch.max_rows, c.n_kv_heads, c.head_dim);
+    bool have_scratch = scratch_need <= page_scratch_.bytes();
+    if (!have_scratch && scratch_need < page_scratch_refused_bytes_) {
+      const int64_t want = std::max(scratch_need, std::min<int64_t>(cuda::kPageScratchCapBytes, 2 * page_scratch_.bytes()));
+      have_scratch = page_scratch_.try_reserve(want) || (want > scratch_need && page_scratch_.try_reserve(scratch_need));
+      if (!have_scratch) page_scratch_refused_bytes_ = scratch_need;
+    }
+    if (!have_scratch) {
       // No room beside the pool: one group without rows, the prefill kernel decoding its page tiles.
       const auto n_work = static_cast<int32_t>(plan.prefill.size());
       quantized_plan.scratch.work = plan.prefill;

@@ -204,15 +204,28 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
       DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
       DeviceArray<uint8_t> d_scratch(size_t(cuda::page_scratch_bytes(plan.max_rows, n_kv_heads, D)));
-      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));  // fp16 NaNs: rows a run misses show
+      // fp16 NaNs in the scratch (a row read but never written shows, masked or not: 0 x NaN is NaN) and in
+      // the output (rows a run misses show).
+      if (d_scratch.size() > 0) CUDA_CHECK(cudaMemset(d_scratch.get(), 0xff, d_scratch.size()));
+      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
       cuda::launch_quantized_prefill_groups(query, source, d_chunks.get(), d_work.get(), d_chunk_rows.get(),
                                             d_spans.get(), plan.groups, d_scratch.get(), nullptr);
       CUDA_CHECK(cudaDeviceSynchronize());
       return plan;
     };
-    // Cap 0: every group decodes its page tiles (the fallback).
+    // The reference: the decoding producer over the planner's own work list, not regrouped (so a regrouping
+    // error cannot be in the reference too).
+    {
+      DeviceArray<cuda::PrefillWork> d_work(work);
+      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
+      cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()),
+                                               nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      decoded_out = d_out.download();
+    }
+    // Cap 0: every group decodes its page tiles (the fallback), regrouped as the backend runs it.
     EXPECT_EQ(run_prefill(0).max_rows, 0) << what;
-    decoded_out = d_out.download();
+    compare_prefill_rows(d_out.download(), "scratch cap 0");
     // A cap of the largest chunk's rows less one byte: that chunk decodes, the others read the scratch in groups;
     // then its rows exactly: one group per chunk where two do not fit; then the backend's cap.
     int64_t largest = 0;
