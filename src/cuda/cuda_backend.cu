@@ -29,7 +29,12 @@
 // -> attention over quantized pages and exact rows (prefill rows:
 // quantized_prefill.h, the wgmma kernel; decode rows: quantized_attention.h) ->
 // the rows later steps read exactly saved into the sequence's exact-row store
-// (exact_rows.h). Those steps run eagerly (no decode graphs yet).
+// (exact_rows.h). Those steps run eagerly (no decode graphs yet). Before the
+// prefill kernel, a pre-pass decodes the step's page tiles once into the page
+// scratch (page_scratch.h; one buffer every layer reuses, at most
+// kPageScratchCapBytes, a step over it in groups of chunks): a chunk over the
+// cap by itself, or a step the device has no room for, runs the kernel's
+// decoding producer instead (same results).
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -50,6 +55,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/exact_rows.h"
 #include "cuda/kv_quantize.h"
+#include "cuda/page_scratch.h"
 #include "cuda/quantized_attention.h"
 #include "cuda/quantized_prefill.h"
 #include "cuda/llama_kernels.h"
@@ -79,6 +85,23 @@ class DeviceBuffer {
     ptr_ = nullptr;
     bytes_ = 0;
     CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
+    bytes_ = bytes;
+    return true;
+  }
+  // As reserve, but false (holding nothing) when the device has no room instead of throwing; any other error
+  // (a sticky one from an earlier launch, say) still throws.
+  bool try_reserve(int64_t bytes) {
+    if (bytes <= bytes_) return true;
+    if (ptr_) CUDA_CHECK(cudaFree(ptr_));
+    ptr_ = nullptr;
+    bytes_ = 0;
+    const cudaError_t status = cudaMalloc(&ptr_, static_cast<size_t>(bytes));
+    if (status == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // clears the allocation error
+      ptr_ = nullptr;
+      return false;
+    }
+    CUDA_CHECK(status);
     bytes_ = bytes;
     return true;
   }
@@ -180,6 +203,7 @@ struct QuantizedStepPlan {
   std::vector<cuda::ExactRowSave> saves;
   std::vector<cuda::QuantizedAttentionPlan> attention;  // decode rows (prefill rows: StepPlan::prefill)
   std::vector<int32_t> chunk_slots;                     // (chunks) exact-row store slots, for the prefill rows
+  cuda::PageScratchPlan scratch;                        // the prefill rows' launches and their page tiles
 };
 
 // A quantized step's device arrays, placed in one buffer.
@@ -200,6 +224,11 @@ struct QuantizedStepArgs {
   };
   std::vector<Attention> attention;
   const int32_t* chunk_slots = nullptr;
+  // The prefill rows' launches (PageScratchPlan): its work, chunk rows and spans on the device, its groups.
+  const cuda::PrefillWork* scratch_work = nullptr;
+  const int32_t* scratch_chunk_rows = nullptr;
+  const cuda::PageScratchSpan* scratch_spans = nullptr;
+  std::vector<cuda::PageScratchGroup> scratch_groups;
 };
 
 // Byte offsets of the index arrays in a step's device index buffer, each array
@@ -373,6 +402,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer outlier_counts_;   // (2) unsigned long long: stored, over capacity
   DeviceBuffer quantized_index_;
   PinnedBuffer quantized_index_host_;
+  DeviceBuffer page_scratch_;     // (2, n_kv_heads, rows, head_dim) fp16: a step's page tiles, one layer at a time
+  int64_t page_scratch_refused_bytes_ = INT64_MAX;  // the least scratch size cudaMalloc refused
 
   // Step workspace for up to workspace_tokens_ tokens.
   int32_t workspace_tokens_ = 0;
@@ -698,7 +729,24 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
 
   if (quantized()) {
     const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
-    const QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
+    QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
+    // The scratch grows by doubling up to the cap: a long prompt's chunks read ever more keys, and reallocating
+    // at every step would cost a device-wide cudaFree each time. A size the device refused is not asked again.
+    const int64_t scratch_need = cuda::page_scratch_bytes(quantized_plan.scratch.max_rows, c.n_kv_heads, c.head_dim);
+    bool have_scratch = scratch_need <= page_scratch_.bytes();
+    if (!have_scratch && scratch_need < page_scratch_refused_bytes_) {
+      const int64_t want = std::max(scratch_need, std::min<int64_t>(cuda::kPageScratchCapBytes, 2 * page_scratch_.bytes()));
+      have_scratch = page_scratch_.try_reserve(want) || (want > scratch_need && page_scratch_.try_reserve(scratch_need));
+      if (!have_scratch) page_scratch_refused_bytes_ = scratch_need;
+    }
+    if (!have_scratch) {
+      // No room beside the pool: one group without rows, the prefill kernel decoding its page tiles.
+      const auto n_work = static_cast<int32_t>(plan.prefill.size());
+      quantized_plan.scratch.work = plan.prefill;
+      quantized_plan.scratch.spans.clear();
+      quantized_plan.scratch.groups = {{0, n_work, 0, 0, 0}};
+      quantized_plan.scratch.max_rows = 0;
+    }
     int64_t workspace = kAlign;
     for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
       workspace = std::max(workspace, cuda::quantized_attention_workspace_bytes(static_cast<int32_t>(a.splits.size()),
@@ -895,6 +943,7 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
   q.attention = cuda::plan_quantized_attention(decode_chunks, decode_slots, kv_options_, page_size_, c.n_kv_heads,
                                                context_.properties.multiProcessorCount);
   q.chunk_slots = chunk_slots;
+  q.scratch = cuda::plan_page_scratch(plan.chunks, plan.prefill, cuda::exact_rule(kv_options_, page_size_), c.n_kv_heads, hd);
   return q;
 }
 
@@ -909,6 +958,9 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   const int64_t rows = place(plan.writes.rows.size() * sizeof(cuda::KvWriteRow));
   const int64_t saves = place(plan.saves.size() * sizeof(cuda::ExactRowSave));
   const int64_t chunk_slots = place(plan.chunk_slots.size() * sizeof(int32_t));
+  const int64_t scratch_work = place(plan.scratch.work.size() * sizeof(cuda::PrefillWork));
+  const int64_t scratch_chunk_rows = place(plan.scratch.chunk_rows.size() * sizeof(int32_t));
+  const int64_t scratch_spans = place(plan.scratch.spans.size() * sizeof(cuda::PageScratchSpan));
   struct Offsets {
     int64_t rows, sources, splits, combine;
   };
@@ -932,6 +984,9 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   copy_in(rows, plan.writes.rows);
   copy_in(saves, plan.saves);
   copy_in(chunk_slots, plan.chunk_slots);
+  copy_in(scratch_work, plan.scratch.work);
+  copy_in(scratch_chunk_rows, plan.scratch.chunk_rows);
+  copy_in(scratch_spans, plan.scratch.spans);
   QuantizedStepArgs args;
   args.runs = reinterpret_cast<const cuda::KvWriteRun*>(device + runs);
   args.n_runs = static_cast<int32_t>(plan.writes.runs.size());
@@ -940,6 +995,10 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
   args.saves = reinterpret_cast<const cuda::ExactRowSave*>(device + saves);
   args.n_saves = static_cast<int32_t>(plan.saves.size());
   args.chunk_slots = reinterpret_cast<const int32_t*>(device + chunk_slots);
+  args.scratch_work = reinterpret_cast<const cuda::PrefillWork*>(device + scratch_work);
+  args.scratch_chunk_rows = reinterpret_cast<const int32_t*>(device + scratch_chunk_rows);
+  args.scratch_spans = reinterpret_cast<const cuda::PageScratchSpan*>(device + scratch_spans);
+  args.scratch_groups = plan.scratch.groups;
   for (size_t i = 0; i < plan.attention.size(); ++i) {
     const cuda::QuantizedAttentionPlan& a = plan.attention[i];
     const Offsets& o = attention[i];
@@ -975,8 +1034,10 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
                            outlier_counts_.as<unsigned long long>(), stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
-  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots};
-  cuda::launch_quantized_prefill_attention(query, prefill, step.chunks, step.prefill, step.n_prefill, stream);
+  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
+  // The step's prefill work (step.prefill) regrouped by the page scratch's plan.
+  cuda::launch_quantized_prefill_groups(query, prefill, step.chunks, q.scratch_work, q.scratch_chunk_rows,
+                                        q.scratch_spans, q.scratch_groups, page_scratch_.as<void>(), stream);
   for (const QuantizedStepArgs::Attention& a : q.attention) {
     cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
                                      decode_workspace_.as<void>(), stream);

@@ -8,8 +8,10 @@
 //           attention's operands in place (here: RoPE on the keys).
 // Keys and values are issued (and finished) separately, so a kernel can fill
 // each into its own stage as soon as that one is free. The quantized-page
-// loader (quantized_page_producer.cuh) keeps this interface: its issue decodes
-// (and rotates) straight into the same tiles and its finish has nothing left.
+// loaders (quantized_page_producer.cuh) keep this interface: their issue
+// decodes (and rotates) straight into the same tiles, or copies rows a
+// pre-pass decoded and rotated (page_scratch.h), and their finish has nothing
+// left.
 #pragma once
 
 #include <cuda_fp16.h>

@@ -30,10 +30,12 @@
 // (warp_specialize.cuh). A consumer warpgroup skips the matrix work of tiles
 // wholly in its rows' future but still takes and returns them.
 //
-// Quantized pages (quantized_prefill.h) run the same kernel with the
-// QuantizedPageProducer (quantized_page_producer.cuh) as the load stage: the
-// block's tiles are its page tiles then its band tiles, each masked per row by
-// the set it belongs to; stages, barriers and turns are unchanged. The fp16
+// Quantized pages (quantized_prefill.h) run the same kernel with a quantized
+// load stage (quantized_page_producer.cuh): ScratchPageProducer, copying page
+// tiles from the step's page scratch (page_scratch.h), or, when the step has
+// none, QuantizedPageProducer, decoding them. The block's tiles are its page
+// tiles then its band tiles, each masked per row by the set it belongs to;
+// stages, barriers and turns are unchanged. The fp16
 // instances compile to the same consumer code as before (SASS compared).
 #include <algorithm>
 #include <cfloat>
@@ -164,7 +166,8 @@ __device__ __forceinline__ const int32_t* page_table_of(const QuantizedPrefillSo
   return source.kv.page_table;
 }
 
-// Loader: Fp16PageProducer (fp16 pages) or QuantizedPageProducer; its Source is what the kernel reads.
+// Loader: Fp16PageProducer (fp16 pages), ScratchPageProducer or QuantizedPageProducer; its Source is what
+// the kernel reads.
 template <int D, class Loader>
 __global__ void __launch_bounds__(PrefillShape<D>::kThreads, 1)
     prefill_attention_kernel(AttentionQuery query, typename Loader::Source kv, const AttentionChunk* chunks,
@@ -479,10 +482,13 @@ template <int D>
 using Fp16Loader = Fp16PageProducer<D, PrefillShape<D>::kBlockN, 128>;
 template <int D, int kBits>
 using QuantizedLoader = QuantizedPageProducer<D, PrefillShape<D>::kBlockN, 128, kBits>;
+template <int D>
+using ScratchLoader = ScratchPageProducer<D, PrefillShape<D>::kBlockN, 128>;
 
 template <int D>
 void launch_quantized(int bits, const AttentionQuery& query, const QuantizedPrefillSource& source,
                       const AttentionChunk* chunks, const PrefillWork* work, int32_t n_work, cudaStream_t stream) {
+  if (source.scratch.keys != nullptr) return launch<D, ScratchLoader<D>>(query, source, chunks, work, n_work, stream);
   switch (bits) {
     case 2: return launch<D, QuantizedLoader<D, 2>>(query, source, chunks, work, n_work, stream);
     case 3: return launch<D, QuantizedLoader<D, 3>>(query, source, chunks, work, n_work, stream);
@@ -542,16 +548,15 @@ ExactRule exact_rule(const KvCacheOptions& options, int page_size) {
   return rule;
 }
 
-// The bits a layout's kernel instance is built for: the packed schemes' own, 4 for the others (which ignore them).
-static int bits_bucket_of(const PageBlockLayout& layout) {
+int quantized_bits_bucket(const PageBlockLayout& layout) {
   const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
                       layout.scheme == KvScheme::kivi;
   return packed ? layout.bits : 4;
 }
 
 bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout) {
-  const int bits = bits_bucket_of(key_layout);
-  return prefill_attention_supported(head_dim) && bits == bits_bucket_of(value_layout) && bits >= 2 && bits <= 4 &&
+  const int bits = quantized_bits_bucket(key_layout);
+  return prefill_attention_supported(head_dim) && bits == quantized_bits_bucket(value_layout) && bits >= 2 && bits <= 4 &&
          key_layout.head_dim == head_dim && value_layout.head_dim == head_dim;
 }
 
@@ -567,7 +572,7 @@ void launch_quantized_prefill_attention(const AttentionQuery& query, const Quant
   if (!quantized_prefill_supported(query.head_dim, kv.key_layout, kv.value_layout)) {
     fail("quantized prefill attention: head_dim {} with these pages is not supported", query.head_dim);
   }
-  const int bits = bits_bucket_of(kv.key_layout);
+  const int bits = quantized_bits_bucket(kv.key_layout);
   if (query.head_dim == 64) return launch_quantized<64>(bits, query, source, chunks, work, n_work, stream);
   launch_quantized<128>(bits, query, source, chunks, work, n_work, stream);
 }

@@ -1,20 +1,30 @@
-// The load stage of the prefill attention kernel over quantized pages: the
-// quantized twin of Fp16PageProducer (kv_page_loader.cuh), same thread layout
+// The load stages of the prefill attention kernel over quantized pages: the
+// quantized twins of Fp16PageProducer (kv_page_loader.cuh), same thread layout
 // and interface, filling the same swizzled fp16 tiles.
 //
 // A tile is a page tile (keys read from the pages, sinks from the exact rows)
 // or a band tile (every key read exactly: this step's rows of the chunk, or the
-// sequence's exact-row store before the chunk), quantized_prefill.h. Each thread
-// decodes its 8-element chunks straight from global memory (codes, row and group
-// parameters are per block contiguous and L2-resident while the block's query
-// tiles pass; no shared staging, for which head_dim 128 has no room), puts the
-// row's outliers back (bisection over the block's slots), rotates pre-RoPE keys
-// at their positions in fp32 as the CPU rotates its decoded keys, and stores
-// fp16. So issue_*() do all the work with ordinary loads and stores and
-// finish_keys() has nothing left: the kernel's fence.proxy.async before each
-// full barrier's arrival publishes the stores to wgmma as it does the rotated
-// fp16 keys. Keys outside the tile's range are zero (never garbage from pages
-// the step has not written: zero keys and values are masked and add nothing).
+// sequence's exact-row store before the chunk), quantized_prefill.h.
+//
+// QuantizedPageProducer decodes: each thread decodes its 8-element chunks
+// straight from global memory (codes, row and group parameters are per block
+// contiguous and L2-resident while the block's query tiles pass; no shared
+// staging, for which head_dim 128 has no room), puts the row's outliers back
+// (bisection over the block's slots), rotates pre-RoPE keys at their positions
+// in fp32 as the CPU rotates its decoded keys, and stores fp16. So issue_*() do
+// all the work with ordinary loads and stores and finish_keys() has nothing
+// left: the kernel's fence.proxy.async before each full barrier's arrival
+// publishes the stores to wgmma as it does the rotated fp16 keys. Keys outside
+// the tile's range are zero (never garbage from pages the step has not
+// written: zero keys and values are masked and add nothing).
+//
+// Every query tile of a chunk decodes every page tile it reads, so a key is
+// decoded S / 128 times a step; ScratchPageProducer instead copies page tiles
+// (cp.async, as Fp16PageProducer) from the page scratch (page_scratch.h), which
+// a pre-pass fills once per layer and step with the very chunks
+// QuantizedPageProducer::tile_chunk() computes (the pre-pass calls it), so the
+// tiles, and the kernel's results, are the same to the bit. Band tiles stay on
+// the exact path (QuantizedPageProducer::fill_band).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -58,55 +68,89 @@ struct QuantizedPageProducer {
   __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
 
   __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
-    fill(source, range, KvKind::key, sK);
+    fill<true>(source, range, KvKind::key, sK);
     return {};
   }
   __device__ void issue_values(const Source& source, const KeyRange& range, __half* sV) const {
-    fill(source, range, KvKind::value, sV);
+    fill<true>(source, range, KvKind::value, sV);
   }
   __device__ void finish_keys(const Pending&, __half*) const {}
 
+  // Fills a band tile (range.exact): the exact path alone, without the page decoding (ScratchPageProducer).
+  __device__ void fill_band(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
+    fill<false>(source, range, kind, tile);
+  }
+
+  // The fp16 chunk (elements [8 column, 8 column + 8)) a tile holds at key (or value) pos of the sequence,
+  // pos below the tile's end: read exactly (band tiles, sinks) or decoded from the pages, keys of pre-RoPE
+  // formats rotated at pos in fp32, rounded to fp16. The page scratch's pre-pass stores exactly this.
+  __device__ __forceinline__ uint4 tile_chunk(const Source& source, KvKind kind, int pos, bool read_exactly) const {
+    float x[8];
+    if (read_exactly) {
+      load_exact(source.kv, kind, pos, x);
+    } else {
+      decode_page_chunk(source.kv, kind, pos, column * 8, x);
+    }
+    if (kind == KvKind::key && source.kv.rotate_keys) rotate(source.kv, pos, x);
+    return to_half8(x);
+  }
+
  private:
-  __device__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
+  // kPages: the tile may be a page tile (false: a band tile, read exactly).
+  template <bool kPages>
+  __device__ __forceinline__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
     const QuantizedPagedKv& kv = source.kv;
     const int c0 = column * 8;
-    // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
-    // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
-    // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
-    // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A hint:
-    // no effect on the result.
+    if constexpr (kPages) {
+      // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
+      // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
+      // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
+      // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A
+      // hint: no effect on the result.
 #pragma unroll 4
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int pos = range.k0 + first_row + j * kRowStep;
-      if (pos >= range.end) break;
-      if (range.exact || pos < source.rule.sinks) continue;
-      const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
-      int page_row;
-      const uint8_t* block = page_block(kv, kind, pos, page_row);
-      prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
-      if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
+      for (int j = 0; j < kRowsPerThread; ++j) {
+        const int pos = range.k0 + first_row + j * kRowStep;
+        if (pos >= range.end) break;
+        if (range.exact || pos < source.rule.sinks) continue;
+        const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+        int page_row;
+        const uint8_t* block = page_block(kv, kind, pos, page_row);
+        prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
+        if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
+      }
     }
 #pragma unroll 2
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int r = first_row + j * kRowStep;
       const int pos = range.k0 + r;
+      // As tile_chunk(), with zeros past the tile's keys; one rotation site keeps the head_dim 128 producer in
+      // its 64 registers (a branch per source around tile_chunk() spilled).
       float x[8];
       if (pos >= range.end) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[i] = 0.0f;
-      } else if (range.exact || pos < source.rule.sinks) {
-        const __half* row = exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos);
-        half8_to_float(*reinterpret_cast<const uint4*>(row + c0), x);
+      } else if (!kPages || range.exact || pos < source.rule.sinks) {
+        load_exact(kv, kind, pos, x);
       } else {
         decode_page_chunk(kv, kind, pos, c0, x);
       }
       if (kind == KvKind::key && kv.rotate_keys && pos < range.end) rotate(kv, pos, x);
-      uint4 packed;
-      __half2* pairs = reinterpret_cast<__half2*>(&packed);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
-      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = packed;
+      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = to_half8(x);
     }
+  }
+
+  __device__ __forceinline__ void load_exact(const QuantizedPagedKv& kv, KvKind kind, int pos, float (&x)[8]) const {
+    const __half* row = exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos);
+    half8_to_float(*reinterpret_cast<const uint4*>(row + column * 8), x);
+  }
+
+  // Rounded to fp16 for the tensor cores.
+  __device__ __forceinline__ static uint4 to_half8(const float (&x)[8]) {
+    uint4 packed;
+    __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+    return packed;
   }
 
   // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
@@ -139,6 +183,66 @@ struct QuantizedPageProducer {
     const float4 a = __ldg(angles), b = __ldg(angles + 1);
     const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
     rotate8(cs, x);
+  }
+};
+
+// Page tiles from the page scratch (page_scratch.h), band tiles read exactly; same thread layout as
+// QuantizedPageProducer. Keys are stored rotated (the pre-pass rotated them), so finish_keys() has nothing
+// left; cp.async rows past the tile's keys are zero-filled, as the decoding producer zeroes them.
+template <int D, int kRows, int kThreads>
+struct ScratchPageProducer {
+  static constexpr bool kQuantized = true;
+  using Source = QuantizedPrefillSource;
+  // Band tiles are read exactly: the code bits of its decoding path (4 here) are never used.
+  using BandReader = QuantizedPageProducer<D, kRows, kThreads, 4>;
+  static constexpr int kRowStep = BandReader::kRowStep;
+  static constexpr int kRowsPerThread = BandReader::kRowsPerThread;
+  static constexpr int kTableEntries = 0;  // scratch rows are the positions: nothing to look up
+  using Pending = typename BandReader::Pending;
+
+  BandReader band;       // the thread's column and first row, and the band tiles' exact path
+  const __half* keys;    // (keys of the chunk's page tiles, D): the sequence's key 0 of this KV head in the scratch
+  const __half* values;  // (same, D)
+
+  __device__ ScratchPageProducer(const Source& source, int kv_head, const AttentionChunk& chunk, int chunk_index,
+                                 int thread)
+      : band(source, kv_head, chunk, chunk_index, thread) {
+    const PageScratch& scratch = source.scratch;
+    const int64_t row0 = int64_t{kv_head} * scratch.n_rows + scratch.chunk_rows[chunk_index];
+    keys = scratch.keys + row0 * D;
+    values = scratch.values + row0 * D;
+  }
+
+  __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
+
+  __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
+    if (range.exact) {
+      band.fill_band(source, range, KvKind::key, sK);
+    } else {
+      copy_rows(keys, range, sK);
+    }
+    return {};
+  }
+  __device__ void issue_values(const Source& source, const KeyRange& range, __half* sV) const {
+    if (range.exact) {
+      band.fill_band(source, range, KvKind::value, sV);
+    } else {
+      copy_rows(values, range, sV);
+    }
+  }
+  __device__ void finish_keys(const Pending&, __half*) const {}
+
+ private:
+  // cp.async of the thread's chunks of page-tile keys [k0, end) (rows: the scratch rows of key 0 on) into tile.
+  __device__ void copy_rows(const __half* rows, const KeyRange& range, __half* tile) const {
+    const int c0 = band.column * 8;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = band.first_row + j * kRowStep;
+      const int pos = range.k0 + r;
+      const bool valid = pos < range.end;
+      cp_async_16(tile + tile_offset<D, kRows>(r, c0), rows + static_cast<int64_t>(valid ? pos : 0) * D + c0, valid);
+    }
   }
 };
 

@@ -12,6 +12,11 @@
 // second pass and no merge. The band is at most a page (tail, --kscale page),
 // 128 keys (kivi) or the chunk (--exact-chunk, whose page tiles then stop at
 // the chunk's start), so it costs about one tile per block.
+//
+// Page tiles are decoded once per layer and step when the step's page scratch
+// is set (page_scratch.h: a pre-pass decodes every chunk's page-tile keys into
+// fp16 rows the kernel copies); otherwise each query tile decodes the page
+// tiles it reads (QuantizedPageProducer). Both give the same bits.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,19 +56,34 @@ struct ExactRule {
 
 ExactRule exact_rule(const KvCacheOptions& options, int page_size);
 
-// What the quantized prefill kernel reads: the layer's pages and exact rows, the rule, and each chunk's slot
-// in the exact-row store.
+// The step's page-tile keys and values decoded once (page_scratch.h): for each prefill chunk, keys
+// [0, split(its last row)) of its sequence as the page tiles hold them (fp16, keys of pre-RoPE formats
+// rotated), per KV head. keys null: no scratch, the kernel decodes its page tiles itself.
+struct PageScratch {
+  __half* keys;               // (n_kv_heads, n_rows, head_dim)
+  __half* values;             // (n_kv_heads, n_rows, head_dim)
+  const int32_t* chunk_rows;  // (chunks) row of the chunk's key 0 in each KV head's rows (prefill chunks)
+  int64_t n_rows;             // rows per KV head
+};
+
+// What the quantized prefill kernel reads: the layer's pages and exact rows, the rule, each chunk's slot
+// in the exact-row store, and the page scratch if the step has one.
 struct QuantizedPrefillSource {
   QuantizedPagedKv kv;
   ExactRule rule;
   const int32_t* chunk_slots;  // (chunks) store slot of each chunk's sequence
+  PageScratch scratch;         // filled by launch_fill_page_scratch before the kernel; keys null: none
 };
+
+// The bits a layout's decoding instances are built for: the packed schemes' own (int, nuq, kivi), 4 for the
+// others (which ignore them).
+int quantized_bits_bucket(const PageBlockLayout& layout);
 
 // head_dim 64 or 128, keys and values of the same bits bucket.
 bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
 
 // The step's prefill rows (work as plan_prefill plans it; chunks, work and source.chunk_slots device arrays)
-// into query.out.
+// into query.out; page tiles from source.scratch when it is set (filled for these chunks and work).
 void launch_quantized_prefill_attention(const AttentionQuery& query, const QuantizedPrefillSource& source,
                                         const AttentionChunk* chunks, const PrefillWork* work, int32_t n_work,
                                         cudaStream_t stream);

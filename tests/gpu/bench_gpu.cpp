@@ -6,7 +6,9 @@
 //   qdecode   decode attention over quantized pages (nuq4-1%, nuq3-1%, q4_0, fp8; sinks 1 and the tail for
 //             nuq): ms, GB/s of the bytes of the blocks and exact rows read, and speed-up over fp16 pages
 //   qprefill  prefill attention over quantized pages (nuq4-1%, nuq3-1% with and without the tail, q4_0, fp8,
-//             kivi2) against fp16 pages, same shapes: ms and the ratio to fp16 (the gate: <= 1.05)
+//             kivi2) against fp16 pages, same shapes: ms (the page scratch's pre-pass and the kernel, as the
+//             backend runs them) and the ratio to fp16 (the gate: <= 1.05); the pre-pass alone, and the
+//             kernel decoding its page tiles itself (the fallback past the scratch's cap)
 //   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets; decode with
 //             CUDA graphs on and off, returning logits (forward) or greedy ids (forward_greedy)
 // Each point: warm-up, then the median of repeats timed with events (kernels)
@@ -27,6 +29,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/llama_kernels.h"
+#include "cuda/page_scratch.h"
 #include "cuda/quantized_attention.h"
 #include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
@@ -338,7 +341,8 @@ PageTables interleaved_tables(int batch, int context, int page) {
 }
 
 // Prefill attention over quantized pages against fp16 pages, same shapes: B prompts of S tokens in one chunk
-// each (position 0 on), time of the attention alone. Default options (sinks 1, no tail) and the tail for
+// each (position 0 on), time of the attention alone: the page scratch's pre-pass plus the kernel (what a layer
+// of the backend runs), the pre-pass alone, and the kernel with the decoding producer. Default options (sinks 1, no tail) and the tail for
 // nuq3-1% (a band of up to a page per query tile).
 json bench_quantized_prefill() {
   struct Point {
@@ -399,18 +403,41 @@ json bench_quantized_prefill() {
       const cuda::QuantizedPagedKv kv{pages.pool.get(), pages.key_layout, pages.value_layout, pages.device_calib.layer(0),
                                       d_pages.get(), d_rope.get(), n_kv, options.format.keys_post_rope() ? 0 : 1,
                                       step.get() + q_dim, stride, {store.get(), sinks, window}};
-      const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
+      const cuda::ExactRule rule = cuda::exact_rule(options, page);
+      cuda::QuantizedPrefillSource decoding{kv, rule, d_slots.get(), {}};
       const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
+      const auto run_kernel = [&](const cuda::QuantizedPrefillSource& source) {
+        cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+      };
+      const double decoding_ms = time_kernel_ms([&] { run_kernel(decoding); }, 3, 10);
+      // The page scratch without the backend's cap (past it the step would run in groups): one group.
+      const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv, D, INT64_MAX);
+      DeviceArray<__half> scratch(std::max<size_t>(8, size_t(plan.max_rows) * n_kv * D * 2));
+      DeviceArray<cuda::PrefillWork> d_scratch_work(plan.work);
+      DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
+      DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
+      cuda::QuantizedPrefillSource scratched = decoding;
+      scratched.scratch = {scratch.get(), scratch.get() + plan.max_rows * n_kv * D, d_chunk_rows.get(), plan.max_rows};
+      const auto fill = [&] {
+        cuda::launch_fill_page_scratch(scratched, D, d_chunks.get(), d_spans.get(), int32_t(plan.spans.size()), nullptr);
+      };
+      const double fill_ms = plan.max_rows > 0 ? time_kernel_ms(fill, 3, 10) : 0.0;
       const double ms = time_kernel_ms(
           [&] {
-            cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+            cuda::launch_quantized_prefill_groups(query, decoding, d_chunks.get(), d_scratch_work.get(),
+                                                  d_chunk_rows.get(), d_spans.get(), plan.groups, scratch.get(), nullptr);
           },
           3, 10);
       const std::string kv_name = std::string(f.name) + (f.tail ? " tail" : "");
       results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
-                         {"seq_len", p.seq_len}, {"ms", ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms}});
-      std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages\n", p.model, p.shape.name,
-                  kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms);
+                         {"seq_len", p.seq_len}, {"ms", ms}, {"scratch_fill_ms", fill_ms},
+                         {"scratch_bytes", cuda::page_scratch_bytes(plan.max_rows, n_kv, D)},
+                         {"decoding_producer_ms", decoding_ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms},
+                         {"decoding_ratio_vs_fp16", decoding_ms / fp16_ms}});
+      std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages (pre-pass %.3f ms, "
+                  "%.0f MiB; decoding producer %.3f ms %.2fx)\n",
+                  p.model, p.shape.name, kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms, fill_ms,
+                  cuda::page_scratch_bytes(plan.max_rows, n_kv, D) / 1048576.0, decoding_ms, decoding_ms / fp16_ms);
       std::fflush(stdout);
     }
   }

@@ -25,6 +25,13 @@
 // for fp32 weights).
 // A key read from the wrong source, row, page or head, or a wrong RoPE angle,
 // moves outputs by the spread of values, ~0.1 to 1.
+//
+// The prefill kernel runs four times per case, as the backend runs it under
+// four caps of the page scratch (page_scratch.h): 0 (every page tile decoded by
+// the kernel, the fallback), one byte below the largest chunk's rows (that
+// chunk decoded, the others from the scratch), exactly those rows (a group per
+// chunk) and the backend's cap (one group): the tiles are the same halves, so
+// the outputs must be the same bits (no tolerance).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -32,6 +39,7 @@
 
 #include "core/dtypes.h"
 #include "cuda/kv_quantize.h"
+#include "cuda/page_scratch.h"
 #include "cuda/quantized_attention.h"
 #include "cuda/quantized_prefill.h"
 #include "engine/step_batch.h"
@@ -172,13 +180,68 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       split_slots.push_back(slots[s]);
     }
   }
+  // The prefill rows with the decoding producer, to compare with the page scratch's bit for bit.
+  std::vector<uint16_t> decoded_out;
+  int scratch_mismatches = 0;
+  const auto compare_prefill_rows = [&](const std::vector<uint16_t>& got, const std::string& how) {
+    for (int s : prefill_ids) {
+      for (size_t i = size_t(first_row[s]) * q_dim; i < size_t(first_row[s] + chunk[s]) * q_dim; ++i) {
+        if (got[i] != decoded_out[i] && ++scratch_mismatches <= 5) {
+          ADD_FAILURE() << what << ": " << how << ": seq " << s << " row " << i / q_dim - first_row[s] << " column "
+                        << i % q_dim << ": " << fp16_to_fp32(got[i]) << ", decoding producer "
+                        << fp16_to_fp32(decoded_out[i]);
+        }
+      }
+    }
+  };
   if (!prefill_ids.empty()) {
     const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, prefill_ids, D);
     DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
-    DeviceArray<cuda::PrefillWork> d_work(work);
     DeviceArray<int32_t> d_slots(slots);
-    const cuda::QuantizedPrefillSource source{kv, cuda::exact_rule(options, page), d_slots.get()};
-    cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
+    const cuda::ExactRule rule = cuda::exact_rule(options, page);
+    const cuda::QuantizedPrefillSource source{kv, rule, d_slots.get(), {}};
+    // As the backend runs them, under a scratch cap: the work regrouped, per group the pre-pass and the kernel.
+    const auto run_prefill = [&](int64_t cap_bytes) {
+      const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap_bytes);
+      EXPECT_EQ(plan.work.size(), work.size()) << what;
+      DeviceArray<cuda::PrefillWork> d_work(plan.work);
+      DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
+      DeviceArray<cuda::PageScratchSpan> d_spans(plan.spans);
+      DeviceArray<uint8_t> d_scratch(size_t(cuda::page_scratch_bytes(plan.max_rows, n_kv_heads, D)));
+      // fp16 NaNs in the scratch (a row read but never written shows, masked or not: 0 x NaN is NaN) and in
+      // the output (rows a run misses show).
+      if (d_scratch.size() > 0) CUDA_CHECK(cudaMemset(d_scratch.get(), 0xff, d_scratch.size()));
+      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
+      cuda::launch_quantized_prefill_groups(query, source, d_chunks.get(), d_work.get(), d_chunk_rows.get(),
+                                            d_spans.get(), plan.groups, d_scratch.get(), nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      return plan;
+    };
+    // The reference: the decoding producer over the planner's own work list, not regrouped (so a regrouping
+    // error cannot be in the reference too).
+    {
+      DeviceArray<cuda::PrefillWork> d_work(work);
+      CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
+      cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()),
+                                               nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      decoded_out = d_out.download();
+    }
+    // Cap 0: every group decodes its page tiles (the fallback), regrouped as the backend runs it.
+    EXPECT_EQ(run_prefill(0).max_rows, 0) << what;
+    compare_prefill_rows(d_out.download(), "scratch cap 0");
+    // A cap of the largest chunk's rows less one byte: that chunk decodes, the others read the scratch in groups;
+    // then its rows exactly: one group per chunk where two do not fit; then the backend's cap.
+    int64_t largest = 0;
+    for (int s : prefill_ids) largest = std::max<int64_t>(largest, rule.split(earlier[s] + chunk[s] - 1, earlier[s]));
+    const int64_t largest_bytes = cuda::page_scratch_bytes(largest, n_kv_heads, D);
+    for (const int64_t cap : {largest_bytes - 1, largest_bytes, cuda::kPageScratchCapBytes}) {
+      const cuda::PageScratchPlan plan = run_prefill(cap);
+      if (cap == cuda::kPageScratchCapBytes) {
+        EXPECT_EQ(plan.groups.size(), 1u) << what;  // the whole step in one launch
+      }
+      compare_prefill_rows(d_out.download(), "scratch cap " + std::to_string(cap));
+    }
   }
   // 132 multiprocessors (default): splits of the least size (128 keys), so the longest rows get two page splits.
   for (const cuda::QuantizedAttentionPlan& plan :
@@ -194,6 +257,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
   }
   CUDA_CHECK(cudaDeviceSynchronize());
   out = d_out.download();
+  EXPECT_EQ(scratch_mismatches, 0) << what;
 
   // The CPU twin.
   double worst = 0;
@@ -404,6 +468,94 @@ TEST(QuantizedAttention, LongSplitsReuseEveryStage) {
       run_case({"q4_0", 4, true, false, false, 16}, head_dim, group, seed++, shapes);
       run_case({"kivi2", 1, true, false, false, 32}, head_dim, group, seed++, shapes);
       run_case({"nuq3-1%", 4, true, true, false, 24}, head_dim, group, seed++, shapes);
+    }
+  }
+}
+
+// The page scratch's plan (host code, runs without a GPU): per prefill chunk, the rows of keys [0, split of its
+// last row) in spans that cover them once, in order, inside its group's rows after the group's earlier chunks;
+// every query tile's page tiles (keys below its last row's split) lie inside; the work regrouped, each item
+// once; groups within the cap; a chunk over the cap alone in a group without rows; chunks without prefill work
+// get none.
+TEST(QuantizedAttention, PageScratchPlanCoversEveryPageTile) {
+  const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, true, false, false}, {"nuq4-1%", 2, true, false, true},
+                                         {"kivi2"}, {"q4_0", 0, true, false, false}};
+  const int D = 128, n_kv_heads = 8, page = 64;
+  // Chunks: a long prompt's middle chunk, a first chunk, a decode row (no prefill work), a chunk of 2 rows.
+  const std::vector<cuda::AttentionChunk> chunks = {{0, 300, 1000, 0}, {300, 129, 0, 20}, {429, 1, 77, 40}, {430, 2, 5, 60}};
+  const std::vector<cuda::PrefillWork> work = cuda::plan_prefill(chunks, {0, 1, 3}, D);
+  const int64_t row_bytes = cuda::page_scratch_bytes(1, n_kv_heads, D);
+  for (const FormatCase& test : cases) {
+    const KvCacheOptions options = options_for(test);
+    const cuda::ExactRule rule = cuda::exact_rule(options, page);
+    std::vector<int64_t> page_keys(chunks.size(), 0);
+    for (int c : {0, 1, 3}) page_keys[c] = rule.split(chunks[c].start_pos + chunks[c].n_tokens - 1, chunks[c].start_pos);
+    // Caps: the backend's (one group); each chunk's rows (groups split); one below the largest (it decodes).
+    const int64_t largest = *std::max_element(page_keys.begin(), page_keys.end());
+    for (const int64_t cap : {cuda::kPageScratchCapBytes, largest * row_bytes, largest * row_bytes - 1, int64_t{0}}) {
+      const std::string what = test.kv + " cap " + std::to_string(cap);
+      const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap);
+      ASSERT_EQ(plan.chunk_rows.size(), chunks.size()) << what;
+      ASSERT_EQ(plan.work.size(), work.size()) << what;
+      if (cap == cuda::kPageScratchCapBytes) {
+        EXPECT_EQ(plan.groups.size(), 1u) << what;
+      }
+      std::vector<int> work_seen(chunks.size(), 0), chunk_groups(chunks.size(), 0);
+      int32_t next_work = 0, next_span = 0;
+      int64_t max_rows = 0;
+      for (const cuda::PageScratchGroup& group : plan.groups) {
+        EXPECT_EQ(group.work_begin, next_work) << what;
+        EXPECT_EQ(group.span_begin, next_span) << what;
+        EXPECT_LT(group.work_begin, group.work_end) << what;
+        EXPECT_LE(group.n_rows * row_bytes, cap) << what;
+        next_work = group.work_end;
+        next_span = group.span_end;
+        max_rows = std::max(max_rows, group.n_rows);
+        std::vector<bool> in_group(chunks.size(), false);
+        for (int32_t w = group.work_begin; w < group.work_end; ++w) {
+          ++work_seen[plan.work[w].chunk];
+          in_group[plan.work[w].chunk] = true;
+        }
+        int64_t rows = 0;
+        int32_t span = group.span_begin;
+        for (int c = 0; c < int(chunks.size()); ++c) {
+          if (!in_group[c]) continue;
+          ++chunk_groups[c];
+          const bool over_cap = page_keys[c] * row_bytes > cap;
+          if (over_cap) {
+            EXPECT_EQ(group.n_rows, 0) << what << " chunk " << c;  // decoded by the kernel
+            continue;
+          }
+          EXPECT_EQ(plan.chunk_rows[c], rows) << what << " chunk " << c;
+          int next = 0;
+          for (; span < group.span_end && plan.spans[span].chunk == c; ++span) {
+            EXPECT_EQ(plan.spans[span].key_begin, next) << what << " chunk " << c;
+            EXPECT_GT(plan.spans[span].key_end, plan.spans[span].key_begin) << what;
+            EXPECT_LE(plan.spans[span].key_end - plan.spans[span].key_begin, cuda::kPageScratchSpanRows) << what;
+            next = plan.spans[span].key_end;
+          }
+          EXPECT_EQ(next, page_keys[c]) << what << " chunk " << c;
+          for (const cuda::PrefillWork& w : work) {
+            if (w.chunk != c) continue;
+            const int q_last =
+                chunks[c].start_pos + std::min(w.q_begin + cuda::prefill_rows_per_tile(D), chunks[c].n_tokens) - 1;
+            EXPECT_LE(rule.split(q_last, chunks[c].start_pos), page_keys[c]) << what << " chunk " << c;
+          }
+          rows += page_keys[c];
+        }
+        EXPECT_EQ(span, group.span_end) << what;
+        if (group.n_rows > 0) {
+          EXPECT_EQ(group.n_rows, rows) << what;
+        }
+      }
+      EXPECT_EQ(next_work, int32_t(plan.work.size())) << what;
+      EXPECT_EQ(next_span, int32_t(plan.spans.size())) << what;
+      EXPECT_EQ(plan.max_rows, max_rows) << what;
+      for (int c = 0; c < int(chunks.size()); ++c) {
+        const int expected = int(std::count_if(work.begin(), work.end(), [&](const cuda::PrefillWork& w) { return w.chunk == c; }));
+        EXPECT_EQ(work_seen[c], expected) << what << " chunk " << c;           // every work item once
+        EXPECT_EQ(chunk_groups[c], c == 2 ? 0 : 1) << what << " chunk " << c;  // a chunk in one group
+      }
     }
   }
 }
