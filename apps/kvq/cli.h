@@ -76,8 +76,9 @@ void write_csv(const std::string& path, const nlohmann::json& results);
 
 // The --kv format with the shared options; a calibrated format loads and checks
 // its calibration into `calibration`, which must outlive the result;
-// with synthetic_calibration (--dummy presets): a synthetic calibration (Gaussian codebooks, unit key ranges, marked
-// "synthetic": "true" in its metadata) instead, valid for speed only.
+// with synthetic_calibration (--dummy presets): a synthetic calibration (Gaussian codebooks, key ranges and value
+// threshold at the outlier fraction's normal quantile, marked "synthetic": "true" in its metadata) instead, valid
+// for speed only.
 KvCacheOptions kv_cache_options(const LlamaConfig& config, const std::string& fingerprint, const CommonOptions& o,
                                 const std::string& kv, CalibrationFile& calibration, bool synthetic_calibration = false);
 
