@@ -23,8 +23,8 @@
 // (cp.async, as Fp16PageProducer) from the page scratch (page_scratch.h), which
 // a pre-pass fills once per layer and step with the very chunks
 // QuantizedPageProducer::tile_chunk() computes (the pre-pass calls it), so the
-// tiles, and the kernel's results, are the same to the bit. Band tiles stay on
-// the exact path (QuantizedPageProducer::fill_band).
+// tiles, and the kernel's results, are the same to the bit. Band tiles are
+// copied from the exact rows and their keys rotated in place.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -68,17 +68,25 @@ struct QuantizedPageProducer {
   __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
 
   __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
-    fill<true>(source, range, KvKind::key, sK);
+    fill(source, range, KvKind::key, sK);
     return {};
   }
   __device__ void issue_values(const Source& source, const KeyRange& range, __half* sV) const {
-    fill<true>(source, range, KvKind::value, sV);
+    fill(source, range, KvKind::value, sV);
   }
   __device__ void finish_keys(const Pending&, __half*) const {}
 
-  // Fills a band tile (range.exact): the exact path alone, without the page decoding (ScratchPageProducer).
-  __device__ void fill_band(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
-    fill<false>(source, range, kind, tile);
+  // Where the thread's chunk of key (kind 0) or value `pos`, read exactly, is.
+  __device__ const __half* exact_chunk(const QuantizedPagedKv& kv, KvKind kind, int pos) const {
+    return exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos) + column * 8;
+  }
+
+  // An exactly read pre-RoPE key chunk at pos, rotated as tile_chunk() rotates it (fp32, then fp16).
+  __device__ __forceinline__ uint4 rotate_exact_chunk(const QuantizedPagedKv& kv, int pos, uint4 raw) const {
+    float x[8];
+    half8_to_float(raw, x);
+    rotate(kv, pos, x);
+    return to_half8(x);
   }
 
   // The fp16 chunk (elements [8 column, 8 column + 8)) a tile holds at key (or value) pos of the sequence,
@@ -96,28 +104,24 @@ struct QuantizedPageProducer {
   }
 
  private:
-  // kPages: the tile may be a page tile (false: a band tile, read exactly).
-  template <bool kPages>
   __device__ __forceinline__ void fill(const Source& source, const KeyRange& range, KvKind kind, __half* tile) const {
     const QuantizedPagedKv& kv = source.kv;
     const int c0 = column * 8;
-    if constexpr (kPages) {
-      // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
-      // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
-      // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
-      // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A
-      // hint: no effect on the result.
+    // The decode below is a chain of dependent loads per row (codes, then codebook and outlier slots). Its
+    // first links hit L2 (the pages are shared by the sequence's query tiles); prefetching every row's lines
+    // into L1 first lets those misses overlap, so the chains wait on L1 (L1 is what shared memory leaves,
+    // ~28 KB: a tile's codes, 6 to 16 KB, fit; the RoPE angles, 32 to 64 KB a tile, are left to L2). A
+    // hint: no effect on the result.
 #pragma unroll 4
-      for (int j = 0; j < kRowsPerThread; ++j) {
-        const int pos = range.k0 + first_row + j * kRowStep;
-        if (pos >= range.end) break;
-        if (range.exact || pos < source.rule.sinks) continue;
-        const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
-        int page_row;
-        const uint8_t* block = page_block(kv, kind, pos, page_row);
-        prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
-        if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
-      }
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int pos = range.k0 + first_row + j * kRowStep;
+      if (pos >= range.end) break;
+      if (range.exact || pos < source.rule.sinks) continue;
+      const PageBlockLayout& layout = kind == KvKind::key ? kv.key_layout : kv.value_layout;
+      int page_row;
+      const uint8_t* block = page_block(kv, kind, pos, page_row);
+      prefetch_l1(block + layout.codes_offset + (int64_t{page_row} * D + c0) * layout.bits / 8);
+      if (layout.outlier_capacity > 0) prefetch_l1(block + layout.outliers_offset);
     }
 #pragma unroll 2
     for (int j = 0; j < kRowsPerThread; ++j) {
@@ -129,7 +133,7 @@ struct QuantizedPageProducer {
       if (pos >= range.end) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[i] = 0.0f;
-      } else if (!kPages || range.exact || pos < source.rule.sinks) {
+      } else if (range.exact || pos < source.rule.sinks) {
         load_exact(kv, kind, pos, x);
       } else {
         decode_page_chunk(kv, kind, pos, c0, x);
@@ -140,8 +144,7 @@ struct QuantizedPageProducer {
   }
 
   __device__ __forceinline__ void load_exact(const QuantizedPagedKv& kv, KvKind kind, int pos, float (&x)[8]) const {
-    const __half* row = exact_kv_row(kv, exact, static_cast<int>(kind), kv_head, D, pos);
-    half8_to_float(*reinterpret_cast<const uint4*>(row + column * 8), x);
+    half8_to_float(*reinterpret_cast<const uint4*>(exact_chunk(kv, kind, pos)), x);
   }
 
   // Rounded to fp16 for the tensor cores.
@@ -187,8 +190,10 @@ struct QuantizedPageProducer {
 };
 
 // Page tiles from the page scratch (page_scratch.h), band tiles read exactly; same thread layout as
-// QuantizedPageProducer. Keys are stored rotated (the pre-pass rotated them), so finish_keys() has nothing
-// left; cp.async rows past the tile's keys are zero-filled, as the decoding producer zeroes them.
+// QuantizedPageProducer. Both by cp.async (rows past the tile's keys zero-filled, as the decoding producer
+// zeroes them): page-tile keys are stored rotated (the pre-pass rotated them); band-tile keys are rotated in
+// place once landed, as the decoding producer rotates them. (Read with ordinary loads, two rows in flight, a
+// band tile took as long as ~5 page tiles: +60% for the tail's one band tile per query block.)
 template <int D, int kRows, int kThreads>
 struct ScratchPageProducer {
   static constexpr bool kQuantized = true;
@@ -217,7 +222,8 @@ struct ScratchPageProducer {
 
   __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
     if (range.exact) {
-      band.fill_band(source, range, KvKind::key, sK);
+      copy_band(source.kv, range, KvKind::key, sK);
+      if (source.kv.rotate_keys) rotate_band(source.kv, range, sK);
     } else {
       copy_rows(keys, range, sK);
     }
@@ -225,7 +231,7 @@ struct ScratchPageProducer {
   }
   __device__ void issue_values(const Source& source, const KeyRange& range, __half* sV) const {
     if (range.exact) {
-      band.fill_band(source, range, KvKind::value, sV);
+      copy_band(source.kv, range, KvKind::value, sV);
     } else {
       copy_rows(values, range, sV);
     }
@@ -242,6 +248,32 @@ struct ScratchPageProducer {
       const int pos = range.k0 + r;
       const bool valid = pos < range.end;
       cp_async_16(tile + tile_offset<D, kRows>(r, c0), rows + static_cast<int64_t>(valid ? pos : 0) * D + c0, valid);
+    }
+  }
+
+  // cp.async of the thread's chunks of band keys (or values) [k0, end), read exactly, into tile.
+  __device__ void copy_band(const QuantizedPagedKv& kv, const KeyRange& range, KvKind kind, __half* tile) const {
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = band.first_row + j * kRowStep;
+      const int pos = range.k0 + r;
+      const bool valid = pos < range.end;
+      cp_async_16(tile + tile_offset<D, kRows>(r, band.column * 8), valid ? band.exact_chunk(kv, kind, pos) : kv.step_keys,
+                  valid);
+    }
+  }
+
+  // RoPE on the thread's band keys once they have landed (each thread rotates only the chunks it copied).
+  __device__ void rotate_band(const QuantizedPagedKv& kv, const KeyRange& range, __half* sK) const {
+    cp_async_commit();
+    cp_async_wait<0>();
+#pragma unroll 4
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = band.first_row + j * kRowStep;
+      const int pos = range.k0 + r;
+      if (pos >= range.end) break;  // rows ascend with j; the rest are zero
+      uint4* chunk = reinterpret_cast<uint4*>(sK + tile_offset<D, kRows>(r, band.column * 8));
+      *chunk = band.rotate_exact_chunk(kv, pos, *chunk);
     }
   }
 };
