@@ -90,6 +90,7 @@ def load(results_dir):
             # kvq bench before settings.decode let decode tokens ride along with later prompts' chunks: they were
             # counted in decode_tok_s but timed as prefill, which overstates it (HF always decodes after prefill).
             row["decode_rode_along"] = report["command"] == "bench" and "decode" not in settings
+            row["dummy"] = source["model"].startswith("dummy:")
             rows.append(row)
     return merge(rows), sources
 
@@ -453,9 +454,33 @@ def decode_cell(r):
     return fmt(r.get("decode_tok_s"), ".0f") + ("*" if rode_along(r) else "")
 
 
-def rode_along_footnote(rows):
-    """Under a table showing any decode rate marked by decode_cell: what the mark means."""
-    return ["", f"\\* {RODE_ALONG_NOTE}."] if any(rode_along(r) for r in rows) else []
+# kvq bench --dummy runs before commit 53f4ace (first measured 2026-11-27 10:29 UTC) calibrated the synthetic keys to
+# unit ranges: about a third of the keys of the random weights were outlier candidates, so quantize-on-write, and
+# prefill with it, was slower for formats with outliers than a real calibration makes it.
+UNIT_RANGES_UNTIL = "2026-11-27T10:20"
+UNIT_RANGES_NOTE = ("prefill tok/s marked \u2020 comes from --dummy runs whose synthetic calibration had unit key ranges "
+                    "(before commit 53f4ace): about a third of the keys were outlier candidates instead of the format's "
+                    "fraction, which made quantize-on-write 2.3x slower (llama2-7b 4 x 2048, nuq3-1%: 55.8 vs 23.9 ms a "
+                    "step) and understates prefill of formats with outliers")
+
+
+def unit_ranges(r):
+    return (r["command"] == "bench" and r.get("dummy") and str(r.get("date")) < UNIT_RANGES_UNTIL
+            and re.fullmatch(r"(int|nuq)\d+-[\d.]+%", r["kv"]) is not None and ok(r))
+
+
+def prefill_cell(r):
+    return fmt(r.get("prefill_tok_s"), ".0f") + ("\u2020" if unit_ranges(r) else "")
+
+
+def footnotes(rows):
+    """Under a table showing cells marked by decode_cell or prefill_cell: what the marks mean."""
+    lines = []
+    if any(rode_along(r) for r in rows):
+        lines += ["", f"\\* {RODE_ALONG_NOTE}."]
+    if any(unit_ranges(r) for r in rows):
+        lines += ["", f"\u2020 {UNIT_RANGES_NOTE}."]
+    return lines
 
 
 def bench_tables(rows):
@@ -478,7 +503,7 @@ def bench_tables(rows):
                     return a[key] / b[key]
                 return None
             body.append([config_label(r), r["prompt_len"], r.get("batch"), "yes" if r.get("ragged") else "",
-                         fmt(r.get("prefill_tok_s"), ".0f"),
+                         prefill_cell(r),
                          fmt(ratio(r, hf, "prefill_tok_s"), ".2f") if r["kv"] != HF_KV else "",
                          fmt(r.get("ttft_s"), ".3g"), decode_cell(r),
                          fmt(gib(r.get("peak_mem_bytes")), ".2f"), fmt((r.get("kv_bytes") or 0) / 2**20, ".0f")
@@ -491,7 +516,7 @@ def bench_tables(rows):
         lines += ["", f"#### {model} on {device}", ""]
         lines += table(["kv", "L", "B", "ragged", "prefill tok/s", "x HF", "TTFT s", "decode tok/s", "peak GiB",
                         "KV MiB", "bits", "J/token", "prefill J/tok", "decode J/tok", "W", "tok/s vs fp16", "J/token vs fp16", "status", "src"], body)
-        lines += rode_along_footnote(mine)
+        lines += footnotes(mine)
     return lines
 
 
@@ -539,11 +564,11 @@ def capacity_table(rows):
     for r in sorted(cap, key=lambda r: (r["model"], r["prompt_len"], r["kv"])):
         base = fp16.get((r["model"], r["device"], r["prompt_len"], r.get("mem_budget_gib")))
         body.append([r["model"], r["device"], r["kv"], r["prompt_len"], fmt(r.get("mem_budget_gib"), "g"), r["max_batch"],
-                     fmt(r["max_batch"] / base, ".2f") if base else "-", fmt(r.get("prefill_tok_s"), ".0f"),
+                     fmt(r["max_batch"] / base, ".2f") if base else "-", prefill_cell(r),
                      decode_cell(r), fmt(r.get("energy_j_per_token"), ".3g"), f"[{r['source_id']}]"])
     return ["", "#### Capacity under one KV budget (`--mem-budget`; max_batch + 1 was shown not to fit)", ""] + \
         table(["model", "device", "kv", "L", "budget GiB", "max batch", "vs fp16", "prefill tok/s", "decode tok/s",
-               "J/token", "src"], body) + rode_along_footnote(cap)
+               "J/token", "src"], body) + footnotes(cap)
 
 
 def generated_section(rows, sources, figures, doc_dir):

@@ -1,9 +1,12 @@
 #include "calib/calibration_file.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -112,6 +115,58 @@ std::vector<LayerCalibration> calibration_for_format(const CalibrationFile& file
   } catch (const Error& e) {
     fail("--kv {}: {} in {} (calibrate with --bits {} --outliers {})", format.name, e.what(), file_path, format.bits,
          format.outlier_fraction);
+  }
+  return layers;
+}
+
+namespace {
+
+// The standard normal's p-quantile, by bisection on its CDF (plenty for a few constants).
+double normal_quantile(double p) {
+  double lo = -10, hi = 10;
+  for (int k = 0; k < 100; ++k) {
+    const double mid = 0.5 * (lo + hi);
+    (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+// Centres of a Gaussian's 2^bits equal-probability bins, scaled so the outer ones are -1 and 1.
+std::vector<float> gaussian_codebook(int bits) {
+  const int n = 1 << bits;
+  std::vector<float> centres(n);
+  const double outer = normal_quantile((n - 0.5) / n);
+  for (int i = 0; i < n; ++i) centres[i] = static_cast<float>(normal_quantile((i + 0.5) / n) / outer);
+  return centres;
+}
+
+}  // namespace
+
+// The --dummy weights' keys and values are close to N(0, 1) (unit-RMS inputs times weights of variance
+// 1 / fan_in), so the key ranges and the value threshold (x RMS) are the normal's two-sided quantile of the
+// format's outlier fraction: about that fraction of elements are outlier candidates, as with a real calibration (unit ranges
+// made a third of them candidates, and quantize-on-write several times slower). Without outliers, the range
+// of the extremes of a calibration set (a two-sided 1e-5).
+std::vector<LayerCalibration> synthetic_calibration(const LlamaConfig& config, const KvFormat& format,
+                                                    CalibrationFile& calibration) {
+  calibration.metadata["synthetic"] = "true";
+  const std::string o = format.outlier_label;
+  const std::string bits = std::to_string(format.bits);
+  const std::vector<float> codebook = gaussian_codebook(format.bits);
+  const auto range = static_cast<float>(normal_quantile(1.0 - std::max(format.outlier_fraction, 1e-5) / 2));
+  std::vector<LayerCalibration> layers;
+  for (int i = 0; i < config.n_layers; ++i) {
+    const std::string blk = fmt::format("blk.{}.", i);
+    calibration.tensors[blk + "k.lo." + o] = std::vector<float>(config.kv_dim(), -range);
+    calibration.tensors[blk + "k.hi." + o] = std::vector<float>(config.kv_dim(), range);
+    calibration.tensors[blk + "k.codebook." + bits + "." + o] = codebook;
+    calibration.tensors[blk + "v.codebook." + bits + "." + o] = codebook;
+  }
+  for (int i = 0; i < config.n_layers; ++i) {  // views taken once the map stops growing
+    const std::string blk = fmt::format("blk.{}.", i);
+    layers.push_back({calibration.tensors.at(blk + "k.lo." + o).data(), calibration.tensors.at(blk + "k.hi." + o).data(),
+                      calibration.tensors.at(blk + "k.codebook." + bits + "." + o).data(),
+                      calibration.tensors.at(blk + "v.codebook." + bits + "." + o).data(), range});
   }
   return layers;
 }

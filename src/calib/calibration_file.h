@@ -47,4 +47,10 @@ std::vector<LayerCalibration> calibration_for_format(const CalibrationFile& file
                                                      const LlamaConfig& config, const std::string& model_fingerprint,
                                                      const KvFormat& format);
 
+// --dummy presets: what calibrating their random weights would give, so quantized speed is representative:
+// Gaussian codebooks, key ranges and value threshold at the normal quantile of the format's outlier fraction;
+// metadata "synthetic": "true". Its tensors live in `calibration`, which must outlive the views.
+std::vector<LayerCalibration> synthetic_calibration(const LlamaConfig& config, const KvFormat& format,
+                                                    CalibrationFile& calibration);
+
 }  // namespace kvq

@@ -4,7 +4,8 @@ replaced in place (text around it kept, a second run changes nothing), newer
 measurements replace older ones, out-of-memory points are listed, and where a
 quantized format's J/token falls less than its throughput rises (or rises
 less than its throughput falls) the report says why (its average power
-changed), and the Pareto front compares perplexities of one window size."""
+changed), the Pareto front compares perplexities of one window size, and cells
+measured under superseded conditions are marked."""
 
 import json
 import subprocess
@@ -61,7 +62,8 @@ def write_results(folder):
         "speed.json": envelope("bench", "dummy:smollm2-135m",
                                [bench_point(kv, 2048, 4, s, w) for kv, s, w in (("fp16", 9e4, 300), ("nuq3-1%", 1e5, 300),
                                                                                 ("nuq4-1%", 9.5e4, 300),
-                                                                                ("q4_0", 4.5e4, 200))]),
+                                                                                ("q4_0", 4.5e4, 200))],
+                               date="2026-11-28T00:00:00Z"),
         "ppl.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf", ppl, device="Intel(R) Xeon(R)"),
         "ppl_pages.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf",
                                    [dict(ppl[1], ppl=22.5)], device="Intel(R) Xeon(R)", page=16),
@@ -101,6 +103,10 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     # Runs whose decode tokens rode along with prefill chunks (no settings.decode) are marked; phased ones not.
     assert "| 0.01 | 900* |" in text and "| 0.01 | 40 |" in text and "rode along with later prompts' prefill" in text
     assert "| llama2-7b | NVIDIA H100 80GB HBM3 | nuq3-1% | 2048 | 8 | 30 | 4.29 |" in text  # capacity vs fp16's 7
+    # --dummy runs of formats with outliers before the synthetic calibration took their quantile are marked; later
+    # ones, fp16 and real-model runs not.
+    assert "| nuq3-1% | 2048 | 1 |  | 1500\u2020 |" in text and "| nuq3-1% | 2048 | 4 |  | 100000 |" in text
+    assert "| fp16 | 2048 | 4 |  | 4000 |" in text and "had unit key ranges" in text
     # Half the throughput at 2/3 of the power: J/token rises to 1.33, not to 2, and the report says why.
     assert "q4_0: throughput x0.50 over fp16, J/token x1.33 (200 W vs 300 W); J/token rises less than throughput falls" in text
     assert "#### Pareto front: smollm2-135m" in text

@@ -1,7 +1,9 @@
 // Quantization building blocks: bit packing, element codecs, page codecs of
-// every --kv format, outlier slots, weighted k-means, the calibration file.
+// every --kv format, outlier slots, weighted k-means, the calibration file and the
+// synthetic calibration of --dummy presets.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +15,8 @@
 #include "core/error.h"
 #include "kv/kv_format.h"
 #include "kv/page_codec.h"
+#include "model/dummy_presets.h"
+#include "model/llama.h"
 #include "quant/kmeans.h"
 #include "quant/pack.h"
 #include "quant/scalar_codecs.h"
@@ -319,6 +323,40 @@ TEST(CalibrationFile, RoundTripsByteIdenticallyAndNamesMissingTensors) {
   EXPECT_THROW(CalibrationFile::load(b), Error);
   std::remove(a.c_str());
   std::remove(b.c_str());
+}
+
+// The --dummy presets' keys and values are close to N(0, 1); their synthetic calibration must make about the
+// format's outlier fraction of such elements outlier candidates (keys outside the range, values past the
+// threshold), so quantize-on-write costs what it does with a real calibration; ascending codebooks in [-1, 1].
+TEST(CalibrationFile, SyntheticCalibrationTakesTheOutlierFractionOfUnitNormals) {
+  const LlamaConfig config = dummy_preset("smollm2-135m");
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> samples(200000);
+  for (float& x : samples) x = normal(rng);
+  for (const char* name : {"nuq3-1%", "nuq4-0.5%", "int3-2%", "nuq3"}) {
+    const KvFormat format = parse_kv_format(name);
+    CalibrationFile file;
+    const std::vector<LayerCalibration> layers = synthetic_calibration(config, format, file);
+    ASSERT_EQ(layers.size(), size_t(config.n_layers)) << name;
+    EXPECT_EQ(file.metadata.at("synthetic"), "true");
+    const LayerCalibration& layer = layers.back();
+    size_t outside = 0, past = 0;
+    for (float x : samples) {
+      outside += x < layer.key_lo[config.kv_dim() - 1] || x > layer.key_hi[0];
+      past += std::fabs(x) > layer.value_threshold;
+    }
+    const double expected = std::max(format.outlier_fraction, 1e-5);
+    const double tolerance = 4 * std::sqrt(expected / samples.size()) + 1e-5;  // 4 sigma of the count, + a sample
+    EXPECT_NEAR(double(outside) / samples.size(), expected, tolerance) << name;
+    EXPECT_NEAR(double(past) / samples.size(), expected, tolerance) << name;
+    if (format.scheme == KvScheme::nonuniform) {
+      const std::vector<float> centres(layer.key_codebook, layer.key_codebook + (size_t{1} << format.bits));
+      EXPECT_TRUE(std::is_sorted(centres.begin(), centres.end())) << name;
+      EXPECT_FLOAT_EQ(centres.front(), -1.0f);
+      EXPECT_FLOAT_EQ(centres.back(), 1.0f);
+    }
+  }
 }
 
 }  // namespace
