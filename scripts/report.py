@@ -2,7 +2,8 @@
 """Figures and tables of docs/RESULTS.md from the JSON files that `kvq bench`,
 `scripts/baseline_hf.py` and `kvq ppl` write (DESIGN.md's envelope), merged:
 a point measured again (same model, device, format, options and shape)
-keeps its newest measurement. Writes PNGs under --figures and replaces the
+keeps its newest measurement, one with energy before one without (a quick
+run with --energy-window 0 does not replace a full one). Writes PNGs under --figures and replaces the
 generated section of --doc (between the report markers) — every number there
 names its card, date and command (the JSON file it came from).
 
@@ -105,10 +106,11 @@ def point_key(row):
 
 
 def merge(rows):
+    rank = lambda row: (row.get("energy_status") == "ok", row["date"])
     newest = {}
     for row in rows:
         key = point_key(row)
-        if key not in newest or row["date"] >= newest[key]["date"]:
+        if key not in newest or rank(row) >= rank(newest[key]):
             newest[key] = row
     return list(newest.values())
 

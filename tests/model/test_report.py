@@ -1,11 +1,12 @@
 """scripts/report.py on made-up results in the schemas of kvq bench, baseline_hf.py
 and kvq ppl: every figure is drawn, the generated section of the document is
 replaced in place (text around it kept, a second run changes nothing), newer
-measurements replace older ones, out-of-memory points are listed, and where a
-quantized format's J/token falls less than its throughput rises (or rises
-less than its throughput falls) the report says why (its average power
-changed), the Pareto front compares perplexities of one window size, and cells
-measured under superseded conditions are marked."""
+measurements replace older ones (but one without energy does not replace one
+with energy), out-of-memory points are listed, where a quantized format's
+J/token falls less than its throughput rises (or rises less than its
+throughput falls) the report says why (its average power changed), the Pareto
+front compares perplexities of one window size, and cells measured under
+superseded conditions are marked."""
 
 import json
 import subprocess
@@ -46,6 +47,7 @@ def write_results(folder):
     ours += [bench_point("nuq3-1%", L, B, 1500.0 * B, 600) for L, B in grid]  # 1.5x faster, 1.2x the power
     ours.append(bench_point("fp16", 32768, 16, 0, 0, status="oom", oom_reason="the batch needs 8192 KV pages"))
     stale = [bench_point("fp16", 2048, 1, 1.0, 500)]  # measured earlier: replaced by `ours`
+    quick = [bench_point("fp16", 2048, 1, 2.0, 500, energy_status="unsupported: --energy-window 0")]  # later, no energy
     hf = [bench_point("hf-fp16", L, B, 800.0 * B, 450) for L, B in grid]
     capacity = [bench_point("fp16", 2048, 7, 5000.0, 600, max_batch=7, mem_budget_gib=8),
                 bench_point("fp16", 2048, 8, 0, 0, status="oom", max_batch=7, mem_budget_gib=8),
@@ -56,6 +58,7 @@ def write_results(folder):
     files = {
         "ours.json": envelope("bench", "dummy:llama2-7b", ours, decode="after the whole batch is prefilled"),
         "old/ours.json": envelope("bench", "dummy:llama2-7b", stale, date="2026-11-20T00:00:00Z"),
+        "quick/ours.json": envelope("bench", "dummy:llama2-7b", quick, date="2026-11-28T00:00:00Z"),
         "hf.json": envelope("baseline_hf", "dummy:llama2-7b", hf),
         "capacity.json": envelope("bench", "dummy:llama2-7b", capacity),
         "pages.json": envelope("bench", "models/SmolLM2-135M-Instruct.Q4_1.gguf", ablation),
@@ -99,7 +102,8 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     assert "**oom**" in text
     # 1.5x the throughput at 1.2x the power: J/token falls to 0.8, not to 1/1.5, and the report says why.
     assert "throughput x1.50 over fp16, J/token x0.80 (600 W vs 500 W); energy falls less than throughput rises" in text
-    assert "| fp16 | 2048 | 1 |  | 1000 | 1.25 |" in text  # the newer fp16 2048x1 (1000 tok/s), 1.25x HF's 800
+    # The newer fp16 2048x1 (1000 tok/s, 1.25x HF's 800), not the older one nor a later one without energy.
+    assert "| fp16 | 2048 | 1 |  | 1000 | 1.25 |" in text
     # Runs whose decode tokens rode along with prefill chunks (no settings.decode) are marked; phased ones not.
     assert "| 0.01 | 900* |" in text and "| 0.01 | 40 |" in text and "rode along with later prompts' prefill" in text
     assert "| llama2-7b | NVIDIA H100 80GB HBM3 | nuq3-1% | 2048 | 8 | 30 | 4.29 |" in text  # capacity vs fp16's 7
