@@ -3,7 +3,8 @@
 `scripts/baseline_hf.py` and `kvq ppl` write (DESIGN.md's envelope), merged:
 a point measured again (same model, device, format, options and shape)
 keeps its newest measurement, one with energy before one without (a quick
-run with --energy-window 0 does not replace a full one). Writes PNGs under --figures and replaces the
+run with --energy-window 0 does not replace a full one) and any before one
+under a superseded synthetic calibration (see UNIT_RANGES_NOTE). Writes PNGs under --figures and replaces the
 generated section of --doc (between the report markers) — every number there
 names its card, date and command (the JSON file it came from).
 
@@ -106,7 +107,7 @@ def point_key(row):
 
 
 def merge(rows):
-    rank = lambda row: (row.get("energy_status") == "ok", row["date"])
+    rank = lambda row: (not unit_ranges(row), row.get("energy_status") == "ok", row["date"])
     newest = {}
     for row in rows:
         key = point_key(row)
@@ -403,7 +404,7 @@ def pareto_points(rows):
             label = config_label(r)
             if label in ppl and not any(p["kv"] == label for p in points):
                 points.append(dict(kv=label, loss=100 * (ppl[label] / fp16[0] - 1), j=r["energy_j_per_token"],
-                                   tok_s=r["prefill_tok_s"], decode=r.get("decode_tok_s"), source=r["source_id"]))
+                                   tok_s=r["prefill_tok_s"], decode=r.get("decode_tok_s"), source=r["source_id"], row=r))
         for p in points:
             p["front"] = not any(q is not p and q["loss"] <= p["loss"] and q["j"] <= p["j"] and q["tok_s"] >= p["tok_s"]
                                  and (q["loss"], q["j"], q["tok_s"]) != (p["loss"], p["j"], p["tok_s"]) for q in points)
@@ -456,12 +457,12 @@ def decode_cell(r):
     return fmt(r.get("decode_tok_s"), ".0f") + ("*" if rode_along(r) else "")
 
 
-# kvq bench --dummy runs before commit 53f4ace (first measured 2026-11-27 10:29 UTC) calibrated the synthetic keys to
+# kvq bench --dummy runs before commit b681632 (first measured 2026-11-27 10:29 UTC) calibrated the synthetic keys to
 # unit ranges: about a third of the keys of the random weights were outlier candidates, so quantize-on-write, and
 # prefill with it, was slower for formats with outliers than a real calibration makes it.
 UNIT_RANGES_UNTIL = "2026-11-27T10:20"
-UNIT_RANGES_NOTE = ("prefill tok/s marked \u2020 comes from --dummy runs whose synthetic calibration had unit key ranges "
-                    "(before commit 53f4ace): about a third of the keys were outlier candidates instead of the format's "
+UNIT_RANGES_NOTE = ("prefill tok/s (and a configuration in the energy notes) marked \u2020 comes from --dummy runs whose synthetic calibration had unit key ranges "
+                    "(before commit b681632): about a third of the keys were outlier candidates instead of the format's "
                     "fraction, which made quantize-on-write 2.3x slower (llama2-7b 4 x 2048, nuq3-1%: 55.8 vs 23.9 ms a "
                     "step) and understates prefill of formats with outliers")
 
@@ -471,8 +472,11 @@ def unit_ranges(r):
             and re.fullmatch(r"(int|nuq)\d+-[\d.]+%", r["kv"]) is not None and ok(r))
 
 
+STALE_MARK = "\u2020"
+
+
 def prefill_cell(r):
-    return fmt(r.get("prefill_tok_s"), ".0f") + ("\u2020" if unit_ranges(r) else "")
+    return fmt(r.get("prefill_tok_s"), ".0f") + (STALE_MARK if unit_ranges(r) else "")
 
 
 def footnotes(rows):
@@ -481,7 +485,7 @@ def footnotes(rows):
     if any(rode_along(r) for r in rows):
         lines += ["", f"\\* {RODE_ALONG_NOTE}."]
     if any(unit_ranges(r) for r in rows):
-        lines += ["", f"\u2020 {UNIT_RANGES_NOTE}."]
+        lines += ["", f"{STALE_MARK} {UNIT_RANGES_NOTE}."]
     return lines
 
 
@@ -540,7 +544,8 @@ def energy_notes(rows):
         gain = (tokens(r) / r["window_s"] * r["repetitions"]) / (tokens(base) / base["window_s"] * base["repetitions"])
         energy_ratio = r["energy_j_per_token"] / base["energy_j_per_token"]
         power_ratio = r["avg_watts"] / base["avg_watts"]
-        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {config_label(r)}: throughput x{gain:.2f} over fp16, "
+        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {config_label(r)}{STALE_MARK if unit_ranges(r) else ''}: "
+                f"throughput x{gain:.2f} over fp16, "
                 f"J/token x{energy_ratio:.2f} ({r['avg_watts']:.0f} W vs {base['avg_watts']:.0f} W)")
         if gain > 1 and 1 / energy_ratio < gain * 0.98:
             line += (f"; energy falls less than throughput rises because the board draws {power_ratio:.2f}x the "
@@ -552,7 +557,8 @@ def energy_notes(rows):
                      f"and shared-memory work that keeps fewer units busy than fp16's tensor-core GEMMs and copies)")
         lines.append(line + f" [{r['source_id']}][{base['source_id']}]")
     if lines:
-        lines = ["", "Energy against throughput (whole windows: prompt + decode tokens per second):", ""] + lines
+        lines = ["", "Energy against throughput (whole windows: prompt + decode tokens per second):", ""] + lines + \
+            footnotes([r for r in bench if unit_ranges(r)])
     return lines
 
 
@@ -590,8 +596,9 @@ def generated_section(rows, sources, figures, doc_dir):
         lines += ["", f"#### Pareto front: {model} (accuracy: PPL vs fp16 KV; speed and energy at {shape[0]}x{shape[1]})",
                   ""]
         lines += table(["kv", "PPL change %", "J/token", "prefill tok/s", "on the front", "src"],
-                       [[p["kv"], fmt(p["loss"], "+.2f"), fmt(p["j"], ".3g"), fmt(p["tok_s"], ".0f"),
+                       [[p["kv"], fmt(p["loss"], "+.2f"), fmt(p["j"], ".3g"), prefill_cell(p["row"]),
                          "yes" if p["front"] else "", f"[{p['source']}]"] for p in sorted(points, key=lambda p: p["j"])])
+        lines += footnotes([p["row"] for p in points])
     if figures:
         lines += ["", "Figures:", ""]
         lines += [f"![{os.path.basename(f)}]({os.path.relpath(f, doc_dir)})" for f in figures]
