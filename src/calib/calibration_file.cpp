@@ -142,11 +142,11 @@ std::vector<float> gaussian_codebook(int bits) {
 
 }  // namespace
 
-// The --dummy weights' keys and values are close to N(0, 1) (unit-RMS inputs times weights of variance
-// 1 / fan_in), so the key ranges and the value threshold (x RMS) are the normal's two-sided quantile of the
-// format's outlier fraction: about that fraction of elements are outlier candidates, as with a real calibration (unit ranges
-// made a third of them candidates, and quantize-on-write several times slower). Values compare against each row's
-// own RMS, whose spread makes their fraction a little lower (about 0.9% for 1% at head_dim 64). Without outliers, the range
+// The --dummy weights' keys and values are close to N(0, 1) (unit-RMS inputs times weights of variance 1 / fan_in),
+// so the key ranges and the value threshold (x RMS) are the normal's two-sided quantile of the format's outlier
+// fraction: about that fraction of elements are outlier candidates, as with a real calibration (unit ranges made a
+// third of them candidates, and quantize-on-write several times slower). Values compare against each row's own RMS,
+// whose spread makes their fraction a little lower (about 0.9% for 1% at head_dim 64). Without outliers, the range
 // of the extremes of a calibration set (a two-sided 1e-5).
 std::vector<LayerCalibration> synthetic_calibration(const LlamaConfig& config, const KvFormat& format,
                                                     CalibrationFile& calibration) {
