@@ -730,8 +730,18 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   if (quantized()) {
     const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
     QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
-    // The scratch grows by doubling up to the cap: a long prompt's chunks read ever more keys, and reallocating
-    // at every step would cost a device-wide cudaFree each time. A size the device refused is not asked again.
+    int64_t workspace = kAlign;
+    for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
+      workspace = std::max(workspace, cuda::quantized_attention_workspace_bytes(static_cast<int32_t>(a.splits.size()),
+                                                                                 c.n_heads, c.head_dim));
+    }
+    decode_workspace_.reserve(workspace);  // no graphs run quantized steps: none to drop
+    const auto n_prefill = static_cast<int32_t>(plan.prefill.size());
+    const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), n_prefill, 0, 0, n_rows);
+    step_index_.reserve(layout.bytes);
+    // The page scratch is optional, so it takes what the required buffers above leave. It grows by doubling up to
+    // the cap: a long prompt's chunks read ever more keys, and reallocating at every step would cost a device-wide
+    // cudaFree each time. A size the device refused is not asked again.
     const int64_t scratch_need = cuda::page_scratch_bytes(quantized_plan.scratch.max_rows, c.n_kv_heads, c.head_dim);
     bool have_scratch = scratch_need <= page_scratch_.bytes();
     if (!have_scratch && scratch_need < page_scratch_refused_bytes_) {
@@ -747,15 +757,6 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
       quantized_plan.scratch.groups = {{0, n_work, 0, 0, 0}};
       quantized_plan.scratch.max_rows = 0;
     }
-    int64_t workspace = kAlign;
-    for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
-      workspace = std::max(workspace, cuda::quantized_attention_workspace_bytes(static_cast<int32_t>(a.splits.size()),
-                                                                                 c.n_heads, c.head_dim));
-    }
-    decode_workspace_.reserve(workspace);  // no graphs run quantized steps: none to drop
-    const auto n_prefill = static_cast<int32_t>(plan.prefill.size());
-    const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), n_prefill, 0, 0, n_rows);
-    step_index_.reserve(layout.bytes);
     upload_index(batch, plan, layout, 0, step_index_.as<void>());
     const QuantizedStepArgs quantized_args = upload_quantized(quantized_plan);
     enqueue_forward(step_args(step_index_.as<char>(), layout, n, n_prefill, 0, 0, n_rows), &quantized_args);
