@@ -77,65 +77,70 @@ __device__ __forceinline__ void init_running_softmax(float (&m)[kMaxGroup], floa
   }
 }
 
-// kKeys keys of a lane group (kLanes lanes, 8 dims each; key u in k[u], v[u]) into the running max m (log2
-// units), sum l and weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads
-// h >= group only pad kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must
-// call it (the scores are summed by shuffles); an invalid key (valid false, k and v finite) changes nothing.
-// m starts at -inf. Several keys at once: their dot products, shuffles and exponentials are independent, so
-// they overlap in the pipeline, and the max is raised once for all of them.
-template <int kLanes, int kMaxGroup, int kKeys>
-__device__ __forceinline__ void accumulate_keys(const float (&q)[kMaxGroup][8], const float (&k)[kKeys][8],
-                                                const float (&v)[kKeys][8], const bool (&valid)[kKeys], int group,
-                                                float (&m)[kMaxGroup], float (&l)[kMaxGroup],
-                                                float (&acc)[kMaxGroup][8]) {
-#pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    if (h >= group) continue;
-    float score[kKeys];
-    float top = -INFINITY;  // the largest valid score
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      float even = 0.0f, odd = 0.0f;  // two chains of 4 dependent FMAs instead of one of 8
-#pragma unroll
-      for (int i = 0; i < 8; i += 2) {
-        even = fmaf(q[h][i], k[u][i], even);
-        odd = fmaf(q[h][i + 1], k[u][i + 1], odd);
-      }
-      score[u] = even + odd;
-#pragma unroll
-      for (int offset = kLanes / 2; offset > 0; offset /= 2) score[u] += __shfl_xor_sync(0xffffffffu, score[u], offset);
-      if (valid[u]) top = fmaxf(top, score[u]);
-    }
-    if (top > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
-      const float correction = fast_exp2(m[h] - top);
-      m[h] = top;
-      l[h] *= correction;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
-    }
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      const float p = valid[u] ? fast_exp2(score[u] - m[h]) : 0.0f;  // m is finite once a key is valid
-      l[h] += p;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[u][i], acc[h][i]);
-    }
-  }
-}
-
-// One key: accumulate_keys with kKeys = 1.
+// One key of a lane group (kLanes lanes, 8 dims each) into the running max m (log2 units), sum l and
+// weighted values acc of the `group` query heads (q pre-scaled by scale * log2 e; heads h >= group only pad
+// kMaxGroup and are skipped, a branch uniform over the block). Every lane of the warp must call it (the score
+// is summed by shuffles); an invalid key (valid false, k and v finite) changes nothing. m starts at -inf.
 template <int kLanes, int kMaxGroup>
 __device__ __forceinline__ void accumulate_key(const float (&q)[kMaxGroup][8], const float (&k)[8], const float (&v)[8],
                                                bool valid, int group, float (&m)[kMaxGroup], float (&l)[kMaxGroup],
                                                float (&acc)[kMaxGroup][8]) {
-  const bool valids[1] = {valid};
-  accumulate_keys<kLanes, kMaxGroup, 1>(q, reinterpret_cast<const float(&)[1][8]>(k),
-                                        reinterpret_cast<const float(&)[1][8]>(v), valids, group, m, l, acc);
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h >= group) continue;
+    float even = 0.0f, odd = 0.0f;  // two chains of 4 dependent FMAs instead of one of 8
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) {
+      even = fmaf(q[h][i], k[i], even);
+      odd = fmaf(q[h][i + 1], k[i + 1], odd);
+    }
+    float score = even + odd;
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) score += __shfl_xor_sync(0xffffffffu, score, offset);
+    if (valid && score > m[h] + kRescaleSlack) {  // rare after the first keys (m = -inf before them)
+      const float correction = fast_exp2(m[h] - score);
+      m[h] = score;
+      l[h] *= correction;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
+    }
+    const float p = valid ? fast_exp2(score - m[h]) : 0.0f;  // m is finite once a key is valid
+    l[h] += p;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(p, v[i], acc[h][i]);
+  }
 }
 
-// Shared memory the merge of kKeyGroups key groups needs (floats).
-template <int D, int kMaxGroup, int kKeyGroups>
-constexpr int kSplitMergeFloats = 2 * kKeyGroups * kMaxGroup + kKeyGroups * kMaxGroup * D;
+// Shared memory the merge of kParts partial results of kHeads heads needs (floats): their maxima
+// (kParts, kHeads), sums (kParts, kHeads) and weighted values (kParts, kHeads, D), in that order.
+template <int D, int kHeads, int kParts>
+constexpr int kSplitMergeFloats = 2 * kParts * kHeads + kParts * kHeads * D;
+
+// Merges kParts partial (max, sum, values) of a block, stored in `merge` in kSplitMergeFloats' layout and
+// published by a barrier, into split `split_index`'s partial result for the `group` query heads of kv_head
+// (a part without keys has max -inf and is skipped).
+template <int D, int kHeads, int kParts, int kThreads>
+__device__ __forceinline__ void merge_split_parts(const float* merge, int group, int kv_head, int split_index,
+                                                  int n_heads, const DecodeWorkspace& ws) {
+  const float(*s_max)[kHeads] = reinterpret_cast<const float(*)[kHeads]>(merge);
+  const float(*s_sum)[kHeads] = reinterpret_cast<const float(*)[kHeads]>(merge + kParts * kHeads);
+  const float(*s_acc)[kHeads][D] = reinterpret_cast<const float(*)[kHeads][D]>(merge + 2 * kParts * kHeads);
+  for (int i = threadIdx.x; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    float block_max = -INFINITY;
+    for (int part = 0; part < kParts; ++part) block_max = fmaxf(block_max, s_max[part][h]);
+    float sum = 0.0f, value = 0.0f;
+    for (int part = 0; part < kParts; ++part) {
+      if (s_max[part][h] == -INFINITY) continue;  // this part had no keys
+      const float w = exp2f(s_max[part][h] - block_max);
+      sum += w * s_sum[part][h];
+      value += w * s_acc[part][h][d];
+    }
+    const int head = kv_head * group + h;
+    ws.partial_out[(static_cast<int64_t>(split_index) * n_heads + head) * D + d] = value;
+    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * n_heads + head] = make_float2(block_max, sum);
+  }
+}
 
 // Merges the running (max m, sum l, acc) of the block's key groups (lane `sub` of key group `key_group` holds
 // dims sub * 8 .. sub * 8 + 7) and writes split `split_index`'s partial result for the `group` query heads of
@@ -161,21 +166,7 @@ __device__ __forceinline__ void write_split_partial(const float (&m)[kMaxGroup],
     for (int i = 0; i < 8; ++i) s_acc[key_group][h][sub * 8 + i] = acc[h][i];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < group * D; i += kThreads) {
-    const int h = i / D, d = i % D;
-    float block_max = -INFINITY;
-    for (int kg = 0; kg < kKeyGroups; ++kg) block_max = fmaxf(block_max, s_max[kg][h]);
-    float sum = 0.0f, value = 0.0f;
-    for (int kg = 0; kg < kKeyGroups; ++kg) {
-      if (s_max[kg][h] == -INFINITY) continue;  // this key group had no keys
-      const float w = exp2f(s_max[kg][h] - block_max);
-      sum += w * s_sum[kg][h];
-      value += w * s_acc[kg][h][d];
-    }
-    const int head = kv_head * group + h;
-    ws.partial_out[(static_cast<int64_t>(split_index) * n_heads + head) * D + d] = value;
-    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * n_heads + head] = make_float2(block_max, sum);
-  }
+  merge_split_parts<D, kMaxGroup, kKeyGroups, kThreads>(merge, group, kv_head, split_index, n_heads, ws);
 }
 
 }  // namespace kvq::cuda

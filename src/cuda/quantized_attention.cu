@@ -98,7 +98,8 @@ constexpr int kCalibBytes = (4 * kCodebookFloats + 2 * D) * 4;
 //   row_first:  pages_per_stage x 2 (K, V) x (page_size + 1) ints, the staged blocks' outlier index;
 //   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
 //               aligned.
-// After the loop the block merge (kPageMergeFloats) reuses it from the start.
+// After the loop the block merge (kSplitMergeFloats<D, kMmaHeads, kWarps>: per warp the running max and sum of the
+// 8 head columns, then O^T as (warp, head, head_dim)) reuses it from the start.
 struct PageStageShape {
   int32_t pages_per_stage;
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
@@ -107,10 +108,6 @@ struct PageStageShape {
   int32_t tiles_offset;
   int32_t smem_bytes;
 };
-
-// The block merge: per warp the running max and sum of the 8 head columns, then O^T as (warp, head, head_dim).
-template <int D>
-constexpr int kPageMergeFloats = 2 * kWarps * kMmaHeads + kWarps * kMmaHeads * D;
 
 // The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
@@ -433,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       }
       __syncwarp();  // every lane has read the keys: the values may take their place
 
-      // Online softmax per head column, as accumulate_keys: the max is raised only past kRescaleSlack, each
+      // Online softmax per head column, as accumulate_key: the max is raised only past kRescaleSlack, each
       // lane keeps the sum of its own keys' weights (summed over lanes at the end). Branch-free (a correction
       // of 1 when the max stays), so the warp stays converged for the mma.
       const int key = tile_pos + lane / 4;
@@ -509,9 +506,10 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
   // The block merge: each warp's (max, sum) per head column and its O^T, then the split's partial result
   // (decode_partials.cuh's format) for the `group` real heads.
-  float(*s_max)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(smem);
-  float(*s_sum)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(smem) + kWarps;
-  float(*s_out)[kMmaHeads][D] = reinterpret_cast<float(*)[kMmaHeads][D]>(smem + 2 * kWarps * kMmaHeads * 4);
+  float* merge = reinterpret_cast<float*>(smem);
+  float(*s_max)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge);
+  float(*s_sum)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge + kWarps * kMmaHeads);
+  float(*s_out)[kMmaHeads][D] = reinterpret_cast<float(*)[kMmaHeads][D]>(merge + 2 * kWarps * kMmaHeads);
   const int head_pair = 2 * (lane % 4);
   if (lane < 4) {
 #pragma unroll
@@ -529,21 +527,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < group * D; i += kThreads) {
-    const int h = i / D, d = i % D;
-    float block_max = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, s_max[w][h]);
-    float sum = 0.0f, value = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      if (s_max[w][h] == -INFINITY) continue;  // this warp had no keys
-      const float weight = exp2f(s_max[w][h] - block_max);
-      sum += weight * s_sum[w][h];
-      value += weight * s_out[w][h][d];
-    }
-    const int head = kv_head * group + h;
-    ws.partial_out[(static_cast<int64_t>(split_index) * query.n_heads + head) * D + d] = value;
-    if (d == 0) ws.partial_ml[static_cast<int64_t>(split_index) * query.n_heads + head] = make_float2(block_max, sum);
-  }
+  merge_split_parts<D, kMmaHeads, kWarps, kThreads>(merge, group, kv_head, split_index, query.n_heads, ws);
 }
 
 // ---- exact_split_kernel ----
@@ -623,7 +607,7 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
     shape.row_first_offset = kCalibBytes<D> + kStages * shape.stage_bytes;
     shape.tiles_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 127) / 128 * 128;
     const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
-    shape.smem_bytes = std::max(tiles_end, kPageMergeFloats<D> * 4);
+    shape.smem_bytes = std::max(tiles_end, kSplitMergeFloats<D, kMmaHeads, kWarps> * 4);
     return shape;
   };
   // Fewer pages per stage where the blocks are large (fp8, q8_0: a stage of 128 rows at head_dim 128 left room
