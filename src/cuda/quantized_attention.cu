@@ -396,27 +396,34 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 #pragma unroll
       for (int p = 0; p < 4; ++p) cs[p] = __ldg(angles + p);
     }
-    for (; tile < tile_end; ++tile) {
-      const int tile_pos = stage_pos + tile * kTileKeys;
-      // Keys: decoded, rotated and rounded into the tile. The passes of decode_chunk8 (a switch over every
-      // format) stay rolled: unrolled (8 copies of the switch per operand at head_dim 128), q4_0 and fp8 pages
-      // took 0.57 and 0.64 ms instead of 0.32 at llama3-8b 16 x 8192 (H100).
+    // The lane's rows of the tile at tile_pos, from row `at` on, each decoded by decode_row(decode, page, page_row,
+    // x) (decode: the RowDecode as a type) and rounded into warp_tile; returns the row after them. The passes of
+    // decode_chunk8 (a switch over every format) stay rolled: unrolled (8 copies of the switch per operand at
+    // head_dim 128), q4_0 and fp8 pages took 0.57 and 0.64 ms instead of 0.32 at llama3-8b 16 x 8192 (H100).
+    const auto fill_tile = [&](int tile_pos, auto&& decode_row) {
       StageRow r = at;
       with_row_decode(row_decode, [&](auto decode) {
 #pragma unroll(decltype(decode)::value == RowDecode::generic ? 1 : Tile::kPasses)
         for (int i = 0; i < Tile::kPasses; ++i) {
           const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
           const bool valid = pos >= split.key_begin && pos < stage_end;
-          const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
-          float k[8];
-          decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
-                                                      key_calib, key_centres, key_lo, key_span,
-                                                      row_first + page * 2 * (page_size + 1), k);
-          rotate8(cs, k);
-          step_angles(cs, step);
-          store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), k);
+          float x[8];
+          decode_row(decode, valid ? r.page : 0, valid ? r.row : 0, x);
+          store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), x);
           advance(r, Tile::kRowStep, page_size);
         }
+      });
+      return r;
+    };
+    for (; tile < tile_end; ++tile) {
+      const int tile_pos = stage_pos + tile * kTileKeys;
+      // Keys: decoded, rotated and rounded into the tile.
+      fill_tile(tile_pos, [&](auto decode, int page, int page_row, float (&k)[8]) {
+        decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
+                                                    key_calib, key_centres, key_lo, key_span,
+                                                    row_first + page * 2 * (page_size + 1), k);
+        rotate8(cs, k);
+        step_angles(cs, step);
       });
       __syncwarp();  // the tile's keys are stored
 
@@ -466,22 +473,11 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       const uint32_t p[2] = {movmatrix_trans(p_low), movmatrix_trans(p_high)};
 
       // Values: decoded and rounded into the tile (the same rows as the keys).
-      r = at;
-      with_row_decode(row_decode, [&](auto decode) {
-#pragma unroll(decltype(decode)::value == RowDecode::generic ? 1 : Tile::kPasses)
-        for (int i = 0; i < Tile::kPasses; ++i) {
-          const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
-          const bool valid = pos >= split.key_begin && pos < stage_end;
-          const int page = valid ? r.page : 0, page_row = valid ? r.row : 0;
-          float v[8];
-          decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
-                                                        page_row, c0, value_calib, value_centres,
-                                                        row_first + page * 2 * (page_size + 1) + page_size + 1, v);
-          store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), v);
-          advance(r, Tile::kRowStep, page_size);
-        }
+      at = fill_tile(tile_pos, [&](auto decode, int page, int page_row, float (&v)[8]) {
+        decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
+                                                      page_row, c0, value_calib, value_centres,
+                                                      row_first + page * 2 * (page_size + 1) + page_size + 1, v);
       });
-      at = r;
       __syncwarp();  // the tile's values are stored
 
       // O^T (dims x heads) += V^T (dims x keys) P (keys x heads).
