@@ -548,12 +548,6 @@ ExactRule exact_rule(const KvCacheOptions& options, int page_size) {
   return rule;
 }
 
-int quantized_bits_bucket(const PageBlockLayout& layout) {
-  const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
-                      layout.scheme == KvScheme::kivi;
-  return packed ? layout.bits : 4;
-}
-
 bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout) {
   const int bits = quantized_bits_bucket(key_layout);
   return prefill_attention_supported(head_dim) && bits == quantized_bits_bucket(value_layout) && bits >= 2 && bits <= 4 &&

@@ -574,13 +574,6 @@ __global__ void __launch_bounds__(kThreads)
 
 int group_bucket(int group) { return group <= 1 ? 1 : group <= 4 ? 4 : group <= 8 ? 8 : 0; }
 
-// Packed schemes decode with their own bits; the others ignore kBits (4 compiles their paths).
-int bits_bucket(const PageBlockLayout& layout) {
-  const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
-                      layout.scheme == KvScheme::kivi;
-  return packed ? layout.bits : 4;
-}
-
 // Rows per page stage (pages_per_stage = ceil(kStageRows / page_size), fewer where the blocks are large): 2
 // tiles per warp between the stage barriers; page 16, nuq3-1%, head_dim 64: 7.4 KB a stage.
 constexpr int kStageRows = 128;
@@ -663,6 +656,12 @@ void launch_head_dim(int bucket, int bits, const AttentionQuery& query, const Qu
 
 }  // namespace
 
+int quantized_bits_bucket(const PageBlockLayout& layout) {
+  const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
+                      layout.scheme == KvScheme::kivi;
+  return packed ? layout.bits : 4;
+}
+
 bool quantized_attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group_bucket(group) > 0;
 }
@@ -740,9 +739,9 @@ void launch_quantized_attention(const AttentionQuery& query, const QuantizedPage
   if (kv.key_layout.head_dim != query.head_dim || kv.value_layout.head_dim != query.head_dim) {
     fail("quantized attention: pages of head_dim {} for queries of head_dim {}", kv.key_layout.head_dim, query.head_dim);
   }
-  if (bits_bucket(kv.key_layout) != bits_bucket(kv.value_layout)) fail("quantized attention: keys and values differ in bits");
+  if (quantized_bits_bucket(kv.key_layout) != quantized_bits_bucket(kv.value_layout)) fail("quantized attention: keys and values differ in bits");
   const DecodeWorkspace ws = split_workspace(workspace, n_splits, query.n_heads, query.head_dim);
-  const int bits = bits_bucket(kv.key_layout);
+  const int bits = quantized_bits_bucket(kv.key_layout);
   if (query.head_dim == 64) {
     launch_head_dim<64>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream);
   } else {

@@ -87,6 +87,10 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
                                                              const KvCacheOptions& options, int page_size,
                                                              int n_kv_heads, int n_sms);
 
+// The bits a layout's decoding kernel instances are built for: the packed schemes' own (int, nuq, kivi), 4 for
+// the others (which ignore them). Decode and prefill kernels both instantiate per bucket.
+int quantized_bits_bucket(const PageBlockLayout& layout);
+
 bool quantized_attention_supported(int head_dim, int group);
 int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 

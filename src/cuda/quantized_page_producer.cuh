@@ -38,7 +38,7 @@
 
 namespace kvq::cuda {
 
-// kBits: bits_bucket of the layouts (the packed schemes' bits; 4 for the others, which ignore it).
+// kBits: quantized_bits_bucket of the layouts (the packed schemes' bits; 4 for the others, which ignore it).
 template <int D, int kRows, int kThreads, int kBits>
 struct QuantizedPageProducer {
   static constexpr bool kQuantized = true;

@@ -75,10 +75,6 @@ struct QuantizedPrefillSource {
   PageScratch scratch;         // filled by launch_fill_page_scratch before the kernel; keys null: none
 };
 
-// The bits a layout's decoding instances are built for: the packed schemes' own (int, nuq, kivi), 4 for the
-// others (which ignore them).
-int quantized_bits_bucket(const PageBlockLayout& layout);
-
 // head_dim 64 or 128, keys and values of the same bits bucket.
 bool quantized_prefill_supported(int head_dim, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
 
