@@ -81,28 +81,19 @@ class DeviceBuffer {
   // True when it allocated anew (pointers taken before, graphs included, are stale).
   bool reserve(int64_t bytes) {
     if (bytes <= bytes_) return false;
-    if (ptr_) CUDA_CHECK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-    CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
-    bytes_ = bytes;
+    CUDA_CHECK(reallocate(bytes));
     return true;
   }
   // As reserve, but false (holding nothing) when the device has no room instead of throwing; any other error
   // (a sticky one from an earlier launch, say) still throws.
   bool try_reserve(int64_t bytes) {
     if (bytes <= bytes_) return true;
-    if (ptr_) CUDA_CHECK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-    const cudaError_t status = cudaMalloc(&ptr_, static_cast<size_t>(bytes));
+    const cudaError_t status = reallocate(bytes);
     if (status == cudaErrorMemoryAllocation) {
       cudaGetLastError();  // clears the allocation error
-      ptr_ = nullptr;
       return false;
     }
     CUDA_CHECK(status);
-    bytes_ = bytes;
     return true;
   }
   void swap(DeviceBuffer& other) {
@@ -116,6 +107,19 @@ class DeviceBuffer {
   int64_t bytes() const { return bytes_; }
 
  private:
+  // Frees what it holds and allocates `bytes` anew; holds nothing if cudaMalloc fails (its error returned).
+  cudaError_t reallocate(int64_t bytes) {
+    if (ptr_) CUDA_CHECK(cudaFree(ptr_));
+    ptr_ = nullptr;
+    bytes_ = 0;
+    const cudaError_t status = cudaMalloc(&ptr_, static_cast<size_t>(bytes));
+    if (status != cudaSuccess) {
+      ptr_ = nullptr;
+      return status;
+    }
+    bytes_ = bytes;
+    return cudaSuccess;
+  }
   void* ptr_ = nullptr;
   int64_t bytes_ = 0;
 };
