@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Figures and tables of docs/RESULTS.md from the JSON files that `kvq bench`,
 `scripts/baseline_hf.py` and `kvq ppl` write (DESIGN.md's envelope), merged:
-a point measured again (same model, device, format, options and shape)
-keeps its newest measurement, one with energy before one without (a quick
-run with --energy-window 0 does not replace a full one) and any before one
-under a superseded synthetic calibration (see UNIT_RANGES_NOTE). Writes PNGs under --figures and replaces the
-generated section of --doc (between the report markers) — every number there
-names its card, date and command (the JSON file it came from).
+a point measured again (same model, device, format, options and shape) keeps
+its newest measurement, one with energy before one without (a quick run with
+--energy-window 0 does not replace a full one) and any before one under a
+superseded synthetic calibration (see UNIT_RANGES_NOTE). Writes PNGs under
+--figures and replaces the generated section of --doc (between the report
+markers) — every number there names its card, date and command (the JSON file
+it came from).
 
     python3 scripts/report.py --results docs/results --figures docs/figures --doc docs/RESULTS.md
 
@@ -461,10 +462,11 @@ def decode_cell(r):
 # unit ranges: about a third of the keys of the random weights were outlier candidates, so quantize-on-write, and
 # prefill with it, was slower for formats with outliers than a real calibration makes it.
 UNIT_RANGES_UNTIL = "2026-11-27T10:20"
-UNIT_RANGES_NOTE = ("prefill tok/s (and a configuration in the energy notes) marked \u2020 comes from --dummy runs whose synthetic calibration had unit key ranges "
-                    "(before commit b681632): about a third of the keys were outlier candidates instead of the format's "
-                    "fraction, which made quantize-on-write 2.3x slower (llama2-7b 4 x 2048, nuq3-1%: 55.8 vs 23.9 ms a "
-                    "step) and understates prefill of formats with outliers")
+UNIT_RANGES_NOTE = ("prefill tok/s (and a configuration in the energy notes) marked \u2020 comes from --dummy runs "
+                    "whose synthetic calibration had unit key ranges (before commit b681632): about a third of the "
+                    "keys were outlier candidates instead of the format's fraction, which made quantize-on-write 2.3x "
+                    "slower (llama2-7b 4 x 2048, nuq3-1%: 55.8 vs 23.9 ms a step) and understates prefill of formats "
+                    "with outliers")
 
 
 def unit_ranges(r):
@@ -475,8 +477,12 @@ def unit_ranges(r):
 STALE_MARK = "\u2020"
 
 
+def stale_mark(r):
+    return STALE_MARK if unit_ranges(r) else ""
+
+
 def prefill_cell(r):
-    return fmt(r.get("prefill_tok_s"), ".0f") + (STALE_MARK if unit_ranges(r) else "")
+    return fmt(r.get("prefill_tok_s"), ".0f") + stale_mark(r)
 
 
 def footnotes(rows):
@@ -544,7 +550,7 @@ def energy_notes(rows):
         gain = (tokens(r) / r["window_s"] * r["repetitions"]) / (tokens(base) / base["window_s"] * base["repetitions"])
         energy_ratio = r["energy_j_per_token"] / base["energy_j_per_token"]
         power_ratio = r["avg_watts"] / base["avg_watts"]
-        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {config_label(r)}{STALE_MARK if unit_ranges(r) else ''}: "
+        line = (f"- {r['model']} {r['prompt_len']}x{r['batch']} {config_label(r)}{stale_mark(r)}: "
                 f"throughput x{gain:.2f} over fp16, "
                 f"J/token x{energy_ratio:.2f} ({r['avg_watts']:.0f} W vs {base['avg_watts']:.0f} W)")
         if gain > 1 and 1 / energy_ratio < gain * 0.98:
