@@ -9,6 +9,9 @@
 //             kivi2) against fp16 pages, same shapes: ms (the page scratch's pre-pass and the kernel, as the
 //             backend runs them) and the ratio to fp16 (the gate: <= 1.05); the pre-pass alone, and the
 //             kernel decoding its page tiles itself (the fallback past the scratch's cap)
+//   quantize  quantize-on-write (launch_kv_quantize) of a prefill step's K and V, N(0, 1) rows and the --dummy
+//             synthetic calibration (nuq3/4/2-1%, int4-1%, q4_0, fp8, kivi2): ms, GB/s of the fp16 rows read + blocks
+//             written, and % of copy
 //   e2e       whole-backend prefill tok/s and decode tok/s on --dummy presets; decode with
 //             CUDA graphs on and off, returning logits (forward) or greedy ids (forward_greedy)
 // Each point: warm-up, then the median of repeats timed with events (kernels)
@@ -528,13 +531,74 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
   return results;
 }
 
+// Quantize-on-write alone: one launch_kv_quantize writing a prefill step of B prompts of S tokens (one layer,
+// pages interleaved), inputs N(0, 1) like the --dummy models' K and V, with their synthetic calibration. GB/s
+// counts the fp16 rows read and the blocks written.
+json bench_quantize(double copy_gbs) {
+  struct Point {
+    const char* model;
+    int batch, seq_len, n_kv_heads, head_dim;
+  };
+  const Point points[] = {{"llama2-7b", 4, 2048, 32, 128}, {"smollm2-135m", 64, 2048, 3, 64}};
+  const char* formats[] = {"nuq3-1%", "nuq4-1%", "nuq2-1%", "int4-1%", "q4_0", "fp8", "kivi2"};
+  json results = json::array();
+  const int page = 64;
+  for (const Point& p : points) {
+    const int D = p.head_dim, n_kv = p.n_kv_heads, kv_dim = n_kv * D;
+    std::mt19937 rng(7);
+    // (B, S, 2, kv_dim): each position's keys then values.
+    const DeviceArray<uint16_t> rows(random_half(rng, size_t(p.batch) * p.seq_len * 2 * kv_dim, 1.0f));
+    const PageTables tables = interleaved_tables(p.batch, p.seq_len, page);
+    LlamaConfig config;
+    config.n_layers = 1;
+    config.n_kv_heads = n_kv;
+    config.head_dim = D;
+    for (const char* name : formats) {
+      KvCacheOptions options;
+      options.format = parse_kv_format(name);
+      CalibrationFile calibration;
+      const cuda::DeviceCalibration device_calib(
+          options.format.calibrated() ? synthetic_calibration(config, options.format, calibration) : std::vector<LayerCalibration>{},
+          options.format, kv_dim);
+      const auto layout_of = [&](KvKind kind) {
+        return cuda::page_block_layout(PageCodec(options.format, kind, page, D, options.per_page_key_ranges));
+      };
+      const cuda::PageBlockLayout key_layout = layout_of(KvKind::key), value_layout = layout_of(KvKind::value);
+      const PrefillWrites writes(std::vector<int>(p.batch, p.seq_len), tables, key_layout, value_layout, n_kv, D,
+                                 options.effective_sinks(), [&](int s, int64_t pos) {
+                                   return rows.get() + (size_t(s) * p.seq_len + pos) * 2 * kv_dim;
+                                 });
+      DeviceArray<uint8_t> pool(size_t(tables.n_pages()) * n_kv * (key_layout.block_bytes + value_layout.block_bytes));
+      DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
+      const double ms = time_kernel_ms(
+          [&] {
+            cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, device_calib.layer(0), writes.runs.get(),
+                                     int32_t(writes.plan.runs.size()), writes.rows.get(), counts.get(), nullptr);
+          },
+          3, 15);
+      double bytes = double(writes.plan.rows.size()) * D * 2;
+      for (const cuda::KvWriteRun& run : writes.plan.runs) {
+        bytes += run.kind == static_cast<int32_t>(KvKind::key) ? key_layout.block_bytes : value_layout.block_bytes;
+      }
+      const double gbs = bytes / (ms * 1e-3) / 1e9;
+      results.push_back({{"model", p.model}, {"kv", name}, {"batch", p.batch}, {"seq_len", p.seq_len},
+                         {"n_kv_heads", n_kv}, {"head_dim", D}, {"runs", writes.plan.runs.size()}, {"ms", ms},
+                         {"bytes", bytes}, {"gb_s", gbs}, {"fraction_of_copy", gbs / copy_gbs}});
+      std::printf("quantize %-12s %-8s B=%-3d S=%-5d kv_heads=%-2d hd=%-3d %8.3f ms %7.0f GB/s (%.0f%% of copy)\n", p.model,
+                  name, p.batch, p.seq_len, n_kv, D, ms, gbs, 100.0 * gbs / copy_gbs);
+      std::fflush(stdout);
+    }
+  }
+  return results;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kvq-gpu-bench: CUDA attention and end-to-end benchmarks"};
   std::string parts = "copy,prefill,decode,e2e", json_path, lengths = "512,2048,8192,16384";
   int tokens_per_point = 16384;
-  app.add_option("--parts", parts, "which of copy,prefill,qprefill,decode,qdecode,e2e");
+  app.add_option("--parts", parts, "which of copy,prefill,qprefill,decode,qdecode,quantize,e2e");
   app.add_option("--lengths", lengths, "prefill attention sequence lengths");
   app.add_option("--tokens", tokens_per_point, "prefill attention: batch = max(1, tokens / S)");
   app.add_option("--json", json_path, "write the results here");
@@ -554,6 +618,7 @@ int main(int argc, char** argv) {
     const double copy_gbs = measure_copy_gbs();
     out["copy_gb_s"] = copy_gbs;
     std::printf("copy %.0f GB/s (read + write) on %s\n", copy_gbs, prop.name);
+    if (wants("quantize")) out["quantize"] = bench_quantize(copy_gbs);
     if (wants("qprefill")) out["quantized_prefill_attention"] = bench_quantized_prefill();
     if (wants(",prefill") || parts.rfind("prefill", 0) == 0) out["prefill_attention"] = bench_prefill(parse_ints(lengths), tokens_per_point);
     if (wants("decode") || wants("qdecode")) out["decode_attention"] = bench_decode(copy_gbs);

@@ -121,10 +121,11 @@ KvCacheOptions options_for(const FormatCase& test) {
   return options;
 }
 
-std::array<unsigned long long, 2> quantize_rows_into_pool(
-    uint8_t* pool, size_t pool_bytes, const std::vector<int>& lengths, const PageTables& tables,
-    const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim,
-    int sinks, const cuda::DeviceLayerCalibration& calib, const std::function<const uint16_t*(int, int64_t)>& row) {
+namespace {
+cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const PageTables& tables,
+                                      const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout,
+                                      int n_kv_heads, int head_dim, int sinks,
+                                      const std::function<const uint16_t*(int, int64_t)>& row) {
   const int kv_dim = n_kv_heads * head_dim;
   const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
   std::vector<int32_t> ids(*std::max_element(lengths.begin(), lengths.end()), 0);
@@ -138,14 +139,26 @@ std::array<unsigned long long, 2> quantize_rows_into_pool(
                                                     : n_kv_heads * int64_t{key_layout.block_bytes} +
                                                           h * int64_t{value_layout.block_bytes});
   };
-  const cuda::KvWritePlan writes =
-      cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+  return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+}
+}  // namespace
+
+PrefillWrites::PrefillWrites(const std::vector<int>& lengths, const PageTables& tables,
+                             const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout,
+                             int n_kv_heads, int head_dim, int sinks,
+                             const std::function<const uint16_t*(int, int64_t)>& row)
+    : plan(plan_prefill_writes(lengths, tables, key_layout, value_layout, n_kv_heads, head_dim, sinks, row)),
+      runs(plan.runs), rows(plan.rows) {}
+
+std::array<unsigned long long, 2> quantize_rows_into_pool(
+    uint8_t* pool, size_t pool_bytes, const std::vector<int>& lengths, const PageTables& tables,
+    const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim,
+    int sinks, const cuda::DeviceLayerCalibration& calib, const std::function<const uint16_t*(int, int64_t)>& row) {
+  const PrefillWrites writes(lengths, tables, key_layout, value_layout, n_kv_heads, head_dim, sinks, row);
   CUDA_CHECK(cudaMemset(pool, 0, pool_bytes));
-  DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
-  DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
   DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
-  cuda::launch_kv_quantize(pool, key_layout, value_layout, calib, d_runs.get(), int32_t(writes.runs.size()),
-                           d_rows.get(), d_counts.get(), nullptr);
+  cuda::launch_kv_quantize(pool, key_layout, value_layout, calib, writes.runs.get(), int32_t(writes.plan.runs.size()),
+                           writes.rows.get(), d_counts.get(), nullptr);
   const std::vector<unsigned long long> counts = d_counts.download();
   return {counts[0], counts[1]};
 }

@@ -105,10 +105,20 @@ struct FormatCase {
 // The case's KvCacheOptions (no calibration attached).
 KvCacheOptions options_for(const FormatCase& test);
 
-// Writes rows 0..lengths[s]-1 of every sequence s (one chunk each, from position 0) into `pool` (zeroed first)
-// with one launch_kv_quantize, as a prefill step of that batch would: the pages of `tables`, blocks laid out per
-// page as n_kv_heads key blocks then n_kv_heads value blocks. row(s, pos): that row's (2, n_kv_heads * head_dim)
-// fp16 keys and values on the device. Returns the outlier counts {stored, found their block full}.
+// The writes of a prefill step of rows 0..lengths[s]-1 of every sequence s (one chunk each, from position 0),
+// planned and on the device: the pages of `tables`, blocks laid out per page as n_kv_heads key blocks then
+// n_kv_heads value blocks. row(s, pos): that row's (2, n_kv_heads * head_dim) fp16 keys and values on the device.
+struct PrefillWrites {
+  PrefillWrites(const std::vector<int>& lengths, const PageTables& tables, const cuda::PageBlockLayout& key_layout,
+                const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim, int sinks,
+                const std::function<const uint16_t*(int, int64_t)>& row);
+  cuda::KvWritePlan plan;  // host copy: runs and rows
+  DeviceArray<cuda::KvWriteRun> runs;
+  DeviceArray<cuda::KvWriteRow> rows;
+};
+
+// Plans those writes and runs them into `pool` (zeroed first) with one launch_kv_quantize. Returns the outlier
+// counts {stored, found their block full}.
 std::array<unsigned long long, 2> quantize_rows_into_pool(
     uint8_t* pool, size_t pool_bytes, const std::vector<int>& lengths, const PageTables& tables,
     const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim,
