@@ -2,10 +2,11 @@
 //
 // One CTA encodes one run (the rows one launch writes into one block). For
 // formats with outlier slots it first counts every row's candidates, then one
-// thread hands out the block's free slots in row order (a row takes
-// min(candidates, free) slots, largest magnitude first; the rest are clamped
-// and counted), which is exactly the order the CPU codec fills them in; then
-// warps encode rows in parallel, one warp per row. Grouped codecs encode whole
+// warp hands out the block's free slots in row order by a prefix sum (a row
+// takes min(candidates, free) slots, largest magnitude first; the rest are
+// clamped and counted), which is exactly the order the CPU codec fills them
+// in; then warps encode rows in parallel, one warp per row, each lane packing
+// its codes into one field that the row's words gather by shuffles. Grouped codecs encode whole
 // groups: KIVI keys per channel over 32 rows, --kscale page keys per channel
 // over the page after its outliers are taken.
 //
@@ -13,8 +14,10 @@
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
 // min/max reductions return the element a sequential scan would keep (the
 // first or last of equal values, which matters for the sign of zero); the
-// values' outlier limit comes from a double sum of squares that provably
-// rounds to the CPU's limit, or else is summed again in the CPU's order.
+// values' outlier limit is an fp32 estimate when it provably sorts every
+// element of the row as the CPU's limit does, else from a double sum of
+// squares that provably rounds to the CPU's limit, or else is summed again in
+// the CPU's order.
 #include "cuda/kv_quantize.h"
 
 #include <cuda_fp16.h>
@@ -76,7 +79,7 @@ DeviceCalibration::DeviceCalibration(const std::vector<LayerCalibration>& layers
     std::copy_n(layers[i].key_hi, kv_dim, dst + kv_dim);
     for (int c = 0; c < kv_dim; ++c) dst[2 * kv_dim + c] = code_scale(layers[i].key_lo[c], layers[i].key_hi[c], uniform, format.bits);
     if (codebooks) {
-      // The GPU's code search bisects the midpoints, which equals the CPU's upward scan only if they ascend.
+      // The GPU counts the midpoints below a value, which equals the CPU's upward scan only if they ascend.
       for (const float* centres : {layers[i].key_codebook, layers[i].value_codebook}) {
         if (!std::is_sorted(centres, centres + codebook)) fail("--kv {}: layer {}'s codebook is not ascending", format.name, i);
       }
@@ -139,23 +142,45 @@ __device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
 
 // ---- element encoders (twins of scalar_codecs.cpp and page_codec.cpp) ----
 
-// mids (2^bits - 1): midpoints between the codebook's neighbours.
-__device__ __forceinline__ uint32_t encode_scaled(float x, float lo, float scale, bool uniform, int bits,
-                                                  const float* mids) {
+// The nuq code of t: the CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints
+// ascend, so its scan stops at the number of midpoints below t, which a branch-free count finds.
+template <int kMids>
+__device__ __forceinline__ uint32_t count_midpoints_below(float t, const float (&mids)[kMids]) {
+  uint32_t code = 0;
+#pragma unroll
+  for (int i = 0; i < kMids; ++i) code += t > mids[i] ? 1u : 0u;
+  return code;
+}
+template <int E, int kMids>
+__device__ __forceinline__ void encode_nonuniform(const float (&x)[E], const float (&lo)[E], const float (&scale)[E],
+                                                  const float* shared_mids, uint8_t (&codes)[E]) {
+  float mids[kMids];
+#pragma unroll
+  for (int i = 0; i < kMids; ++i) mids[i] = shared_mids[i];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x[e], lo[e]), scale[e]), 1.0f), -1.0f), 1.0f);
+    codes[e] = static_cast<uint8_t>(count_midpoints_below<kMids>(t, mids));
+  }
+}
+// Codes of E elements with ranges (lo, scale) from code_scale. mids (2^bits - 1): midpoints between the
+// codebook's neighbours (nuq).
+template <int E>
+__device__ __forceinline__ void encode_scaled(const float (&x)[E], const float (&lo)[E], const float (&scale)[E],
+                                              bool uniform, int bits, const float* mids, uint8_t (&codes)[E]) {
   if (uniform) {
-    const float q = rintf(__fmul_rn(__fsub_rn(x, lo), scale));
-    return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), levels_of(bits)));
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float q = rintf(__fmul_rn(__fsub_rn(x[e], lo[e]), scale[e]));
+      codes[e] = static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), levels_of(bits)));
+    }
+    return;
   }
-  const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x, lo), scale), 1.0f), -1.0f), 1.0f);
-  // The CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints ascend, so that is
-  // the number of midpoints below t, found by bisection.
-  int code = 0, top = (1 << bits) - 1;
-  while (code < top) {
-    const int mid = (code + top) / 2;
-    if (t > mids[mid]) code = mid + 1;
-    else top = mid;
+  switch (bits) {
+    case 2: encode_nonuniform<E, 3>(x, lo, scale, mids, codes); break;
+    case 3: encode_nonuniform<E, 7>(x, lo, scale, mids, codes); break;
+    default: encode_nonuniform<E, 15>(x, lo, scale, mids, codes); break;
   }
-  return static_cast<uint32_t>(code);
 }
 
 // KIVI's AsymmetricGroup: fp16 (scale, min) packed as scale | min << 16, codes from the rounded parameters.
@@ -253,7 +278,6 @@ struct Scratch {
     float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Warp) is a multiple of 16)
     float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
     uint8_t candidate_channel[kHeadDim];
-    uint8_t codes[kHeadDim];
   } warp[kWarps];
   float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
   float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
@@ -280,6 +304,28 @@ __device__ __forceinline__ void pack_words(const uint8_t* codes, int n, int bits
     for (; i * bits < bit0 + 32; ++i) acc |= static_cast<uint64_t>(codes[i]) << (i * bits - base);
     words[w] = static_cast<uint32_t>(acc >> (bit0 - base));
   }
+}
+
+// A row's codes, E per lane (channels lane * E ..), into its words of the block's stream at `words`, laid out
+// as pack_words and pack_codes lay them (code c at bits [c * bits, (c + 1) * bits), masked to bits as
+// pack_codes masks): a lane's codes are one field of E * bits bits, the row E * bits words, and lane w gathers
+// word w from the fields that overlap it, each shifted into place.
+template <int E>
+__device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bits, uint32_t* words, int lane) {
+  const int field_bits = E * bits;
+  uint32_t field = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) field |= (codes[e] & ((1u << bits) - 1u)) << (e * bits);
+  const int first = 32 * lane / field_bits;                        // the field holding the word's bit 0
+  const int n_fields = (32 + field_bits - 1) / field_bits + 1;  // the most that overlap one word
+  uint32_t word = 0;
+  for (int j = 0; j < n_fields; ++j) {
+    const int source = first + j;
+    const uint32_t bits_of_source = __shfl_sync(0xffffffffu, field, source % 32);
+    const int shift = source * field_bits - 32 * lane;  // the field's bit 0 relative to the word's, > -field_bits
+    if (source < 32 && shift < 32) word |= shift >= 0 ? bits_of_source << shift : bits_of_source >> -shift;
+  }
+  if (lane < field_bits) words[lane] = word;
 }
 
 __device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, uint8_t* block, int row) {
@@ -328,8 +374,8 @@ struct KernelArgs {
 // CPU's limit too (each step from sum to limit is monotone). Otherwise (about once in 30000 rows) lane 0
 // repeats the CPU's sum in its order.
 template <int kHeadDim>
-__device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
-                                     typename Scratch<kHeadDim>::Warp& scratch, int lane) {
+__device__ float exact_value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
+                                           typename Scratch<kHeadDim>::Warp& scratch, int lane) {
   constexpr int E = kHeadDim / 32;
   auto limit_of = [threshold](double sum_sq) {
     return __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
@@ -363,6 +409,33 @@ __device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float thre
   return limit;
 }
 
+// The value outlier limit of a row, threshold * rms(row), as its elements see it: a limit every element of
+// the row is above exactly when it is above the CPU's; all lanes get it.
+// First in fp32: the squares of fp16 values are exact in fp32 and non-negative, and every lane's tree adds
+// each at most 8 times (E - 1 in the lane, 5 across lanes), so the sum is within (1 +- 2^-24)^8 of the exact
+// one; the CPU's double sum is within 2^-45. Through the exact 1 / head_dim, sqrt (halving the relative
+// error) and the product with the threshold, each rounded once on either side, the estimate and the CPU's
+// limit are within 10 * 2^-24 of each other. If no element of the row lies within 2^-18 of the estimate
+// (about 1 row in 10^4 of N(0, 1) has one) and the estimate is far from fp32's underflow and overflow (so
+// each rounding is relative), every element compares with the estimate as with the CPU's limit. Otherwise
+// the limit itself, to the bit, in double.
+template <int kHeadDim>
+__device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
+                                     typename Scratch<kHeadDim>::Warp& scratch, int lane) {
+  constexpr int E = kHeadDim / 32;
+  float sum_sq = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) sum_sq = __fadd_rn(sum_sq, __fmul_rn(x[e], x[e]));
+  for (int offset = 16; offset > 0; offset >>= 1) sum_sq = __fadd_rn(sum_sq, __shfl_xor_sync(0xffffffffu, sum_sq, offset));
+  const float estimate = __fmul_rn(threshold, __fsqrt_rn(__fmul_rn(sum_sq, 1.0f / kHeadDim)));
+  const float below = __fmul_rn(estimate, 1.0f - 0x1p-18f), above = __fmul_rn(estimate, 1.0f + 0x1p-18f);
+  bool decided = estimate >= 0x1p-100f && estimate <= 0x1p100f;  // false for NaN
+#pragma unroll
+  for (int e = 0; e < E; ++e) decided = decided && (fabsf(x[e]) < below || fabsf(x[e]) > above);
+  if (__all_sync(0xffffffffu, decided)) return estimate;
+  return exact_value_outlier_limit<kHeadDim>(x, threshold, scratch, lane);
+}
+
 // Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
 // the warp's total. value_limit: from value_outlier_limit (values only).
 template <int kHeadDim>
@@ -391,12 +464,16 @@ __device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHead
 
 // Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
 // [start, start + take) and marks them in `stored`. The candidates are listed in scratch first, so each
-// ranks itself against the few others rather than against every channel.
+// ranks itself against the few others rather than against every channel; with no slot to take (most rows),
+// nothing is listed.
 template <int kHeadDim>
 __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row, const uint16_t (&bits)[kHeadDim / 32],
                               const bool (&candidate)[kHeadDim / 32], const float (&magnitude)[kHeadDim / 32], int start,
                               int take, typename Scratch<kHeadDim>::Warp& scratch, int lane, bool (&stored)[kHeadDim / 32]) {
   constexpr int E = kHeadDim / 32;
+#pragma unroll
+  for (int e = 0; e < E; ++e) stored[e] = false;
+  if (take == 0) return;
   int n_candidates = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
@@ -407,7 +484,6 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
       scratch.candidate_magnitude[at] = magnitude[e];
     }
     n_candidates += __popc(ballot);
-    stored[e] = false;
   }
   __syncwarp();
   uint32_t* slots = reinterpret_cast<uint32_t*>(block + layout.outliers_offset + 4);
@@ -449,6 +525,7 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
   float x[E];
   unpack_row<E>(raw, bits, x);
   const int c0 = lane * E;
+  uint8_t row_codes[E];  // packed schemes: the lane's codes
   switch (layout.scheme) {
     case KvScheme::fp16: {
       uint16_t* halves = reinterpret_cast<uint16_t*>(codes) + first + c0;
@@ -486,7 +563,7 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         const AsymmetricParams p = asymmetric_params(mn, mx, levels);
         if (leader) reinterpret_cast<uint32_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = p.packed;
 #pragma unroll
-        for (int e = 0; e < E; ++e) scratch.codes[c0 + e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
+        for (int e = 0; e < E; ++e) row_codes[e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
       } else if (layout.scheme == KvScheme::q8_0) {
         float amax = 0;
 #pragma unroll
@@ -514,7 +591,7 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
 #pragma unroll
         for (int e = 0; e < E; ++e) {
           const int q = static_cast<int8_t>(__float2int_rz(__fadd_rn(__fmul_rn(x[e], id), 8.5f)));
-          scratch.codes[c0 + e] = static_cast<uint8_t>(min(15, q));
+          row_codes[e] = static_cast<uint8_t>(min(15, q));
         }
       }
       break;
@@ -529,13 +606,10 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
       }
       const bool uniform = layout.scheme == KvScheme::uniform;
+      float lo[E], scale[E];
       if (layout.kind == KvKind::key) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int c = c0 + e;
-          scratch.codes[c] = static_cast<uint8_t>(
-              encode_scaled(x[e], shared.key_lo[c], shared.key_scale[c], uniform, layout.bits, shared.mids));
-        }
+        for (int e = 0; e < E; ++e) lo[e] = shared.key_lo[c0 + e], scale[e] = shared.key_scale[c0 + e];
       } else {  // the row's range over its elements not kept as outliers
         bool kept[E];
 #pragma unroll
@@ -545,20 +619,16 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         const bool none = mn > mx;  // every element is an outlier
         const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
         if (lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
-        const float lo = half_bits_to_float(lo_bits);
-        const float scale = code_scale(lo, half_bits_to_float(hi_bits), uniform, layout.bits);
+        const float row_lo = half_bits_to_float(lo_bits);
+        const float row_scale = code_scale(row_lo, half_bits_to_float(hi_bits), uniform, layout.bits);
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          scratch.codes[c0 + e] = static_cast<uint8_t>(encode_scaled(x[e], lo, scale, uniform, layout.bits, shared.mids));
-        }
+        for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale;
       }
+      encode_scaled<E>(x, lo, scale, uniform, layout.bits, shared.mids, row_codes);
       break;
     }
   }
-  // Packed schemes: the row's codes are in scratch.codes.
-  __syncwarp();
-  pack_words(scratch.codes, kHeadDim, layout.bits, row_words(layout, block, row), lane, 32);
-  __syncwarp();
+  pack_row_codes<E>(row_codes, layout.bits, row_words(layout, block, row), lane);
 }
 
 // KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
@@ -587,6 +657,40 @@ __device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* b
     __syncthreads();
     pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words(layout, block, row0), threadIdx.x, kThreads);
     __syncthreads();
+  }
+}
+
+// The block's free slots handed out in row order, by one warp: row i wants slot_take[i] and gets
+// slot_start[i], slot_take[i] (replaced). The CPU fills slots one by one, so the count after rows 0..i is
+// min(capacity, before + their wants) (once full, it stays full), or stays `before` if that already
+// exceeds the capacity: max(before, min(capacity, before + prefix)) of a prefix sum over the rows.
+__device__ void hand_out_slots(const PageBlockLayout& layout, uint8_t* block, bool fresh, int n_rows, int* slot_start,
+                               int* slot_take, unsigned long long* outlier_counts, int lane) {
+  uint32_t* count = reinterpret_cast<uint32_t*>(block + layout.outliers_offset);
+  const unsigned long long capacity = static_cast<unsigned long long>(layout.outlier_capacity);
+  const unsigned long long before = fresh ? 0ull : *count;  // encoding row 0 starts the block afresh
+  const auto used_after = [&](unsigned long long wanted) { return max(before, min(capacity, before + wanted)); };
+  unsigned long long wanted_earlier = 0;  // by the rows of earlier rounds
+  for (int base = 0; base < n_rows; base += 32) {
+    const int i = base + lane;
+    const unsigned wanted = i < n_rows ? static_cast<unsigned>(slot_take[i]) : 0u;
+    unsigned inclusive = wanted;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    const unsigned long long start = used_after(wanted_earlier + inclusive - wanted);
+    if (i < n_rows) {
+      slot_start[i] = static_cast<int>(start);
+      slot_take[i] = static_cast<int>(used_after(wanted_earlier + inclusive) - start);
+    }
+    wanted_earlier += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  if (lane == 0) {
+    const unsigned long long used = used_after(wanted_earlier);
+    *count = static_cast<uint32_t>(used);
+    if (used > before) atomicAdd(outlier_counts, used - before);
+    if (wanted_earlier > used - before) atomicAdd(outlier_counts + 1, wanted_earlier - (used - before));
   }
 }
 
@@ -648,24 +752,8 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
       raw = next;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      uint32_t* count = reinterpret_cast<uint32_t*>(block + layout.outliers_offset);
-      const uint32_t capacity = static_cast<uint32_t>(layout.outlier_capacity);
-      const uint32_t before = rows[0].page_row == 0 ? 0u : *count;  // encoding row 0 starts the block afresh
-      uint32_t used = before;
-      unsigned long long over = 0;
-      for (int i = 0; i < run.n_rows; ++i) {
-        const uint32_t wanted = static_cast<uint32_t>(slot_take[i]);
-        const uint32_t take = min(wanted, capacity - used);
-        slot_start[i] = static_cast<int>(used);
-        slot_take[i] = static_cast<int>(take);
-        used += take;
-        over += wanted - take;
-      }
-      *count = used;
-      if (used > before) atomicAdd(args.outlier_counts, static_cast<unsigned long long>(used - before));
-      if (over > 0) atomicAdd(args.outlier_counts + 1, over);
-    }
+    if (warp == 0) hand_out_slots(layout, block, rows[0].page_row == 0, run.n_rows, slot_start, slot_take,
+                                  args.outlier_counts, lane);
   }
   __syncthreads();
 
@@ -719,23 +807,16 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
   }
   __syncthreads();
   for (int i = warp; i < run.n_rows; i += kWarps) {
-    typename Scratch<kHeadDim>::Warp& ws = scratch.warp[warp];
-    if (rows[i].exact) {
-      for (int c = lane; c < kHeadDim; c += 32) ws.codes[c] = 0;
-    } else {
+    uint8_t row_codes[E] = {};  // exact rows: zero codes
+    if (!rows[i].exact) {
       uint16_t bits[E];
-      float x[E];
+      float x[E], lo[E], scale[E];
       load_row<E>(rows[i].src, lane, bits, x);
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int c = lane * E + e;
-        ws.codes[c] = static_cast<uint8_t>(
-            encode_scaled(x[e], scratch.page_lo[c], scratch.page_scale[c], uniform, layout.bits, scratch.mids));
-      }
+      for (int e = 0; e < E; ++e) lo[e] = scratch.page_lo[lane * E + e], scale[e] = scratch.page_scale[lane * E + e];
+      encode_scaled<E>(x, lo, scale, uniform, layout.bits, scratch.mids, row_codes);
     }
-    __syncwarp();
-    pack_words(ws.codes, kHeadDim, layout.bits, row_words(layout, block, rows[i].page_row), lane, 32);
-    __syncwarp();
+    pack_row_codes<E>(row_codes, layout.bits, row_words(layout, block, rows[i].page_row), lane);
   }
 }
 
