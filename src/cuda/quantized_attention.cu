@@ -16,15 +16,17 @@
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
 //     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
 //     its packed twin (bit-equal to PageCodec::decode; codebooks and calibrated
-//     per-channel key constants in shared memory), outliers put back
-//     (apply_outliers8), pre-RoPE keys rotated in fp32 with (cos, sin) stepped in
-//     registers, then rounded to fp16;
+//     per-channel key constants in shared memory), pre-RoPE keys rotated in fp32
+//     with (cos, sin) stepped in registers, then rounded to fp16; then the tile's
+//     outlier slots, one per lane: a key's chunk decoded again with its outliers
+//     (apply_outliers8), rotated at its position and stored over the first;
 //   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
 //     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
 //   - the online softmax of decode_partials.cuh per head column (log2 units,
 //     kRescaleSlack), keys outside the split masked; P rounded to fp16;
-//   - decodes the 16 value rows into the same tile (the keys are consumed) and
-//     accumulates O^T (head_dim x 8 heads) += V^T P, head_dim / 16 mma.
+//   - decodes the 16 value rows into the same tile (the keys are consumed), a
+//     value outlier stored as its slot's half, and accumulates O^T (head_dim x 8
+//     heads) += V^T P, head_dim / 16 mma.
 // The next stages' copies are in flight meanwhile. At the end the 4 warps'
 // (max, sum, O) are merged in shared memory into the split's partial result.
 // Operands in fp16 are what the wgmma prefill kernel uses too (the CPU twin test
@@ -149,14 +151,13 @@ __device__ __forceinline__ uint32_t row_codes8(const PageBlockLayout& layout, co
   return load_codes8<kBits>(block + layout.codes_offset + (row * (D / 8) + c0 / 8) * kBits, 0);
 }
 
-// Elements [c0, c0 + 8) of key row `row` of a staged K block (head_dim D), outliers put back (before RoPE: they
-// are pre-RoPE values like the codes). key_lo, key_span (shared, D each): the calibrated channels' lo and span
+// Elements [c0, c0 + 8) of key row `row` of a staged K block (head_dim D), without the outliers (patch_outliers
+// puts them into the tile). key_lo, key_span (shared, D each): the calibrated channels' lo and span
 // (RowDecode::codebook, uniform).
 template <int D, int kBits, RowDecode kDecode>
 __device__ __forceinline__ void decode_key8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
                                             const BlockCalibration& calib, const float* centre_plus_one,
-                                            const float* key_lo, const float* key_span, const int* row_first,
-                                            float (&k)[8]) {
+                                            const float* key_lo, const float* key_span, float (&k)[8]) {
   if constexpr (kDecode == RowDecode::generic) {
     decode_chunk8<kBits>(layout, block, row, c0, calib, k);
   } else {
@@ -168,14 +169,13 @@ __device__ __forceinline__ void decode_key8(const PageBlockLayout& layout, const
     decode_packed8<kBits, kDecode == RowDecode::codebook>(row_codes8<D, kBits>(layout, block, row, c0),
                                                           centre_plus_one, lo, span, k);
   }
-  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, D, k);
 }
 
 // The same for value row `row` of a staged V block (packed: the row's own (lo, hi)).
 template <int D, int kBits, RowDecode kDecode>
 __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
                                               const BlockCalibration& calib, const float* centre_plus_one,
-                                              const int* row_first, float (&v)[8]) {
+                                              float (&v)[8]) {
   if constexpr (kDecode == RowDecode::generic) {
     decode_chunk8<kBits>(layout, block, row, c0, calib, v);
   } else {
@@ -187,7 +187,6 @@ __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, con
     const float row_span[8] = {span, span, span, span, span, span, span, span};
     decode_packed8<kBits, kCodebook>(row_codes8<D, kBits>(layout, block, row, c0), centre_plus_one, row_lo, row_span, v);
   }
-  if (layout.outlier_capacity > 0) apply_outliers8(outlier_slots(layout, block), row_first, row, c0, D, v);
 }
 
 // 8 elements rounded to fp16 into a tile's 16-byte chunk (shared memory), one 16-byte store (written as a
@@ -397,10 +396,16 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       for (int p = 0; p < 4; ++p) cs[p] = __ldg(angles + p);
     }
     // The lane's rows of the tile at tile_pos, from row `at` on, each decoded by decode_row(decode, page, page_row,
-    // x) (decode: the RowDecode as a type) and rounded into warp_tile; returns the row after them. The passes of
-    // decode_chunk8 (a switch over every format) stay rolled: unrolled (8 copies of the switch per operand at
-    // head_dim 128), q4_0 and fp8 pages took 0.57 and 0.64 ms instead of 0.32 at llama3-8b 16 x 8192 (H100).
-    const auto fill_tile = [&](int tile_pos, auto&& decode_row) {
+    // c, x) (decode: the RowDecode as a type; elements [c, c + 8) of the row, without outliers) and rounded into
+    // warp_tile; returns the row after them. The passes of decode_chunk8 (a switch over every format) stay rolled:
+    // unrolled (8 copies of the switch per operand at head_dim 128), q4_0 and fp8 pages took 0.57 and 0.64 ms
+    // instead of 0.32 at llama3-8b 16 x 8192 (H100).
+    // Then, where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10
+    // per tile at 1%) and patch(decode, page, page_row, column, tile_row, slot) puts each into the tile, instead
+    // of every lane looking for its chunk's slots on every row. layout, blocks: the staged K (0) or V (key_bytes)
+    // blocks; first: their row index (row_first + 0 or page_size + 1).
+    const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, int first, auto&& decode_row,
+                               auto&& patch) {
       StageRow r = at;
       with_row_decode(row_decode, [&](auto decode) {
 #pragma unroll(decltype(decode)::value == RowDecode::generic ? 1 : Tile::kPasses)
@@ -408,9 +413,25 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
           const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
           const bool valid = pos >= split.key_begin && pos < stage_end;
           float x[8];
-          decode_row(decode, valid ? r.page : 0, valid ? r.row : 0, x);
+          decode_row(decode, valid ? r.page : 0, valid ? r.row : 0, c0, x);
           store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c0), x);
           advance(r, Tile::kRowStep, page_size);
+        }
+        if (layout.outlier_capacity == 0) return;
+        __syncwarp();  // the decoded chunks are stored before the patches overwrite some of them
+        // The staged pages the tile's rows [tile_first, tile_first + kTileKeys) of the stage fall in.
+        const int tile_first = tile_pos - stage_pos;
+        for (int page = tile_first / page_size; page < stage_pages && page * page_size < tile_first + kTileKeys; ++page) {
+          const int* page_first = row_first + page * 2 * (page_size + 1) + first;
+          const int row_begin = max(0, tile_first - page * page_size);
+          const int row_end = min(page_size, tile_first + kTileKeys - page * page_size);
+          const uint32_t* slots = outlier_slots(layout, stage + page * shape.pair_bytes + blocks);
+          for (int s = page_first[row_begin] + lane; s < page_first[row_end]; s += 32) {
+            const uint32_t slot = slots[s];
+            const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
+            const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
+            if (pos >= split.key_begin && pos < stage_end) patch(decode, page, page_row, column_of_slot, tile_row, slot);
+          }
         }
       });
       return r;
@@ -418,13 +439,35 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     for (; tile < tile_end; ++tile) {
       const int tile_pos = stage_pos + tile * kTileKeys;
       // Keys: decoded, rotated and rounded into the tile.
-      fill_tile(tile_pos, [&](auto decode, int page, int page_row, float (&k)[8]) {
-        decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c0,
-                                                    key_calib, key_centres, key_lo, key_span,
-                                                    row_first + page * 2 * (page_size + 1), k);
-        rotate8(cs, k);
-        step_angles(cs, step);
-      });
+      const auto decode_key = [&](auto decode, int page, int page_row, int c, float (&k)[8]) {
+        decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c,
+                                                    key_calib, key_centres, key_lo, key_span, k);
+      };
+      // A key outlier changes its RoPE pair: the lane decodes the slot's chunk again, puts the chunk's outliers
+      // back (pre-RoPE values, like the codes), rotates it at the key's position (angles from the table) and
+      // stores the whole chunk (lanes with slots in the same chunk store the same halves).
+      const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t) {
+        const int c = column_of_slot / 8 * 8;
+        float k[8];
+        decode_key(decode, page, page_row, c, k);
+        apply_outliers8(outlier_slots(key_layout, stage + page * shape.pair_bytes), row_first + page * 2 * (page_size + 1),
+                        page_row, c, D, k);
+        if (kv.rotate_keys) {
+          const float2* angles = kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + c / 2;
+          float2 at_pos[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p) at_pos[p] = __ldg(angles + p);
+          rotate8(at_pos, k);
+        }
+        store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c), k);
+      };
+      fill_tile(tile_pos, key_layout, 0, 0,
+                [&](auto decode, int page, int page_row, int c, float (&k)[8]) {
+                  decode_key(decode, page, page_row, c, k);
+                  rotate8(cs, k);
+                  step_angles(cs, step);
+                },
+                patch_key);
       __syncwarp();  // the tile's keys are stored
 
       // S^T (keys x heads): score[0..1] of key lane / 4, score[2..3] of key lane / 4 + 8, heads 2 (lane % 4) + {0, 1}.
@@ -472,12 +515,16 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       running_sum[1] += rounded_low.y + rounded_high.y;
       const uint32_t p[2] = {movmatrix_trans(p_low), movmatrix_trans(p_high)};
 
-      // Values: decoded and rounded into the tile (the same rows as the keys).
-      at = fill_tile(tile_pos, [&](auto decode, int page, int page_row, float (&v)[8]) {
-        decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
-                                                      page_row, c0, value_calib, value_centres,
-                                                      row_first + page * 2 * (page_size + 1) + page_size + 1, v);
-      });
+      // Values: decoded and rounded into the tile (the same rows as the keys); an outlier is its slot's half.
+      at = fill_tile(
+          tile_pos, value_layout, key_bytes, page_size + 1,
+          [&](auto decode, int page, int page_row, int c, float (&v)[8]) {
+            decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
+                                                          page_row, c, value_calib, value_centres, v);
+          },
+          [&](auto, int, int, int column_of_slot, int tile_row, uint32_t slot) {
+            warp_tile[tile_offset<D, kTileKeys>(tile_row, column_of_slot)] = __ushort_as_half(static_cast<uint16_t>(slot >> 16));
+          });
       __syncwarp();  // the tile's values are stored
 
       // O^T (dims x heads) += V^T (dims x keys) P (keys x heads).
