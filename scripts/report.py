@@ -4,7 +4,10 @@
 a point measured again (same model, device, format, options and shape) keeps
 its newest measurement, one with energy before one without (a quick run with
 --energy-window 0 does not replace a full one) and any before one under a
-superseded synthetic calibration (see UNIT_RANGES_NOTE). Writes PNGs under
+superseded synthetic calibration (see UNIT_RANGES_NOTE). Runs made with
+--energy-window 0 are A/B timing runs (the hand-written sections cite them):
+listed among the sources, left out of the tables and figures, whose every
+point carries its energy (capacity searches, which need none, stay). Writes PNGs under
 --figures and replaces the generated section of --doc (between the report
 markers) — every number there names its card, date and command (the JSON file
 it came from).
@@ -63,8 +66,18 @@ def command_line(command, argv):
     return " ".join(["kvq"] + argv[1:])
 
 
+def timing_run(command, argv):
+    """A benchmark run without energy by choice (--energy-window 0): a quick A/B timing, not a point of the tables."""
+    window = argv_option(argv, "--energy-window")
+    try:
+        return command in ("bench", "baseline_hf") and window is not None and float(window) == 0
+    except ValueError:
+        return False
+
+
 def load(results_dir):
-    """Rows: every result of every JSON file, with its envelope's provenance and settings folded in."""
+    """Rows: every result of every JSON file, with its envelope's provenance and settings folded in (none of
+    timing runs', whose sources say so)."""
     rows, sources = [], []
     for path in sorted(glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True)):
         try:
@@ -79,8 +92,12 @@ def load(results_dir):
         source = dict(id=len(sources) + 1, file=os.path.relpath(path, os.path.dirname(results_dir.rstrip("/")) or "."),
                       command=report["command"], argv=command_line(report["command"], argv),
                       device=report.get("device", "?"), date=report.get("date", "?"),
-                      commit=report.get("git_commit", "?"), model=report.get("model", "?"))
+                      commit=report.get("git_commit", "?"), model=report.get("model", "?"),
+                      timing_only=timing_run(report["command"], argv) and
+                      not all("max_batch" in r for r in report["results"]))  # capacity searches need no energy
         sources.append(source)
+        if source["timing_only"]:
+            continue
         settings = report.get("settings", {})
         for result in report["results"]:
             row = dict(result)
@@ -591,11 +608,13 @@ def generated_section(rows, sources, figures, doc_dir):
              "each row's `src` names the file, card, date and command below. Energy: NVML's board "
              "counter over windows of at least 5 s (repetitions of the whole generation), J/token over "
              "prompt and decode tokens; peak memory: device memory in use after the point; HF: transformers "
-             "fp16, sdpa, logits_to_keep=1, left-padded batches, random weights of the same configs."]
+             "fp16, sdpa, logits_to_keep=1, left-padded batches, random weights of the same configs. "
+             "Sources marked (A/B) are timing runs with --energy-window 0, cited by the sections above and left "
+             "out of the tables and figures."]
     lines += ["", "Sources:", ""]
     lines += table(["src", "file", "card", "date", "commit", "command"],
-                   [[f"[{s['id']}]", f"`{s['file']}`", s["device"], s["date"], s["commit"],
-                     f"`{s['argv']}`"] for s in sources])
+                   [[f"[{s['id']}]" + (" (A/B)" if s["timing_only"] else ""), f"`{s['file']}`", s["device"], s["date"],
+                     s["commit"], f"`{s['argv']}`"] for s in sources])
     lines += bench_tables(rows) + energy_notes(rows) + capacity_table(rows)
     pareto = pareto_points(rows)
     for model, (shape, points) in pareto.items():

@@ -5,8 +5,9 @@ measurements replace older ones (but one without energy does not replace one
 with energy), out-of-memory points are listed, where a quantized format's
 J/token falls less than its throughput rises (or rises less than its
 throughput falls) the report says why (its average power changed), the Pareto
-front compares perplexities of one window size, and cells measured under
-superseded conditions are marked."""
+front compares perplexities of one window size, cells measured under
+superseded conditions are marked, and A/B timing runs (--energy-window 0) are
+sources but no table's points."""
 
 import json
 import subprocess
@@ -74,6 +75,12 @@ def write_results(folder):
         "ppl_8k.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf",
                                 [dict(ppl[0], ctx=8192, tokens=16383, ppl=20.48)]),
     }
+    # An A/B timing run (--energy-window 0) at a shape of its own: listed among the sources, in no table.
+    timing = envelope("bench", "dummy:llama2-7b", [bench_point("fp16", 8160, 64, 7777.0, 0, energy_status="unsupported")],
+                      date="2026-11-28T00:00:00Z")
+    timing["argv"] += ["--energy-window", "0"]
+    files["ab/timing.json"] = timing
+    files["capacity.json"]["argv"] += ["--energy-window", "0"]  # a capacity search: its table keeps it
     for name, report in files.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(json.dumps(report))
@@ -113,6 +120,8 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     assert "| fp16 | 2048 | 4 |  | 4000 |" in text and "had unit key ranges" in text
     # Half the throughput at 2/3 of the power: J/token rises to 1.33, not to 2, and the report says why.
     assert "q4_0: throughput x0.50 over fp16, J/token x1.33 (200 W vs 300 W); J/token rises less than throughput falls" in text
+    # The timing run's file is a source marked (A/B); its point is in no table.
+    assert " (A/B) | `results/ab/timing.json` |" in text and "| fp16 | 8160 | 64 |" not in text and "7777" not in text
     assert "#### Pareto front: smollm2-135m" in text
     assert "| nuq3-1% | +1.76 |" in text  # against fp16 of the same 2048-token windows (22.56 / 22.17)
     assert run_report(repo_root, tmp_path).returncode == 0
