@@ -151,8 +151,8 @@ __device__ __forceinline__ uint32_t row_codes8(const PageBlockLayout& layout, co
   return load_codes8<kBits>(block + layout.codes_offset + (row * (D / 8) + c0 / 8) * kBits, 0);
 }
 
-// Elements [c0, c0 + 8) of key row `row` of a staged K block (head_dim D), without the outliers (patch_outliers
-// puts them into the tile). key_lo, key_span (shared, D each): the calibrated channels' lo and span
+// Elements [c0, c0 + 8) of key row `row` of a staged K block (head_dim D), without the outliers (the page kernel's
+// fill_tile patches them into the tile). key_lo, key_span (shared, D each): the calibrated channels' lo and span
 // (RowDecode::codebook, uniform).
 template <int D, int kBits, RowDecode kDecode>
 __device__ __forceinline__ void decode_key8(const PageBlockLayout& layout, const uint8_t* block, int row, int c0,
@@ -426,8 +426,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
           const int row_begin = max(0, tile_first - page * page_size);
           const int row_end = min(page_size, tile_first + kTileKeys - page * page_size);
           const uint32_t* slots = outlier_slots(layout, stage + page * shape.pair_bytes + blocks);
-          for (int s = page_first[row_begin] + lane; s < page_first[row_end]; s += 32) {
-            const uint32_t slot = slots[s];
+          for (int at_slot = page_first[row_begin] + lane; at_slot < page_first[row_end]; at_slot += 32) {
+            const uint32_t slot = slots[at_slot];
             const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
             const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
             if (pos >= split.key_begin && pos < stage_end) patch(decode, page, page_row, column_of_slot, tile_row, slot);
