@@ -444,22 +444,26 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
                                                     key_calib, key_centres, key_lo, key_span, k);
       };
       // A key outlier changes its RoPE pair: the lane decodes the slot's chunk again, puts the chunk's outliers
-      // back (pre-RoPE values, like the codes), rotates it at the key's position (angles from the table) and
-      // stores the whole chunk (lanes with slots in the same chunk store the same halves).
+      // back (pre-RoPE values, like the codes), rotates the slot's pair at the key's position (angle from the
+      // table) and stores it over the first (lanes with slots in the same pair store the same halves).
       const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t) {
-        const int c = column_of_slot / 8 * 8;
+        const int c = column_of_slot / 8 * 8, pair = column_of_slot % 8 / 2;
         float k[8];
         decode_key(decode, page, page_row, c, k);
         apply_outliers8(outlier_slots(key_layout, stage + page * shape.pair_bytes), row_first + page * 2 * (page_size + 1),
                         page_row, c, D, k);
-        if (kv.rotate_keys) {
-          const float2* angles = kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + c / 2;
-          float2 at_pos[4];
+        float x0 = k[0], x1 = k[1];
 #pragma unroll
-          for (int p = 0; p < 4; ++p) at_pos[p] = __ldg(angles + p);
-          rotate8(at_pos, k);
+        for (int j = 1; j < 4; ++j) {  // constant indices keep k in registers
+          if (pair == j) x0 = k[2 * j], x1 = k[2 * j + 1];
         }
-        store_half8(warp_tile + tile_offset<D, kTileKeys>(tile_row, c), k);
+        if (kv.rotate_keys) {
+          const float2 angle = __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2);
+          const float r0 = x0 * angle.x - x1 * angle.y, r1 = x0 * angle.y + x1 * angle.x;
+          x0 = r0, x1 = r1;
+        }
+        *reinterpret_cast<uint32_t*>(warp_tile + tile_offset<D, kTileKeys>(tile_row, column_of_slot / 2 * 2)) =
+            half2_bits(x0, x1);
       };
       fill_tile(tile_pos, key_layout, 0, 0,
                 [&](auto decode, int page, int page_row, int c, float (&k)[8]) {
