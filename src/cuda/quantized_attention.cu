@@ -271,17 +271,22 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   const int n_stages = (n_pages + shape.pages_per_stage - 1) / shape.pages_per_stage;  // uniform over the block
 
   // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block); 16-byte
-  // chunks spread over the block's threads (block_bytes are multiples of 16).
-  const int key_chunks = key_bytes / 16, pair_chunks = shape.pair_bytes / 16;
+  // chunks spread over the block's threads (block_bytes are multiples of 16), page by page, so that a chunk's
+  // source is its block's address plus an offset (no division per chunk).
+  const int key_chunks = key_bytes / 16, value_chunks = value_layout.block_bytes / 16;
   auto issue = [&](int s) {
     uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
-    for (int c = threadIdx.x; c < stage_pages * pair_chunks; c += kThreads) {
-      const int j = c / pair_chunks, chunk = c - j * pair_chunks;
-      const int64_t page = __ldg(pages + first_page + s * shape.pages_per_stage + j);
-      const uint8_t* block = kv.pool + page * page_bytes +
-                             (chunk < key_chunks ? key_block_offset + chunk * 16 : value_block_offset + (chunk - key_chunks) * 16);
-      cp_async_16(stage + j * shape.pair_bytes + chunk * 16, block, true);
+    for (int j = 0; j < stage_pages; ++j) {
+      const uint8_t* page = kv.pool + __ldg(pages + first_page + s * shape.pages_per_stage + j) * page_bytes;
+      uint8_t* staged = stage + j * shape.pair_bytes;
+      for (int c = threadIdx.x; c < key_chunks; c += kThreads) {
+        cp_async_16(staged + c * 16, page + key_block_offset + c * 16, true);
+      }
+      staged += key_bytes;
+      for (int c = threadIdx.x; c < value_chunks; c += kThreads) {
+        cp_async_16(staged + c * 16, page + value_block_offset + c * 16, true);
+      }
     }
   };
   issue(0);
