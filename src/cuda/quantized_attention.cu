@@ -19,7 +19,8 @@
 //     per-channel key constants in shared memory), pre-RoPE keys rotated in fp32
 //     with (cos, sin) stepped in registers, then rounded to fp16; then the tile's
 //     outlier slots, one per lane: a key's chunk decoded again with its outliers
-//     (apply_outliers8), rotated at its position and stored over the first;
+//     (apply_outliers8), the slot's RoPE pair rotated at its position and stored
+//     over the first;
 //   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
 //     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
 //   - the online softmax of decode_partials.cuh per head column (log2 units,
@@ -272,21 +273,25 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
   // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block); 16-byte
   // chunks spread over the block's threads (block_bytes are multiples of 16), page by page, so that a chunk's
-  // source is its block's address plus an offset (no division per chunk).
+  // source is its block's address plus an offset (no division per chunk). Each block's chunks start at the
+  // thread after the previous block's last (first_thread), so the copies stay spread over all the warps.
+  static_assert((kThreads & (kThreads - 1)) == 0, "first_thread wraps by a mask");
   const int key_chunks = key_bytes / 16, value_chunks = value_layout.block_bytes / 16;
   auto issue = [&](int s) {
     uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
+    int first_thread = 0;  // the thread that copies the next block's chunk 0
+    auto copy_block = [&](uint8_t* to, const uint8_t* from, int n_chunks) {
+      for (int c = (static_cast<int>(threadIdx.x) - first_thread) & (kThreads - 1); c < n_chunks; c += kThreads) {
+        cp_async_16(to + c * 16, from + c * 16, true);
+      }
+      first_thread = (first_thread + n_chunks) & (kThreads - 1);
+    };
     for (int j = 0; j < stage_pages; ++j) {
       const uint8_t* page = kv.pool + __ldg(pages + first_page + s * shape.pages_per_stage + j) * page_bytes;
       uint8_t* staged = stage + j * shape.pair_bytes;
-      for (int c = threadIdx.x; c < key_chunks; c += kThreads) {
-        cp_async_16(staged + c * 16, page + key_block_offset + c * 16, true);
-      }
-      staged += key_bytes;
-      for (int c = threadIdx.x; c < value_chunks; c += kThreads) {
-        cp_async_16(staged + c * 16, page + value_block_offset + c * 16, true);
-      }
+      copy_block(staged, page + key_block_offset, key_chunks);
+      copy_block(staged + key_bytes, page + value_block_offset, value_chunks);
     }
   };
   issue(0);
