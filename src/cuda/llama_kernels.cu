@@ -152,6 +152,16 @@ __global__ void fill_uniform_kernel(__half* p, int64_t n, uint64_t seed, float s
   }
 }
 
+__global__ void fill_normal_kernel(__half* p, int64_t n, uint64_t seed, float stddev) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t bits = splitmix64(seed ^ splitmix64(static_cast<uint64_t>(i)));
+    const float u1 = (static_cast<float>(bits >> 40) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]: log stays finite
+    const float u2 = static_cast<float>(bits & 0xffffffu) * (1.0f / 16777216.0f);     // [0, 1)
+    p[i] = __float2half_rn(stddev * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+  }
+}
+
 __global__ void fill_kernel(float* p, int64_t n, float value) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -210,6 +220,12 @@ void launch_fill_uniform(__half* p, int64_t n, uint64_t seed, float scale, cudaS
   if (n == 0) return;
   fill_uniform_kernel<<<grid_for(n, 256), 256, 0, stream>>>(p, n, seed, scale);
   CUDA_CHECK_LAUNCH(stream, "fill_uniform_kernel");
+}
+
+void launch_fill_normal(__half* p, int64_t n, uint64_t seed, float stddev, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_normal_kernel<<<grid_for(n, 256), 256, 0, stream>>>(p, n, seed, stddev);
+  CUDA_CHECK_LAUNCH(stream, "fill_normal_kernel");
 }
 
 void launch_fill(float* p, int64_t n, float value, cudaStream_t stream) {

@@ -47,6 +47,8 @@ void launch_argmax_rows(const float* logits, int32_t n_rows, int32_t vocab, int3
 
 // Deterministic uniform values in [-scale, scale) from (seed, index): p (n).
 void launch_fill_uniform(__half* p, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
+// Deterministic N(0, stddev^2) values from (seed, index) (Box-Muller): p (n).
+void launch_fill_normal(__half* p, int64_t n, uint64_t seed, float stddev, cudaStream_t stream);
 // p (n) = value.
 void launch_fill(float* p, int64_t n, float value, cudaStream_t stream);
 

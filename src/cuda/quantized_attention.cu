@@ -9,18 +9,18 @@
 // mma_sync.cuh): a cp.async pipeline of kStages stages, each the whole K and V
 // blocks (codes, row and group parameters, outlier slots: contiguous per block)
 // of `pages_per_stage` consecutive pages of the sequence, copied with 16-byte
-// cp.async by the whole block. Once a stage has landed (block barrier), the
-// block indexes each staged block's outlier slots by row in shared memory
-// (index_outlier_rows, a second barrier). Each of the 4 warps then takes a run
-// of consecutive 16-key tiles of the stage and, per tile:
+// cp.async by the whole block. Once a stage has landed (block barrier), each of
+// the 4 warps takes a run of consecutive 16-key tiles of the stage and, per
+// tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
 //     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
 //     its packed twin (bit-equal to PageCodec::decode; codebooks and calibrated
 //     per-channel key constants in shared memory), pre-RoPE keys rotated in fp32
 //     with (cos, sin) stepped in registers, then rounded to fp16; then the tile's
-//     outlier slots, one per lane: a key's chunk decoded again with its outliers
-//     (apply_outliers8), the slot's RoPE pair rotated at its position and stored
-//     over the first;
+//     outlier slots (found by warp ballots over the block's slots, which are in
+//     row order: tile_slot_range), one per lane: the slot's RoPE pair (its other
+//     element decoded, or taken from its row's slots where it is an outlier too)
+//     rotated at its position and stored over the first;
 //   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
 //     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
 //   - the online softmax of decode_partials.cuh per head column (log2 units,
@@ -98,7 +98,6 @@ constexpr int kCalibBytes = (4 * kCodebookFloats + 2 * D) * 4;
 //               instruction fewer per element); then (decode_packed8) the keys' lo and span per channel (D
 //               floats each; in registers they pushed the kernel into spills);
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
-//   row_first:  pages_per_stage x 2 (K, V) x (page_size + 1) ints, the staged blocks' outlier index;
 //   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
 //               aligned.
 // After the loop the block merge (kSplitMergeFloats<D, kMmaHeads, kWarps>: per warp the running max and sum of the
@@ -107,7 +106,6 @@ struct PageStageShape {
   int32_t pages_per_stage;
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
   int32_t stage_bytes;  // pages_per_stage * pair_bytes
-  int32_t row_first_offset;
   int32_t tiles_offset;
   int32_t smem_bytes;
 };
@@ -198,6 +196,37 @@ __device__ __forceinline__ void store_half8(__half* chunk, const float (&x)[8]) 
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(chunk));
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(half2_bits(x[0], x[1])),
                "r"(half2_bits(x[2], x[3])), "r"(half2_bits(x[4], x[5])), "r"(half2_bits(x[6], x[7])));
+}
+
+// Slots [first, end) of a block's n_slots slots (rows in ascending order, by magnitude within a row; index =
+// row * head_dim + channel) whose index lies in [index_begin, index_end), both multiples of head_dim (row
+// bounds): counted by the warp's ballots, 32 slots at a time, up to the first 32 that reach index_end. Every
+// lane of the warp calls it (and gets the same range).
+__device__ __forceinline__ int2 tile_slot_range(const uint32_t* slots, int n_slots, int index_begin, int index_end,
+                                                int lane) {
+  int first = 0, end = 0;
+  for (int base = 0; base < n_slots; base += 32) {
+    const int index = base + lane < n_slots ? static_cast<int>(slot_index(slots[base + lane])) : index_end;
+    first += __popc(__ballot_sync(0xffffffffu, index < index_begin));
+    const uint32_t below_end = __ballot_sync(0xffffffffu, index < index_end);
+    end += __popc(below_end);
+    if (below_end != 0xffffffffu) break;  // the rest are past index_end
+  }
+  return {first, end};
+}
+
+// The slot of the other element of slot at_slot's pair (channels 2j, 2j + 1) where that element is an outlier
+// too, else slots[at_slot]: searched among the slot's row's slots, which are contiguous.
+__device__ __forceinline__ uint32_t pair_slot(const uint32_t* slots, int n_slots, int at_slot, int head_dim) {
+  const uint32_t slot = slots[at_slot], other = slot_index(slot) ^ 1u;
+  const uint32_t row_begin = slot_index(slot) / head_dim * head_dim, row_end = row_begin + head_dim;
+  for (int t = at_slot - 1; t >= 0 && slot_index(slots[t]) >= row_begin; --t) {
+    if (slot_index(slots[t]) == other) return slots[t];
+  }
+  for (int t = at_slot + 1; t < n_slots && slot_index(slots[t]) < row_end; ++t) {
+    if (slot_index(slots[t]) == other) return slots[t];
+  }
+  return slot;
 }
 
 // A staged row: page `page` of the stage, row `row` of that page.
@@ -335,8 +364,6 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     key_lo[i] = lo;
     key_span[i] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
   }
-  int* row_first = reinterpret_cast<int*>(smem + shape.row_first_offset);  // (pages_per_stage, 2, page_size + 1)
-  const bool key_outliers = key_layout.outlier_capacity > 0, value_outliers = value_layout.outlier_capacity > 0;
   __half* warp_tile = reinterpret_cast<__half*>(smem + shape.tiles_offset) + warp * kTileKeys * D;  // (kTileKeys, D)
 
   uint32_t q[kDimTiles][2];
@@ -367,22 +394,6 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     cp_async_commit();
     const uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
-    if (key_outliers || value_outliers) {
-      for (int j = 0; j < stage_pages; ++j) {
-        const uint8_t* key_block = stage + j * shape.pair_bytes;
-        const uint8_t* value_block = key_block + key_bytes;
-        int* first = row_first + j * 2 * (page_size + 1);
-        if (key_outliers) {
-          index_outlier_rows(outlier_slots(key_layout, key_block), outlier_count(key_layout, key_block), D, page_size,
-                             first, threadIdx.x, kThreads);
-        }
-        if (value_outliers) {
-          index_outlier_rows(outlier_slots(value_layout, value_block), outlier_count(value_layout, value_block), D,
-                             page_size, first + page_size + 1, threadIdx.x, kThreads);
-        }
-      }
-      __syncthreads();  // the index is complete
-    }
 
     // The stage's keys at positions [stage_pos, stage_end) (the split's end cuts the last stage) in tiles of
     // kTileKeys: warp w takes a run of consecutive tiles, so a lane's rows (and RoPE angles) advance by
@@ -413,9 +424,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // Then, where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10
     // per tile at 1%) and patch(decode, page, page_row, column, tile_row, slot) puts each into the tile, instead
     // of every lane looking for its chunk's slots on every row. layout, blocks: the staged K (0) or V (key_bytes)
-    // blocks; first: their row index (row_first + 0 or page_size + 1).
-    const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, int first, auto&& decode_row,
-                               auto&& patch) {
+    // blocks. patch gets the slot and the slot of its pair's other element (or itself).
+    const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, auto&& decode_row, auto&& patch) {
       StageRow r = at;
       with_row_decode(row_decode, [&](auto decode) {
 #pragma unroll(decltype(decode)::value == RowDecode::generic ? 1 : Tile::kPasses)
@@ -432,15 +442,29 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         // The staged pages the tile's rows [tile_first, tile_first + kTileKeys) of the stage fall in.
         const int tile_first = tile_pos - stage_pos;
         for (int page = tile_first / page_size; page < stage_pages && page * page_size < tile_first + kTileKeys; ++page) {
-          const int* page_first = row_first + page * 2 * (page_size + 1) + first;
           const int row_begin = max(0, tile_first - page * page_size);
           const int row_end = min(page_size, tile_first + kTileKeys - page * page_size);
-          const uint32_t* slots = outlier_slots(layout, stage + page * shape.pair_bytes + blocks);
-          for (int at_slot = page_first[row_begin] + lane; at_slot < page_first[row_end]; at_slot += 32) {
+          const uint8_t* block = stage + page * shape.pair_bytes + blocks;
+          const uint32_t* slots = outlier_slots(layout, block);
+          const int n_slots = static_cast<int>(outlier_count(layout, block));
+          const int2 range = tile_slot_range(slots, n_slots, row_begin * D, row_end * D, lane);
+          const int n_range = range.y - range.x;
+          const unsigned first_round = __ballot_sync(0xffffffffu, lane < n_range);  // lanes holding a slot
+          for (int at_slot = range.x + lane; at_slot < range.y; at_slot += 32) {
             const uint32_t slot = slots[at_slot];
+            // The slot of the other element of the slot's pair (RoPE pair of keys: channels 2j, 2j + 1) where
+            // that element is an outlier too, else the slot itself: from the lane holding it when the range is
+            // one round (a row's slots are all in the range), else searched among the row's slots.
+            uint32_t other = slot;
+            if (n_range <= 32) {
+              const unsigned same_pair = __match_any_sync(first_round, slot_index(slot) >> 1) & ~(1u << lane);
+              other = __shfl_sync(first_round, slot, same_pair ? __ffs(same_pair) - 1 : lane);
+            } else {
+              other = pair_slot(slots, n_slots, at_slot, D);
+            }
             const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
             const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
-            if (pos >= split.key_begin && pos < stage_end) patch(decode, page, page_row, column_of_slot, tile_row, slot);
+            if (pos >= split.key_begin && pos < stage_end) patch(decode, page, page_row, column_of_slot, tile_row, slot, other);
           }
         }
       });
@@ -453,20 +477,23 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c,
                                                     key_calib, key_centres, key_lo, key_span, k);
       };
-      // A key outlier changes its RoPE pair: the lane decodes the slot's chunk again, puts the chunk's outliers
-      // back (pre-RoPE values, like the codes), rotates the slot's pair at the key's position (angle from the
-      // table) and stores it over the first (lanes with slots in the same pair store the same halves).
-      const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t) {
+      // A key outlier changes its RoPE pair: the lane decodes the slot's chunk again, puts the pair's outliers
+      // back (pre-RoPE values, like the codes: the slot's, and the other element's where that one is an outlier
+      // too), rotates the pair at the key's position (angle from the table) and stores it over the first (lanes
+      // with slots in the same pair store the same halves).
+      const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t slot,
+                                 uint32_t other) {
         const int c = column_of_slot / 8 * 8, pair = column_of_slot % 8 / 2;
         float k[8];
         decode_key(decode, page, page_row, c, k);
-        apply_outliers8(outlier_slots(key_layout, stage + page * shape.pair_bytes), row_first + page * 2 * (page_size + 1),
-                        page_row, c, D, k);
         float x0 = k[0], x1 = k[1];
 #pragma unroll
         for (int j = 1; j < 4; ++j) {  // constant indices keep k in registers
           if (pair == j) x0 = k[2 * j], x1 = k[2 * j + 1];
         }
+        const float other_value = other != slot ? slot_value(other) : column_of_slot % 2 ? x0 : x1;
+        x0 = column_of_slot % 2 ? other_value : slot_value(slot);
+        x1 = column_of_slot % 2 ? slot_value(slot) : other_value;
         if (kv.rotate_keys) {
           const float2 angle = __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2);
           const float r0 = x0 * angle.x - x1 * angle.y, r1 = x0 * angle.y + x1 * angle.x;
@@ -475,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         *reinterpret_cast<uint32_t*>(warp_tile + tile_offset<D, kTileKeys>(tile_row, column_of_slot / 2 * 2)) =
             half2_bits(x0, x1);
       };
-      fill_tile(tile_pos, key_layout, 0, 0,
+      fill_tile(tile_pos, key_layout, 0,
                 [&](auto decode, int page, int page_row, int c, float (&k)[8]) {
                   decode_key(decode, page, page_row, c, k);
                   rotate8(cs, k);
@@ -531,12 +558,12 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
       // Values: decoded and rounded into the tile (the same rows as the keys); an outlier is its slot's half.
       at = fill_tile(
-          tile_pos, value_layout, key_bytes, page_size + 1,
+          tile_pos, value_layout, key_bytes,
           [&](auto decode, int page, int page_row, int c, float (&v)[8]) {
             decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
                                                           page_row, c, value_calib, value_centres, v);
           },
-          [&](auto, int, int, int column_of_slot, int tile_row, uint32_t slot) {
+          [&](auto, int, int, int column_of_slot, int tile_row, uint32_t slot, uint32_t) {
             warp_tile[tile_offset<D, kTileKeys>(tile_row, column_of_slot)] = __ushort_as_half(static_cast<uint16_t>(slot >> 16));
           });
       __syncwarp();  // the tile's values are stored
@@ -654,8 +681,7 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
     shape.pages_per_stage = pages_per_stage;
     shape.pair_bytes = key.block_bytes + value.block_bytes;
     shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
-    shape.row_first_offset = kCalibBytes<D> + kStages * shape.stage_bytes;
-    shape.tiles_offset = (shape.row_first_offset + shape.pages_per_stage * 2 * (key.page_size + 1) * 4 + 127) / 128 * 128;
+    shape.tiles_offset = (kCalibBytes<D> + kStages * shape.stage_bytes + 127) / 128 * 128;
     const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
     shape.smem_bytes = std::max(tiles_end, kSplitMergeFloats<D, kMmaHeads, kWarps> * 4);
     return shape;

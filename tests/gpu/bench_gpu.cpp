@@ -4,7 +4,8 @@
 //   prefill   prefill attention kernel TFLOP/s (4 S^2 H D per sequence, halved for causal)
 //   decode    decode attention kernel GB/s (K and V bytes read) and % of copy
 //   qdecode   decode attention over quantized pages (nuq4-1%, nuq3-1%, q4_0, fp8; sinks 1 and the tail for
-//             nuq): ms, GB/s of the bytes of the blocks and exact rows read, and speed-up over fp16 pages
+//             nuq) written from N(0, 1) rows with the --dummy synthetic calibration (outliers as end to end):
+//             ms, GB/s of the bytes of the blocks and exact rows read, and speed-up over fp16 pages
 //   qprefill  prefill attention over quantized pages (nuq4-1%, nuq3-1% with and without the tail, q4_0, fp8,
 //             kivi2) against fp16 pages, same shapes: ms (the page scratch's pre-pass and the kernel, as the
 //             backend runs them) and the ratio to fp16 (the gate: <= 1.05); the pre-pass alone, and the
@@ -308,29 +309,41 @@ std::vector<int> parse_ints(const std::string& s) {
 }
 
 // One layer's quantized pages for `batch` sequences of `context` keys (pages scattered, `tables`), written by
-// launch_kv_quantize from rows (batch, context, 2, kv_dim) with a synthetic calibration.
+// launch_kv_quantize from rows (batch, context, 2, kv_dim) with the --dummy models' synthetic calibration:
+// with rows N(0, 1), like those models' keys and values, about the format's fraction of elements are outliers,
+// as end to end (the patch of the outliers into the tiles is part of the decode kernels' time).
 struct QuantizedPages {
   QuantizedPages(const KvCacheOptions& options, const __half* rows, const PageTables& tables, int batch, int context,
                  int page, int n_kv, int D)
-      : calib(1, n_kv * D, options.format.bits),
-        device_calib(options.format.calibrated() ? calib.layers : std::vector<LayerCalibration>{}, options.format, n_kv * D),
+      : device_calib(options.format.calibrated() ? synthetic_calibration(one_layer(n_kv, D), options.format, calibration)
+                                                 : std::vector<LayerCalibration>{},
+                     options.format, n_kv * D),
         key_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::key, page, D, options.per_page_key_ranges))),
         value_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, options.per_page_key_ranges))),
         page_bytes(int64_t{n_kv} * (key_layout.block_bytes + value_layout.block_bytes)),
         pool(size_t(tables.n_pages()) * page_bytes) {
     const int kv_dim = n_kv * D;
     const uint16_t* base = reinterpret_cast<const uint16_t*>(rows);
-    quantize_rows_into_pool(pool.get(), pool.size(), std::vector<int>(batch, context), tables, key_layout, value_layout,
-                            n_kv, D, options.effective_sinks(), device_calib.layer(0), [&](int s, int64_t pos) {
-                              return base + (size_t(s) * context + pos) * 2 * kv_dim;
-                            });
+    const std::array<unsigned long long, 2> counts = quantize_rows_into_pool(
+        pool.get(), pool.size(), std::vector<int>(batch, context), tables, key_layout, value_layout, n_kv, D,
+        options.effective_sinks(), device_calib.layer(0),
+        [&](int s, int64_t pos) { return base + (size_t(s) * context + pos) * 2 * kv_dim; });
+    outlier_fraction = double(counts[0]) / (2.0 * batch * context * kv_dim);
     CUDA_CHECK(cudaDeviceSynchronize());
   }
-  TestCalibration calib;
+  static LlamaConfig one_layer(int n_kv, int D) {
+    LlamaConfig config;
+    config.n_layers = 1;
+    config.n_kv_heads = n_kv;
+    config.head_dim = D;
+    return config;
+  }
+  CalibrationFile calibration;
   cuda::DeviceCalibration device_calib;
   cuda::PageBlockLayout key_layout, value_layout;
   int64_t page_bytes;
   DeviceArray<uint8_t> pool;
+  double outlier_fraction = 0;  // outliers stored / elements written
 };
 
 // B sequences of `context` tokens on pages interleaved over the pool (as a batch fills it).
@@ -377,7 +390,7 @@ json bench_quantized_prefill() {
     // The step's rows (B * S, stride): Q random, K and V the rows the pages were written from.
     DeviceArray<__half> rows(size_t(p.batch) * p.seq_len * 2 * kv_dim), step(size_t(p.batch) * p.seq_len * stride),
         out(size_t(p.batch) * p.seq_len * q_dim);
-    cuda::launch_fill_uniform(rows.get(), int64_t(rows.size()), 11, 2.5f, nullptr);
+    cuda::launch_fill_normal(rows.get(), int64_t(rows.size()), 11, 1.0f, nullptr);
     cuda::launch_fill_uniform(step.get(), int64_t(step.size()), 12, 1.7f, nullptr);
     const PageTables tables = interleaved_tables(p.batch, p.seq_len, page);
     std::vector<cuda::AttentionChunk> chunks;
@@ -469,7 +482,7 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
     }
     // Random K/V rows of every position (B, context, 2, kv_dim) and the step's rows (B, stride).
     DeviceArray<__half> rows(size_t(p.batch) * p.context * 2 * kv_dim), step(size_t(p.batch) * stride), out(size_t(p.batch) * q_dim);
-    cuda::launch_fill_uniform(rows.get(), int64_t(rows.size()), 11, 2.5f, nullptr);
+    cuda::launch_fill_normal(rows.get(), int64_t(rows.size()), 11, 1.0f, nullptr);
     cuda::launch_fill_uniform(step.get(), int64_t(step.size()), 12, 1.7f, nullptr);
     const int pages_per_seq = (p.context + page - 1) / page;
     const PageTables tables = interleaved_tables(p.batch, p.context, page);
@@ -519,12 +532,14 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
       const double bytes = double(p.batch) * pages_per_seq * pages.page_bytes + double(exact_rows) * 2 * kv_dim * 2;
       const double gbs = bytes / (ms * 1e-3) / 1e9;
       results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", name}, {"batch", p.batch}, {"context", p.context},
-                         {"splits", plan.splits.size()}, {"ms", ms}, {"bytes", bytes}, {"gb_s", gbs},
+                         {"splits", plan.splits.size()}, {"outlier_fraction", pages.outlier_fraction}, {"ms", ms},
+                         {"bytes", bytes}, {"gb_s", gbs},
                          {"fraction_of_copy", gbs / copy_gbs}, {"fp16_ms", fp16_ms},
                          {"speedup_vs_fp16", fp16_ms > 0 ? fp16_ms / ms : 0.0}});
-      std::printf("qdecode-attn %-12s %-12s %-8s B=%-3d ctx=%-6d %8.4f ms %7.0f GB/s (%.0f%% of copy) %.2fx fp16 pages\n",
-                  p.model, p.shape.name, name, p.batch, p.context, ms, gbs, 100.0 * gbs / copy_gbs,
-                  fp16_ms > 0 ? fp16_ms / ms : 0.0);
+      std::printf("qdecode-attn %-12s %-12s %-8s B=%-3d ctx=%-6d outliers %.2f%% %8.4f ms %7.0f GB/s (%.0f%% of copy) "
+                  "%.2fx fp16 pages\n",
+                  p.model, p.shape.name, name, p.batch, p.context, 100.0 * pages.outlier_fraction, ms, gbs,
+                  100.0 * gbs / copy_gbs, fp16_ms > 0 ? fp16_ms / ms : 0.0);
       std::fflush(stdout);
     }
   }

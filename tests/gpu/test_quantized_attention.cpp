@@ -349,8 +349,10 @@ TEST(QuantizedAttention, MatchesCpuTwinOnTheSameBytes) {
   for (const char* kv : {"fp8", "q8_0", "q4_0", "kivi2", "kivi4"}) cases.push_back({kv});
   cases.push_back({"q4_0", 1, true, false, true});
   // Page sizes: a stage of several pages (16, 32, 64) or one page of 256; 4 sinks start the page range
-  // mid-page; -0.5% leaves fewer slots than the random rows' outliers (blocks full).
+  // mid-page; -0.5% leaves fewer slots than the random rows' outliers (blocks full); at -2% and page 64 a
+  // 16-row tile of the page kernel holds more than 32 slots (its pair lookup without the warp match).
   cases.push_back({"nuq3-1%", 4, true, false, false, 32});
+  cases.push_back({"nuq3-2%", 1, false, false, false, 64});
   cases.push_back({"nuq4-1%", 1, true, false, false, 64});
   cases.push_back({"int3-0.5%", 1, false, false, false, 64});
   cases.push_back({"nuq2-1%", 4, true, true, false, 256});
