@@ -222,18 +222,27 @@ def save(fig, path, made):
     plt.close(fig)
 
 
+def card_slug(device):
+    return re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")  # "NVIDIA H200" -> h200
+
+
+def figure_slug(model, device, model_devices):
+    """A model's figures are named after it; where it ran on several GPUs, those of every card but the first
+    by name also carry the card (throughput_llama3-8b_h200.png), so that no card's figure replaces another's."""
+    return model if device == sorted(model_devices)[0] else f"{model}_{card_slug(device)}"
+
+
 def sweep_rows(rows, model, device):
     return [r for r in rows if r["command"] in ("bench", "baseline_hf") and r["model"] == model and
             r["device"] == device and "max_batch" not in r and r.get("batch") is not None]
 
 
-def throughput_and_memory_figures(plt, rows, model, device, out_dir, made):
+def throughput_and_memory_figures(plt, rows, model, device, slug, out_dir, made):
     points = sweep_rows(rows, model, device)
     lengths = sorted({r["prompt_len"] for r in points})
     kvs = sorted({r["kv"] for r in points})
     if not lengths:
         return
-    slug = model
     for metric, label, name in (("prefill_tok_s", "prefill tok/s", "throughput"),
                                 ("peak_mem_bytes", "peak device memory (GiB)", "memory")):
         panels = [(L, m) for L in lengths for m in ([metric, "decode_tok_s"] if name == "throughput" else [metric])]
@@ -263,7 +272,7 @@ def throughput_and_memory_figures(plt, rows, model, device, out_dir, made):
         save(fig, os.path.join(out_dir, f"{name}_{slug}.png"), made)
 
 
-def speedup_figure(plt, rows, model, device, out_dir, made):
+def speedup_figure(plt, rows, model, device, slug, out_dir, made):
     points = [r for r in sweep_rows(rows, model, device) if ok(r) and not r.get("ragged")]
     hf = {(r["prompt_len"], r["batch"]): r["prefill_tok_s"] for r in points if r["kv"] == HF_KV}
     kvs = sorted({r["kv"] for r in points if r["kv"] != HF_KV and (r["prompt_len"], r["batch"]) in hf})
@@ -287,14 +296,14 @@ def speedup_figure(plt, rows, model, device, out_dir, made):
         ax.set_ylabel("prompt length")
         ax.set_title(kv)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    save(fig, os.path.join(out_dir, f"speedup_{model}.png"), made)
+    save(fig, os.path.join(out_dir, f"speedup_{slug}.png"), made)
 
 
 ENERGY_METRICS = [("energy_j_per_token", "whole run"), ("prefill_j_per_token", "prefill"),
                   ("decode_j_per_token", "decode")]
 
 
-def energy_figure(plt, rows, model, device, out_dir, made):
+def energy_figure(plt, rows, model, device, slug, out_dir, made):
     points = [r for r in sweep_rows(rows, model, device) if ok(r) and
               isinstance(r.get("energy_j_per_token"), (int, float)) and not r.get("ragged")]
     batches = sorted({r["batch"] for r in points})
@@ -316,7 +325,7 @@ def energy_figure(plt, rows, model, device, out_dir, made):
         ax.set_ylabel("J / token")
         ax.set_title(f"batch {B}: {name}")
     figure_legend(fig, axes)
-    save(fig, os.path.join(out_dir, f"energy_{model}.png"), made)
+    save(fig, os.path.join(out_dir, f"energy_{slug}.png"), made)
 
 
 # The ablation axes: name, the value a row takes on it, and whether only int/nuq formats have it.
@@ -339,6 +348,7 @@ def ablation_series(rows, axis, command, metric):
     (model, device, shape and every other option), where the axis takes two or more values."""
     name, axis_value, quantized_only = axis
     groups = defaultdict(dict)
+    first_gpu = min((r["device"] for r in rows if is_gpu(r["device"])), default=None)
     for r in rows:
         if r["command"] != command or (command == "bench" and not ok(r)) or not isinstance(r.get(metric), (int, float)):
             continue
@@ -364,7 +374,8 @@ def ablation_series(rows, axis, command, metric):
             shape = f"length {r.get('length')}"
         else:
             shape = f"{r.get('prompt_len')}x{r.get('batch')}"
-        label = f"{r['model']} {label} {shape}" + ("" if is_gpu(r["device"]) else " (cpu)")
+        card = "" if r["device"] == first_gpu else f" ({card_slug(r['device'])})" if is_gpu(r["device"]) else " (cpu)"
+        label = f"{r['model']} {label} {shape}{card}"
         groups[label][value] = r[metric]
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
@@ -654,12 +665,13 @@ def main():
     plt = figure_setup()
     os.makedirs(args.figures, exist_ok=True)
     made = []
-    for model, device in sorted({(r["model"], r["device"]) for r in rows if r["command"] in ("bench", "baseline_hf")}):
-        if not is_gpu(device):
-            continue
-        throughput_and_memory_figures(plt, rows, model, device, args.figures, made)
-        speedup_figure(plt, rows, model, device, args.figures, made)
-        energy_figure(plt, rows, model, device, args.figures, made)
+    gpu_runs = sorted({(r["model"], r["device"]) for r in rows
+                       if r["command"] in ("bench", "baseline_hf") and is_gpu(r["device"])})
+    for model, device in gpu_runs:
+        slug = figure_slug(model, device, [d for m, d in gpu_runs if m == model])
+        throughput_and_memory_figures(plt, rows, model, device, slug, args.figures, made)
+        speedup_figure(plt, rows, model, device, slug, args.figures, made)
+        energy_figure(plt, rows, model, device, slug, args.figures, made)
     ablation_figure(plt, rows, args.figures, made)
     pareto_figure(plt, rows, args.figures, made)
     write_doc(args.doc, generated_section(rows, sources, made, os.path.dirname(os.path.abspath(args.doc))))

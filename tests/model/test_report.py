@@ -6,8 +6,9 @@ with energy), out-of-memory points are listed, where a quantized format's
 J/token falls less than its throughput rises (or rises less than its
 throughput falls) the report says why (its average power changed), the Pareto
 front compares perplexities of one window size, cells measured under
-superseded conditions are marked, and A/B timing runs (--energy-window 0) are
-sources but no table's points."""
+superseded conditions are marked, A/B timing runs (--energy-window 0) are
+sources but no table's points, and a model measured on two cards gets figures
+per card."""
 
 import json
 import subprocess
@@ -75,6 +76,9 @@ def write_results(folder):
         "ppl_8k.json": envelope("ppl", "models/SmolLM2-135M-Instruct.Q4_1.gguf",
                                 [dict(ppl[0], ctx=8192, tokens=16383, ppl=20.48)]),
     }
+    # The same model on a second card: its figures beside the first card's, not over them.
+    files["h200.json"] = envelope("bench", "dummy:llama2-7b", [bench_point("fp16", 2048, 1, 1100.0, 600)],
+                                  device="NVIDIA H200")
     # An A/B timing run (--energy-window 0) at a shape of its own: listed among the sources, in no table.
     timing = envelope("bench", "dummy:llama2-7b", [bench_point("fp16", 8160, 64, 7777.0, 0, energy_status="unsupported")],
                       date="2026-11-28T00:00:00Z")
@@ -102,6 +106,7 @@ def test_report_draws_every_figure_and_regenerates_its_section(repo_root, tmp_pa
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
     for kind in ("throughput", "memory", "speedup", "energy"):
         assert f"{kind}_llama2-7b.png" in figures
+    assert {"throughput_llama2-7b_h200.png", "memory_llama2-7b_h200.png"} <= figures
     assert {"ablations.png", "pareto_smollm2-135m.png"} <= figures
     text = doc.read_text()
     assert text.startswith("# Results\n\nhand-written text\n") and text.rstrip().endswith("## after")
