@@ -116,16 +116,17 @@ struct PageStageShape {
 // fp32 operations with the same roundings (uniform_decode, codebook_decode), so the result is bit-equal. An
 // int code becomes a float by its bits (2^23 + code, exact, minus 2^23): integer-to-float conversions issue at
 // an eighth of the rate of additions.
+template <bool kCodebook>
+__device__ __forceinline__ float decode_packed1(uint32_t code, const float* centre_plus_one, float lo, float span) {
+  const float x = kCodebook ? centre_plus_one[code] : __fsub_rn(__uint_as_float(0x4b000000u | code), 8388608.0f);
+  return __fadd_rn(lo, __fmul_rn(x, span));
+}
 template <int kBits, bool kCodebook>
 __device__ __forceinline__ void decode_packed8(uint32_t codes, const float* centre_plus_one, const float (&lo)[8],
                                                const float (&span)[8], float (&out)[8]) {
   constexpr uint32_t kMask = (1u << kBits) - 1;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t code = (codes >> (kBits * j)) & kMask;
-    const float x = kCodebook ? centre_plus_one[code] : __fsub_rn(__uint_as_float(0x4b000000u | code), 8388608.0f);
-    out[j] = __fadd_rn(lo[j], __fmul_rn(x, span[j]));
-  }
+  for (int j = 0; j < 8; ++j) out[j] = decode_packed1<kCodebook>((codes >> (kBits * j)) & kMask, centre_plus_one, lo[j], span[j]);
 }
 
 // How the page kernel decodes a block's rows: decode_packed8 (nuq or int with calibrated key ranges) or
@@ -477,23 +478,33 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         decode_key8<D, kBits, decltype(decode)::value>(key_layout, stage + page * shape.pair_bytes, page_row, c,
                                                     key_calib, key_centres, key_lo, key_span, k);
       };
-      // A key outlier changes its RoPE pair: the lane decodes the slot's chunk again, puts the pair's outliers
-      // back (pre-RoPE values, like the codes: the slot's, and the other element's where that one is an outlier
-      // too), rotates the pair at the key's position (angle from the table) and stores it over the first (lanes
-      // with slots in the same pair store the same halves).
+      // Element `column` of key row page_row without its outlier, as decode_key gives it: the packed decodes
+      // take that element's code alone, the others decode its chunk.
+      const auto decode_key_element = [&](auto decode, int page, int page_row, int column) {
+        if constexpr (decltype(decode)::value == RowDecode::generic) {
+          float k[8];
+          decode_key(decode, page, page_row, column / 8 * 8, k);
+          float x = k[0];
+#pragma unroll
+          for (int j = 1; j < 8; ++j) {  // constant indices keep k in registers
+            if (column % 8 == j) x = k[j];
+          }
+          return x;
+        } else {
+          const uint32_t codes = row_codes8<D, kBits>(key_layout, stage + page * shape.pair_bytes, page_row, column / 8 * 8);
+          return decode_packed1<decltype(decode)::value == RowDecode::codebook>(
+              (codes >> (kBits * (column % 8))) & ((1u << kBits) - 1), key_centres, key_lo[column], key_span[column]);
+        }
+      };
+      // A key outlier changes its RoPE pair: the lane takes the pair's other element (its slot's value where it
+      // is an outlier too, else decoded), rotates the pair at the key's position (angle from the table) and
+      // stores it over the tile's (lanes with slots in the same pair store the same halves).
       const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t slot,
                                  uint32_t other) {
-        const int c = column_of_slot / 8 * 8, pair = column_of_slot % 8 / 2;
-        float k[8];
-        decode_key(decode, page, page_row, c, k);
-        float x0 = k[0], x1 = k[1];
-#pragma unroll
-        for (int j = 1; j < 4; ++j) {  // constant indices keep k in registers
-          if (pair == j) x0 = k[2 * j], x1 = k[2 * j + 1];
-        }
-        const float other_value = other != slot ? slot_value(other) : column_of_slot % 2 ? x0 : x1;
-        x0 = column_of_slot % 2 ? other_value : slot_value(slot);
-        x1 = column_of_slot % 2 ? slot_value(slot) : other_value;
+        const float other_value =
+            other != slot ? slot_value(other) : decode_key_element(decode, page, page_row, column_of_slot ^ 1);
+        float x0 = column_of_slot % 2 ? other_value : slot_value(slot);
+        float x1 = column_of_slot % 2 ? slot_value(slot) : other_value;
         if (kv.rotate_keys) {
           const float2 angle = __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2);
           const float r0 = x0 * angle.x - x1 * angle.y, r1 = x0 * angle.y + x1 * angle.x;
