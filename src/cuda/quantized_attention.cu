@@ -423,9 +423,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // unrolled (8 copies of the switch per operand at head_dim 128), q4_0 and fp8 pages took 0.57 and 0.64 ms
     // instead of 0.32 at llama3-8b 16 x 8192 (H100).
     // Then, where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10
-    // per tile at 1%) and patch(decode, page, page_row, column, tile_row, slot) puts each into the tile, instead
-    // of every lane looking for its chunk's slots on every row. layout, blocks: the staged K (0) or V (key_bytes)
-    // blocks. patch gets the slot and the slot of its pair's other element (or itself).
+    // per tile at 1%) and patch(decode, page, page_row, column, tile_row, slot, other) puts each into the tile
+    // (other: the slot of the pair's other element, or the slot itself), instead of every lane looking for its
+    // chunk's slots on every row. layout, blocks: the staged K (0) or V (key_bytes) blocks.
     const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, auto&& decode_row, auto&& patch) {
       StageRow r = at;
       with_row_decode(row_decode, [&](auto decode) {
