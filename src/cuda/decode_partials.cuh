@@ -50,14 +50,16 @@ __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step
   }
 }
 
+// Rotates one RoPE pair of fp32 key elements by its (cos, sin).
+__device__ __forceinline__ void rotate_pair(float& x0, float& x1, float2 cs) {
+  const float r0 = x0 * cs.x - x1 * cs.y, r1 = x0 * cs.y + x1 * cs.x;
+  x0 = r0;
+  x1 = r1;
+}
 // Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
 __device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float x0 = k[2 * j], x1 = k[2 * j + 1];
-    k[2 * j] = x0 * cs[j].x - x1 * cs[j].y;
-    k[2 * j + 1] = x0 * cs[j].y + x1 * cs[j].x;
-  }
+  for (int j = 0; j < 4; ++j) rotate_pair(k[2 * j], k[2 * j + 1], cs[j]);
 }
 
 // The running max is raised only when a score exceeds it by more than this (log2 units), so the rescale of

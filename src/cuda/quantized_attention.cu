@@ -506,9 +506,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         float x0 = column_of_slot % 2 ? other_value : slot_value(slot);
         float x1 = column_of_slot % 2 ? slot_value(slot) : other_value;
         if (kv.rotate_keys) {
-          const float2 angle = __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2);
-          const float r0 = x0 * angle.x - x1 * angle.y, r1 = x0 * angle.y + x1 * angle.x;
-          x0 = r0, x1 = r1;
+          rotate_pair(x0, x1, __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2));
         }
         *reinterpret_cast<uint32_t*>(warp_tile + tile_offset<D, kTileKeys>(tile_row, column_of_slot / 2 * 2)) =
             half2_bits(x0, x1);
