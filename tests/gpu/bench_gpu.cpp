@@ -308,18 +308,35 @@ std::vector<int> parse_ints(const std::string& s) {
   return v;
 }
 
-// One layer's quantized pages for `batch` sequences of `context` keys (pages scattered, `tables`), written by
-// launch_kv_quantize from rows (batch, context, 2, kv_dim) with the --dummy models' synthetic calibration:
-// with rows N(0, 1), like those models' keys and values, about the format's fraction of elements are outliers,
-// as end to end (the patch of the outliers into the tiles is part of the decode kernels' time).
-struct QuantizedPages {
-  QuantizedPages(const KvCacheOptions& options, const __half* rows, const PageTables& tables, int batch, int context,
-                 int page, int n_kv, int D)
+// One layer's page block layouts and, for the calibrated formats, the --dummy models' synthetic calibration on
+// the device.
+struct SyntheticLayer {
+  SyntheticLayer(const KvCacheOptions& options, int page, int n_kv, int D)
       : device_calib(options.format.calibrated() ? synthetic_calibration(one_layer(n_kv, D), options.format, calibration)
                                                  : std::vector<LayerCalibration>{},
                      options.format, n_kv * D),
         key_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::key, page, D, options.per_page_key_ranges))),
-        value_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, options.per_page_key_ranges))),
+        value_layout(cuda::page_block_layout(PageCodec(options.format, KvKind::value, page, D, options.per_page_key_ranges))) {}
+  static LlamaConfig one_layer(int n_kv, int D) {
+    LlamaConfig config;
+    config.n_layers = 1;
+    config.n_kv_heads = n_kv;
+    config.head_dim = D;
+    return config;
+  }
+  CalibrationFile calibration;  // the tensors behind device_calib's upload
+  cuda::DeviceCalibration device_calib;
+  cuda::PageBlockLayout key_layout, value_layout;
+};
+
+// One layer's quantized pages for `batch` sequences of `context` keys (pages scattered, `tables`), written by
+// launch_kv_quantize from rows (batch, context, 2, kv_dim) with the synthetic calibration: with rows N(0, 1),
+// like the --dummy models' keys and values, about the format's fraction of elements are outliers, as end to end
+// (the patch of the outliers into the tiles is part of the decode kernels' time).
+struct QuantizedPages : SyntheticLayer {
+  QuantizedPages(const KvCacheOptions& options, const __half* rows, const PageTables& tables, int batch, int context,
+                 int page, int n_kv, int D)
+      : SyntheticLayer(options, page, n_kv, D),
         page_bytes(int64_t{n_kv} * (key_layout.block_bytes + value_layout.block_bytes)),
         pool(size_t(tables.n_pages()) * page_bytes) {
     const int kv_dim = n_kv * D;
@@ -331,16 +348,6 @@ struct QuantizedPages {
     outlier_fraction = double(counts[0]) / (2.0 * batch * context * kv_dim);
     CUDA_CHECK(cudaDeviceSynchronize());
   }
-  static LlamaConfig one_layer(int n_kv, int D) {
-    LlamaConfig config;
-    config.n_layers = 1;
-    config.n_kv_heads = n_kv;
-    config.head_dim = D;
-    return config;
-  }
-  CalibrationFile calibration;
-  cuda::DeviceCalibration device_calib;
-  cuda::PageBlockLayout key_layout, value_layout;
   int64_t page_bytes;
   DeviceArray<uint8_t> pool;
   double outlier_fraction = 0;  // outliers stored / elements written
@@ -564,21 +571,12 @@ json bench_quantize(double copy_gbs) {
     // (B, S, 2, kv_dim): each position's keys then values.
     const DeviceArray<uint16_t> rows(random_half(rng, size_t(p.batch) * p.seq_len * 2 * kv_dim, 1.0f));
     const PageTables tables = interleaved_tables(p.batch, p.seq_len, page);
-    LlamaConfig config;
-    config.n_layers = 1;
-    config.n_kv_heads = n_kv;
-    config.head_dim = D;
     for (const char* name : formats) {
       KvCacheOptions options;
       options.format = parse_kv_format(name);
-      CalibrationFile calibration;
-      const cuda::DeviceCalibration device_calib(
-          options.format.calibrated() ? synthetic_calibration(config, options.format, calibration) : std::vector<LayerCalibration>{},
-          options.format, kv_dim);
-      const auto layout_of = [&](KvKind kind) {
-        return cuda::page_block_layout(PageCodec(options.format, kind, page, D, options.per_page_key_ranges));
-      };
-      const cuda::PageBlockLayout key_layout = layout_of(KvKind::key), value_layout = layout_of(KvKind::value);
+      const SyntheticLayer layer(options, page, n_kv, D);
+      const cuda::PageBlockLayout& key_layout = layer.key_layout;
+      const cuda::PageBlockLayout& value_layout = layer.value_layout;
       const PrefillWrites writes(std::vector<int>(p.batch, p.seq_len), tables, key_layout, value_layout, n_kv, D,
                                  options.effective_sinks(), [&](int s, int64_t pos) {
                                    return rows.get() + (size_t(s) * p.seq_len + pos) * 2 * kv_dim;
@@ -587,7 +585,7 @@ json bench_quantize(double copy_gbs) {
       DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
       const double ms = time_kernel_ms(
           [&] {
-            cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, device_calib.layer(0), writes.runs.get(),
+            cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, layer.device_calib.layer(0), writes.runs.get(),
                                      int32_t(writes.plan.runs.size()), writes.rows.get(), counts.get(), nullptr);
           },
           3, 15);
