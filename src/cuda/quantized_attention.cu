@@ -230,6 +230,16 @@ __device__ __forceinline__ uint32_t pair_slot(const uint32_t* slots, int n_slots
   return slot;
 }
 
+// An outlier's patch of a warp's tile: at `offset` of the tile (tile_offset), the half x0 (values) or the pair
+// of halves (x0, x1) rotated by `angle` (keys; offset even; (1, 0) leaves them as they are); offset -1: none.
+// Kept unrounded until stored, so that a patch made before the tile's decode waits for its angle's load only
+// then.
+struct TilePatch {
+  int offset;
+  float x0, x1;
+  float2 angle;
+};
+
 // A staged row: page `page` of the stage, row `row` of that page.
 struct StageRow {
   int page, row;
@@ -422,13 +432,72 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // warp_tile; returns the row after them. The passes of decode_chunk8 (a switch over every format) stay rolled:
     // unrolled (8 copies of the switch per operand at head_dim 128), q4_0 and fp8 pages took 0.57 and 0.64 ms
     // instead of 0.32 at llama3-8b 16 x 8192 (H100).
-    // Then, where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10
-    // per tile at 1%) and patch(decode, page, page_row, column, tile_row, slot, other) puts each into the tile
-    // (other: the slot of the pair's other element, or the slot itself), instead of every lane looking for its
-    // chunk's slots on every row. layout, blocks: the staged K (0) or V (key_bytes) blocks.
-    const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, auto&& decode_row, auto&& patch) {
+    // Where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10 per tile at
+    // 1%), and patch(decode, page, page_row, column, tile_row, slot, other) makes each one's TilePatch (other: for
+    // keys (kPairs), the slot of the pair's other element where it is an outlier too, else the slot itself),
+    // stored over the decoded tile; instead of every lane looking for its chunk's slots on every row. Where the
+    // tile lies in one page and its slots are one round (pages of 16 rows or a multiple, up to 32 slots: the common
+    // case), the patches are made before the decode, so that their loads (a key's RoPE angle, from global memory)
+    // wait under it; else after it, page by page. layout, blocks: the staged K (0) or V (key_bytes) blocks.
+    const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, auto pairs, auto&& decode_row,
+                               auto&& patch) {
+      constexpr bool kPairs = decltype(pairs)::value;
       StageRow r = at;
+      const int tile_first = tile_pos - stage_pos;  // the tile's rows [tile_first, tile_first + kTileKeys) of the stage
       with_row_decode(row_decode, [&](auto decode) {
+        // The patch of slot at_slot of a range of n_range (first_round: the lanes holding its first 32) in the
+        // staged block of page `page`; offset -1 where its key is outside [key_begin, stage_end).
+        const auto slot_patch = [&](int page, const uint32_t* slots, int n_slots, int at_slot, int n_range,
+                                    unsigned first_round) {
+          const uint32_t slot = slots[at_slot];
+          // The other element of a key's RoPE pair (channels 2j, 2j + 1): from the lane holding its slot when the
+          // range is one round (a row's slots are all in the range), else searched among the row's slots.
+          uint32_t other = slot;
+          if constexpr (kPairs) {
+            if (n_range <= 32) {
+              const unsigned same_pair = __match_any_sync(first_round, slot_index(slot) >> 1) & ~(1u << lane);
+              other = __shfl_sync(first_round, slot, same_pair ? __ffs(same_pair) - 1 : lane);
+            } else {
+              other = pair_slot(slots, n_slots, at_slot, D);
+            }
+          }
+          const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
+          const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
+          return pos >= split.key_begin && pos < stage_end ? patch(decode, page, page_row, column_of_slot, tile_row, slot, other)
+                                                           : TilePatch{-1};
+        };
+        const auto store_patch = [&](TilePatch p) {
+          if (p.offset < 0) return;
+          if constexpr (kPairs) {
+            rotate_pair(p.x0, p.x1, p.angle);
+            *reinterpret_cast<uint32_t*>(warp_tile + p.offset) = half2_bits(p.x0, p.x1);
+          } else {
+            warp_tile[p.offset] = __float2half_rn(p.x0);
+          }
+        };
+        // The slot range of the tile's rows in staged page `page`.
+        const auto page_slots = [&](int page, const uint32_t*& slots, int& n_slots) {
+          const int row_begin = max(0, tile_first - page * page_size);
+          const int row_end = min(page_size, tile_first + kTileKeys - page * page_size);
+          const uint8_t* block = stage + page * shape.pair_bytes + blocks;
+          slots = outlier_slots(layout, block);
+          n_slots = static_cast<int>(outlier_count(layout, block));
+          return tile_slot_range(slots, n_slots, row_begin * D, row_end * D, lane);
+        };
+        TilePatch early{-1};
+        bool patched_early = false;
+        if (layout.outlier_capacity > 0 && tile_first % page_size + kTileKeys <= page_size) {
+          const int page = tile_first / page_size;
+          const uint32_t* slots;
+          int n_slots;
+          const int2 range = page_slots(page, slots, n_slots);
+          const int n_range = range.y - range.x;
+          if (n_range <= 32) {
+            patched_early = true;
+            const unsigned first_round = __ballot_sync(0xffffffffu, lane < n_range);  // lanes holding a slot
+            if (lane < n_range) early = slot_patch(page, slots, n_slots, range.x + lane, n_range, first_round);
+          }
+        }
 #pragma unroll(decltype(decode)::value == RowDecode::generic ? 1 : Tile::kPasses)
         for (int i = 0; i < Tile::kPasses; ++i) {
           const int tile_row = lane_row + i * Tile::kRowStep, pos = tile_pos + tile_row;
@@ -440,32 +509,19 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         }
         if (layout.outlier_capacity == 0) return;
         __syncwarp();  // the decoded chunks are stored before the patches overwrite some of them
-        // The staged pages the tile's rows [tile_first, tile_first + kTileKeys) of the stage fall in.
-        const int tile_first = tile_pos - stage_pos;
+        if (patched_early) {
+          store_patch(early);
+          return;
+        }
+        // The staged pages the tile's rows fall in.
         for (int page = tile_first / page_size; page < stage_pages && page * page_size < tile_first + kTileKeys; ++page) {
-          const int row_begin = max(0, tile_first - page * page_size);
-          const int row_end = min(page_size, tile_first + kTileKeys - page * page_size);
-          const uint8_t* block = stage + page * shape.pair_bytes + blocks;
-          const uint32_t* slots = outlier_slots(layout, block);
-          const int n_slots = static_cast<int>(outlier_count(layout, block));
-          const int2 range = tile_slot_range(slots, n_slots, row_begin * D, row_end * D, lane);
+          const uint32_t* slots;
+          int n_slots;
+          const int2 range = page_slots(page, slots, n_slots);
           const int n_range = range.y - range.x;
           const unsigned first_round = __ballot_sync(0xffffffffu, lane < n_range);  // lanes holding a slot
           for (int at_slot = range.x + lane; at_slot < range.y; at_slot += 32) {
-            const uint32_t slot = slots[at_slot];
-            // The slot of the other element of the slot's pair (RoPE pair of keys: channels 2j, 2j + 1) where
-            // that element is an outlier too, else the slot itself: from the lane holding it when the range is
-            // one round (a row's slots are all in the range), else searched among the row's slots.
-            uint32_t other = slot;
-            if (n_range <= 32) {
-              const unsigned same_pair = __match_any_sync(first_round, slot_index(slot) >> 1) & ~(1u << lane);
-              other = __shfl_sync(first_round, slot, same_pair ? __ffs(same_pair) - 1 : lane);
-            } else {
-              other = pair_slot(slots, n_slots, at_slot, D);
-            }
-            const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
-            const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
-            if (pos >= split.key_begin && pos < stage_end) patch(decode, page, page_row, column_of_slot, tile_row, slot, other);
+            store_patch(slot_patch(page, slots, n_slots, at_slot, n_range, first_round));
           }
         }
       });
@@ -497,21 +553,19 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         }
       };
       // A key outlier changes its RoPE pair: the lane takes the pair's other element (its slot's value where it
-      // is an outlier too, else decoded), rotates the pair at the key's position (angle from the table) and
-      // stores it over the tile's (lanes with slots in the same pair store the same halves).
+      // is an outlier too, else decoded) and the angle of the key's position (from the table); the pair, rotated,
+      // is stored over the tile's (lanes with slots in the same pair store the same halves).
       const auto patch_key = [&](auto decode, int page, int page_row, int column_of_slot, int tile_row, uint32_t slot,
                                  uint32_t other) {
         const float other_value =
             other != slot ? slot_value(other) : decode_key_element(decode, page, page_row, column_of_slot ^ 1);
-        float x0 = column_of_slot % 2 ? other_value : slot_value(slot);
-        float x1 = column_of_slot % 2 ? slot_value(slot) : other_value;
-        if (kv.rotate_keys) {
-          rotate_pair(x0, x1, __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2));
-        }
-        *reinterpret_cast<uint32_t*>(warp_tile + tile_offset<D, kTileKeys>(tile_row, column_of_slot / 2 * 2)) =
-            half2_bits(x0, x1);
+        const float2 angle = kv.rotate_keys ? __ldg(kv.rope + static_cast<int64_t>(tile_pos + tile_row) * (D / 2) + column_of_slot / 2)
+                                            : float2{1.0f, 0.0f};
+        return TilePatch{tile_offset<D, kTileKeys>(tile_row, column_of_slot / 2 * 2),
+                         column_of_slot % 2 ? other_value : slot_value(slot),
+                         column_of_slot % 2 ? slot_value(slot) : other_value, angle};
       };
-      fill_tile(tile_pos, key_layout, 0,
+      fill_tile(tile_pos, key_layout, 0, std::true_type{},
                 [&](auto decode, int page, int page_row, int c, float (&k)[8]) {
                   decode_key(decode, page, page_row, c, k);
                   rotate8(cs, k);
@@ -567,13 +621,13 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
       // Values: decoded and rounded into the tile (the same rows as the keys); an outlier is its slot's half.
       at = fill_tile(
-          tile_pos, value_layout, key_bytes,
+          tile_pos, value_layout, key_bytes, std::false_type{},
           [&](auto decode, int page, int page_row, int c, float (&v)[8]) {
             decode_value8<D, kBits, decltype(decode)::value>(value_layout, stage + page * shape.pair_bytes + key_bytes,
                                                           page_row, c, value_calib, value_centres, v);
           },
           [&](auto, int, int, int column_of_slot, int tile_row, uint32_t slot, uint32_t) {
-            warp_tile[tile_offset<D, kTileKeys>(tile_row, column_of_slot)] = __ushort_as_half(static_cast<uint16_t>(slot >> 16));
+            return TilePatch{tile_offset<D, kTileKeys>(tile_row, column_of_slot), slot_value(slot)};
           });
       __syncwarp();  // the tile's values are stored
 
