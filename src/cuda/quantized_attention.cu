@@ -112,14 +112,14 @@ struct PageStageShape {
 
 // The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
-// (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2. These are decode_chunk8's
-// fp32 operations with the same roundings (uniform_decode, codebook_decode), so the result is bit-equal. An
-// int code becomes a float by its bits (2^23 + code, exact, minus 2^23): integer-to-float conversions issue at
-// an eighth of the rate of additions.
+// (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2: decode_chunk8's fp32
+// operations (uniform_decode, codebook_decode) in one fused multiply-add, rounded once where they round twice
+// (at most 1 ulp of fp32 apart; the tile then rounds to fp16). An int code becomes a float by its bits (2^23 +
+// code, exact, minus 2^23): integer-to-float conversions issue at an eighth of the rate of additions.
 template <bool kCodebook>
 __device__ __forceinline__ float decode_packed1(uint32_t code, const float* centre_plus_one, float lo, float span) {
   const float x = kCodebook ? centre_plus_one[code] : __fsub_rn(__uint_as_float(0x4b000000u | code), 8388608.0f);
-  return __fadd_rn(lo, __fmul_rn(x, span));
+  return __fmaf_rn(x, span, lo);
 }
 template <int kBits, bool kCodebook>
 __device__ __forceinline__ void decode_packed8(uint32_t codes, const float* centre_plus_one, const float (&lo)[8],
@@ -435,10 +435,12 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // Where the blocks keep outliers, the tile's slots are spread over the lanes (a slot per lane, ~10 per tile at
     // 1%), and patch(decode, page, page_row, column, tile_row, slot, other) makes each one's TilePatch (other: for
     // keys (kPairs), the slot of the pair's other element where it is an outlier too, else the slot itself),
-    // stored over the decoded tile; instead of every lane looking for its chunk's slots on every row. Where the
-    // tile lies in one page and its slots are one round (pages of 16 rows or a multiple, up to 32 slots: the common
-    // case), the patches are made before the decode, so that their loads (a key's RoPE angle, from global memory)
-    // wait under it; else after it, page by page. layout, blocks: the staged K (0) or V (key_bytes) blocks.
+    // stored over the decoded tile; instead of every lane looking for its chunk's slots on every row. For the
+    // packed decodes, where the tile lies in one page and its slots are one round (pages of 16 rows or a multiple,
+    // up to 32 slots: the common case), the patches are made before the decode, so that their loads (a key's RoPE
+    // angle, from global memory) wait under it; else after it, page by page (the generic decode keeps its
+    // registers: with early patches q4_0 and fp8 pages, which have no slots, took 2-3% longer at llama3-8b).
+    // layout, blocks: the staged K (0) or V (key_bytes) blocks.
     const auto fill_tile = [&](int tile_pos, const PageBlockLayout& layout, int blocks, auto pairs, auto&& decode_row,
                                auto&& patch) {
       constexpr bool kPairs = decltype(pairs)::value;
@@ -486,7 +488,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         };
         TilePatch early{-1};
         bool patched_early = false;
-        if (layout.outlier_capacity > 0 && tile_first % page_size + kTileKeys <= page_size) {
+        if (decltype(decode)::value != RowDecode::generic && layout.outlier_capacity > 0 &&
+            tile_first % page_size + kTileKeys <= page_size) {
           const int page = tile_first / page_size;
           const uint32_t* slots;
           int n_slots;
