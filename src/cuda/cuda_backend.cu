@@ -945,7 +945,7 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
     decode_chunks.push_back(plan.chunks[i]);
     decode_slots.push_back(chunk_slots[i]);
   }
-  q.attention = cuda::plan_quantized_attention(decode_chunks, decode_slots, kv_options_, page_size_, c.n_kv_heads,
+  q.attention = cuda::plan_quantized_attention(decode_chunks, decode_slots, kv_options_, page_size_, c.n_kv_heads, hd,
                                                context_.properties.multiProcessorCount);
   q.chunk_slots = chunk_slots;
   q.scratch = cuda::plan_page_scratch(plan.chunks, plan.prefill, cuda::exact_rule(kv_options_, page_size_), c.n_kv_heads, hd);

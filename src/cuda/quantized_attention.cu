@@ -823,26 +823,61 @@ int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int h
   return decode_workspace_bytes(n_splits, n_heads, head_dim);
 }
 
+// The page splits' size in keys (at least 128, so short rows stay one split). A step's page blocks run in
+// waves of the multiprocessors' resident blocks (PageTile's), and a wave takes about as long as its longest
+// split, so of the sizes that make 1 to kMaxWaves waves the one with the least estimated time, waves x (longest
+// split + kBlockOverheadKeys), wins (ties: the fewer blocks). Sized for two waves of 8 blocks instead, at
+// llama3-8b 16 x 8192 (3 resident blocks) the splits made 5.2 waves, the last 17% full.
+template <typename RowKeys>
+int64_t page_split_keys(const std::vector<RowKeys>& rows, int page_size, int n_kv_heads, int head_dim, int n_sms) {
+  constexpr int kMaxWaves = 12;
+  constexpr int64_t kBlockOverheadKeys = 64;  // a block's setup, merge and combine, as keys (a guess)
+  const int64_t slots = int64_t{head_dim <= 64 ? PageTile<64>::kMinBlocks : PageTile<128>::kMinBlocks} * std::max(n_sms, 1);
+  int64_t page_keys = 0;
+  for (const RowKeys& r : rows) page_keys += r.exact_from - r.n_sinks;
+  int64_t best_keys = 128;
+  double best_time = INFINITY;
+  for (int waves = kMaxWaves; waves >= 1; --waves) {  // fewer waves (larger splits) win ties
+    const int64_t keys = std::max<int64_t>(128, (page_keys * n_kv_heads / (waves * slots) + 63) / 64 * 64);
+    int64_t blocks = 0, longest = 0;
+    for (const RowKeys& r : rows) {
+      const int64_t n = r.exact_from - r.n_sinks;
+      if (n <= 0) continue;
+      const int64_t count = (n + keys - 1) / keys;
+      blocks += count * n_kv_heads;
+      longest = std::max(longest, ((n + count - 1) / count + page_size - 1) / page_size * page_size);
+    }
+    const double time = static_cast<double>((blocks + slots - 1) / slots) * static_cast<double>(longest + kBlockOverheadKeys);
+    if (time <= best_time) best_time = time, best_keys = keys;
+  }
+  return best_keys;
+}
+
 std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<AttentionChunk>& chunks,
                                                              const std::vector<int32_t>& chunk_slots,
                                                              const KvCacheOptions& options, int page_size,
-                                                             int n_kv_heads, int n_sms) {
+                                                             int n_kv_heads, int head_dim, int n_sms) {
   std::vector<QuantizedAttentionPlan> plans;
   if (chunks.empty()) return plans;
   if (chunk_slots.size() != chunks.size()) fail("quantized attention: {} slots for {} chunks", chunk_slots.size(), chunks.size());
-  // Splits of at most split_keys keys, sized so the step's blocks fill about two waves of 8 resident blocks
-  // per multiprocessor (at least 128 keys, so short rows stay one split).
-  int64_t total_keys = 0;
-  for (const AttentionChunk& c : chunks) {
-    const int64_t n = c.n_tokens;
-    total_keys += n * c.start_pos + n * (n + 1) / 2;
-  }
-  const int64_t slots = int64_t{8} * std::max(n_sms, 1);
-  const int64_t target = (total_keys * n_kv_heads + 2 * slots - 1) / (2 * slots);
-  const int64_t split_keys = std::max<int64_t>(128, (target + 63) / 64 * 64);
   const int sinks = options.effective_sinks();
+  // Each row's keys from the pages: [n_sinks, exact_from) (the rule of CpuBackend::attention: sinks and
+  // [exact_from, pos] exactly, the keys between from the pages).
+  struct RowKeys {
+    int64_t n_keys, n_sinks, exact_from;
+  };
+  std::vector<RowKeys> row_keys;
+  for (const AttentionChunk& c : chunks) {
+    for (int32_t t = 0; t < c.n_tokens; ++t) {
+      const int64_t pos = int64_t{c.start_pos} + t, n_keys = pos + 1;
+      const int64_t n_sinks = std::min<int64_t>(sinks, n_keys);
+      row_keys.push_back({n_keys, n_sinks, std::clamp<int64_t>(options.exact_from(pos, c.start_pos, page_size), n_sinks, n_keys)});
+    }
+  }
+  const int64_t split_keys = page_split_keys(row_keys, page_size, n_kv_heads, head_dim, n_sms);
 
   plans.emplace_back();
+  size_t row_index = 0;
   for (size_t i = 0; i < chunks.size(); ++i) {
     const AttentionChunk& c = chunks[i];
     for (int32_t t = 0; t < c.n_tokens; ++t) {
@@ -853,10 +888,7 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
       plan.rows.push_back({c.first_row + t, 1, static_cast<int32_t>(pos), c.page_offset});
       plan.sources.push_back({c.first_row, c.start_pos, chunk_slots[i]});
       DecodeChunk dc{row, static_cast<int32_t>(plan.splits.size()), 0};
-      // The rule of CpuBackend::attention: sinks and [exact_from, pos] exactly, the keys between from the pages.
-      const int64_t n_keys = pos + 1;
-      const int64_t n_sinks = std::min<int64_t>(sinks, n_keys);
-      const int64_t exact_from = std::clamp<int64_t>(options.exact_from(pos, c.start_pos, page_size), n_sinks, n_keys);
+      const auto [n_keys, n_sinks, exact_from] = row_keys[row_index++];
       // Page ranges are cut at page starts (a multiple of page_size keys apart, so no two splits stage the same
       // page but the one a cut cannot avoid); exact ranges anywhere.
       auto add = [&](int64_t begin, int64_t end, int exact) {

@@ -81,11 +81,11 @@ struct QuantizedAttentionPlan {
 constexpr int32_t kQuantizedRowsPerLaunch = 4096;
 
 // The step's launches: every row of the listed chunks (chunk_slots: each chunk's store slot), cut into splits
-// of sizes that fill `n_sms` multiprocessors; sinks: effective sinks.
+// of sizes that fill `n_sms` multiprocessors in whole waves of the head_dim's page kernel.
 std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<AttentionChunk>& chunks,
                                                              const std::vector<int32_t>& chunk_slots,
                                                              const KvCacheOptions& options, int page_size,
-                                                             int n_kv_heads, int n_sms);
+                                                             int n_kv_heads, int head_dim, int n_sms);
 
 // The bits a layout's decoding kernel instances are built for: the packed schemes' own (int, nuq, kivi), 4 for
 // the others (which ignore them). Decode and prefill kernels both instantiate per bucket.

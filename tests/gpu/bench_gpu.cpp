@@ -520,7 +520,7 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
                                       step.get() + q_dim, stride, {store.get(), sinks, window}};
       const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
       const std::vector<cuda::QuantizedAttentionPlan> plans =
-          cuda::plan_quantized_attention(chunks, slots, options, page, n_kv, prop.multiProcessorCount);
+          cuda::plan_quantized_attention(chunks, slots, options, page, n_kv, D, prop.multiProcessorCount);
       const cuda::QuantizedAttentionPlan& plan = plans.at(0);
       DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
       DeviceArray<cuda::ExactSource> d_sources(plan.sources);

@@ -245,7 +245,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
   }
   // 132 multiprocessors (default): splits of the least size (128 keys), so the longest rows get two page splits.
   for (const cuda::QuantizedAttentionPlan& plan :
-       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, shapes.n_sms)) {
+       cuda::plan_quantized_attention(split_chunks, split_slots, options, page, n_kv_heads, D, shapes.n_sms)) {
     DeviceArray<cuda::AttentionChunk> d_rows(plan.rows);
     DeviceArray<cuda::ExactSource> d_sources(plan.sources);
     DeviceArray<cuda::QuantizedSplit> d_splits(plan.splits);
@@ -448,8 +448,8 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
   }
 }
 
-// Page splits of about 500 keys (the planner filling one multiprocessor: split_keys 576 here), so the page
-// kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
+// Page splits of about 430 keys (the planner filling one multiprocessor: split_keys 448 at head_dim 64), so the
+// page kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
 // pages, a lane's next row pages ahead; stages of 129 rows: a partial last tile), 24 (tiles across page ends)
 // and 16; 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding, and the general
 // decode (q4_0, kivi2's 32-row key groups, per-page key ranges). Queries in +-4 make the softmax over these
@@ -593,7 +593,7 @@ TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
       const std::vector<cuda::AttentionChunk> chunks = {{0, 1, 0, 0}, {1, 40, 0, 7}, {41, 1, 5000, 9}, {42, 5000, 300, 11},
                                                         {5042, 3, 8190, 30}};
       const std::vector<int32_t> slots = {3, 1, 4, 0, 2};
-      const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 132);
+      const std::vector<cuda::QuantizedAttentionPlan> plans = cuda::plan_quantized_attention(chunks, slots, options, page, 2, 64, 132);
       ASSERT_EQ(plans.size(), 2u) << test.kv;
       size_t chunk = 0;
       int32_t t = 0;
@@ -639,6 +639,32 @@ TEST(QuantizedAttention, PlanCoversEveryKeyOnceByTheRule) {
       }
       EXPECT_GE(longest, 128) << test.kv;  // rows of 8190 keys are cut, none shorter than needed
     }
+  }
+}
+
+// The planner's split size for the decode shapes (host code): the page blocks of a step at smollm2-135m 64 x 8192
+// (head_dim 64, 3 KV heads) and llama3-8b 16 x 8192 (head_dim 128, 8 KV heads), 132 multiprocessors, fill the
+// last of their waves of resident page blocks (4 and 3 per multiprocessor) at least 85%; splits sized for two
+// waves of 8 blocks made 5.2 waves at llama3-8b.
+TEST(QuantizedAttention, PlanFillsWholeWaves) {
+  struct Shape {
+    int rows, head_dim, n_kv_heads, resident;
+  };
+  for (const Shape& shape : {Shape{64, 64, 3, 4}, Shape{16, 128, 8, 3}}) {
+    const KvCacheOptions options = options_for({"nuq3-1%"});
+    std::vector<cuda::AttentionChunk> chunks;
+    std::vector<int32_t> slots;
+    for (int r = 0; r < shape.rows; ++r) {
+      chunks.push_back({r, 1, 8191, r * 512});
+      slots.push_back(r);
+    }
+    const auto plans = cuda::plan_quantized_attention(chunks, slots, options, 16, shape.n_kv_heads, shape.head_dim, 132);
+    ASSERT_EQ(plans.size(), 1u);
+    int64_t page_blocks = 0;
+    for (const cuda::QuantizedSplit& split : plans[0].splits) page_blocks += split.exact ? 0 : shape.n_kv_heads;
+    const double waves = double(page_blocks) / (shape.resident * 132);
+    EXPECT_GE(waves - std::floor(waves - 1e-9), 0.85) << shape.rows << " rows: " << page_blocks << " page blocks, "
+                                                      << waves << " waves";
   }
 }
 
