@@ -14,13 +14,15 @@
 // tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
 //     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
-//     its packed twin (bit-equal to PageCodec::decode; codebooks and calibrated
-//     per-channel key constants in shared memory), pre-RoPE keys rotated in fp32
-//     with (cos, sin) stepped in registers, then rounded to fp16; then the tile's
-//     outlier slots (found by warp ballots over the block's slots, which are in
-//     row order: tile_slot_range), one per lane: the slot's RoPE pair (its other
-//     element decoded, or taken from its row's slots where it is an outlier too)
-//     rotated at its position and stored over the first;
+//     its packed twin (an FFMA an element, within 1 ulp of PageCodec::decode;
+//     codebooks and calibrated per-channel key constants in shared memory),
+//     pre-RoPE keys rotated in fp32 with (cos, sin) stepped in registers, then
+//     rounded to fp16; then the tile's outlier slots (found by warp ballots over
+//     the block's slots, which are in row order: tile_slot_range), one per lane:
+//     the slot's RoPE pair (its other element decoded, or taken from its row's
+//     slots where it is an outlier too) rotated at its position and stored over
+//     the first (the packed decodes work a one-page tile's patches out before
+//     decoding it: fill_tile);
 //   - S^T (16 keys x 8 heads) = K Q^T by head_dim / 16 mma.m16n8k16, the query
 //     heads of the group as the 8 columns (fp16 as stored; padding heads zero);
 //   - the online softmax of decode_partials.cuh per head column (log2 units,
