@@ -422,6 +422,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     int tile = max(warp * tiles_per_warp, (max(split.key_begin, stage_pos) - stage_pos) / kTileKeys);
     if (tile >= tile_end) continue;  // nothing for this warp in this stage
     StageRow at = stage_row(tile * kTileKeys + lane_row, page_size);  // the lane's first row of the tile
+    StageRow tile_at = stage_row(tile * kTileKeys, page_size);        // the tile's first row (no division per tile)
     float2 cs[4] = {{1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}, {1.0f, 0.0f}};  // the lane's 4 pairs at its current row
     if (kv.rotate_keys) {
       const int pos = stage_pos + tile * kTileKeys + lane_row;
@@ -447,7 +448,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
                                auto&& patch) {
       constexpr bool kPairs = decltype(pairs)::value;
       StageRow r = at;
-      const int tile_first = tile_pos - stage_pos;  // the tile's rows [tile_first, tile_first + kTileKeys) of the stage
+      const int tile_first = tile_pos - stage_pos;  // the tile's rows [tile_first, tile_first + kTileKeys) of the stage,
+                                                    // from row tile_at.row of staged page tile_at.page
       with_row_decode(row_decode, [&](auto decode) {
         // The patch of slot at_slot of a range of n_range (first_round: the lanes holding its first 32) in the
         // staged block of page `page`; offset -1 where its key is outside [key_begin, stage_end).
@@ -491,8 +493,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         TilePatch early{-1};
         bool patched_early = false;
         if (decltype(decode)::value != RowDecode::generic && layout.outlier_capacity > 0 &&
-            tile_first % page_size + kTileKeys <= page_size) {
-          const int page = tile_first / page_size;
+            tile_at.row + kTileKeys <= page_size) {
+          const int page = tile_at.page;
           const uint32_t* slots;
           int n_slots;
           const int2 range = page_slots(page, slots, n_slots);
@@ -519,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
           return;
         }
         // The staged pages the tile's rows fall in.
-        for (int page = tile_first / page_size; page < stage_pages && page * page_size < tile_first + kTileKeys; ++page) {
+        for (int page = tile_at.page; page < stage_pages && page * page_size < tile_first + kTileKeys; ++page) {
           const uint32_t* slots;
           int n_slots;
           const int2 range = page_slots(page, slots, n_slots);
@@ -644,6 +646,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         mma_m16n8k16(out[mt], a, p);
       }
       __syncwarp();  // every lane has read the values: the next tile's keys may take their place
+      advance(tile_at, kTileKeys, page_size);
     }
   }
   cp_async_wait<0>();
