@@ -14,7 +14,7 @@
 // tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
 //     memory, head_dim / 8 lanes per row, 8 elements a lane: decode_chunk8 or
-//     its packed twin (an FFMA an element, within 1 ulp of PageCodec::decode;
+//     its packed twin (an FFMA an element, see decode_packed1;
 //     codebooks and calibrated per-channel key constants in shared memory),
 //     pre-RoPE keys rotated in fp32 with (cos, sin) stepped in registers, then
 //     rounded to fp16; then the tile's outlier slots (found by warp ballots over
@@ -115,9 +115,11 @@ struct PageStageShape {
 // The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
 // (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2: decode_chunk8's fp32
-// operations (uniform_decode, codebook_decode) in one fused multiply-add, rounded once where they round twice
-// (at most 1 ulp of fp32 apart; the tile then rounds to fp16). An int code becomes a float by its bits (2^23 +
-// code, exact, minus 2^23): integer-to-float conversions issue at an eighth of the rate of additions.
+// operations (uniform_decode, codebook_decode) in one fused multiply-add, rounded once where they round twice:
+// up to half an ulp of x * span apart (more ulps of the result where lo and x * span nearly cancel), so after
+// the tile's rounding to fp16 an element now and then differs from the CPU's by one fp16 ulp (~0.04% of random
+// int4 elements). An int code becomes a float by its bits (2^23 + code, exact, minus 2^23): integer-to-float
+// conversions issue at an eighth of the rate of additions.
 template <bool kCodebook>
 __device__ __forceinline__ float decode_packed1(uint32_t code, const float* centre_plus_one, float lo, float span) {
   const float x = kCodebook ? centre_plus_one[code] : __fsub_rn(__uint_as_float(0x4b000000u | code), 8388608.0f);

@@ -13,7 +13,9 @@
 // pages of 16, 64 and 256 rows.
 //
 // Tolerance: the twin's operands are the kernel's to the bit (decode is
-// bit-exact, the exact rows are the same halves), so what differs is fp32
+// bit-exact, the exact rows are the same halves; the split kernel's int/nuq
+// pages decode with an FFMA, which moves an element by one fp16 ulp now and
+// then: decode_packed1), so what differs is fp32
 // accumulation order and ex2.approx in the kernel (~1e-6 relative), the output's
 // rounding to fp16 (2^-11 relative) and the tensor-core operands. Both kernels
 // run their page keys on the tensor cores, so they round the decoded, rotated
@@ -448,8 +450,8 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
   }
 }
 
-// Page splits of about 430 keys (the planner filling one multiprocessor: split_keys 448 at head_dim 64), so the
-// page kernel's stages are reused (4 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
+// Page splits of about 430 keys at head_dim 64 and 1,500 at 128 (the planner filling one multiprocessor's 4 or
+// 3 resident blocks), so the page kernel's stages are reused (4 or 12 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
 // pages, a lane's next row pages ahead; stages of 129 rows: a partial last tile), 24 (tiles across page ends)
 // and 16; 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding, and the general
 // decode (q4_0, kivi2's 32-row key groups, per-page key ranges). Queries in +-4 make the softmax over these
