@@ -830,35 +830,53 @@ int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int h
   return decode_workspace_bytes(n_splits, n_heads, head_dim);
 }
 
+namespace {
+
+// A query row's keys by source (the rule of CpuBackend::attention): sinks [0, n_sinks) and [exact_from, n_keys)
+// exactly, the keys between from the pages.
+struct RowKeyRanges {
+  int64_t n_keys, n_sinks, exact_from;
+};
+
+// How a range of n keys is cut: `count` splits of at most split_keys keys, each `size` keys rounded up to a
+// multiple of round_to (page ranges: the page size, so that cuts fall at page starts; exact ranges: 1).
+struct RangeCut {
+  int64_t count, size;
+};
+RangeCut cut_range(int64_t n, int64_t split_keys, int64_t round_to) {
+  const int64_t count = (n + split_keys - 1) / split_keys;
+  return {count, ((n + count - 1) / count + round_to - 1) / round_to * round_to};
+}
+
 // The page splits' size in keys (at least 128, so short rows stay one split). A step's page blocks run in
 // waves of the multiprocessors' resident blocks (PageTile's), and a wave takes about as long as its longest
 // split, so of the sizes that make 1 to kMaxWaves waves the one with the least estimated time, waves x (longest
 // split + kBlockOverheadKeys), wins (ties: the fewer blocks). Sized for two waves of 8 blocks instead, at
 // llama3-8b 16 x 8192 (3 resident blocks) the splits made 5.2 waves, the last 17% full.
-template <typename RowKeys>
-int64_t page_split_keys(const std::vector<RowKeys>& rows, int page_size, int n_kv_heads, int head_dim, int n_sms) {
+int64_t page_split_keys(const std::vector<RowKeyRanges>& rows, int page_size, int n_kv_heads, int head_dim, int n_sms) {
   constexpr int kMaxWaves = 12;
   constexpr int64_t kBlockOverheadKeys = 64;  // a block's setup, merge and combine, as keys (a guess)
   const int64_t slots = int64_t{head_dim <= 64 ? PageTile<64>::kMinBlocks : PageTile<128>::kMinBlocks} * std::max(n_sms, 1);
   int64_t page_keys = 0;
-  for (const RowKeys& r : rows) page_keys += r.exact_from - r.n_sinks;
+  for (const RowKeyRanges& r : rows) page_keys += r.exact_from - r.n_sinks;
   int64_t best_keys = 128;
   double best_time = INFINITY;
   for (int waves = kMaxWaves; waves >= 1; --waves) {  // fewer waves (larger splits) win ties
     const int64_t keys = std::max<int64_t>(128, (page_keys * n_kv_heads / (waves * slots) + 63) / 64 * 64);
     int64_t blocks = 0, longest = 0;
-    for (const RowKeys& r : rows) {
-      const int64_t n = r.exact_from - r.n_sinks;
-      if (n <= 0) continue;
-      const int64_t count = (n + keys - 1) / keys;
-      blocks += count * n_kv_heads;
-      longest = std::max(longest, ((n + count - 1) / count + page_size - 1) / page_size * page_size);
+    for (const RowKeyRanges& r : rows) {
+      if (r.exact_from <= r.n_sinks) continue;
+      const RangeCut cut = cut_range(r.exact_from - r.n_sinks, keys, page_size);
+      blocks += cut.count * n_kv_heads;
+      longest = std::max(longest, cut.size);
     }
     const double time = static_cast<double>((blocks + slots - 1) / slots) * static_cast<double>(longest + kBlockOverheadKeys);
     if (time <= best_time) best_time = time, best_keys = keys;
   }
   return best_keys;
 }
+
+}  // namespace
 
 std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<AttentionChunk>& chunks,
                                                              const std::vector<int32_t>& chunk_slots,
@@ -868,12 +886,7 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
   if (chunks.empty()) return plans;
   if (chunk_slots.size() != chunks.size()) fail("quantized attention: {} slots for {} chunks", chunk_slots.size(), chunks.size());
   const int sinks = options.effective_sinks();
-  // Each row's keys from the pages: [n_sinks, exact_from) (the rule of CpuBackend::attention: sinks and
-  // [exact_from, pos] exactly, the keys between from the pages).
-  struct RowKeys {
-    int64_t n_keys, n_sinks, exact_from;
-  };
-  std::vector<RowKeys> row_keys;
+  std::vector<RowKeyRanges> row_keys;
   for (const AttentionChunk& c : chunks) {
     for (int32_t t = 0; t < c.n_tokens; ++t) {
       const int64_t pos = int64_t{c.start_pos} + t, n_keys = pos + 1;
@@ -900,9 +913,7 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
       // page but the one a cut cannot avoid); exact ranges anywhere.
       auto add = [&](int64_t begin, int64_t end, int exact) {
         if (begin >= end) return;
-        const int64_t count = (end - begin + split_keys - 1) / split_keys;
-        int64_t size = (end - begin + count - 1) / count;
-        if (!exact) size = (size + page_size - 1) / page_size * page_size;
+        const int64_t size = cut_range(end - begin, split_keys, exact ? 1 : page_size).size;
         for (int64_t k = begin; k < end;) {
           const int64_t next = std::min(end, exact ? k + size : (k + size) / page_size * page_size);
           plan.splits.push_back({row, static_cast<int32_t>(k), static_cast<int32_t>(next), exact});
