@@ -15,11 +15,11 @@
 // Decode steps (one token per sequence) are replayed as CUDA graphs, one per
 // batch size: the kernels read every per-step input (tokens, positions, page
 // slots, page tables, decode splits) from the graph's own index buffer, which
-// one copy refreshes before each replay. The decode attention grid is fixed at
-// the graph's split capacity, the plan's splits padded with empty ones (their
-// blocks exit at once). A graph is captured the first time its batch size runs,
-// captured again with room for a quarter more splits when a plan outgrows it,
-// and dropped when a workspace buffer it uses is reallocated.
+// one copy refreshes before each replay. The grids that vary with the plan are
+// fixed at the graph's capacity (GraphCapacity), the plan's arrays padded with
+// entries that do nothing (their blocks exit at once). A graph is captured the
+// first time its batch size runs, captured again with room for a quarter more
+// when a plan outgrows it, and dropped when a buffer it uses is reallocated.
 // KVQ_CUDA_GRAPHS=0 in the environment runs every step eagerly.
 //
 // Quantized formats (every --kv but fp16) take another path per layer, the
@@ -29,7 +29,10 @@
 // -> attention over quantized pages and exact rows (prefill rows:
 // quantized_prefill.h, the wgmma kernel; decode rows: quantized_attention.h) ->
 // the rows later steps read exactly saved into the sequence's exact-row store
-// (exact_rows.h). Those steps run eagerly (no decode graphs yet). Before the
+// (exact_rows.h). Their decode steps replay graphs too (quantized arrays in the
+// graph's second index buffer), except steps whose writes read earlier rows
+// per layer (KIVI key groups completing) or that take several attention
+// launches (over kQuantizedRowsPerLaunch rows): those run eagerly. Before the
 // prefill kernel, a pre-pass decodes the step's page tiles once into the page
 // scratch (page_scratch.h; one buffer every layer reuses, at most
 // kPageScratchCapBytes, a step over it in groups of chunks): a chunk over the
@@ -47,6 +50,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "core/dtypes.h"
 #include "core/error.h"
@@ -235,6 +239,41 @@ struct QuantizedStepArgs {
   std::vector<cuda::PageScratchGroup> scratch_groups;
 };
 
+// The grids of a decode graph that vary with the plan, fixed at capture: a step replays the graph when its
+// plan fits, its arrays padded to these sizes with entries that do nothing (DecodeSplit {0, 0, 0},
+// QuantizedSplit key_begin == key_end, KvWriteRun n_rows 0, ExactRowSave row -1).
+struct GraphCapacity {
+  int32_t splits = 0;      // decode splits: DecodeSplit (fp16) or QuantizedSplit
+  int32_t write_runs = 0;  // quantized formats: KvWriteRun
+  int32_t write_rows = 0;  // quantized formats: KvWriteRow
+  int32_t saves = 0;       // quantized formats: ExactRowSave
+  bool holds(const GraphCapacity& need) const {
+    return splits >= need.splits && write_runs >= need.write_runs && write_rows >= need.write_rows && saves >= need.saves;
+  }
+  // A quarter more of each: the splits grow with the context, and a capture costs far more than a replay.
+  GraphCapacity with_room() const {
+    return {splits + splits / 4, write_runs + write_runs / 4, write_rows + write_rows / 4, saves + saves / 4};
+  }
+};
+
+// What a quantized decode step needs of a graph, or nothing where no graph replays it: its writes read earlier
+// rows once per layer (KIVI key groups completing), or its rows take several attention launches.
+std::optional<GraphCapacity> quantized_graph_need(const QuantizedStepPlan& plan) {
+  if (plan.rows_per_layer || plan.attention.size() != 1 || !plan.scratch.groups.empty()) return std::nullopt;
+  return GraphCapacity{static_cast<int32_t>(plan.attention.front().splits.size()),
+                       static_cast<int32_t>(plan.writes.runs.size()), static_cast<int32_t>(plan.writes.rows.size()),
+                       static_cast<int32_t>(plan.saves.size())};
+}
+
+// A quantized step's arrays padded to a graph's capacity with entries that do nothing; the other arrays are
+// sized by the batch (its rows, chunks and store slots), so every step of the graph places them alike.
+void pad_to(QuantizedStepPlan& plan, const GraphCapacity& capacity) {
+  plan.writes.runs.resize(capacity.write_runs, cuda::KvWriteRun{0, 0, 0, 0, 0});
+  plan.writes.rows.resize(capacity.write_rows, cuda::KvWriteRow{nullptr, 0, 0});
+  plan.saves.resize(capacity.saves, cuda::ExactRowSave{-1, 0, 0});
+  plan.attention.front().splits.resize(capacity.splits, cuda::QuantizedSplit{0, 0, 0, 0});
+}
+
 // Byte offsets of the index arrays in a step's device index buffer, each array
 // sized for the given capacity (a graph's capacities stay fixed).
 struct StepLayout {
@@ -309,9 +348,10 @@ struct DecodeGraph {
     if (exec) cudaGraphExecDestroy(exec);
   }
   cudaGraphExec_t exec = nullptr;
-  int32_t split_capacity = 0;  // the decode attention grid: plan splits, then empty ones
-  StepLayout layout;           // capacities: batch-size tokens and chunks, each sequence's most pages
-  DeviceBuffer index;          // (layout.bytes) the step's inputs, refreshed before each replay
+  GraphCapacity capacity;
+  StepLayout layout;            // capacities: batch-size tokens and chunks, each sequence's most pages
+  DeviceBuffer index;           // (layout.bytes) the step's inputs, refreshed before each replay
+  DeviceBuffer quantized_index; // quantized formats: the step's QuantizedStepArgs arrays, padded to the capacity
 };
 
 bool graphs_disabled_by_environment() {
@@ -349,10 +389,12 @@ class CudaBackend final : public Backend {
   // Runs the model over a planned step (graph replay or eager) and leaves its logits in logits_;
   // returns the number of logit rows.
   int32_t run_step(const StepBatch& batch, const PageTables& tables);
-  // The graph of a decode step of batch_size sequences with room for n_splits decode splits.
-  DecodeGraph& decode_graph(int32_t batch_size, int32_t n_splits);
+  // The graph of a decode step of batch_size sequences whose capacity holds `need`; quantized formats pass the
+  // step's plan (its arrays are uploaded to the graph's buffer before a capture).
+  DecodeGraph& decode_graph(int32_t batch_size, const GraphCapacity& need,
+                            const QuantizedStepPlan* quantized_plan = nullptr);
   // Every kernel and GEMM of the forward, enqueued on the stream (capturable).
-  // quantized: the quantized step's arrays (quantized formats only, never in a graph).
+  // quantized: the quantized step's arrays (quantized formats only).
   void enqueue_forward(const StepArgs& step, const QuantizedStepArgs* quantized = nullptr);
   // out (rows, n_out) = a (rows, k) * w (n_out, k)^T + beta * out; out fp16 or fp32.
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
@@ -362,8 +404,9 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
   QuantizedStepPlan plan_quantized_step(const StepBatch& batch, const PageTables& tables, const StepPlan& plan,
                                         const std::vector<int32_t>& chunk_slots) const;
-  // Uploads the quantized plan's arrays (after the step's own index upload) and returns their device view.
-  QuantizedStepArgs upload_quantized(const QuantizedStepPlan& plan);
+  // Uploads the quantized plan's arrays into `device` (after the step's own index upload) and returns their
+  // device view; equal array sizes place them at equal offsets.
+  QuantizedStepArgs upload_quantized(const QuantizedStepPlan& plan, DeviceBuffer& device);
   void enqueue_quantized_layer(int layer, const StepArgs& step, const QuantizedStepArgs& q,
                                const cuda::AttentionQuery& query);
   cuda::ExactRowStore exact_store(int layer) const {
@@ -404,8 +447,8 @@ class CudaBackend final : public Backend {
   std::map<int32_t, int32_t> exact_slot_of_;  // sequence -> slot
   std::vector<int32_t> free_exact_slots_;
   DeviceBuffer outlier_counts_;   // (2) unsigned long long: stored, over capacity
-  DeviceBuffer quantized_index_;
-  PinnedBuffer quantized_index_host_;
+  DeviceBuffer quantized_index_;        // an eager step's QuantizedStepArgs arrays
+  PinnedBuffer quantized_index_host_;  // their staging, graphs' too
   DeviceBuffer page_scratch_;     // (2, n_kv_heads, rows, head_dim) fp16: a step's page tiles, one layer at a time
   int64_t page_scratch_refused_bytes_ = INT64_MAX;  // the least scratch size cudaMalloc refused
 
@@ -683,27 +726,39 @@ void CudaBackend::upload_index(const StepBatch& batch, const StepPlan& plan, con
   CUDA_CHECK(cudaMemcpyAsync(device_index, host, layout.bytes, cudaMemcpyHostToDevice, context_.stream));
 }
 
-DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, int32_t n_splits) {
+DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, const GraphCapacity& need,
+                                       const QuantizedStepPlan* quantized_plan) {
   std::unique_ptr<DecodeGraph>& slot = decode_graphs_[batch_size];
-  if (slot && slot->split_capacity >= n_splits) return *slot;
+  if (slot && slot->capacity.holds(need)) return *slot;
   slot.reset();
-  const int32_t split_capacity = n_splits + n_splits / 4;
-  if (decode_workspace_.reserve(cuda::decode_workspace_bytes(split_capacity, config_.n_heads, config_.head_dim))) {
-    decode_graphs_.clear();  // the other batch sizes' graphs use the old workspace
-  }
+  const LlamaConfig& c = config_;
+  const GraphCapacity capacity = need.with_room();
+  const int64_t workspace = quantized_plan
+                                ? cuda::quantized_attention_workspace_bytes(capacity.splits, c.n_heads, c.head_dim)
+                                : cuda::decode_workspace_bytes(capacity.splits, c.n_heads, c.head_dim);
+  if (decode_workspace_.reserve(workspace)) decode_graphs_.clear();  // the other batch sizes' graphs use the old one
   auto graph = std::make_unique<DecodeGraph>();
-  graph->split_capacity = split_capacity;
-  const int64_t max_pages_per_sequence = (config_.context + page_size_ - 1) / page_size_;
-  graph->layout = layout_for(batch_size, batch_size, batch_size * max_pages_per_sequence, 0, split_capacity, batch_size,
+  graph->capacity = capacity;
+  // fp16 decode splits and chunks: quantized steps plan their own (QuantizedStepArgs).
+  const int32_t fp16_splits = quantized_plan ? 0 : capacity.splits, fp16_decode = quantized_plan ? 0 : batch_size;
+  const int64_t max_pages_per_sequence = (c.context + page_size_ - 1) / page_size_;
+  graph->layout = layout_for(batch_size, batch_size, batch_size * max_pages_per_sequence, 0, fp16_splits, fp16_decode,
                              batch_size);
   graph->index.reserve(graph->layout.bytes);
-  const StepArgs args = step_args(graph->index.as<char>(), graph->layout, batch_size, 0, split_capacity, batch_size,
+  const StepArgs args = step_args(graph->index.as<char>(), graph->layout, batch_size, 0, fp16_splits, fp16_decode,
                                   batch_size);
+  QuantizedStepArgs quantized_args;
+  if (quantized_plan) {
+    // The device view of the padded arrays; uploading them now, before the capture, keeps the copy out of it.
+    QuantizedStepPlan padded = *quantized_plan;
+    pad_to(padded, capacity);
+    quantized_args = upload_quantized(padded, graph->quantized_index);
+  }
   cudaStream_t stream = context_.stream;
   cudaGraph_t captured = nullptr;
   CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   try {
-    enqueue_forward(args);
+    enqueue_forward(args, quantized_plan ? &quantized_args : nullptr);
   } catch (...) {
     cudaStreamEndCapture(stream, &captured);
     if (captured) cudaGraphDestroy(captured);
@@ -734,12 +789,21 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
   if (quantized()) {
     const std::vector<int32_t> chunk_slots = assign_exact_slots(batch);
     QuantizedStepPlan quantized_plan = plan_quantized_step(batch, tables, plan, chunk_slots);
+    const std::optional<GraphCapacity> graph_need = quantized_graph_need(quantized_plan);
+    if (use_graphs_ && plan.decode_only && graph_need) {
+      DecodeGraph& graph = decode_graph(n_chunks, *graph_need, &quantized_plan);
+      pad_to(quantized_plan, graph.capacity);
+      upload_index(batch, plan, graph.layout, 0, graph.index.as<void>());
+      upload_quantized(quantized_plan, graph.quantized_index);
+      CUDA_CHECK(cudaGraphLaunch(graph.exec, context_.stream));
+      return n_rows;
+    }
     int64_t workspace = kAlign;
     for (const cuda::QuantizedAttentionPlan& a : quantized_plan.attention) {
       workspace = std::max(workspace, cuda::quantized_attention_workspace_bytes(static_cast<int32_t>(a.splits.size()),
                                                                                  c.n_heads, c.head_dim));
     }
-    decode_workspace_.reserve(workspace);  // no graphs run quantized steps: none to drop
+    if (decode_workspace_.reserve(workspace)) decode_graphs_.clear();  // their launches use the old workspace
     const auto n_prefill = static_cast<int32_t>(plan.prefill.size());
     const StepLayout layout = layout_for(n, n_chunks, static_cast<int64_t>(plan.page_table.size()), n_prefill, 0, 0, n_rows);
     step_index_.reserve(layout.bytes);
@@ -762,14 +826,14 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
       quantized_plan.scratch.max_rows = 0;
     }
     upload_index(batch, plan, layout, 0, step_index_.as<void>());
-    const QuantizedStepArgs quantized_args = upload_quantized(quantized_plan);
+    const QuantizedStepArgs quantized_args = upload_quantized(quantized_plan, quantized_index_);
     enqueue_forward(step_args(step_index_.as<char>(), layout, n, n_prefill, 0, 0, n_rows), &quantized_args);
     return n_rows;
   }
 
   if (use_graphs_ && plan.decode_only) {
-    DecodeGraph& graph = decode_graph(n_chunks, n_splits);
-    upload_index(batch, plan, graph.layout, graph.split_capacity, graph.index.as<void>());
+    DecodeGraph& graph = decode_graph(n_chunks, GraphCapacity{n_splits});
+    upload_index(batch, plan, graph.layout, graph.capacity.splits, graph.index.as<void>());
     CUDA_CHECK(cudaGraphLaunch(graph.exec, context_.stream));
     return n_rows;
   }
@@ -867,6 +931,7 @@ std::vector<int32_t> CudaBackend::assign_exact_slots(const StepBatch& batch) {
     }
     exact_store_.swap(store);
     exact_slots_ = grown;
+    decode_graphs_.clear();  // their launches hold the old store
   }
   return slots;
 }
@@ -952,7 +1017,7 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
   return q;
 }
 
-QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
+QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan, DeviceBuffer& device_buffer) {
   int64_t bytes = 0;
   auto place = [&](size_t n) {
     const int64_t offset = bytes;
@@ -979,9 +1044,9 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
     attention.push_back(o);
   }
   quantized_index_host_.reserve(std::max<int64_t>(bytes, kAlign));
-  quantized_index_.reserve(std::max<int64_t>(bytes, kAlign));
+  device_buffer.reserve(std::max<int64_t>(bytes, kAlign));
   char* host = quantized_index_host_.data();
-  const char* device = quantized_index_.as<char>();
+  const char* device = device_buffer.as<char>();
   auto copy_in = [&](int64_t offset, const auto& v) {
     if (!v.empty()) std::memcpy(host + offset, v.data(), v.size() * sizeof(v[0]));
   };
@@ -1018,7 +1083,7 @@ QuantizedStepArgs CudaBackend::upload_quantized(const QuantizedStepPlan& plan) {
                               reinterpret_cast<const cuda::DecodeChunk*>(device + o.combine),
                               static_cast<int32_t>(a.combine.size())});
   }
-  if (bytes > 0) CUDA_CHECK(cudaMemcpyAsync(quantized_index_.as<void>(), host, bytes, cudaMemcpyHostToDevice, context_.stream));
+  if (bytes > 0) CUDA_CHECK(cudaMemcpyAsync(device_buffer.as<void>(), host, bytes, cudaMemcpyHostToDevice, context_.stream));
   return args;
 }
 

@@ -12,6 +12,7 @@ constexpr int kRowThreads = 128;
 __global__ void save_exact_rows_kernel(const __half* qkv, int32_t q_dim, int32_t n_kv_heads, int32_t head_dim,
                                        const ExactRowSave* saves, ExactRowStore store) {
   const ExactRowSave save = saves[blockIdx.x];
+  if (save.row < 0) return;  // padding
   const int kv_dim = n_kv_heads * head_dim;
   const __half* row = qkv + static_cast<int64_t>(save.row) * (q_dim + 2 * kv_dim) + q_dim;  // K, then V
   for (int i = threadIdx.x * 8; i < 2 * kv_dim; i += blockDim.x * 8) {

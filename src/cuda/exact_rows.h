@@ -30,7 +30,7 @@ __host__ __device__ inline int64_t exact_row_offset(const ExactRowStore& store, 
 
 // A row of the step to keep: this step's row `row` is position `pos` of the sequence in store slot `slot`.
 struct ExactRowSave {
-  int32_t row;
+  int32_t row;  // -1: padding of a graph's fixed grid, saves nothing
   int32_t slot;
   int32_t pos;
 };

@@ -700,6 +700,7 @@ __global__ void __launch_bounds__(kThreads) kv_quantize_kernel(KernelArgs args) 
   extern __shared__ __align__(16) unsigned char shared[];
   Scratch<kHeadDim>& scratch = *reinterpret_cast<Scratch<kHeadDim>*>(shared);
   const KvWriteRun run = args.runs[blockIdx.x];
+  if (run.n_rows == 0) return;  // padding
   const PageBlockLayout& layout = args.layouts[run.kind];
   int* slot_start = reinterpret_cast<int*>(shared + sizeof(Scratch<kHeadDim>));
   int* slot_take = slot_start + layout.page_size;

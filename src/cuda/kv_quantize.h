@@ -75,7 +75,8 @@ class DeviceCalibration {
 struct KvWriteRun {
   int64_t block_offset;  // bytes from the pool base to the destination block (16-byte aligned)
   int32_t first_row;     // index of the run's first row in the row list
-  int32_t n_rows;        // 1 .. page_size; whole groups for grouped codecs (rows_per_group > 1)
+  int32_t n_rows;        // 1 .. page_size; whole groups for grouped codecs (rows_per_group > 1); 0: padding of a
+                         // graph's fixed grid, writes nothing
   int32_t kind;          // KvKind: selects the layout
   int32_t kv_head;       // selects the calibrated key ranges
 };

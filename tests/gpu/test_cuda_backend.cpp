@@ -180,80 +180,103 @@ TEST(CudaBackend, Smollm2ShapesMatchCpu) {
   expect_rows_close(gpu_logits, cpu_logits, c.vocab, "smollm2 shapes decode");
 }
 
+KvCacheOptions kv_options_for(const FormatCase& f, const TestCalibration* calib) {
+  KvCacheOptions kv = options_for(f);
+  if (kv.format.calibrated()) kv.calibration = calib->layers;
+  return kv;
+}
+
 // Decode steps replayed from CUDA graphs against the same steps run eagerly by a
 // second backend with identical weights and page tables: the kernels and their
-// inputs are the same, so the logits must be identical bit for bit. The steps
-// cover changing lengths, sequences crossing page boundaries, a batch size
-// that changes (a second graph, then the first again), prefill steps in
-// between, a workspace reallocation (which must drop the graphs) and a plan
-// with more decode splits than its graph was captured for.
-TEST(CudaBackend, DecodeGraphsMatchEagerSteps) {
-  SKIP_WITHOUT_GPU();
-  for (int head_dim : {64, 128}) {
-    const LlamaConfig c = small_config(head_dim);
-    const LlamaWeights w = random_fp16_weights(c, 30 + head_dim);
-    const int page = 16, n_pages = 300;
-    CudaBackendOptions options;
-    options.page_size = page;
-    options.pool_bytes = int64_t{n_pages} * 2 * c.n_layers * c.kv_dim() * page * 2;
-    options.max_step_tokens = 64;
-    options.decode_graphs = false;
-    std::unique_ptr<Backend> eager = make_cuda_backend(c, &w, options);
-    options.decode_graphs = true;
-    std::unique_ptr<Backend> graphs = make_cuda_backend(c, &w, options);
-    PageTables eager_tables(n_pages, page), graph_tables(n_pages, page);
-    std::mt19937 rng(31);
-    const std::vector<int> prompt = {14, 1, 47, 60};  // 14 and 47 cross a page boundary within 3 steps
-    std::vector<std::vector<int32_t>> ids(prompt.size() + 1);
-    for (size_t s = 0; s < ids.size(); ++s) {
-      for (int k = 0; k < 400; ++k) ids[s].push_back(int32_t(rng() % c.vocab));
-      for (PageTables* t : {&eager_tables, &graph_tables}) {
-        t->add_sequence(int32_t(s));
-        ASSERT_TRUE(t->reserve(int32_t(s), 400));
-      }
+// inputs are the same, so the logits must be identical bit for bit (steps of
+// even index; odd ones run forward_greedy on the graphs' side, whose device
+// argmax must pick each eager row's token). The steps cover changing lengths,
+// sequences crossing page boundaries, a batch size that changes (a second
+// graph, then the first again), prefill steps in between, a workspace
+// reallocation (which must drop the graphs), a plan with more decode splits
+// than its graph was captured for and, for quantized formats, a new sequence
+// that grows the exact-row store (which must drop the graphs too) and KIVI
+// steps that complete key groups (run eagerly between replays).
+void expect_graphs_match_eager(const LlamaConfig& c, const LlamaWeights& w, const KvCacheOptions& kv, int page,
+                               const std::string& name) {
+  const int n_pages = 300;
+  CudaBackendOptions options;
+  options.page_size = page;
+  options.pool_bytes = n_pages * CpuKvPages::bytes_per_page(c, page, kv);
+  options.max_step_tokens = 64;
+  options.kv = kv;
+  options.decode_graphs = false;
+  std::unique_ptr<Backend> eager = make_cuda_backend(c, &w, options);
+  options.decode_graphs = true;
+  std::unique_ptr<Backend> graphs = make_cuda_backend(c, &w, options);
+  PageTables eager_tables(n_pages, page), graph_tables(n_pages, page);
+  std::mt19937 rng(31);
+  const std::vector<int> prompt = {14, 1, 47, 60};  // 14 and 47 cross a page boundary within 3 steps
+  std::vector<std::vector<int32_t>> ids(prompt.size() + 1);
+  for (size_t s = 0; s < ids.size(); ++s) {
+    for (int k = 0; k < 400; ++k) ids[s].push_back(int32_t(rng() % c.vocab));
+    for (PageTables* t : {&eager_tables, &graph_tables}) {
+      t->add_sequence(int32_t(s));
+      ASSERT_TRUE(t->reserve(int32_t(s), 400));
     }
-    std::vector<int64_t> pos(ids.size(), 0);
-    int step_index = 0;
-    // take[s]: tokens of sequence s in the step (0: not in it).
-    auto step = [&](const std::vector<int>& take) {
-      const std::string what = "head_dim " + std::to_string(head_dim) + " step " + std::to_string(step_index++);
-      StepBatch batch;
-      for (size_t s = 0; s < take.size(); ++s) {
-        if (take[s] > 0) batch.add_chunk(int32_t(s), pos[s], ids[s].data() + pos[s], take[s], false);
-      }
-      std::vector<float> eager_logits, graph_logits;
-      std::vector<int32_t> graph_greedy;
-      eager->forward(batch, eager_tables, eager_logits);
-      graphs->forward(batch, graph_tables, graph_logits);
-      ASSERT_EQ(graph_logits.size(), eager_logits.size()) << what;
-      size_t mismatches = 0;
-      for (size_t k = 0; k < eager_logits.size(); ++k) mismatches += graph_logits[k] != eager_logits[k];
-      EXPECT_EQ(mismatches, 0u) << what << ": logits differ between graph replay and eager run";
-      // The same step once more through forward_greedy: the graph is replayed with the same inputs (the pages
-      // are rewritten with the same keys and values), and the device argmax picks each row's token.
+  }
+  std::vector<int64_t> pos(ids.size(), 0);
+  int step_index = 0;
+  // take[s]: tokens of sequence s in the step (0: not in it).
+  auto step = [&](const std::vector<int>& take) {
+    const std::string what = name + " step " + std::to_string(step_index);
+    const bool greedy = step_index++ % 2 == 1;
+    StepBatch batch;
+    for (size_t s = 0; s < take.size(); ++s) {
+      if (take[s] > 0) batch.add_chunk(int32_t(s), pos[s], ids[s].data() + pos[s], take[s], false);
+    }
+    std::vector<float> eager_logits, graph_logits;
+    std::vector<int32_t> graph_greedy;
+    eager->forward(batch, eager_tables, eager_logits);
+    if (greedy) {
       graphs->forward_greedy(batch, graph_tables, graph_greedy);
       ASSERT_EQ(graph_greedy.size(), batch.chunks.size()) << what;
       for (size_t r = 0; r < graph_greedy.size(); ++r) {
         EXPECT_EQ(graph_greedy[r], greedy_token(std::span<const float>(eager_logits.data() + r * c.vocab, c.vocab)))
             << what << " row " << r;
       }
-      for (size_t s = 0; s < take.size(); ++s) {
-        if (take[s] == 0) continue;
-        eager_tables.append(int32_t(s), take[s]);
-        graph_tables.append(int32_t(s), take[s]);
-        pos[s] += take[s];
-      }
-    };
-    step({14, 1, 47, 60, 0});
-    for (int k = 0; k < 4; ++k) step({1, 1, 1, 1, 0});  // batch 4: positions 14..17 cross 16, 47..50 cross 48
-    for (int k = 0; k < 3; ++k) step({1, 0, 1, 1, 0});  // batch 3: a second graph
-    step({0, 0, 0, 0, 20});                               // prefill between decode steps
-    for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // batch 4 again: the first graph replayed
-    step({0, 0, 0, 0, 200});                              // more tokens than any step before: reallocated
-    for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1});  // batch 5 after the reallocation
-    for (int k = 0; k < 2; ++k) step({1, 1, 1, 1, 0});  // batch 4 captured again
-    step({300, 0, 0, 0, 0});                              // sequence 0 grows to ~330 keys: 3 splits of 128
-    for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // more splits than batch 4's graph holds: recaptured
+    } else {
+      graphs->forward(batch, graph_tables, graph_logits);
+      ASSERT_EQ(graph_logits.size(), eager_logits.size()) << what;
+      size_t mismatches = 0;
+      for (size_t k = 0; k < eager_logits.size(); ++k) mismatches += graph_logits[k] != eager_logits[k];
+      EXPECT_EQ(mismatches, 0u) << what << ": logits differ between graph replay and eager run";
+    }
+    for (size_t s = 0; s < take.size(); ++s) {
+      if (take[s] == 0) continue;
+      eager_tables.append(int32_t(s), take[s]);
+      graph_tables.append(int32_t(s), take[s]);
+      pos[s] += take[s];
+    }
+  };
+  step({14, 1, 47, 60, 0});
+  for (int k = 0; k < 4; ++k) step({1, 1, 1, 1, 0});  // batch 4: positions 14..17 cross 16, 47..50 cross 48
+  for (int k = 0; k < 3; ++k) step({1, 0, 1, 1, 0});  // batch 3: a second graph
+  step({0, 0, 0, 0, 20});                               // prefill between decode steps (a new store slot)
+  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // batch 4 again
+  step({0, 0, 0, 0, 200});                              // more tokens than any step before: reallocated
+  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1});  // batch 5 after the reallocation
+  for (int k = 0; k < 2; ++k) step({1, 1, 1, 1, 0});  // batch 4 captured again
+  step({300, 0, 0, 0, 0});                              // sequence 0 grows to ~330 keys: more splits
+  for (int k = 0; k < 6; ++k) step({1, 1, 1, 1, 0});  // more splits than batch 4's graph holds: recaptured
+}
+
+TEST(CudaBackend, DecodeGraphsMatchEagerSteps) {
+  SKIP_WITHOUT_GPU();
+  for (int head_dim : {64, 128}) {
+    const LlamaConfig c = small_config(head_dim);
+    const LlamaWeights w = random_fp16_weights(c, 30 + head_dim);
+    expect_graphs_match_eager(c, w, {}, 16, "fp16 head_dim " + std::to_string(head_dim));
+    for (const FormatCase& f : {FormatCase{"nuq3-1%"}, FormatCase{"q4_0"}, FormatCase{"kivi2"}}) {
+      const TestCalibration calib(c.n_layers, c.kv_dim(), parse_kv_format(f.kv).bits);
+      const int page = parse_kv_format(f.kv).scheme == KvScheme::kivi ? 32 : 16;  // KIVI: whole key groups per page
+      expect_graphs_match_eager(c, w, kv_options_for(f, &calib), page, f.label() + " head_dim " + std::to_string(head_dim));
+    }
   }
 }
 
@@ -271,12 +294,6 @@ std::vector<FormatCase> format_cases() {
   cases.push_back({"q4_0", 1, true, false, true});      // a peer with --exact-chunk
   cases.push_back({"kivi2", 1, true, false, true});
   return cases;
-}
-
-KvCacheOptions kv_options_for(const FormatCase& f, const TestCalibration* calib) {
-  KvCacheOptions kv = options_for(f);
-  if (kv.format.calibrated()) kv.calibration = calib->layers;
-  return kv;
 }
 
 // One layer whose K/V rows are the same halves on both backends, so that their pages hold the same codes:
