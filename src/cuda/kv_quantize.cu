@@ -708,15 +708,9 @@ __device__ void hand_out_slots(const PageBlockLayout& layout, uint8_t* block, bo
   }
 }
 
-// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): unbounded, the unrolled packing
-// took 96 and a 16-byte stack frame, and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts quantize,
-// smollm2 64 x 2048, H200). Head_dim 128 takes 94 unbounded, which ran 5% faster than bounded to 72 (nuq3-1%,
-// llama2-7b 4 x 2048: 0.42 against 0.44 ms).
+// One run per block (the file comment tells the steps); the kernels below instantiate it per head_dim.
 template <int kHeadDim>
-constexpr int kQuantizeMinBlocks = kHeadDim == 64 ? 7 : 1;
-
-template <int kHeadDim>
-__global__ void __launch_bounds__(kThreads, kQuantizeMinBlocks<kHeadDim>) kv_quantize_kernel(KernelArgs args) {
+__device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   constexpr int E = kHeadDim / 32;
   extern __shared__ __align__(16) unsigned char shared[];
   Scratch<kHeadDim>& scratch = *reinterpret_cast<Scratch<kHeadDim>*>(shared);
@@ -842,6 +836,13 @@ __global__ void __launch_bounds__(kThreads, kQuantizeMinBlocks<kHeadDim>) kv_qua
   }
 }
 
+// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): unbounded, the unrolled packing
+// took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200).
+// Head_dim 128 unbounded (71 registers): bounded to 7 blocks it ran 5% slower (0.44 against 0.42 ms, llama2-7b
+// 4 x 2048), and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of 0.19.
+__global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64>(args); }
+__global__ void __launch_bounds__(kThreads) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128>(args); }
+
 template <int kBits>
 __device__ void dequantize_block(const PageBlockLayout& layout, const uint8_t* block, const BlockCalibration& calib,
                                  int n_rows, const int* row_first, float* out) {
@@ -895,9 +896,9 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
     kernel<<<n_runs, kThreads, smem, stream>>>(args);
   };
   if (head_dim == 64) {
-    launch(kv_quantize_kernel<64>, scratch_bytes<64>(key_layout.page_size));
+    launch(kv_quantize_kernel_64, scratch_bytes<64>(key_layout.page_size));
   } else {
-    launch(kv_quantize_kernel<128>, scratch_bytes<128>(key_layout.page_size));
+    launch(kv_quantize_kernel_128, scratch_bytes<128>(key_layout.page_size));
   }
   CUDA_CHECK_LAUNCH(stream, "kv_quantize_kernel");
 }
