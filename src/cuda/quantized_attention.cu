@@ -257,8 +257,9 @@ __device__ __forceinline__ void advance(StageRow& at, int rows, int page_size) {
 // What a warp decodes of a tile: lane `column` (elements c0 = 8 column .. c0 + 7) of tile rows
 // lane_row + i * kRowStep, i < kPasses (unrolled); and the registers that allows: head_dim 64 at most 128 (4
 // blocks per multiprocessor), head_dim 128 at most 168 (3 blocks; its shared memory allows 3 at page 16,
-// nuq3-1%). No spills at these bounds (ptxas -v, nvcc 13.0), but head_dim 64 is at the edge: a plain
-// `#pragma unroll` spilled 4-8 bytes where the explicit count does not. Not yet timed against other bounds.
+// nuq3-1%). Head_dim 64 is past the edge: it spills 12-20 bytes (ptxas -v, nvcc 13.0). Deriving the lane's first
+// row of each tile from tile_at instead of carrying it cut that to 4-12 bytes but made q4_0 pages 2% slower
+// (session 16), so `at` is carried. Not yet timed against other bounds.
 template <int D>
 struct PageTile {
   static constexpr int kChunks = D / 8;                  // lanes per row
