@@ -29,7 +29,9 @@
 // -> attention over quantized pages and exact rows (prefill rows:
 // quantized_prefill.h, the wgmma kernel; decode rows: quantized_attention.h) ->
 // the rows later steps read exactly saved into the sequence's exact-row store
-// (exact_rows.h). Their decode steps replay graphs too (quantized arrays in the
+// (exact_rows.h). Launches that do not wait for the one before them run on a
+// side stream beside it (cuda/side_stream.h; see enqueue_quantized_layer).
+// Their decode steps replay graphs too (quantized arrays in the
 // graph's second index buffer), except steps whose writes read earlier rows
 // per layer (KIVI key groups completing) or that take several attention
 // launches (over kQuantizedRowsPerLaunch rows): those run eagerly. Before the
@@ -152,7 +154,7 @@ class PinnedBuffer {
   int64_t bytes_ = 0;
 };
 
-// Stream and cuBLAS handle of one backend.
+// Streams and cuBLAS handle of one backend.
 class CudaContext {
  public:
   CudaContext() {
@@ -164,6 +166,9 @@ class CudaContext {
     CUDA_CHECK(cudaSetDevice(0));
     CUDA_CHECK(cudaGetDeviceProperties(&properties, 0));
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&side.fork_event, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&side.join_event, cudaEventDisableTiming));
     CUBLAS_CHECK(cublasCreate(&cublas));
     CUBLAS_CHECK(cublasSetStream(cublas, stream));
     // Our own workspace: cuBLAS then never allocates inside a step (or a graph capture).
@@ -172,6 +177,9 @@ class CudaContext {
   }
   ~CudaContext() {
     if (cublas) cublasDestroy(cublas);
+    if (side.join_event) cudaEventDestroy(side.join_event);
+    if (side.fork_event) cudaEventDestroy(side.fork_event);
+    if (side.stream) cudaStreamDestroy(side.stream);
     if (stream) cudaStreamDestroy(stream);
   }
   CudaContext(const CudaContext&) = delete;
@@ -179,6 +187,7 @@ class CudaContext {
 
   cudaDeviceProp properties{};
   cudaStream_t stream = nullptr;
+  cuda::SideStream side;  // quantized layers' independent launches (enqueue_quantized_layer)
   cublasHandle_t cublas = nullptr;
   DeviceBuffer cublas_workspace;
 };
@@ -886,6 +895,7 @@ void CudaBackend::enqueue_forward(const StepArgs& step, const QuantizedStepArgs*
     gemm(n, 2 * c.ffn, c.hidden, xn, w.w_gate_up, gate_up, false, 0.0f);
     cuda::launch_swiglu(gate_up, n, c.ffn, act, stream);
     gemm(n, c.hidden, c.ffn, act, w.w_down, x, true, 1.0f);
+    if (quantized) cuda::join(context_.side, stream);  // the layer's exact-row save (enqueue_quantized_layer)
   }
   cuda::launch_rms_norm(x, step.rows, step.n_rows, c.hidden, output_norm_, c.rms_eps, xn, stream);
   gemm(step.n_rows, c.vocab, c.hidden, xn, output_, logits_.as<float>(), true, 0.0f);
@@ -1097,11 +1107,24 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   const cuda::DeviceLayerCalibration calib = calibration_->layer(layer);
   const cuda::ExactRowStore store = exact_store(layer);
   // The CPU's order: keys rotated before they are stored (post-RoPE formats), pages written, attention, then
-  // the exact rows saved (the attention still reads the window's older rows).
-  cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
-                             rope_.as<float2>(), stream);
+  // the exact rows saved (the attention still reads the window's older rows). What does not depend on the step
+  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats beside the
+  // quantization (which never reads the queries), the exact splits beside the page splits, and the save beside
+  // the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it reads: enqueue_forward).
+  const cuda::SideStream& side = context_.side;
+  const auto rotate = [&](cudaStream_t on) {
+    cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
+                               rope_.as<float2>(), on);
+  };
+  if (keys_post_rope) {
+    rotate(stream);
+  } else {
+    cuda::fork(side, stream);
+    rotate(side.stream);
+  }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
                            outlier_counts_.as<unsigned long long>(), stream);
+  if (!keys_post_rope) cuda::join(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
   const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
@@ -1110,9 +1133,10 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
                                         q.scratch_spans, q.scratch_groups, page_scratch_.as<void>(), stream);
   for (const QuantizedStepArgs::Attention& a : q.attention) {
     cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
-                                     decode_workspace_.as<void>(), stream);
+                                     decode_workspace_.as<void>(), stream, &side);
   }
-  cuda::launch_save_exact_rows(qkv, c.q_dim(), c.n_kv_heads, c.head_dim, q.saves, q.n_saves, store, stream);
+  cuda::fork(side, stream);
+  cuda::launch_save_exact_rows(qkv, c.q_dim(), c.n_kv_heads, c.head_dim, q.saves, q.n_saves, store, side.stream);
 }
 
 void CudaBackend::forward(const StepBatch& batch, const PageTables& tables, std::vector<float>& logits) {

@@ -800,7 +800,7 @@ void launch_exact_kernel(const AttentionQuery& query, const QuantizedPagedKv& kv
 template <int D>
 void launch_head_dim(int bucket, int bits, const AttentionQuery& query, const QuantizedPagedKv& kv,
                      const AttentionChunk* rows, const ExactSource* sources, const QuantizedSplit* splits,
-                     int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
+                     int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream, cudaStream_t exact_stream) {
   switch (bits) {
     case 2: launch_page_kernel<D, 2>(query, kv, rows, splits, n_splits, ws, stream); break;
     case 3: launch_page_kernel<D, 3>(query, kv, rows, splits, n_splits, ws, stream); break;
@@ -808,9 +808,9 @@ void launch_head_dim(int bucket, int bits, const AttentionQuery& query, const Qu
     default: fail("quantized attention: {}-bit codes are not supported", bits);
   }
   switch (bucket) {
-    case 1: return launch_exact_kernel<D, 1>(query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 4: return launch_exact_kernel<D, 4>(query, kv, rows, sources, splits, n_splits, ws, stream);
-    case 8: return launch_exact_kernel<D, 8>(query, kv, rows, sources, splits, n_splits, ws, stream);
+    case 1: return launch_exact_kernel<D, 1>(query, kv, rows, sources, splits, n_splits, ws, exact_stream);
+    case 4: return launch_exact_kernel<D, 4>(query, kv, rows, sources, splits, n_splits, ws, exact_stream);
+    case 8: return launch_exact_kernel<D, 8>(query, kv, rows, sources, splits, n_splits, ws, exact_stream);
     default: fail("quantized attention: unsupported group bucket {}", bucket);
   }
 }
@@ -933,7 +933,8 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
 
 void launch_quantized_attention(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
                                 const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits,
-                                const DecodeChunk* combine, int32_t n_rows, void* workspace, cudaStream_t stream) {
+                                const DecodeChunk* combine, int32_t n_rows, void* workspace, cudaStream_t stream,
+                                const SideStream* side) {
   if (n_splits == 0) return;
   const int group = query.n_heads / kv.n_kv_heads;
   if (query.n_heads % kv.n_kv_heads != 0 || !quantized_attention_supported(query.head_dim, group)) {
@@ -946,11 +947,15 @@ void launch_quantized_attention(const AttentionQuery& query, const QuantizedPage
   if (quantized_bits_bucket(kv.key_layout) != quantized_bits_bucket(kv.value_layout)) fail("quantized attention: keys and values differ in bits");
   const DecodeWorkspace ws = split_workspace(workspace, n_splits, query.n_heads, query.head_dim);
   const int bits = quantized_bits_bucket(kv.key_layout);
+  // The two kernels write disjoint splits' partials; the combine reads them all.
+  if (side) fork(*side, stream);
+  const cudaStream_t exact_stream = side ? side->stream : stream;
   if (query.head_dim == 64) {
-    launch_head_dim<64>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream);
+    launch_head_dim<64>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream, exact_stream);
   } else {
-    launch_head_dim<128>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream);
+    launch_head_dim<128>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream, exact_stream);
   }
+  if (side) join(*side, stream);
   launch_decode_combine(query, rows, combine, n_rows, n_splits, workspace, stream);
 }
 

@@ -24,6 +24,7 @@
 #include "cuda/attention.h"
 #include "cuda/exact_rows.h"
 #include "cuda/kv_quantize.h"
+#include "cuda/side_stream.h"
 
 namespace kvq::cuda {
 
@@ -94,9 +95,11 @@ int quantized_bits_bucket(const PageBlockLayout& layout);
 bool quantized_attention_supported(int head_dim, int group);
 int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 
-// rows, sources, splits, combine: device arrays of one plan.
+// rows, sources, splits, combine: device arrays of one plan. side: where the exact splits' kernel may run beside
+// the page splits' (joined before the combine), or null.
 void launch_quantized_attention(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
                                 const ExactSource* sources, const QuantizedSplit* splits, int32_t n_splits,
-                                const DecodeChunk* combine, int32_t n_rows, void* workspace, cudaStream_t stream);
+                                const DecodeChunk* combine, int32_t n_rows, void* workspace, cudaStream_t stream,
+                                const SideStream* side = nullptr);
 
 }  // namespace kvq::cuda
