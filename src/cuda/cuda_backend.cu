@@ -259,6 +259,10 @@ struct GraphCapacity {
   bool holds(const GraphCapacity& need) const {
     return splits >= need.splits && write_runs >= need.write_runs && write_rows >= need.write_rows && saves >= need.saves;
   }
+  GraphCapacity at_least(const GraphCapacity& need) const {
+    return {std::max(splits, need.splits), std::max(write_runs, need.write_runs), std::max(write_rows, need.write_rows),
+            std::max(saves, need.saves)};
+  }
   // A quarter more of each: the splits grow with the context, and a capture costs far more than a replay.
   GraphCapacity with_room() const {
     return {splits + splits / 4, write_runs + write_runs / 4, write_rows + write_rows / 4, saves + saves / 4};
@@ -277,6 +281,7 @@ std::optional<GraphCapacity> quantized_graph_need(const QuantizedStepPlan& plan)
 // A quantized step's arrays padded to a graph's capacity with entries that do nothing; the other arrays are
 // sized by the batch (its rows, chunks and store slots), so every step of the graph places them alike.
 void pad_to(QuantizedStepPlan& plan, const GraphCapacity& capacity) {
+  if (!capacity.holds(*quantized_graph_need(plan))) fail("decode graph: a quantized plan outgrew its graph's capacity");
   plan.writes.runs.resize(capacity.write_runs, cuda::KvWriteRun{0, 0, 0, 0, 0});
   plan.writes.rows.resize(capacity.write_rows, cuda::KvWriteRow{nullptr, 0, 0});
   plan.saves.resize(capacity.saves, cuda::ExactRowSave{-1, 0, 0});
@@ -402,8 +407,8 @@ class CudaBackend final : public Backend {
   // step's plan (its arrays are uploaded to the graph's buffer before a capture).
   DecodeGraph& decode_graph(int32_t batch_size, const GraphCapacity& need,
                             const QuantizedStepPlan* quantized_plan = nullptr);
-  // Every kernel and GEMM of the forward, enqueued on the stream (capturable).
-  // quantized: the quantized step's arrays (quantized formats only).
+  // Every kernel and GEMM of the forward, enqueued on the stream and (quantized layers) the side stream, joined
+  // back at each layer's end (capturable). quantized: the quantized step's arrays (quantized formats only).
   void enqueue_forward(const StepArgs& step, const QuantizedStepArgs* quantized = nullptr);
   // out (rows, n_out) = a (rows, k) * w (n_out, k)^T + beta * out; out fp16 or fp32.
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
@@ -413,9 +418,9 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
   QuantizedStepPlan plan_quantized_step(const StepBatch& batch, const PageTables& tables, const StepPlan& plan,
                                         const std::vector<int32_t>& chunk_slots) const;
-  // Uploads the quantized plan's arrays into `device` (after the step's own index upload) and returns their
-  // device view; equal array sizes place them at equal offsets.
-  QuantizedStepArgs upload_quantized(const QuantizedStepPlan& plan, DeviceBuffer& device);
+  // Uploads the quantized plan's arrays into `device_buffer` (after the step's own index upload) and returns
+  // their device view; equal array sizes place them at equal offsets.
+  QuantizedStepArgs upload_quantized(const QuantizedStepPlan& plan, DeviceBuffer& device_buffer);
   void enqueue_quantized_layer(int layer, const StepArgs& step, const QuantizedStepArgs& q,
                                const cuda::AttentionQuery& query);
   cuda::ExactRowStore exact_store(int layer) const {
@@ -739,9 +744,10 @@ DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, const GraphCapacity& 
                                        const QuantizedStepPlan* quantized_plan) {
   std::unique_ptr<DecodeGraph>& slot = decode_graphs_[batch_size];
   if (slot && slot->capacity.holds(need)) return *slot;
+  // Room on what this batch size needed so far, so that a plan outgrowing one capacity does not shrink another.
+  const GraphCapacity capacity = (slot ? slot->capacity.at_least(need) : need).with_room();
   slot.reset();
   const LlamaConfig& c = config_;
-  const GraphCapacity capacity = need.with_room();
   const int64_t workspace = quantized_plan
                                 ? cuda::quantized_attention_workspace_bytes(capacity.splits, c.n_heads, c.head_dim)
                                 : cuda::decode_workspace_bytes(capacity.splits, c.n_heads, c.head_dim);
@@ -749,7 +755,8 @@ DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, const GraphCapacity& 
   auto graph = std::make_unique<DecodeGraph>();
   graph->capacity = capacity;
   // fp16 decode splits and chunks: quantized steps plan their own (QuantizedStepArgs).
-  const int32_t fp16_splits = quantized_plan ? 0 : capacity.splits, fp16_decode = quantized_plan ? 0 : batch_size;
+  const int32_t fp16_splits = quantized_plan ? 0 : capacity.splits;
+  const int32_t fp16_decode = quantized_plan ? 0 : batch_size;
   const int64_t max_pages_per_sequence = (c.context + page_size_ - 1) / page_size_;
   graph->layout = layout_for(batch_size, batch_size, batch_size * max_pages_per_sequence, 0, fp16_splits, fp16_decode,
                              batch_size);
@@ -895,7 +902,7 @@ void CudaBackend::enqueue_forward(const StepArgs& step, const QuantizedStepArgs*
     gemm(n, 2 * c.ffn, c.hidden, xn, w.w_gate_up, gate_up, false, 0.0f);
     cuda::launch_swiglu(gate_up, n, c.ffn, act, stream);
     gemm(n, c.hidden, c.ffn, act, w.w_down, x, true, 1.0f);
-    if (quantized) cuda::join(context_.side, stream);  // the layer's exact-row save (enqueue_quantized_layer)
+    if (quantized) cuda::join_side(context_.side, stream);  // the layer's exact-row save (enqueue_quantized_layer)
   }
   cuda::launch_rms_norm(x, step.rows, step.n_rows, c.hidden, output_norm_, c.rms_eps, xn, stream);
   gemm(step.n_rows, c.vocab, c.hidden, xn, output_, logits_.as<float>(), true, 0.0f);
@@ -938,6 +945,7 @@ std::vector<int32_t> CudaBackend::assign_exact_slots(const StepBatch& batch) {
                                    exact_layer_elements(exact_slots_) * 2, cudaMemcpyDeviceToDevice, context_.stream));
       }
       CUDA_CHECK(cudaStreamSynchronize(context_.stream));  // before the old buffer is freed
+      CUDA_CHECK(cudaStreamSynchronize(context_.side.stream));  // (a step that failed may not have joined its saves)
     }
     exact_store_.swap(store);
     exact_slots_ = grown;
@@ -1119,12 +1127,12 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   if (keys_post_rope) {
     rotate(stream);
   } else {
-    cuda::fork(side, stream);
+    cuda::fork_side(side, stream);
     rotate(side.stream);
   }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
                            outlier_counts_.as<unsigned long long>(), stream);
-  if (!keys_post_rope) cuda::join(side, stream);
+  if (!keys_post_rope) cuda::join_side(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
   const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
@@ -1135,7 +1143,7 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
     cuda::launch_quantized_attention(query, kv, a.rows, a.sources, a.splits, a.n_splits, a.combine, a.n_rows,
                                      decode_workspace_.as<void>(), stream, &side);
   }
-  cuda::fork(side, stream);
+  cuda::fork_side(side, stream);
   cuda::launch_save_exact_rows(qkv, c.q_dim(), c.n_kv_heads, c.head_dim, q.saves, q.n_saves, store, side.stream);
 }
 

@@ -332,7 +332,8 @@ __device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], uint32
   }
   if (lane < kFieldBits) words[lane] = word;
 }
-// The same for the layout's bits (2, 3 or 4: the packed schemes' and q4_0's).
+// The same for the layout's bits: 2, 3 or 4, the packed schemes' and q4_0's (fp16, fp8 and q8_0 rows are stored
+// before any packing).
 template <int E>
 __device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bits, uint32_t* words, int lane) {
   switch (bits) {
@@ -837,7 +838,8 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
 }
 
 // Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): unbounded, the unrolled packing
-// took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200).
+// took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200,
+// 2026-11-27).
 // Head_dim 128 unbounded (71 registers): bounded to 7 blocks it ran 5% slower (0.44 against 0.42 ms, llama2-7b
 // 4 x 2048), and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of 0.19.
 __global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64>(args); }

@@ -947,15 +947,16 @@ void launch_quantized_attention(const AttentionQuery& query, const QuantizedPage
   if (quantized_bits_bucket(kv.key_layout) != quantized_bits_bucket(kv.value_layout)) fail("quantized attention: keys and values differ in bits");
   const DecodeWorkspace ws = split_workspace(workspace, n_splits, query.n_heads, query.head_dim);
   const int bits = quantized_bits_bucket(kv.key_layout);
+  if (bits < 2 || bits > 4) fail("quantized attention: {}-bit codes are not supported", bits);  // before the fork
   // The two kernels write disjoint splits' partials; the combine reads them all.
-  if (side) fork(*side, stream);
+  if (side) fork_side(*side, stream);
   const cudaStream_t exact_stream = side ? side->stream : stream;
   if (query.head_dim == 64) {
     launch_head_dim<64>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream, exact_stream);
   } else {
     launch_head_dim<128>(group_bucket(group), bits, query, kv, rows, sources, splits, n_splits, ws, stream, exact_stream);
   }
-  if (side) join(*side, stream);
+  if (side) join_side(*side, stream);
   launch_decode_combine(query, rows, combine, n_rows, n_splits, workspace, stream);
 }
 
