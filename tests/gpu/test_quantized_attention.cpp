@@ -451,9 +451,9 @@ TEST(QuantizedAttention, ExactRuleIsTheCpuRule) {
 }
 
 // Page splits of about 430 keys at head_dim 64 and 1,500 at 128 (the planner filling one multiprocessor's 4 or
-// 3 resident blocks), so the page kernel's stages are reused (4 or 12 per split of the longer row, 3 buffers); pages of 3 rows (16-key tiles over 6
-// pages, a lane's next row pages ahead; stages of 129 rows: a partial last tile), 24 (tiles across page ends)
-// and 16; 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding, and the general
+// 3 resident blocks), so the page kernel's stages are reused (4 or 12 per split of the longer row, 3 buffers);
+// pages of 3 rows (16-key tiles over 6 pages, a lane's next row pages ahead; stages of 129 rows: a partial last
+// tile), 24 (tiles across page ends) and 16; 4 sinks (page splits starting mid-page); nuq (codebook) and int (uniform) decoding, and the general
 // decode (q4_0, kivi2's 32-row key groups, per-page key ranges). Queries in +-4 make the softmax over these
 // long rows peaked enough that one wrong key moves the output past the tolerance.
 TEST(QuantizedAttention, LongSplitsReuseEveryStage) {
