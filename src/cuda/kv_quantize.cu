@@ -5,10 +5,11 @@
 // warp hands out the block's free slots in row order by a prefix sum (a row
 // takes min(candidates, free) slots, largest magnitude first; the rest are
 // clamped and counted), which is exactly the order the CPU codec fills them
-// in; then warps encode rows in parallel, one warp per row, each lane packing
-// its codes into one field that the row's words gather by shuffles. Grouped codecs encode whole
-// groups: KIVI keys per channel over 32 rows, --kscale page keys per channel
-// over the page after its outliers are taken.
+// in; then warps encode rows in parallel, 4 channels a lane (two rows a warp
+// at head_dim 64, one at 128), each lane packing its codes into one field that
+// the row's words gather by shuffles. Grouped codecs encode whole groups: KIVI keys per
+// channel over 32 rows, --kscale page keys per channel over the page after its
+// outliers are taken.
 //
 // Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
@@ -135,6 +136,39 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxCodebook = 16;
+
+// A lane encodes kLaneChannels = 4 consecutive channels of a row, so a row takes head_dim / 4 lanes: at head_dim
+// 64 half a warp, and a warp encodes two rows at once, its reductions, ballots and packing shuffles (most of a
+// row's instructions there) serving both. Against a whole warp a row (2 channels a lane; kvq-gpu-bench --parts
+// quantize, H100, 2026-11-27): nuq3-1% 0.52 -> 0.36 ms, q4_0 0.35 -> 0.17 (smollm2 64 x 2048). Two rows a warp
+// at head_dim 128 (8 channels a lane) made q4_0 faster (0.24 -> 0.13 ms, llama2-7b 4 x 2048) but int and nuq
+// 10-20% slower, so 128 keeps a warp a row. Every shuffle stays within its row's lanes (width kLanes); both rows
+// of a warp run every warp-wide instruction, so rows that differ (a sink beside an ordinary row) take the same
+// path and differ in data.
+constexpr int kLaneChannels = 4;
+template <int kHeadDim>
+struct RowShape {
+  static constexpr int kLanes = kHeadDim / kLaneChannels;
+  static constexpr int kRowsPerWarp = 32 / kLanes;
+  static constexpr int kRowsInFlight = kWarps * kRowsPerWarp;  // per CTA
+};
+// Where a lane sits: its row among the warp's (half) and its place in the row (sub: channels sub * 4 ..).
+struct RowLane {
+  int half, sub;
+};
+template <int kLanes>
+__device__ __forceinline__ RowLane row_lane(int lane) {
+  return {lane / kLanes, lane % kLanes};
+}
+// The bits of a ballot that belong to the lane's row.
+template <int kLanes>
+__device__ __forceinline__ unsigned row_bits(unsigned ballot, int lane) {
+  if constexpr (kLanes == 32) {
+    return ballot;
+  } else {
+    return ballot >> (lane / kLanes * kLanes) & ((1u << kLanes) - 1u);
+  }
+}
 
 __device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
   return scheme == KvScheme::uniform || scheme == KvScheme::nonuniform;
@@ -271,14 +305,15 @@ __device__ __forceinline__ float reduce_max(float v, int width) {
 
 // ---- shared memory ----
 
-// Per warp: the row being encoded. Per CTA: the run's slot plan and the group scratch.
+// Per row in flight (warp * kRowsPerWarp + half, RowShape): the row being encoded. Per CTA: the run's slot plan
+// and the group scratch.
 template <int kHeadDim>
 struct Scratch {
-  struct Warp {
-    float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Warp) is a multiple of 16)
+  struct Row {
+    float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Row) is a multiple of 16)
     float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
     uint8_t candidate_channel[kHeadDim];
-  } warp[kWarps];
+  } row[RowShape<kHeadDim>::kRowsInFlight];
   float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
   float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
   uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
@@ -306,40 +341,42 @@ __device__ __forceinline__ void pack_words(const uint8_t* codes, int n, int bits
   }
 }
 
-// A row's codes, E per lane (channels lane * E ..), into its words of the block's stream at `words`, laid out
+// A row's codes, E per lane (channels sub * E ..), into its words of the block's stream at `words`, laid out
 // as pack_words and pack_codes lay them (code c at bits [c * bits, (c + 1) * bits), masked to bits as
-// pack_codes masks): a lane's codes are one field of E * bits bits, the row E * bits words, and lane w gathers
-// word w from the fields that overlap it, each shifted into place. The bits are a template argument: with a
+// pack_codes masks): a lane's codes are one field of E * bits bits, the row kLanes * E * bits / 32 words,
+// and the row's lane w gathers word w from the fields that overlap it, each shifted into place. The bits are a template argument: with a
 // run-time width the field count took an integer division and a rolled loop, ~200 instructions a row
 // (Nsight Compute, smollm2 nuq3-1%, a third of the kernel's), for ~40 unrolled.
-template <int E, int kBits>
-__device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], uint32_t* words, int lane) {
+template <int E, int kBits, int kLanes>
+__device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], uint32_t* words, int sub) {
   constexpr int kFieldBits = E * kBits;
+  constexpr int kRowWords = kLanes * kFieldBits / 32;
+  static_assert(kLanes * kFieldBits % 32 == 0 && kRowWords <= kLanes, "a row is whole words, a lane each");
   // The most fields that overlap one word: 32 / kFieldBits where fields tile the words, else one more than
   // fit in it, plus one straddling each end.
   constexpr int kFields = 32 % kFieldBits == 0 ? 32 / kFieldBits : (32 + kFieldBits - 1) / kFieldBits + 1;
   uint32_t field = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) field |= (codes[e] & ((1u << kBits) - 1u)) << (e * kBits);
-  const int first = 32 * lane / kFieldBits;  // the field holding the word's bit 0
+  const int first = 32 * sub / kFieldBits;  // the field holding the word's bit 0
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < kFields; ++j) {
     const int source = first + j;
-    const uint32_t bits_of_source = __shfl_sync(0xffffffffu, field, source % 32);
-    const int shift = source * kFieldBits - 32 * lane;  // the field's bit 0 relative to the word's, > -kFieldBits
-    if (source < 32 && shift < 32) word |= shift >= 0 ? bits_of_source << shift : bits_of_source >> -shift;
+    const uint32_t bits_of_source = __shfl_sync(0xffffffffu, field, source % kLanes, kLanes);
+    const int shift = source * kFieldBits - 32 * sub;  // the field's bit 0 relative to the word's, > -kFieldBits
+    if (source < kLanes && shift < 32) word |= shift >= 0 ? bits_of_source << shift : bits_of_source >> -shift;
   }
-  if (lane < kFieldBits) words[lane] = word;
+  if (sub < kRowWords) words[sub] = word;
 }
 // The same for the layout's bits: 2, 3 or 4, the packed schemes' and q4_0's (fp16, fp8 and q8_0 rows are stored
 // before any packing).
-template <int E>
-__device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bits, uint32_t* words, int lane) {
+template <int E, int kLanes>
+__device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bits, uint32_t* words, int sub) {
   switch (bits) {
-    case 2: return pack_row_codes<E, 2>(codes, words, lane);
-    case 3: return pack_row_codes<E, 3>(codes, words, lane);
-    default: return pack_row_codes<E, 4>(codes, words, lane);
+    case 2: return pack_row_codes<E, 2, kLanes>(codes, words, sub);
+    case 3: return pack_row_codes<E, 3, kLanes>(codes, words, sub);
+    default: return pack_row_codes<E, 4, kLanes>(codes, words, sub);
   }
 }
 
@@ -347,30 +384,30 @@ __device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, ui
   return reinterpret_cast<uint32_t*>(block + layout.codes_offset + int64_t{row} * layout.head_dim * layout.bits / 8);
 }
 
-// The lane's E = head_dim / 32 consecutive fp16 elements (channels lane * E ..) of a row, as loaded
-// (E == 2: in .x), so a loop can have the next row's load in flight while it encodes this one.
-template <int E>
-__device__ __forceinline__ uint2 load_row_raw(const uint16_t* src, int lane) {
-  static_assert(E == 2 || E == 4, "head_dim 64 or 128");
-  if constexpr (E == 2) return make_uint2(reinterpret_cast<const uint32_t*>(src)[lane], 0);
-  return reinterpret_cast<const uint2*>(src)[lane];
+// The lane's 4 consecutive fp16 elements (channels sub * 4 ..) of a row, as loaded, so a loop can have the
+// next rows' loads in flight while it encodes these.
+__device__ __forceinline__ uint2 load_row_raw(const uint16_t* src, int sub) {
+  return reinterpret_cast<const uint2*>(src)[sub];
 }
-template <int E>
-__device__ __forceinline__ void unpack_row(uint2 raw, uint16_t (&bits)[E], float (&x)[E]) {
+__device__ __forceinline__ void unpack_row(uint2 raw, uint16_t (&bits)[kLaneChannels], float (&x)[kLaneChannels]) {
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
+  for (int e = 0; e < kLaneChannels; ++e) {
     bits[e] = static_cast<uint16_t>((e < 2 ? raw.x : raw.y) >> (16 * (e % 2)));
     x[e] = half_bits_to_float(bits[e]);
   }
 }
-template <int E>
-__device__ __forceinline__ void load_row(const uint16_t* src, int lane, uint16_t (&bits)[E], float (&x)[E]) {
-  unpack_row<E>(load_row_raw<E>(src, lane), bits, x);
+__device__ __forceinline__ void load_row(const uint16_t* src, int sub, uint16_t (&bits)[kLaneChannels],
+                                         float (&x)[kLaneChannels]) {
+  unpack_row(load_row_raw(src, sub), bits, x);
 }
-// Row i's load for a warp loop over rows warp, warp + kWarps, ...; nothing past the run.
-template <int E>
-__device__ __forceinline__ uint2 prefetch_row(const KvWriteRow* rows, int i, int n_rows, int lane) {
-  return i < n_rows ? load_row_raw<E>(rows[i].src, lane) : make_uint2(0, 0);
+// The row a lane encodes in a loop whose warp takes rows base + half (half < kRowsPerWarp), then kRowsInFlight
+// further: past the run's end (an odd last row at head_dim 64) both halves take the last row, so every lane has
+// a row and the warp stays converged for its shuffles; they compute the same bytes and store them to the same
+// places.
+__device__ __forceinline__ int row_of(int base, int half, int n_rows) { return min(base + half, n_rows - 1); }
+// The load of that row for the loop's step at `base`; nothing past the run.
+__device__ __forceinline__ uint2 prefetch_row(const KvWriteRow* rows, int base, int n_rows, RowLane at) {
+  return base < n_rows ? load_row_raw(rows[row_of(base, at.half, n_rows)].src, at.sub) : make_uint2(0, 0);
 }
 
 struct KernelArgs {
@@ -382,31 +419,34 @@ struct KernelArgs {
   unsigned long long* outlier_counts;  // (2)
 };
 
-// The value outlier limit of a row, threshold * rms(row), equal to the CPU's to the bit; all lanes get it.
-// The CPU sums the squares in double in channel order. The squares of fp16 values are exact in double and
-// non-negative, so any summation order lands within 2 * 127 * 2^-53 of the total of the CPU's; the warp
-// sums in a tree and, if both ends of a wider interval around its sum give the same limit, that is the
-// CPU's limit too (each step from sum to limit is monotone). Otherwise (about once in 30000 rows) lane 0
-// repeats the CPU's sum in its order.
+// The value outlier limit of a row, threshold * rms(row), equal to the CPU's to the bit; all the row's lanes get
+// it. The CPU sums the squares in double in channel order. The squares of fp16 values are exact in double and
+// non-negative, so any summation order lands within 2 * 127 * 2^-53 of the total of the CPU's; the row's lanes
+// sum in a tree and, if both ends of a wider interval around its sum give the same limit, that is the CPU's
+// limit too (each step from sum to limit is monotone). Otherwise (about once in 30000 rows) the row's first
+// lane repeats the CPU's sum in its order.
 template <int kHeadDim>
-__device__ float exact_value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
-                                           typename Scratch<kHeadDim>::Warp& scratch, int lane) {
-  constexpr int E = kHeadDim / 32;
+__device__ float exact_value_outlier_limit(const float (&x)[kLaneChannels], float threshold,
+                                           typename Scratch<kHeadDim>::Row& scratch, RowLane at) {
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   auto limit_of = [threshold](double sum_sq) {
     return __fmul_rn(threshold, __double2float_rn(__dsqrt_rn(__ddiv_rn(sum_sq, double{kHeadDim}))));
   };
   double tree = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) tree = __dadd_rn(tree, __dmul_rn(double(x[e]), double(x[e])));
-  for (int offset = 16; offset > 0; offset >>= 1) tree = __dadd_rn(tree, __shfl_xor_sync(0xffffffffu, tree, offset));
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    tree = __dadd_rn(tree, __shfl_xor_sync(0xffffffffu, tree, offset, kLanes));
+  }
   constexpr double kMargin = 0x1p-40;  // > 2 * 127 * 2^-53 with room for the rounding of the ends
   const float low = limit_of(__dmul_rn(tree, 1.0 - kMargin)), high = limit_of(__dmul_rn(tree, 1.0 + kMargin));
-  if (__all_sync(0xffffffffu, low == high)) return low;
+  if (__all_sync(0xffffffffu, low == high)) return low;  // both rows decided
 #pragma unroll
-  for (int e = 0; e < E; ++e) scratch.x[lane * E + e] = x[e];
+  for (int e = 0; e < E; ++e) scratch.x[at.sub * E + e] = x[e];
   __syncwarp();
   float limit = 0;
-  if (lane == 0) {
+  if (at.sub == 0) {
     const float4* x4 = reinterpret_cast<const float4*>(scratch.x);
     double sum_sq = 0;
 #pragma unroll 8
@@ -419,49 +459,53 @@ __device__ float exact_value_outlier_limit(const float (&x)[kHeadDim / 32], floa
     }
     limit = limit_of(sum_sq);
   }
-  limit = __shfl_sync(0xffffffffu, limit, 0);
+  limit = __shfl_sync(0xffffffffu, limit, 0, kLanes);
   __syncwarp();
   return limit;
 }
 
 // The value outlier limit of a row, threshold * rms(row), as its elements see it: a limit every element of
-// the row is above exactly when it is above the CPU's; all lanes get it.
+// the row is above exactly when it is above the CPU's; all the row's lanes get it.
 // First in fp32: the squares of fp16 values are exact in fp32 and non-negative, and every lane's tree adds
-// each at most 8 times (E - 1 in the lane, 5 across lanes), so the sum is within (1 +- 2^-24)^8 of the exact
-// one; the CPU's double sum is within 2^-45. Through the exact 1 / head_dim, sqrt (halving the relative
+// each at most 8 times (E - 1 = 3 in the lane, up to 5 across lanes), so the sum is within (1 +- 2^-24)^8 of
+// the exact one; the CPU's double sum is within 2^-45. Through the exact 1 / head_dim, sqrt (halving the relative
 // error) and the product with the threshold, each rounded once on either side, the estimate and the CPU's
 // limit are within 10 * 2^-24 of each other. If no element of the row lies within 2^-18 of the estimate
 // (about 1 row in 10^4 of N(0, 1) has one) and the estimate is far from fp32's underflow and overflow (so
 // each rounding is relative), every element compares with the estimate as with the CPU's limit. Otherwise
 // the limit itself, to the bit, in double.
 template <int kHeadDim>
-__device__ float value_outlier_limit(const float (&x)[kHeadDim / 32], float threshold,
-                                     typename Scratch<kHeadDim>::Warp& scratch, int lane) {
-  constexpr int E = kHeadDim / 32;
+__device__ float value_outlier_limit(const float (&x)[kLaneChannels], float threshold,
+                                     typename Scratch<kHeadDim>::Row& scratch, RowLane at) {
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   float sum_sq = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) sum_sq = __fadd_rn(sum_sq, __fmul_rn(x[e], x[e]));
-  for (int offset = 16; offset > 0; offset >>= 1) sum_sq = __fadd_rn(sum_sq, __shfl_xor_sync(0xffffffffu, sum_sq, offset));
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    sum_sq = __fadd_rn(sum_sq, __shfl_xor_sync(0xffffffffu, sum_sq, offset, kLanes));
+  }
   const float estimate = __fmul_rn(threshold, __fsqrt_rn(__fmul_rn(sum_sq, 1.0f / kHeadDim)));
   const float below = __fmul_rn(estimate, 1.0f - 0x1p-18f), above = __fmul_rn(estimate, 1.0f + 0x1p-18f);
   bool decided = estimate >= 0x1p-100f && estimate <= 0x1p100f;  // false for NaN
 #pragma unroll
   for (int e = 0; e < E; ++e) decided = decided && (fabsf(x[e]) < below || fabsf(x[e]) > above);
-  if (__all_sync(0xffffffffu, decided)) return estimate;
-  return exact_value_outlier_limit<kHeadDim>(x, threshold, scratch, lane);
+  if (__all_sync(0xffffffffu, decided)) return estimate;  // both rows decided
+  return exact_value_outlier_limit<kHeadDim>(x, threshold, scratch, at);
 }
 
 // Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
-// the warp's total. value_limit: from value_outlier_limit (values only).
+// the row's total. value_limit: from value_outlier_limit (values only).
 template <int kHeadDim>
 __device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHeadDim>& scratch, float value_limit,
-                              const float (&x)[kHeadDim / 32], int lane, bool (&candidate)[kHeadDim / 32],
-                              float (&magnitude)[kHeadDim / 32]) {
-  constexpr int E = kHeadDim / 32;
+                              const float (&x)[kLaneChannels], int lane, bool (&candidate)[kLaneChannels],
+                              float (&magnitude)[kLaneChannels]) {
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   if (layout.kind == KvKind::key) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const int c = lane * E + e;
+      const int c = row_lane<kLanes>(lane).sub * E + e;
       candidate[e] = key_candidate(x[e], scratch.key_lo[c], scratch.key_hi[c], magnitude[e]);
     }
   } else {
@@ -473,29 +517,32 @@ __device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHead
   }
   int count = 0;
 #pragma unroll
-  for (int e = 0; e < E; ++e) count += __popc(__ballot_sync(0xffffffffu, candidate[e]));
+  for (int e = 0; e < E; ++e) count += __popc(row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane));
   return count;
 }
 
 // Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
 // [start, start + take) and marks them in `stored`. The candidates are listed in scratch first, so each
-// ranks itself against the few others rather than against every channel; with no slot to take (most rows),
-// nothing is listed.
+// ranks itself against the few others rather than against every channel; where neither of the warp's rows
+// has a slot to take (most rows), nothing is listed.
 template <int kHeadDim>
-__device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row, const uint16_t (&bits)[kHeadDim / 32],
-                              const bool (&candidate)[kHeadDim / 32], const float (&magnitude)[kHeadDim / 32], int start,
-                              int take, typename Scratch<kHeadDim>::Warp& scratch, int lane, bool (&stored)[kHeadDim / 32]) {
-  constexpr int E = kHeadDim / 32;
+__device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row,
+                              const uint16_t (&bits)[kLaneChannels], const bool (&candidate)[kLaneChannels],
+                              const float (&magnitude)[kLaneChannels], int start, int take,
+                              typename Scratch<kHeadDim>::Row& scratch, int lane, bool (&stored)[kLaneChannels]) {
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
 #pragma unroll
   for (int e = 0; e < E; ++e) stored[e] = false;
-  if (take == 0) return;
+  if (!__any_sync(0xffffffffu, take > 0)) return;
+  const int sub = row_lane<kLanes>(lane).sub;
   int n_candidates = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    const unsigned ballot = __ballot_sync(0xffffffffu, candidate[e]);
+    const unsigned ballot = row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane);
     if (candidate[e]) {
-      const int at = n_candidates + __popc(ballot & ((1u << lane) - 1));
-      scratch.candidate_channel[at] = static_cast<uint8_t>(lane * E + e);
+      const int at = n_candidates + __popc(ballot & ((1u << sub) - 1));
+      scratch.candidate_channel[at] = static_cast<uint8_t>(sub * E + e);
       scratch.candidate_magnitude[at] = magnitude[e];
     }
     n_candidates += __popc(ballot);
@@ -505,7 +552,7 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     if (!candidate[e]) continue;
-    const int c = lane * E + e;
+    const int c = sub * E + e;
     int rank = 0;
     for (int j = 0; j < n_candidates; ++j) {
       const float m = scratch.candidate_magnitude[j];
@@ -519,27 +566,27 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
   __syncwarp();
 }
 
-// One row of a per-row format (everything but KIVI keys and --kscale page keys), by one warp.
+// One row of a per-row format (everything but KIVI keys and --kscale page keys), by its lanes (RowShape); at
+// head_dim 64 the warp's other half encodes another row (or the same one) alongside, so every path below is
+// taken by the whole warp.
+// A sink of the calibrated formats (w.exact: zero codes and, for values, a zero range; no slots, take 0) is
+// encoded as any row and its codes and range replaced by zeros.
 template <int kHeadDim>
 __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow& w, uint2 raw, int start,
                            int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane) {
-  constexpr int E = kHeadDim / 32;
-  typename Scratch<kHeadDim>::Warp& scratch = shared.warp[warp];
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
+  const RowLane at = row_lane<kLanes>(lane);
+  typename Scratch<kHeadDim>::Row& scratch = shared.row[warp * RowShape<kHeadDim>::kRowsPerWarp + at.half];
   const int row = w.page_row;
   const int64_t first = int64_t{row} * kHeadDim;
   uint8_t* codes = block + layout.codes_offset;
   uint8_t* row_params = block + layout.row_params_offset;
-  const bool calibrated = is_calibrated(layout.scheme);
-  if (calibrated && w.exact) {  // a sink: zero codes and (values) a zero range
-    uint32_t* words = row_words(layout, block, row);
-    for (int i = lane; i < kHeadDim * layout.bits / 32; i += 32) words[i] = 0;
-    if (layout.kind == KvKind::value && lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = 0;
-    return;
-  }
+  const bool sink = is_calibrated(layout.scheme) && w.exact;
   uint16_t bits[E];
   float x[E];
-  unpack_row<E>(raw, bits, x);
-  const int c0 = lane * E;
+  unpack_row(raw, bits, x);
+  const int c0 = at.sub * E;
   uint8_t row_codes[E];  // packed schemes: the lane's codes
   switch (layout.scheme) {
     case KvScheme::fp16: {
@@ -552,9 +599,9 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
       float amax = 0;
 #pragma unroll
       for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
-      amax = reduce_max(amax, 32);
+      amax = reduce_max(amax, kLanes);
       const uint16_t scale_bits = float_to_half_bits(__fdiv_rn(amax, 448.0f));
-      if (lane == 0) reinterpret_cast<uint16_t*>(row_params)[row] = scale_bits;
+      if (at.sub == 0) reinterpret_cast<uint16_t*>(row_params)[row] = scale_bits;
       const float scale = half_bits_to_float(scale_bits);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
@@ -614,7 +661,7 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
     case KvScheme::uniform:
     case KvScheme::nonuniform: {
       bool stored[E] = {};
-      if (take > 0) {  // slots to fill (none where the block keeps no outliers)
+      if (__any_sync(0xffffffffu, take > 0)) {  // slots to fill in either row (none in most)
         bool candidate[E];
         float magnitude[E];
         row_candidates<kHeadDim>(layout, shared, value_limit, x, lane, candidate, magnitude);
@@ -629,21 +676,25 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         bool kept[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) kept[e] = !stored[e];
-        const float mn = scan_extreme<E, false, false>(x, kept, c0, 32);
-        const float mx = scan_extreme<E, true, false>(x, kept, c0, 32);
-        const bool none = mn > mx;  // every element is an outlier
+        const float mn = scan_extreme<E, false, false>(x, kept, c0, kLanes);
+        const float mx = scan_extreme<E, true, false>(x, kept, c0, kLanes);
+        const bool none = sink || mn > mx;  // a sink, or every element is an outlier
         const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
-        if (lane == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
+        if (at.sub == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
         const float row_lo = half_bits_to_float(lo_bits);
         const float row_scale = code_scale(row_lo, half_bits_to_float(hi_bits), uniform, layout.bits);
 #pragma unroll
         for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale;
       }
       encode_scaled<E>(x, lo, scale, uniform, layout.bits, shared.mids, row_codes);
+      if (sink) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) row_codes[e] = 0;
+      }
       break;
     }
   }
-  pack_row_codes<E>(row_codes, layout.bits, row_words(layout, block, row), lane);
+  pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words(layout, block, row), at.sub);
 }
 
 // KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
@@ -712,7 +763,8 @@ __device__ void hand_out_slots(const PageBlockLayout& layout, uint8_t* block, bo
 // One run per block (the file comment tells the steps); the kernels below instantiate it per head_dim.
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
-  constexpr int E = kHeadDim / 32;
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   extern __shared__ __align__(16) unsigned char shared[];
   Scratch<kHeadDim>& scratch = *reinterpret_cast<Scratch<kHeadDim>*>(shared);
   const KvWriteRun run = args.runs[blockIdx.x];
@@ -725,6 +777,10 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   const KvWriteRow* rows = args.rows + run.first_row;
   uint8_t* block = args.pool + run.block_offset;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowLane at = row_lane<kLanes>(lane);
+  constexpr int kRowsInFlight = RowShape<kHeadDim>::kRowsInFlight;
+  const int first_base = warp * RowShape<kHeadDim>::kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
+  typename Scratch<kHeadDim>::Row& row_scratch = scratch.row[first_base + at.half];
 
   if (layout.scheme == KvScheme::kivi && layout.kind == KvKind::key) {
     encode_kivi_key_groups<kHeadDim>(layout, block, run, rows, scratch);
@@ -750,22 +806,22 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
 
   // Slots: every row's candidates, then the block's free slots handed out in row order.
   if (layout.outlier_capacity > 0) {
-    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
-    for (int i = warp; i < run.n_rows; i += kWarps) {
-      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
-      int count = 0;
-      if (!rows[i].exact) {
-        uint16_t bits[E];
-        float x[E], magnitude[E];
-        bool candidate[E];
-        unpack_row<E>(raw, bits, x);
-        const float limit = layout.kind == KvKind::value
-                                ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, scratch.warp[warp], lane)
-                                : 0.0f;
-        if (lane == 0) value_limit[i] = limit;
-        count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
+    uint2 raw = prefetch_row(rows, first_base, run.n_rows, at);
+    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
+      const uint2 next = prefetch_row(rows, base + kRowsInFlight, run.n_rows, at);
+      const int i = row_of(base, at.half, run.n_rows);
+      uint16_t bits[E];
+      float x[E], magnitude[E];
+      bool candidate[E];
+      unpack_row(raw, bits, x);
+      const float limit = layout.kind == KvKind::value
+                              ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, row_scratch, at)
+                              : 0.0f;
+      const int count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
+      if (at.sub == 0) {
+        value_limit[i] = limit;
+        slot_take[i] = rows[i].exact ? 0 : count;  // a sink takes no slot
       }
-      if (lane == 0) slot_take[i] = count;
       raw = next;
     }
     __syncthreads();
@@ -775,9 +831,10 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   __syncthreads();
 
   if (!page_ranges) {
-    uint2 raw = prefetch_row<E>(rows, warp, run.n_rows, lane);
-    for (int i = warp; i < run.n_rows; i += kWarps) {
-      const uint2 next = prefetch_row<E>(rows, i + kWarps, run.n_rows, lane);
+    uint2 raw = prefetch_row(rows, first_base, run.n_rows, at);
+    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
+      const uint2 next = prefetch_row(rows, base + kRowsInFlight, run.n_rows, at);
+      const int i = row_of(base, at.half, run.n_rows);
       const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
       const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
@@ -790,18 +847,18 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   // --kscale page keys (the run is the whole page): outliers, then per-channel ranges of the rest, then codes.
   const bool uniform = layout.scheme == KvScheme::uniform;
   if (layout.outlier_capacity > 0) {
-    for (int i = warp; i < run.n_rows; i += kWarps) {
-      if (rows[i].exact) continue;
+    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
+      const int i = row_of(base, at.half, run.n_rows);  // sinks too: they take no slot
       uint16_t bits[E];
       float x[E], magnitude[E];
       bool candidate[E], stored[E];
-      load_row<E>(rows[i].src, lane, bits, x);
+      load_row(rows[i].src, at.sub, bits, x);
       row_candidates<kHeadDim>(layout, scratch, 0.0f, x, lane, candidate, magnitude);
       take_outliers<kHeadDim>(layout, block, rows[i].page_row, bits, candidate, magnitude, slot_start[i], slot_take[i],
-                              scratch.warp[warp], lane, stored);
+                              row_scratch, lane, stored);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        const int bit = i * kHeadDim + lane * E + e;
+        const int bit = i * kHeadDim + at.sub * E + e;
         if (stored[e]) atomicOr(&stored_bits[bit / 32], 1u << (bit % 32));
       }
     }
@@ -823,17 +880,18 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
     scratch.page_scale[c] = code_scale(scratch.page_lo[c], half_bits_to_float(hi_bits), uniform, layout.bits);
   }
   __syncthreads();
-  for (int i = warp; i < run.n_rows; i += kWarps) {
-    uint8_t row_codes[E] = {};  // exact rows: zero codes
+  for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
+    const int i = row_of(base, at.half, run.n_rows);
+    uint8_t row_codes[E] = {};  // sinks: zero codes
     if (!rows[i].exact) {
       uint16_t bits[E];
       float x[E], lo[E], scale[E];
-      load_row<E>(rows[i].src, lane, bits, x);
+      load_row(rows[i].src, at.sub, bits, x);
 #pragma unroll
-      for (int e = 0; e < E; ++e) lo[e] = scratch.page_lo[lane * E + e], scale[e] = scratch.page_scale[lane * E + e];
+      for (int e = 0; e < E; ++e) lo[e] = scratch.page_lo[at.sub * E + e], scale[e] = scratch.page_scale[at.sub * E + e];
       encode_scaled<E>(x, lo, scale, uniform, layout.bits, scratch.mids, row_codes);
     }
-    pack_row_codes<E>(row_codes, layout.bits, row_words(layout, block, rows[i].page_row), lane);
+    pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words(layout, block, rows[i].page_row), at.sub);
   }
 }
 
