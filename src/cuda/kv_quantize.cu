@@ -140,7 +140,7 @@ constexpr int kMaxCodebook = 16;
 // A lane encodes kLaneChannels = 4 consecutive channels of a row, so a row takes head_dim / 4 lanes: at head_dim
 // 64 half a warp, and a warp encodes two rows at once, its reductions, ballots and packing shuffles (most of a
 // row's instructions there) serving both. Against a whole warp a row (2 channels a lane; kvq-gpu-bench --parts
-// quantize, H100, 2026-11-27): nuq3-1% 0.52 -> 0.36 ms, q4_0 0.35 -> 0.17 (smollm2 64 x 2048). Two rows a warp
+// quantize, H100, 2026-11-27): nuq3-1% 0.52 -> 0.35 ms, q4_0 0.35 -> 0.165 (smollm2 64 x 2048). Two rows a warp
 // at head_dim 128 (8 channels a lane) made q4_0 faster (0.24 -> 0.13 ms, llama2-7b 4 x 2048) but int and nuq
 // 10-20% slower, so 128 keeps a warp a row. Every shuffle stays within its row's lanes (width kLanes); both rows
 // of a warp run every warp-wide instruction, so rows that differ (a sink beside an ordinary row) take the same
@@ -404,10 +404,22 @@ __device__ __forceinline__ void load_row(const uint16_t* src, int sub, uint16_t 
 // further: past the run's end (an odd last row at head_dim 64) both halves take the last row, so every lane has
 // a row and the warp stays converged for its shuffles; they compute the same bytes and store them to the same
 // places.
-__device__ __forceinline__ int row_of(int base, int half, int n_rows) { return min(base + half, n_rows - 1); }
+// With one row a warp (kRowsPerWarp 1) that is `base` itself: with the clamp there (and the sink flag loaded at
+// the end of the first pass) the head_dim 128 kernel executed 6% more instructions than before two rows a warp
+// (Nsight Compute: the loops' shared-memory addresses were recomputed every row) and nuq3-1% took 0.45 ms
+// instead of 0.43; without both, 0.43 (llama2-7b 4 x 2048, H100).
+template <int kRowsPerWarp>
+__device__ __forceinline__ int row_of(int base, int half, int n_rows) {
+  if constexpr (kRowsPerWarp == 1) {
+    return base;
+  } else {
+    return min(base + half, n_rows - 1);
+  }
+}
 // The load of that row for the loop's step at `base`; nothing past the run.
+template <int kRowsPerWarp>
 __device__ __forceinline__ uint2 prefetch_row(const KvWriteRow* rows, int base, int n_rows, RowLane at) {
-  return base < n_rows ? load_row_raw(rows[row_of(base, at.half, n_rows)].src, at.sub) : make_uint2(0, 0);
+  return base < n_rows ? load_row_raw(rows[row_of<kRowsPerWarp>(base, at.half, n_rows)].src, at.sub) : make_uint2(0, 0);
 }
 
 struct KernelArgs {
@@ -494,8 +506,8 @@ __device__ float value_outlier_limit(const float (&x)[kLaneChannels], float thre
   return exact_value_outlier_limit<kHeadDim>(x, threshold, scratch, at);
 }
 
-// Outlier candidates of a row (int / nuq, not exact): flags and magnitudes of the lane's elements; returns
-// the row's total. value_limit: from value_outlier_limit (values only).
+// Outlier candidates of a row (int / nuq; a sink's are counted too, and it takes no slot): flags and magnitudes
+// of the lane's elements; returns the row's total. value_limit: from value_outlier_limit (values only).
 template <int kHeadDim>
 __device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHeadDim>& scratch, float value_limit,
                               const float (&x)[kLaneChannels], int lane, bool (&candidate)[kLaneChannels],
@@ -778,8 +790,8 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   uint8_t* block = args.pool + run.block_offset;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const RowLane at = row_lane<kLanes>(lane);
-  constexpr int kRowsInFlight = RowShape<kHeadDim>::kRowsInFlight;
-  const int first_base = warp * RowShape<kHeadDim>::kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
+  constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp, kRowsInFlight = RowShape<kHeadDim>::kRowsInFlight;
+  const int first_base = warp * kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
   typename Scratch<kHeadDim>::Row& row_scratch = scratch.row[first_base + at.half];
 
   if (layout.scheme == KvScheme::kivi && layout.kind == KvKind::key) {
@@ -806,10 +818,11 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
 
   // Slots: every row's candidates, then the block's free slots handed out in row order.
   if (layout.outlier_capacity > 0) {
-    uint2 raw = prefetch_row(rows, first_base, run.n_rows, at);
+    uint2 raw = prefetch_row<kRowsPerWarp>(rows, first_base, run.n_rows, at);
     for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const uint2 next = prefetch_row(rows, base + kRowsInFlight, run.n_rows, at);
-      const int i = row_of(base, at.half, run.n_rows);
+      const uint2 next = prefetch_row<kRowsPerWarp>(rows, base + kRowsInFlight, run.n_rows, at);
+      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
+      const bool sink = rows[i].exact;  // loaded first, so its latency passes under the row's work
       uint16_t bits[E];
       float x[E], magnitude[E];
       bool candidate[E];
@@ -820,7 +833,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
       const int count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
       if (at.sub == 0) {
         value_limit[i] = limit;
-        slot_take[i] = rows[i].exact ? 0 : count;  // a sink takes no slot
+        slot_take[i] = sink ? 0 : count;  // a sink takes no slot
       }
       raw = next;
     }
@@ -831,10 +844,10 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   __syncthreads();
 
   if (!page_ranges) {
-    uint2 raw = prefetch_row(rows, first_base, run.n_rows, at);
+    uint2 raw = prefetch_row<kRowsPerWarp>(rows, first_base, run.n_rows, at);
     for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const uint2 next = prefetch_row(rows, base + kRowsInFlight, run.n_rows, at);
-      const int i = row_of(base, at.half, run.n_rows);
+      const uint2 next = prefetch_row<kRowsPerWarp>(rows, base + kRowsInFlight, run.n_rows, at);
+      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
       const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
       const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
@@ -848,7 +861,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   const bool uniform = layout.scheme == KvScheme::uniform;
   if (layout.outlier_capacity > 0) {
     for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const int i = row_of(base, at.half, run.n_rows);  // sinks too: they take no slot
+      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);  // sinks too: they take no slot
       uint16_t bits[E];
       float x[E], magnitude[E];
       bool candidate[E], stored[E];
@@ -881,7 +894,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
   __syncthreads();
   for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-    const int i = row_of(base, at.half, run.n_rows);
+    const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
     uint8_t row_codes[E] = {};  // sinks: zero codes
     if (!rows[i].exact) {
       uint16_t bits[E];
@@ -895,11 +908,12 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
-// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): unbounded, the unrolled packing
-// took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200,
-// 2026-11-27).
-// Head_dim 128 unbounded (71 registers): bounded to 7 blocks it ran 5% slower (0.44 against 0.42 ms, llama2-7b
-// 4 x 2048), and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of 0.19.
+// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; 69 used): with 2 channels a lane
+// and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
+// quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since.
+// Head_dim 128 unbounded (72 registers; with 71, bounded to 7 blocks it ran 5% slower, 0.44 against 0.42 ms,
+// llama2-7b 4 x 2048, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
+// 0.19).
 __global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64>(args); }
 __global__ void __launch_bounds__(kThreads) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128>(args); }
 
