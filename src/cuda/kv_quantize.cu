@@ -133,8 +133,11 @@ bool kv_quantize_supported(int head_dim) { return head_dim == 64 || head_dim == 
 
 namespace {
 
+// Threads a CTA: kThreads, or at head_dim 64 kFewRunsThreads for a launch of few runs (KvQuantizeCtas), which
+// encodes more rows of a run at once where the SMs would otherwise sit idle (quantize_run's kCtaThreads).
 constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
+constexpr int kFewRunsThreads = 256;
+constexpr int kMaxWarps = kFewRunsThreads / 32;
 constexpr int kMaxCodebook = 16;
 
 // A lane encodes kLaneChannels = 4 consecutive channels of a row, so a row takes head_dim / 4 lanes: at head_dim
@@ -150,7 +153,7 @@ template <int kHeadDim>
 struct RowShape {
   static constexpr int kLanes = kHeadDim / kLaneChannels;
   static constexpr int kRowsPerWarp = 32 / kLanes;
-  static constexpr int kRowsInFlight = kWarps * kRowsPerWarp;  // per CTA
+  static constexpr int kMaxRowsInFlight = kMaxWarps * kRowsPerWarp;  // per CTA, at most
 };
 // Where a lane sits: its row among the warp's (half) and its place in the row (sub: channels sub * 4 ..).
 struct RowLane {
@@ -313,7 +316,7 @@ struct Scratch {
     float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Row) is a multiple of 16)
     float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
     uint8_t candidate_channel[kHeadDim];
-  } row[RowShape<kHeadDim>::kRowsInFlight];
+  } row[RowShape<kHeadDim>::kMaxRowsInFlight];
   float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
   float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
   uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
@@ -717,7 +720,7 @@ __device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* b
   for (int g = 0; g < run.n_rows; g += 32) {
     const KvWriteRow* group = rows + g;
     const int row0 = group[0].page_row;
-    for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+    for (int c = threadIdx.x; c < kHeadDim; c += blockDim.x) {
       float x[32];
 #pragma unroll
       for (int r = 0; r < 32; ++r) x[r] = half_bits_to_float(group[r].src[c]);
@@ -733,7 +736,7 @@ __device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* b
       for (int r = 0; r < 32; ++r) scratch.group_codes[r * kHeadDim + c] = static_cast<uint8_t>(asymmetric_encode(x[r], p, levels));
     }
     __syncthreads();
-    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words(layout, block, row0), threadIdx.x, kThreads);
+    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words(layout, block, row0), threadIdx.x, blockDim.x);
     __syncthreads();
   }
 }
@@ -773,7 +776,7 @@ __device__ void hand_out_slots(const PageBlockLayout& layout, uint8_t* block, bo
 }
 
 // One run per block (the file comment tells the steps); the kernels below instantiate it per head_dim.
-template <int kHeadDim>
+template <int kHeadDim, int kCtaThreads>
 __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   constexpr int E = kLaneChannels;
   constexpr int kLanes = RowShape<kHeadDim>::kLanes;
@@ -790,7 +793,8 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   uint8_t* block = args.pool + run.block_offset;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const RowLane at = row_lane<kLanes>(lane);
-  constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp, kRowsInFlight = RowShape<kHeadDim>::kRowsInFlight;
+  constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp;
+  constexpr int kRowsInFlight = kCtaThreads / 32 * kRowsPerWarp;
   const int first_base = warp * kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
   typename Scratch<kHeadDim>::Row& row_scratch = scratch.row[first_base + at.half];
 
@@ -804,11 +808,11 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
   const bool page_ranges = layout.per_page_key_ranges;
   if (page_ranges) {
-    for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kThreads) stored_bits[i] = 0;
+    for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kCtaThreads) stored_bits[i] = 0;
   }
   if (is_calibrated(layout.scheme) && layout.kind == KvKind::key) {
     const int64_t head = int64_t{run.kv_head} * kHeadDim;
-    for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+    for (int c = threadIdx.x; c < kHeadDim; c += kCtaThreads) {
       scratch.key_lo[c] = args.calib.key_lo[head + c];
       scratch.key_hi[c] = args.calib.key_hi[head + c];
       scratch.key_scale[c] = args.calib.key_scale[head + c];
@@ -877,7 +881,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
     }
     __syncthreads();
   }
-  for (int c = threadIdx.x; c < kHeadDim; c += kThreads) {
+  for (int c = threadIdx.x; c < kHeadDim; c += kCtaThreads) {
     float mn = INFINITY, mx = -INFINITY;
     for (int i = 0; i < run.n_rows; ++i) {
       const int bit = i * kHeadDim + c;
@@ -908,14 +912,20 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
-// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; 69 used): with 2 channels a lane
+// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; 71 used): with 2 channels a lane
 // and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
-// quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since.
-// Head_dim 128 unbounded (72 registers; with 71, bounded to 7 blocks it ran 5% slower, 0.44 against 0.42 ms,
-// llama2-7b 4 x 2048, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
-// 0.19).
-__global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64>(args); }
-__global__ void __launch_bounds__(kThreads) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128>(args); }
+// quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take
+// kFewRunsThreads (64 registers). One kernel for both, its loops strided by blockDim.x, ran head_dim 128's
+// nuq3-1% in 0.45 ms instead of 0.42: the CTA size is a compile-time constant of each kernel.
+// Head_dim 128 unbounded (64 registers since the row scratch is sized for kFewRunsThreads, 72 before, and
+// 5% faster: nuq3-1% 0.425 -> 0.401 ms, llama2-7b 4 x 2048, H100, 2026-11-27; bounded to 7 blocks at 71 it
+// ran 5% slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms
+// instead of 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
+__global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64, kThreads>(args); }
+__global__ void __launch_bounds__(kFewRunsThreads) kv_quantize_kernel_64_few_runs(KernelArgs args) {
+  quantize_run<64, kFewRunsThreads>(args);
+}
+__global__ void __launch_bounds__(kThreads) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128, kThreads>(args); }
 
 template <int kBits>
 __device__ void dequantize_block(const PageBlockLayout& layout, const uint8_t* block, const BlockCalibration& calib,
@@ -957,22 +967,37 @@ __global__ void __launch_bounds__(kThreads) kv_dequantize_kernel(const uint8_t* 
 
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
-                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream) {
+                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream,
+                        KvQuantizeCtas ctas) {
   if (n_runs == 0) return;
   const int head_dim = key_layout.head_dim;
   if (!kv_quantize_supported(head_dim)) fail("KV quantize-on-write supports head_dim 64 and 128, not {}", head_dim);
   const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts};
-  auto launch = [&](auto kernel, size_t smem) {
+  // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
+  // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
+  // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27).
+  bool few_runs = ctas == KvQuantizeCtas::few_runs;
+  if (ctas == KvQuantizeCtas::by_launch) {
+    int device = 0, n_sms = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device));
+    few_runs = n_runs <= 2 * n_sms;
+  }
+  auto launch = [&](auto kernel, int threads, size_t smem) {
     constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)
     if (smem > kDefaultLimit) {
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
-    kernel<<<n_runs, kThreads, smem, stream>>>(args);
+    kernel<<<n_runs, threads, smem, stream>>>(args);
   };
   if (head_dim == 64) {
-    launch(kv_quantize_kernel_64, scratch_bytes<64>(key_layout.page_size));
+    if (few_runs) {
+      launch(kv_quantize_kernel_64_few_runs, kFewRunsThreads, scratch_bytes<64>(key_layout.page_size));
+    } else {
+      launch(kv_quantize_kernel_64, kThreads, scratch_bytes<64>(key_layout.page_size));
+    }
   } else {
-    launch(kv_quantize_kernel_128, scratch_bytes<128>(key_layout.page_size));
+    launch(kv_quantize_kernel_128, kThreads, scratch_bytes<128>(key_layout.page_size));
   }
   CUDA_CHECK_LAUNCH(stream, "kv_quantize_kernel");
 }

@@ -236,8 +236,10 @@ std::string locate_byte(size_t offset, const PageCodec& keys, const PageCodec& v
 // Sequences appended over several steps (prefill chunks, chunks starting mid-page, single-row decode
 // steps) into interleaved pages; after every step the GPU pool must equal the CPU pool, at the end the
 // GPU decode of every block must equal the CPU decode.
-CaseResult run_case(const std::string& format_name, int head_dim, int page_size, bool page_ranges, uint32_t seed) {
-  const std::string what = describe(format_name, head_dim, page_size, page_ranges);
+CaseResult run_case(const std::string& format_name, int head_dim, int page_size, bool page_ranges, uint32_t seed,
+                    cuda::KvQuantizeCtas ctas = cuda::KvQuantizeCtas::by_launch) {
+  std::string what = describe(format_name, head_dim, page_size, page_ranges);
+  if (ctas == cuda::KvQuantizeCtas::many_runs) what += " (many-run CTAs)";
   SCOPED_TRACE(what);
   std::mt19937 rng(seed);
   const KvFormat format = parse_kv_format(format_name);
@@ -346,7 +348,7 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     d_runs.upload(plan.runs);
     d_rows.upload(plan.rows);
     cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
-                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), nullptr);
+                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), nullptr, ctas);
     CUDA_CHECK(cudaDeviceSynchronize());
 
     // The CPU codec over the same runs, from the host copy of the same rows.
@@ -447,7 +449,10 @@ TEST(KvQuantize, EveryFormatMatchesCpuCodecBytes) {
     for (int head_dim : {64, 128}) {
       for (int page_size : {16, 64, 256}) {
         if (v.format.rfind("kivi", 0) == 0 && page_size % 32 != 0) continue;  // KIVI keys need whole 32-row groups
-        const CaseResult r = run_case(v.format, head_dim, page_size, v.page_ranges, seed++);
+        // These steps have few runs: head_dim 64 runs both of its CTA kinds on the same rows.
+        const CaseResult r = run_case(v.format, head_dim, page_size, v.page_ranges, seed);
+        if (head_dim == 64) run_case(v.format, head_dim, page_size, v.page_ranges, seed, cuda::KvQuantizeCtas::many_runs);
+        ++seed;
         total.stored += r.stored;
         total.over_capacity += r.over_capacity;
         if (HasFailure()) return;
@@ -472,7 +477,9 @@ TEST(KvQuantize, SanitizerSubset) {
     run_case(format, 128, 64, false, seed++);
     if (HasFailure()) return;
   }
-  run_case("nuq3-1%", 64, 32, false, seed++);  // head_dim 64: two rows a warp
+  run_case("nuq3-1%", 64, 32, false, seed++);  // head_dim 64: two rows a warp, its few-run CTAs
+  if (HasFailure()) return;
+  run_case("nuq3-1%", 64, 32, false, seed++, cuda::KvQuantizeCtas::many_runs);
   if (HasFailure()) return;
   run_case("nuq3-1%", 64, 32, true, seed++);
 }
