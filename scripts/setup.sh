@@ -90,22 +90,22 @@ fi
 # --- reference tests: numpy, gguf, llama-cpp-python (built from source), pytest ---
 # llama.cpp is built for AVX2, not for the build host: a native build on a host with AMX (Sapphire Rapids)
 # takes ggml's AMX path for Q4_1, which crashed with a segmentation fault inside a VM (2026-11-27), and the
-# reference should compute the same on every host. A venv built natively before is rebuilt.
+# reference should compute the same on every host. A venv whose llama.cpp was built with other flags (the file
+# llama-cpp-build records them) is rebuilt.
 if [ "$dev" -eq 1 ]; then
   venv=$cache/venv
-  portable_llama='GGML_NATIVE=OFF'
   llama_cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
   if ! "$venv/bin/python" -c 'import numpy, gguf, llama_cpp, pytest, matplotlib' 2>/dev/null; then
     say "building the reference venv (llama-cpp-python compiles llama.cpp: ~10 minutes on 2 cores)"
     python3 -m venv "$venv"
     CMAKE_ARGS="$llama_cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-cache-dir \
       numpy==2.4.6 gguf==0.19.0 llama-cpp-python==0.3.36 pytest==9.2.0 matplotlib==3.11.2
-    echo "$portable_llama" > "$venv/llama-cpp-build"
-  elif [ "$(cat "$venv/llama-cpp-build" 2>/dev/null)" != "$portable_llama" ]; then
+    echo "$llama_cmake_args" > "$venv/llama-cpp-build"
+  elif [ "$(cat "$venv/llama-cpp-build" 2>/dev/null)" != "$llama_cmake_args" ]; then
     say "rebuilding llama-cpp-python for AVX2 (~10 minutes on 2 cores)"
     CMAKE_ARGS="$llama_cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-cache-dir \
       --force-reinstall --no-deps llama-cpp-python==0.3.36
-    echo "$portable_llama" > "$venv/llama-cpp-build"
+    echo "$llama_cmake_args" > "$venv/llama-cpp-build"
   fi
 fi
 say "ready"
