@@ -1131,7 +1131,7 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
     rotate(side.stream);
   }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
-                           outlier_counts_.as<unsigned long long>(), stream);
+                           outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream);
   if (!keys_post_rope) cuda::join_side(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};

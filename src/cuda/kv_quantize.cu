@@ -967,7 +967,7 @@ __global__ void __launch_bounds__(kThreads) kv_dequantize_kernel(const uint8_t* 
 
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
-                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream,
+                        const KvWriteRow* rows, unsigned long long* outlier_counts, int n_sms, cudaStream_t stream,
                         KvQuantizeCtas ctas) {
   if (n_runs == 0) return;
   const int head_dim = key_layout.head_dim;
@@ -976,13 +976,7 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
   // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
   // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27).
-  bool few_runs = ctas == KvQuantizeCtas::few_runs;
-  if (ctas == KvQuantizeCtas::by_launch) {
-    int device = 0, n_sms = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device));
-    few_runs = n_runs <= 2 * n_sms;
-  }
+  const bool few_runs = ctas == KvQuantizeCtas::by_launch ? n_runs <= 2 * n_sms : ctas == KvQuantizeCtas::few_runs;
   auto launch = [&](auto kernel, int threads, size_t smem) {
     constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)
     if (smem > kDefaultLimit) {

@@ -106,16 +106,19 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
 
 bool kv_quantize_supported(int head_dim);  // 64 and 128
 
-// The CTAs of launch_kv_quantize at head_dim 64: twice the threads where the launch has few runs (a CTA
-// encodes a run's rows a few at a time, so a small step leaves the device idle), else the occupancy-bound
-// kind; or either forced (the tests run both). Head_dim 128 has one kind.
+// The CTAs of launch_kv_quantize at head_dim 64: twice the threads where the launch has few runs for the
+// device's n_sms multiprocessors (a CTA encodes a run's rows a few at a time, so a small step leaves the
+// device idle), else the occupancy-bound kind; or either forced (the tests run both). Head_dim 128 has one
+// kind.
 enum class KvQuantizeCtas { by_launch, many_runs, few_runs };
 
 // Encodes every run into pool (bytes). runs (n_runs), rows (device arrays); outlier_counts (2) device
-// counters, added to: outliers stored, outliers that found their block's slots full.
+// counters, added to: outliers stored, outliers that found their block's slots full. n_sms: the device's
+// multiprocessors (cudaDeviceProp::multiProcessorCount), which KvQuantizeCtas::by_launch weighs the runs
+// against.
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
-                        const KvWriteRow* rows, unsigned long long* outlier_counts, cudaStream_t stream,
+                        const KvWriteRow* rows, unsigned long long* outlier_counts, int n_sms, cudaStream_t stream,
                         KvQuantizeCtas ctas = KvQuantizeCtas::by_launch);
 
 // ---- reads (the fallback and the tests' path; attention loaders use kv_dequant.cuh directly) ----

@@ -6,10 +6,11 @@
 // attention's format (decode_partials.cuh), which launch_decode_combine merges:
 //
 // page_split_kernel (splits of the pages), on the tensor cores (mma.sync,
-// mma_sync.cuh): a cp.async pipeline of kStages stages, each the whole K and V
-// blocks (codes, row and group parameters, outlier slots: contiguous per block)
-// of `pages_per_stage` consecutive pages of the sequence, copied with 16-byte
-// cp.async by the whole block. Once a stage has landed (block barrier), each of
+// mma_sync.cuh): a pipeline of kStages stages, each the whole K and V blocks
+// (codes, row and group parameters, outlier slots: contiguous per block) of
+// `pages_per_stage` consecutive pages of the sequence, copied by the TMA (a
+// bulk copy a block, issued by one thread, landing on the stage's mbarrier).
+// Once a stage has landed (its mbarrier, then a block barrier), each of
 // the 4 warps takes a run of consecutive 16-key tiles of the stage and, per
 // tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
@@ -49,6 +50,7 @@
 #include "cuda/kv_dequant.cuh"
 #include "cuda/kv_page_loader.cuh"
 #include "cuda/mma_sync.cuh"
+#include "cuda/warp_specialize.cuh"
 
 namespace kvq::cuda {
 namespace {
@@ -103,12 +105,14 @@ constexpr int kCalibBytes = (4 * kCodebookFloats + 2 * D) * 4;
 //   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
 //               aligned.
 // After the loop the block merge (kSplitMergeFloats<D, kMmaHeads, kWarps>: per warp the running max and sum of the
-// 8 head columns, then O^T as (warp, head, head_dim)) reuses it from the start.
+// 8 head columns, then O^T as (warp, head, head_dim)) reuses it from the start, up to the stages' kStages mbarriers,
+// which come last.
 struct PageStageShape {
   int32_t pages_per_stage;
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
   int32_t stage_bytes;  // pages_per_stage * pair_bytes
   int32_t tiles_offset;
+  int32_t barriers_offset;
   int32_t smem_bytes;
 };
 
@@ -316,35 +320,29 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   const int n_pages = (split.key_end - 1) / page_size + 1 - first_page;
   const int n_stages = (n_pages + shape.pages_per_stage - 1) / shape.pages_per_stage;  // uniform over the block
 
-  // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block); 16-byte
-  // chunks spread over the block's threads (block_bytes are multiples of 16), page by page, so that a chunk's
-  // source is its block's address plus an offset (no division per chunk). Each block's chunks start at the
-  // thread after the previous block's last (first_thread), so the copies stay spread over all the warps.
-  static_assert((kThreads & (kThreads - 1)) == 0, "first_thread wraps by a mask");
-  const int key_chunks = key_bytes / 16, value_chunks = value_layout.block_bytes / 16;
-  auto issue = [&](int s) {
+  // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block), copied by
+  // thread 0 as one bulk copy a block (block_bytes are multiples of 16) that lands on stage_full[s % kStages]:
+  // the copies of 16-byte chunks by every thread they replace took ~10% of the kernel's instructions (session 18).
+  uint64_t* stage_full = reinterpret_cast<uint64_t*>(smem + shape.barriers_offset);
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < kStages; ++b) mbarrier_init(&stage_full[b], 1);
+    mbarrier_init_fence();
+  }
+  __syncthreads();  // the mbarriers are initialized before any thread waits on one
+  const auto issue = [&](int s) {
     uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
-    int first_thread = 0;  // the thread that copies the next block's chunk 0
-    auto copy_block = [&](uint8_t* to, const uint8_t* from, int n_chunks) {
-      for (int c = (static_cast<int>(threadIdx.x) - first_thread) & (kThreads - 1); c < n_chunks; c += kThreads) {
-        cp_async_16(to + c * 16, from + c * 16, true);
-      }
-      first_thread = (first_thread + n_chunks) & (kThreads - 1);
-    };
+    uint64_t* full = &stage_full[s % kStages];
+    mbarrier_arrive_expect_tx(full, stage_pages * shape.pair_bytes);
     for (int j = 0; j < stage_pages; ++j) {
       const uint8_t* page = kv.pool + __ldg(pages + first_page + s * shape.pages_per_stage + j) * page_bytes;
       uint8_t* staged = stage + j * shape.pair_bytes;
-      copy_block(staged, page + key_block_offset, key_chunks);
-      copy_block(staged + key_bytes, page + value_block_offset, value_chunks);
+      bulk_copy_to_shared(staged, page + key_block_offset, key_bytes, full);
+      bulk_copy_to_shared(staged + key_bytes, page + value_block_offset, value_layout.block_bytes, full);
     }
   };
-  issue(0);
-  cp_async_commit();
-#pragma unroll
-  for (int s = 1; s < kStages - 1; ++s) {
-    if (s < n_stages) issue(s);
-    cp_async_commit();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages - 1 && s < n_stages; ++s) issue(s);
   }
 
   // Calibration in shared memory (read for every element; the first stage barrier publishes it).
@@ -404,10 +402,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   // The loop bounds are uniform over the block (the barriers need every thread), the tile loop over the warp
   // (the mma, ldmatrix and shuffles need every lane).
   for (int s = 0; s < n_stages; ++s) {
-    cp_async_wait<kStages - 2>();  // stage s has landed (this thread's chunks)
-    __syncthreads();               // ... and every thread's; every thread is done with stage s - 1
-    if (s + kStages - 1 < n_stages) issue(s + kStages - 1);  // into stage s - 1's buffer
-    cp_async_commit();
+    mbarrier_wait(&stage_full[s % kStages], (s / kStages) & 1);  // stage s has landed
+    __syncthreads();  // every thread is done with stage s - 1
+    if (threadIdx.x == 0 && s + kStages - 1 < n_stages) issue(s + kStages - 1);  // into stage s - 1's buffer
     const uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
     const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
 
@@ -652,8 +649,6 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       advance(tile_at, kTileKeys, page_size);
     }
   }
-  cp_async_wait<0>();
-
   // Each lane summed the weights of its own keys: the sum over the 8 lanes of its head columns.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -757,7 +752,8 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
     shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
     shape.tiles_offset = (kCalibBytes<D> + kStages * shape.stage_bytes + 127) / 128 * 128;
     const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
-    shape.smem_bytes = std::max(tiles_end, kSplitMergeFloats<D, kMmaHeads, kWarps> * 4);
+    shape.barriers_offset = (std::max(tiles_end, kSplitMergeFloats<D, kMmaHeads, kWarps> * 4) + 7) / 8 * 8;
+    shape.smem_bytes = shape.barriers_offset + kStages * static_cast<int>(sizeof(uint64_t));
     return shape;
   };
   // Fewer pages per stage where the blocks are large (fp8, q8_0: a stage of 128 rows at head_dim 128 left room

@@ -1,8 +1,8 @@
-// Synchronization for warp-specialized kernels (sm_90): shared-memory
-// mbarriers that hand pipeline stages between producer and consumer
-// warpgroups, named barriers for a subset of the block, and setmaxnreg
-// (sm_90a) to move registers from producers to consumers. Only
-// prefill_attention.cu, built for sm_90a alone, includes this.
+// Synchronization for pipelined kernels (sm_90): shared-memory mbarriers that
+// hand pipeline stages between producer and consumer warpgroups, bulk copies
+// (the TMA's plain global-to-shared copies) that complete on an mbarrier,
+// named barriers for a subset of the block, and setmaxnreg (sm_90a, only
+// prefill_attention.cu uses it) to move registers from producers to consumers.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +36,24 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n}\n" ::"r"(smem_address(bar)),
       "r"(parity)
+      : "memory");
+}
+
+// Arrives on `bar` and adds `bytes` to the transaction count its phase waits for (bulk copies' bytes).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(
+                   smem_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory on the TMA,
+// counted as transactions of `bar` (mbarrier_arrive_expect_tx) when they land.
+__device__ __forceinline__ void bulk_copy_to_shared(void* smem, const void* global, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_address(smem)),
+      "l"(global), "r"(bytes), "r"(smem_address(bar))
       : "memory");
 }
 

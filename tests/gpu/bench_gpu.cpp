@@ -583,10 +583,11 @@ json bench_quantize(double copy_gbs) {
                                  });
       DeviceArray<uint8_t> pool(size_t(tables.n_pages()) * n_kv * (key_layout.block_bytes + value_layout.block_bytes));
       DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
+      const int n_sms = device_sm_count();
       const double ms = time_kernel_ms(
           [&] {
             cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, layer.device_calib.layer(0), writes.runs.get(),
-                                     int32_t(writes.plan.runs.size()), writes.rows.get(), counts.get(), nullptr);
+                                     int32_t(writes.plan.runs.size()), writes.rows.get(), counts.get(), n_sms, nullptr);
           },
           3, 15);
       double bytes = double(writes.plan.rows.size()) * D * 2;

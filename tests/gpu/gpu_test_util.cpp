@@ -14,6 +14,12 @@ namespace kvq::gputest {
 
 bool has_cuda_device() { return !list_cuda_devices().empty(); }
 
+int device_sm_count() {
+  int n_sms = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, 0));
+  return n_sms;
+}
+
 std::vector<uint16_t> random_half(std::mt19937& rng, size_t n, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
   std::vector<uint16_t> v(n);
@@ -158,7 +164,7 @@ std::array<unsigned long long, 2> quantize_rows_into_pool(
   CUDA_CHECK(cudaMemset(pool, 0, pool_bytes));
   DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
   cuda::launch_kv_quantize(pool, key_layout, value_layout, calib, writes.runs.get(), int32_t(writes.plan.runs.size()),
-                           writes.rows.get(), d_counts.get(), nullptr);
+                           writes.rows.get(), d_counts.get(), device_sm_count(), nullptr);
   const std::vector<unsigned long long> counts = d_counts.download();
   return {counts[0], counts[1]};
 }

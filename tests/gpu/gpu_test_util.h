@@ -24,6 +24,7 @@
 namespace kvq::gputest {
 
 bool has_cuda_device();
+int device_sm_count();  // multiprocessors of device 0
 
 template <typename T>
 class DeviceArray {

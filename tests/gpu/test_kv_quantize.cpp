@@ -348,7 +348,8 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     d_runs.upload(plan.runs);
     d_rows.upload(plan.rows);
     cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
-                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), nullptr, ctas);
+                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(), nullptr,
+                             ctas);
     CUDA_CHECK(cudaDeviceSynchronize());
 
     // The CPU codec over the same runs, from the host copy of the same rows.
@@ -549,9 +550,10 @@ TEST(KvQuantizeBench, DISABLED_PrefillStepWrite) {
       DeviceArray<KvWriteRun> d_runs(plan.runs);
       DeviceArray<KvWriteRow> d_plan_rows(plan.rows);
       DeviceArray<unsigned long long> counts(std::vector<unsigned long long>{0, 0});
+      const int n_sms = device_sm_count();
       const float ms = time_ms([&] {
         cuda::launch_kv_quantize(pool.get(), key_layout, value_layout, calib.layer(0), d_runs.get(),
-                                 int32_t(plan.runs.size()), d_plan_rows.get(), counts.get(), nullptr);
+                                 int32_t(plan.runs.size()), d_plan_rows.get(), counts.get(), n_sms, nullptr);
       });
       const double moved = row_bytes + double(page_bytes) * tables.n_pages();
       std::printf("[ info ] %s %-8s write %.3f ms: %.0f GB/s (fp16 rows read + pool bytes written), %.2fx the copy's time\n",
