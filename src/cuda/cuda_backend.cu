@@ -282,7 +282,7 @@ std::optional<GraphCapacity> quantized_graph_need(const QuantizedStepPlan& plan)
 // sized by the batch (its rows, chunks and store slots), so every step of the graph places them alike.
 void pad_to(QuantizedStepPlan& plan, const GraphCapacity& capacity) {
   if (!capacity.holds(*quantized_graph_need(plan))) fail("decode graph: a quantized plan outgrew its graph's capacity");
-  plan.writes.runs.resize(capacity.write_runs, cuda::KvWriteRun{0, 0, 0, 0, 0});
+  plan.writes.runs.resize(capacity.write_runs, cuda::KvWriteRun{});
   plan.writes.rows.resize(capacity.write_rows, cuda::KvWriteRow{nullptr, 0, 0});
   plan.saves.resize(capacity.saves, cuda::ExactRowSave{-1, 0, 0});
   plan.attention.front().splits.resize(capacity.splits, cuda::QuantizedSplit{0, 0, 0, 0});
@@ -995,7 +995,8 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
   auto block_offset = [&](KvKind kind, int32_t page, int h) -> int64_t {
     return page * page_stride + (kind == KvKind::key ? h * int64_t{key_layout_.block_bytes} : key_blocks + h * int64_t{value_layout_.block_bytes});
   };
-  q.writes = cuda::plan_kv_writes(batch, tables, key_layout_, value_layout_, c.n_kv_heads, sinks, source, block_offset);
+  q.writes = cuda::plan_kv_writes(batch, tables, key_layout_, value_layout_, c.n_kv_heads, sinks, source, c.qkv_dim(),
+                                  block_offset);
   auto from_store = [&](const cuda::KvWriteRow& row) { return row.src >= store && row.src < store + store_layer; };
   q.rows_per_layer = std::any_of(q.writes.rows.begin(), q.writes.rows.end(), from_store);
   if (q.rows_per_layer) {

@@ -71,21 +71,37 @@ class DeviceCalibration {
 
 // ---- writes ----
 
-// Rows of one block written by one launch, in ascending page rows (an encode call of the CPU codec).
-struct KvWriteRun {
-  int64_t block_offset;  // bytes from the pool base to the destination block (16-byte aligned)
-  int32_t first_row;     // index of the run's first row in the row list
-  int32_t n_rows;        // 1 .. page_size; whole groups for grouped codecs (rows_per_group > 1); 0: padding of a
-                         // graph's fixed grid, writes nothing
-  int32_t kind;          // KvKind: selects the layout
-  int32_t kv_head;       // selects the calibrated key ranges
-};
-
 struct KvWriteRow {
   const uint16_t* src;  // (head_dim) fp16 bits, 16-byte aligned: pre-RoPE keys for fp16/int/nuq, rotated otherwise
   int32_t page_row;     // row in the block
   int32_t exact;        // 1: a sink held exactly elsewhere (int/nuq only): zero codes, no slots, no say in ranges
 };
+
+// Rows of one block written by one launch, in ascending page rows (an encode call of the CPU codec): listed in
+// the plan's rows, or (rows of this step, the common case) consecutive, described by the run alone, so that a
+// prefill step's plan is a run per block instead of a row per token, KV head and kind (llama2-7b, 8192 tokens:
+// 524288 rows, 8 MB planned and uploaded each step while the device waited).
+struct KvWriteRun {
+  int64_t block_offset;  // bytes from the pool base to the destination block (16-byte aligned)
+  int32_t first_row;     // index of the run's first row in the plan's rows; kConsecutiveRows: see src
+  int32_t n_rows;        // 1 .. page_size; whole groups for grouped codecs (rows_per_group > 1); 0: padding of a
+                         // graph's fixed grid, writes nothing
+  int32_t kind;          // KvKind: selects the layout
+  int32_t kv_head;       // selects the calibrated key ranges
+  // Consecutive rows: row i reads src + i * src_stride, writes page row first_page_row + i, and is a sink (exact)
+  // for i < n_sinks.
+  const uint16_t* src;
+  int32_t src_stride;  // elements
+  int32_t first_page_row;
+  int32_t n_sinks;
+};
+constexpr int32_t kConsecutiveRows = -1;
+
+// Row i of a run, from the plan's rows (device or host array) or from the run itself.
+__host__ __device__ inline KvWriteRow run_row(const KvWriteRun& run, const KvWriteRow* rows, int i) {
+  if (run.first_row != kConsecutiveRows) return rows[run.first_row + i];
+  return {run.src + static_cast<int64_t>(i) * run.src_stride, run.first_page_row + i, i < run.n_sinks ? 1 : 0};
+}
 
 // A step's writes: each block appears in at most one run (runs of one launch touch disjoint blocks).
 struct KvWritePlan {
@@ -93,16 +109,19 @@ struct KvWritePlan {
   std::vector<KvWriteRow> rows;
 };
 
-// Where row `pos` of a chunk's sequence is read from (this step's rows or an earlier one's, for groups).
+// Where row `pos` of a chunk's sequence is read from (this step's rows or an earlier one's, for groups). The
+// step's own rows (pos >= chunk.start_pos) must lie row_stride elements apart (plan_kv_writes).
 using KvRowSource = std::function<const uint16_t*(const SequenceChunk& chunk, int64_t pos, KvKind kind, int kv_head)>;
 // Byte offset of a block in the pool.
 using KvBlockOffset = std::function<int64_t(KvKind kind, int32_t page, int kv_head)>;
 
 // The runs CpuBackend::write_kv encodes for this step, in its order: per chunk, keys then values, per
 // page, per KV head; grouped codecs get the groups the step completes. sinks: effective sinks (0 unless int/nuq).
+// A run of the step's own rows is consecutive (source(chunk, pos + 1, ..) = source(chunk, pos, ..) + row_stride);
+// one that reads earlier rows (a KIVI key group the step completes) lists its rows.
 KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, const PageBlockLayout& key_layout,
                            const PageBlockLayout& value_layout, int n_kv_heads, int sinks, const KvRowSource& source,
-                           const KvBlockOffset& block_offset);
+                           int64_t row_stride, const KvBlockOffset& block_offset);
 
 bool kv_quantize_supported(int head_dim);  // 64 and 128
 

@@ -590,8 +590,9 @@ json bench_quantize(double copy_gbs) {
                                      int32_t(writes.plan.runs.size()), writes.rows.get(), counts.get(), n_sms, nullptr);
           },
           3, 15);
-      double bytes = double(writes.plan.rows.size()) * D * 2;
+      double bytes = 0;  // the fp16 rows read and the blocks written
       for (const cuda::KvWriteRun& run : writes.plan.runs) {
+        bytes += double(run.n_rows) * D * 2;
         bytes += run.kind == static_cast<int32_t>(KvKind::key) ? key_layout.block_bytes : value_layout.block_bytes;
       }
       const double gbs = bytes / (ms * 1e-3) / 1e9;

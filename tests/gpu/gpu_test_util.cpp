@@ -145,7 +145,7 @@ cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const Pag
                                                     : n_kv_heads * int64_t{key_layout.block_bytes} +
                                                           h * int64_t{value_layout.block_bytes});
   };
-  return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, block_offset);
+  return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, 2 * kv_dim, block_offset);
 }
 }  // namespace
 

@@ -44,7 +44,8 @@ using cuda::PageBlockLayout;
 
 // ---- the planner (no GPU) ----
 
-// Fake row sources: pointer = base + ((pos * 2 + kind) * 8 + head), so the test can read back what was asked for.
+// Fake row sources: pointer = base + ((pos * 2 + kind) * 8 + head), so the test can read back what was asked for
+// (consecutive positions 16 elements apart).
 uint16_t g_fake_rows[1 << 16];
 int64_t fake_code(const uint16_t* p) { return p - g_fake_rows; }
 
@@ -55,7 +56,7 @@ KvWritePlan plan_for(const StepBatch& batch, const PageTables& tables, const std
   const PageCodec values(f, KvKind::value, tables.page_size(), 64, page_ranges);
   return cuda::plan_kv_writes(
       batch, tables, cuda::page_block_layout(keys), cuda::page_block_layout(values), n_kv_heads, sinks,
-      [](const SequenceChunk&, int64_t pos, KvKind kind, int h) { return g_fake_rows + (pos * 2 + int(kind)) * 8 + h; },
+      [](const SequenceChunk&, int64_t pos, KvKind kind, int h) { return g_fake_rows + (pos * 2 + int(kind)) * 8 + h; }, 16,
       [](KvKind kind, int32_t page, int h) { return int64_t{page} * 1000 + int(kind) * 100 + h; });
 }
 
@@ -73,7 +74,7 @@ TEST(KvQuantizePlan, PerRowFormatsSplitAtPagesWithSinks) {
   const KvWritePlan plan = plan_for(one_chunk(0, 0, 40), tables, "nuq3-1%", 2, 3, false);
   // Keys then values; pages [0,16), [16,32), [32,40); heads 0 and 1.
   ASSERT_EQ(plan.runs.size(), 12u);
-  ASSERT_EQ(plan.rows.size(), 160u);
+  EXPECT_EQ(plan.rows.size(), 0u);  // the step's own rows: every run consecutive
   const int32_t expected_rows[] = {16, 16, 16, 16, 8, 8};
   for (int r = 0; r < 12; ++r) {
     const KvWriteRun& run = plan.runs[r];
@@ -82,8 +83,9 @@ TEST(KvQuantizePlan, PerRowFormatsSplitAtPagesWithSinks) {
     EXPECT_EQ(run.kv_head, r % 2) << r;
     EXPECT_EQ(run.n_rows, expected_rows[r % 6]) << r;
     EXPECT_EQ(run.block_offset, int64_t{tables.pages(0)[page_index]} * 1000 + run.kind * 100 + run.kv_head) << r;
+    EXPECT_EQ(run.first_row, cuda::kConsecutiveRows) << r;
     for (int i = 0; i < run.n_rows; ++i) {
-      const KvWriteRow& row = plan.rows[run.first_row + i];
+      const KvWriteRow row = cuda::run_row(run, plan.rows.data(), i);
       const int64_t pos = page_index * 16 + i;
       EXPECT_EQ(row.page_row, pos % 16);
       EXPECT_EQ(row.exact, pos < 3 ? 1 : 0);
@@ -93,7 +95,7 @@ TEST(KvQuantizePlan, PerRowFormatsSplitAtPagesWithSinks) {
   // A decode step mid-page: one row per kind and head.
   const KvWritePlan step = plan_for(one_chunk(0, 40, 1), tables, "nuq3-1%", 2, 3, false);
   ASSERT_EQ(step.runs.size(), 4u);
-  EXPECT_EQ(step.rows[0].page_row, 8);
+  EXPECT_EQ(cuda::run_row(step.runs[0], step.rows.data(), 0).page_row, 8);
   EXPECT_EQ(step.runs[0].block_offset, int64_t{tables.pages(0)[2]} * 1000);
 }
 
@@ -106,18 +108,22 @@ TEST(KvQuantizePlan, GroupedKeysWaitForWholeGroups) {
   ASSERT_EQ(kivi.runs.size(), 3u);
   EXPECT_EQ(kivi.runs[0].kind, 0);
   EXPECT_EQ(kivi.runs[0].n_rows, 32);
+  ASSERT_NE(kivi.runs[0].first_row, cuda::kConsecutiveRows);      // it reads earlier steps' rows: listed
+  ASSERT_EQ(kivi.rows.size(), 32u);
   EXPECT_EQ(fake_code(kivi.rows[kivi.runs[0].first_row].src), 0);  // from position 0, an earlier step's row
+  EXPECT_EQ(fake_code(kivi.rows[kivi.runs[0].first_row + 31].src), 31 * 16);
   EXPECT_EQ(kivi.runs[1].n_rows, 2);                               // values 30, 31
   EXPECT_EQ(kivi.runs[2].n_rows, 3);                               // values 32..34 on the next page
-  EXPECT_EQ(kivi.rows[kivi.runs[2].first_row].page_row, 0);
+  EXPECT_EQ(cuda::run_row(kivi.runs[2], kivi.rows.data(), 0).page_row, 0);
+  EXPECT_EQ(fake_code(cuda::run_row(kivi.runs[2], kivi.rows.data(), 2).src), (34 * 2 + 1) * 8);
   // A step that completes no key group writes values only.
   EXPECT_EQ(plan_for(one_chunk(0, 35, 3), tables, "kivi2", 1, 0, false).runs.size(), 1u);
   // --kscale page: keys when the page is full, the sinks inside it flagged.
   const KvWritePlan page = plan_for(one_chunk(0, 0, 40), tables, "int3", 1, 2, true);
   ASSERT_EQ(page.runs.size(), 3u);
   EXPECT_EQ(page.runs[0].n_rows, 32);
-  EXPECT_EQ(page.rows[0].exact, 1);
-  EXPECT_EQ(page.rows[2].exact, 0);
+  EXPECT_EQ(cuda::run_row(page.runs[0], page.rows.data(), 1).exact, 1);
+  EXPECT_EQ(cuda::run_row(page.runs[0], page.rows.data(), 2).exact, 0);
   EXPECT_EQ(page.runs[1].kind, 1);
 }
 
@@ -341,7 +347,7 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
           }
           return device_base + step_elements + history_index(chunk.seq, pos, kind, h);
         },
-        block_offset);
+        stride, block_offset);
 
     DeviceArray<KvWriteRun> d_runs(plan.runs.size());
     DeviceArray<KvWriteRow> d_rows(plan.rows.size());
@@ -358,13 +364,13 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
       std::vector<float> x(size_t(run.n_rows) * head_dim);
       int exact_rows = 0;
       for (int i = 0; i < run.n_rows; ++i) {
-        const KvWriteRow& row = plan.rows[run.first_row + i];
+        const KvWriteRow row = cuda::run_row(run, plan.rows.data(), i);
         const uint16_t* src = sources.data() + (row.src - device_base);
         for (int c = 0; c < head_dim; ++c) x[size_t(i) * head_dim + c] = fp16_to_fp32(src[c]);
         exact_rows += row.exact;
       }
       const PageCodec& codec = kind == KvKind::key ? key_codec : value_codec;
-      codec.encode(cpu_pool.data() + run.block_offset, plan.rows[run.first_row].page_row, run.n_rows, x.data(), exact_rows,
+      codec.encode(cpu_pool.data() + run.block_offset, cuda::run_row(run, plan.rows.data(), 0).page_row, run.n_rows, x.data(), exact_rows,
                    calib.head(kind, run.kv_head, head_dim), cpu_counts);
     }
     for (const SequenceChunk& chunk : batch.chunks) {
@@ -543,6 +549,7 @@ TEST(KvQuantizeBench, DISABLED_PrefillStepWrite) {
           [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) {
             return d_rows.get() + size_t(chunk.first_row + pos - chunk.start_pos) * 2 * kv_dim + int(kind) * kv_dim + h * head_dim;
           },
+          2 * kv_dim,
           [&](KvKind kind, int32_t page, int h) {
             return int64_t(page * page_bytes + (kind == KvKind::key ? h * keys.block_bytes()
                                                                     : n_kv_heads * keys.block_bytes() + h * values.block_bytes()));
