@@ -145,7 +145,7 @@ namespace {
 // Threads a CTA: kThreads, or at head_dim 64 kFewRunsThreads for a launch of few runs (KvQuantizeCtas), which
 // encodes more rows of a run at once where the SMs would otherwise sit idle (quantize_run's kCtaThreads).
 constexpr int kThreads = 128;
-constexpr int kFewRunsThreads = 256;
+constexpr int kFewRunsThreads = 512;
 constexpr int kMaxWarps = kFewRunsThreads / 32;
 constexpr int kMaxCodebook = 16;
 
@@ -928,6 +928,8 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
+// Register counts below are ptxas's (nvcc 13.0); since the run's rows sit in a shared-memory table (session 19)
+// the kernels take 64, 64 and 61.
 // Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; 71 used): with 2 channels a lane
 // and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
 // quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take
@@ -991,7 +993,8 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts};
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
   // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
-  // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27).
+  // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27), four times the warps
+  // (512 threads, 32 rows in flight) smollm2-135m's prefill at 2048 x 64 a further 2.6% (H100, session 19).
   const bool few_runs = ctas == KvQuantizeCtas::by_launch ? n_runs <= 2 * n_sms : ctas == KvQuantizeCtas::few_runs;
   auto launch = [&](auto kernel, int threads, size_t smem) {
     constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)

@@ -125,7 +125,7 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
 
 bool kv_quantize_supported(int head_dim);  // 64 and 128
 
-// The CTAs of launch_kv_quantize at head_dim 64: twice the threads where the launch has few runs for the
+// The CTAs of launch_kv_quantize at head_dim 64: four times the threads where the launch has few runs for the
 // device's n_sms multiprocessors (a CTA encodes a run's rows a few at a time, so a small step leaves the
 // device idle), else the occupancy-bound kind; or either forced (the tests run both). Head_dim 128 has one
 // kind.
