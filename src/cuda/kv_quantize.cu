@@ -25,6 +25,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "core/error.h"
@@ -105,6 +106,7 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
                            const PageBlockLayout& value_layout, int n_kv_heads, int sinks, const KvRowSource& source,
                            int64_t row_stride, const KvBlockOffset& block_offset) {
   const int page_size = tables.page_size();
+  if (row_stride <= 0 || row_stride > INT32_MAX) fail("KV writes: a row stride of {} elements", row_stride);
   KvWritePlan plan;
   for (const SequenceChunk& chunk : batch.chunks) {
     const int64_t end = chunk.start_pos + chunk.n_tokens;
@@ -121,13 +123,19 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
                          static_cast<int32_t>(kind), h};
           if (lo >= chunk.start_pos) {
             run.src = source(chunk, lo, kind, h);
+            // The kernel reads row i at src + i * stride: a source laid out otherwise would corrupt blocks silently.
+            if (source(chunk, hi - 1, kind, h) != run.src + (hi - 1 - lo) * row_stride) {
+              fail("KV writes: rows {}..{} of sequence {} are not {} elements apart", lo, hi - 1, chunk.seq,
+                   row_stride);
+            }
             run.src_stride = static_cast<int32_t>(row_stride);
             run.first_page_row = static_cast<int32_t>(lo % page_size);
             run.n_sinks = static_cast<int32_t>(std::clamp<int64_t>(sinks - lo, 0, hi - lo));
           } else {
             run.first_row = static_cast<int32_t>(plan.rows.size());
             for (int64_t pos = lo; pos < hi; ++pos) {
-              plan.rows.push_back({source(chunk, pos, kind, h), static_cast<int32_t>(pos % page_size), pos < sinks ? 1 : 0});
+              plan.rows.push_back(
+                  {source(chunk, pos, kind, h), static_cast<int32_t>(pos % page_size), pos < sinks ? 1 : 0});
             }
           }
           plan.runs.push_back(run);
@@ -797,8 +805,9 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   const KvWriteRun run = args.runs[blockIdx.x];
   if (run.n_rows == 0) return;  // padding
   const PageBlockLayout& layout = args.layouts[run.kind];
-  // The run's rows, listed or consecutive, in one table the loops read (computing a consecutive run's rows where
-  // they are read instead took 128 registers at head_dim 128, or bounded to 64 ran nuq3-1% 12% slower).
+  // The run's rows, listed or consecutive, in one table the loops read. Computing a consecutive run's rows where
+  // they are read instead took 128 registers at head_dim 128 (nuq3-1% 0.63 ms against 0.40), or bounded to 64
+  // ran 12% slower (kvq-gpu-bench --parts quantize, llama2-7b 4 x 2048, H100, 2026-11-27).
   KvWriteRow* rows = reinterpret_cast<KvWriteRow*>(shared + kRowTableOffset<kHeadDim>);
   int* slot_start = reinterpret_cast<int*>(rows + layout.page_size);
   int* slot_take = slot_start + layout.page_size;
@@ -928,17 +937,20 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
-// Register counts below are ptxas's (nvcc 13.0); since the run's rows sit in a shared-memory table (session 19)
-// the kernels take 64, 64 and 61.
-// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; 71 used): with 2 channels a lane
-// and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
+// Registers (ptxas, nvcc 13.0) since the run's rows sit in a shared-memory table: kv_quantize_kernel_64 64,
+// kv_quantize_kernel_64_few_runs 64, kv_quantize_kernel_128 61; the history below is of the bounds chosen.
+// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; then 71 used): with 2 channels a
+// lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
 // quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take
-// kFewRunsThreads (64 registers). One kernel for both, its loops strided by blockDim.x, ran head_dim 128's
-// nuq3-1% in 0.45 ms instead of 0.42: the CTA size is a compile-time constant of each kernel.
-// Head_dim 128 unbounded (64 registers since the row scratch is sized for kFewRunsThreads, 72 before, and
-// 5% faster: nuq3-1% 0.425 -> 0.401 ms, llama2-7b 4 x 2048, H100, 2026-11-27; bounded to 7 blocks at 71 it
-// ran 5% slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms
-// instead of 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
+// kFewRunsThreads. One kernel for both, its loops strided by blockDim.x, ran head_dim 128's nuq3-1% in 0.45 ms
+// instead of 0.42: the CTA size is a compile-time constant of each kernel.
+// Head_dim 128 unbounded (64 registers once the row scratch was sized for kFewRunsThreads, 72 before, and 5%
+// faster: nuq3-1% 0.425 -> 0.401 ms, llama2-7b 4 x 2048, H100, 2026-11-27; bounded to 7 blocks at 71 it ran 5%
+// slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
+// 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
+// The scratch is sized for kFewRunsThreads' rows in flight in every kernel (Scratch<64> ~22 KB, Scratch<128>
+// ~25 KB with 512): at pages of 512 rows that leaves room for 5 blocks of kv_quantize_kernel_64, not 7 (not
+// timed; the default pages are 64 rows).
 __global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64, kThreads>(args); }
 __global__ void __launch_bounds__(kFewRunsThreads) kv_quantize_kernel_64_few_runs(KernelArgs args) {
   quantize_run<64, kFewRunsThreads>(args);
@@ -994,7 +1006,8 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
   // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
   // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27), four times the warps
-  // (512 threads, 32 rows in flight) smollm2-135m's prefill at 2048 x 64 a further 2.6% (H100, session 19).
+  // (512 threads, 32 rows in flight) made smollm2-135m's prefill at 2048 x 64 a further 2.6% faster (kvq bench
+  // --dummy smollm2-135m --prompt-len 2048 --batch 64, three rounds, H100, 2026-11-27).
   const bool few_runs = ctas == KvQuantizeCtas::by_launch ? n_runs <= 2 * n_sms : ctas == KvQuantizeCtas::few_runs;
   auto launch = [&](auto kernel, int threads, size_t smem) {
     constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)

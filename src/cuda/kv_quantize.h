@@ -90,10 +90,10 @@ struct KvWriteRun {
   int32_t kv_head;       // selects the calibrated key ranges
   // Consecutive rows: row i reads src + i * src_stride, writes page row first_page_row + i, and is a sink (exact)
   // for i < n_sinks.
-  const uint16_t* src;
-  int32_t src_stride;  // elements
-  int32_t first_page_row;
-  int32_t n_sinks;
+  const uint16_t* src;     // (n_rows rows src_stride apart, head_dim each) fp16 bits, as KvWriteRow::src
+  int32_t src_stride;      // elements
+  int32_t first_page_row;  // the first row's row in the block
+  int32_t n_sinks;         // leading rows that are sinks (KvWriteRow::exact)
 };
 constexpr int32_t kConsecutiveRows = -1;
 

@@ -9,8 +9,9 @@
 // mma_sync.cuh): a pipeline of kStages stages, each the whole K and V blocks
 // (codes, row and group parameters, outlier slots: contiguous per block) of
 // `pages_per_stage` consecutive pages of the sequence, copied by the TMA (a
-// bulk copy a block, issued by one thread, landing on the stage's mbarrier).
-// Once a stage has landed (its mbarrier, then a block barrier), each of
+// bulk copy a block, issued by one thread, landing on the stage's mbarrier;
+// a block barrier before each refill, once every warp is done with the buffer).
+// Once a stage has landed (its mbarrier), each of
 // the 4 warps takes a run of consecutive 16-key tiles of the stage and, per
 // tile:
 //   - decodes the 16 key rows into a per-warp fp16 tile (16, head_dim) in shared
@@ -112,7 +113,7 @@ struct PageStageShape {
   int32_t pair_bytes;   // K block + V block bytes of one page and KV head
   int32_t stage_bytes;  // pages_per_stage * pair_bytes
   int32_t tiles_offset;
-  int32_t barriers_offset;
+  int32_t barriers_offset;  // kStages mbarriers (8 bytes each), after the tiles and the merge's floats
   int32_t smem_bytes;
 };
 
@@ -322,7 +323,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
   // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block), copied by
   // thread 0 as one bulk copy a block (block_bytes are multiples of 16) that lands on stage_full[s % kStages]:
-  // the copies of 16-byte chunks by every thread they replace took ~10% of the kernel's instructions (session 18).
+  // the copies of 16-byte chunks by every thread they replace took ~10% of the kernel's instructions (Nsight
+  // Compute source counters, H200, 2026-11-27), and the bulk copies made smollm2 64 x 8192 nuq3-1% 4% faster
+  // (kvq-gpu-bench --parts qdecode, H200, 2026-11-27).
   uint64_t* stage_full = reinterpret_cast<uint64_t*>(smem + shape.barriers_offset);
   if (threadIdx.x == 0) {
     for (int b = 0; b < kStages; ++b) mbarrier_init(&stage_full[b], 1);

@@ -15,8 +15,9 @@ namespace kvq::gputest {
 bool has_cuda_device() { return !list_cuda_devices().empty(); }
 
 int device_sm_count() {
-  int n_sms = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, 0));
+  int device = 0, n_sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device));
   return n_sms;
 }
 
@@ -145,7 +146,8 @@ cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const Pag
                                                     : n_kv_heads * int64_t{key_layout.block_bytes} +
                                                           h * int64_t{value_layout.block_bytes});
   };
-  return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, 2 * kv_dim, block_offset);
+  return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, 2 * kv_dim,
+                              block_offset);
 }
 }  // namespace
 

@@ -24,7 +24,7 @@
 namespace kvq::gputest {
 
 bool has_cuda_device();
-int device_sm_count();  // multiprocessors of device 0
+int device_sm_count();  // multiprocessors of the current device
 
 template <typename T>
 class DeviceArray {

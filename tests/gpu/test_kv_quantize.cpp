@@ -23,6 +23,7 @@
 
 #include "calib/calibration_file.h"
 #include "core/dtypes.h"
+#include "core/error.h"
 #include "cuda/kv_quantize.h"
 #include "engine/step_batch.h"
 #include "gpu_test_util.h"
@@ -56,8 +57,8 @@ KvWritePlan plan_for(const StepBatch& batch, const PageTables& tables, const std
   const PageCodec values(f, KvKind::value, tables.page_size(), 64, page_ranges);
   return cuda::plan_kv_writes(
       batch, tables, cuda::page_block_layout(keys), cuda::page_block_layout(values), n_kv_heads, sinks,
-      [](const SequenceChunk&, int64_t pos, KvKind kind, int h) { return g_fake_rows + (pos * 2 + int(kind)) * 8 + h; }, 16,
-      [](KvKind kind, int32_t page, int h) { return int64_t{page} * 1000 + int(kind) * 100 + h; });
+      [](const SequenceChunk&, int64_t pos, KvKind kind, int h) { return g_fake_rows + (pos * 2 + int(kind)) * 8 + h; },
+      16, [](KvKind kind, int32_t page, int h) { return int64_t{page} * 1000 + int(kind) * 100 + h; });
 }
 
 StepBatch one_chunk(int32_t seq, int64_t start, int32_t n) {
@@ -97,6 +98,25 @@ TEST(KvQuantizePlan, PerRowFormatsSplitAtPagesWithSinks) {
   ASSERT_EQ(step.runs.size(), 4u);
   EXPECT_EQ(cuda::run_row(step.runs[0], step.rows.data(), 0).page_row, 8);
   EXPECT_EQ(step.runs[0].block_offset, int64_t{tables.pages(0)[2]} * 1000);
+}
+
+TEST(KvQuantizePlan, RefusesRowsOffTheStride) {
+  PageTables tables(8, 16);
+  tables.add_sequence(0);
+  ASSERT_TRUE(tables.reserve(0, 48));
+  const KvFormat f = parse_kv_format("nuq3-1%");
+  const PageCodec keys(f, KvKind::key, 16, 64, false), values(f, KvKind::value, 16, 64, false);
+  const auto plan = [&](int64_t stride) {
+    return cuda::plan_kv_writes(
+        one_chunk(0, 0, 40), tables, cuda::page_block_layout(keys), cuda::page_block_layout(values), 2, 3,
+        [](const SequenceChunk&, int64_t pos, KvKind kind, int h) {
+          return g_fake_rows + (pos * 2 + int(kind)) * 8 + h;
+        },
+        stride, [](KvKind, int32_t page, int) { return int64_t{page} * 1000; });
+  };
+  EXPECT_NO_THROW(plan(16));
+  EXPECT_THROW(plan(15), Error);  // the fake rows are 16 elements apart
+  EXPECT_THROW(plan(0), Error);
 }
 
 TEST(KvQuantizePlan, GroupedKeysWaitForWholeGroups) {
@@ -354,8 +374,8 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     d_runs.upload(plan.runs);
     d_rows.upload(plan.rows);
     cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
-                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(), nullptr,
-                             ctas);
+                             static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(),
+                             nullptr, ctas);
     CUDA_CHECK(cudaDeviceSynchronize());
 
     // The CPU codec over the same runs, from the host copy of the same rows.
@@ -370,8 +390,8 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
         exact_rows += row.exact;
       }
       const PageCodec& codec = kind == KvKind::key ? key_codec : value_codec;
-      codec.encode(cpu_pool.data() + run.block_offset, cuda::run_row(run, plan.rows.data(), 0).page_row, run.n_rows, x.data(), exact_rows,
-                   calib.head(kind, run.kv_head, head_dim), cpu_counts);
+      codec.encode(cpu_pool.data() + run.block_offset, cuda::run_row(run, plan.rows.data(), 0).page_row, run.n_rows,
+                   x.data(), exact_rows, calib.head(kind, run.kv_head, head_dim), cpu_counts);
     }
     for (const SequenceChunk& chunk : batch.chunks) {
       tables.append(chunk.seq, chunk.n_tokens);
