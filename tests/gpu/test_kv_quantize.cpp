@@ -46,19 +46,21 @@ using cuda::PageBlockLayout;
 // ---- the planner (no GPU) ----
 
 // Fake row sources: pointer = base + ((pos * 2 + kind) * 8 + head), so the test can read back what was asked for
-// (consecutive positions 16 elements apart).
+// (consecutive positions kFakeRowStride elements apart).
 uint16_t g_fake_rows[1 << 16];
+constexpr int64_t kFakeRowStride = 16;
 int64_t fake_code(const uint16_t* p) { return p - g_fake_rows; }
 
+// row_stride: what the planner is told of the sources' layout.
 KvWritePlan plan_for(const StepBatch& batch, const PageTables& tables, const std::string& format, int n_kv_heads,
-                     int sinks, bool page_ranges) {
+                     int sinks, bool page_ranges, int64_t row_stride = kFakeRowStride) {
   const KvFormat f = parse_kv_format(format);
   const PageCodec keys(f, KvKind::key, tables.page_size(), 64, page_ranges);
   const PageCodec values(f, KvKind::value, tables.page_size(), 64, page_ranges);
   return cuda::plan_kv_writes(
       batch, tables, cuda::page_block_layout(keys), cuda::page_block_layout(values), n_kv_heads, sinks,
       [](const SequenceChunk&, int64_t pos, KvKind kind, int h) { return g_fake_rows + (pos * 2 + int(kind)) * 8 + h; },
-      16, [](KvKind kind, int32_t page, int h) { return int64_t{page} * 1000 + int(kind) * 100 + h; });
+      row_stride, [](KvKind kind, int32_t page, int h) { return int64_t{page} * 1000 + int(kind) * 100 + h; });
 }
 
 StepBatch one_chunk(int32_t seq, int64_t start, int32_t n) {
@@ -104,18 +106,9 @@ TEST(KvQuantizePlan, RefusesRowsOffTheStride) {
   PageTables tables(8, 16);
   tables.add_sequence(0);
   ASSERT_TRUE(tables.reserve(0, 48));
-  const KvFormat f = parse_kv_format("nuq3-1%");
-  const PageCodec keys(f, KvKind::key, 16, 64, false), values(f, KvKind::value, 16, 64, false);
-  const auto plan = [&](int64_t stride) {
-    return cuda::plan_kv_writes(
-        one_chunk(0, 0, 40), tables, cuda::page_block_layout(keys), cuda::page_block_layout(values), 2, 3,
-        [](const SequenceChunk&, int64_t pos, KvKind kind, int h) {
-          return g_fake_rows + (pos * 2 + int(kind)) * 8 + h;
-        },
-        stride, [](KvKind, int32_t page, int) { return int64_t{page} * 1000; });
-  };
-  EXPECT_NO_THROW(plan(16));
-  EXPECT_THROW(plan(15), Error);  // the fake rows are 16 elements apart
+  const auto plan = [&](int64_t stride) { return plan_for(one_chunk(0, 0, 40), tables, "nuq3-1%", 2, 3, false, stride); };
+  EXPECT_NO_THROW(plan(kFakeRowStride));
+  EXPECT_THROW(plan(kFakeRowStride - 1), Error);
   EXPECT_THROW(plan(0), Error);
 }
 
