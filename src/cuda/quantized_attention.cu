@@ -4,6 +4,9 @@
 // head with every query head of the group. Two kernels over the same split
 // array, each skipping the other's splits, write the partial results in decode
 // attention's format (decode_partials.cuh), which launch_decode_combine merges:
+// a page kernel (page_fragment_kernel for int and nuq pages with calibrated key
+// ranges, whose lanes decode straight into their mma fragments: see its section;
+// page_split_kernel for the rest) and exact_split_kernel.
 //
 // page_split_kernel (splits of the pages), on the tensor cores (mma.sync,
 // mma_sync.cuh): a pipeline of kStages stages, each the whole K and V blocks
@@ -239,6 +242,19 @@ __device__ __forceinline__ uint32_t pair_slot(const uint32_t* slots, int n_slots
   return slot;
 }
 
+// The slot of the other element of slot `at`'s RoPE pair where that is an outlier too, else slots[at], for slot
+// `at` of a tile's range of n_range slots (first_round: the lanes holding its first 32, one each, every one of
+// which calls this): from the lane holding it when the range is one round (a row's slots are all in the range),
+// else searched among the row's slots (pair_slot).
+template <int D>
+__device__ __forceinline__ uint32_t partner_slot(const uint32_t* slots, int n_slots, int at, int n_range,
+                                                 unsigned first_round, int lane) {
+  const uint32_t slot = slots[at];
+  if (n_range > 32) return pair_slot(slots, n_slots, at, D);
+  const unsigned same_pair = __match_any_sync(first_round, slot_index(slot) >> 1) & ~(1u << lane);
+  return __shfl_sync(first_round, slot, same_pair ? __ffs(same_pair) - 1 : lane);
+}
+
 // An outlier's patch of a warp's tile: at `offset` of the tile (tile_offset), the half x0 (values) or the pair
 // of halves (x0, x1) rotated by `angle` (keys; offset even; (1, 0) leaves them as they are); offset -1: none.
 // Kept unrounded until stored, so that a patch made before the tile's decode waits for its angle's load only
@@ -290,6 +306,171 @@ __device__ __forceinline__ void load_query_fragments(const AttentionQuery& query
   }
 }
 
+// The split's pages of one KV head, staged kStages deep (the file comment): stage s holds pages first_page +
+// s * pages_per_stage + j, j < pages_per_stage, each (K block, V block), copied by thread 0 as one bulk copy a
+// block (block_bytes are multiples of 16) that lands on full[s % kStages]. The copies of 16-byte chunks by
+// every thread they replace took ~10% of the page kernel's instructions (Nsight Compute source counters,
+// H200, 2026-11-27), and the bulk copies made smollm2 64 x 8192 nuq3-1% 4% faster (kvq-gpu-bench --parts
+// qdecode, H200, 2026-11-27).
+struct SplitStages {
+  const uint8_t* pool;
+  const int32_t* pages;  // the row's page table
+  int64_t page_bytes, key_block_offset, value_block_offset;
+  int key_bytes, value_bytes;
+  int page_size, first_page, n_pages, n_stages;  // n_stages: uniform over the block
+  uint8_t* buffers;                              // kStages x shape.stage_bytes
+  uint64_t* full;                                // kStages mbarriers
+  PageStageShape shape;
+
+  __device__ uint8_t* stage(int s) const { return buffers + (s % kStages) * shape.stage_bytes; }
+  __device__ int stage_pages(int s) const { return min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage); }
+  // The position of stage s's first key.
+  __device__ int stage_pos(int s) const { return (first_page + s * shape.pages_per_stage) * page_size; }
+  // Thread 0: stage s's copies.
+  __device__ void issue(int s) const {
+    uint8_t* buffer = stage(s);
+    const int n = stage_pages(s);
+    uint64_t* bar = &full[s % kStages];
+    mbarrier_arrive_expect_tx(bar, n * shape.pair_bytes);
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* page = pool + __ldg(pages + first_page + s * shape.pages_per_stage + j) * page_bytes;
+      uint8_t* staged = buffer + j * shape.pair_bytes;
+      bulk_copy_to_shared(staged, page + key_block_offset, key_bytes, bar);
+      bulk_copy_to_shared(staged + key_bytes, page + value_block_offset, value_bytes, bar);
+    }
+  }
+  // Stage s's keys at positions [pos, end) (the split's end cuts the last stage) in 16-key tiles: warp w takes a
+  // run of consecutive tiles [tile, tile_end) (empty where tile >= tile_end); a split starting mid-page (after
+  // the sinks) skips the tiles before its first key.
+  struct WarpTiles {
+    int pos, end, tile, tile_end;
+  };
+  __device__ WarpTiles warp_tiles(int s, const QuantizedSplit& split, int warp) const {
+    const int pos = stage_pos(s), end = min(split.key_end, pos + stage_pages(s) * page_size);
+    const int n_tiles = (end - pos + kTileKeys - 1) / kTileKeys;
+    const int tiles_per_warp = (n_tiles + kWarps - 1) / kWarps;
+    return {pos, end, max(warp * tiles_per_warp, (max(split.key_begin, pos) - pos) / kTileKeys),
+            min(n_tiles, (warp + 1) * tiles_per_warp)};
+  }
+  // Every thread, at the top of stage s's loop: waits for it to land, then (a block barrier: every thread is
+  // done with stage s - 1) thread 0 refills stage s - 1's buffer with stage s + kStages - 1.
+  __device__ void begin(int s) const {
+    mbarrier_wait(&full[s % kStages], (s / kStages) & 1);
+    __syncthreads();
+    if (threadIdx.x == 0 && s + kStages - 1 < n_stages) issue(s + kStages - 1);
+  }
+};
+
+// Initializes the mbarriers and issues the first kStages - 1 stages of `split`'s pages (every thread calls it).
+__device__ __forceinline__ SplitStages start_split_stages(const QuantizedPagedKv& kv, const AttentionChunk& row,
+                                                          const QuantizedSplit& split, int kv_head,
+                                                          const PageStageShape& shape, uint8_t* smem,
+                                                          int calib_bytes) {
+  SplitStages st;
+  st.pool = kv.pool;
+  st.pages = kv.page_table + row.page_offset;
+  st.key_bytes = kv.key_layout.block_bytes;
+  st.value_bytes = kv.value_layout.block_bytes;
+  st.page_bytes = int64_t{kv.n_kv_heads} * (st.key_bytes + st.value_bytes);
+  st.key_block_offset = int64_t{kv_head} * st.key_bytes;
+  st.value_block_offset = int64_t{kv.n_kv_heads} * st.key_bytes + int64_t{kv_head} * st.value_bytes;
+  st.page_size = kv.key_layout.page_size;
+  st.first_page = split.key_begin / st.page_size;
+  st.n_pages = (split.key_end - 1) / st.page_size + 1 - st.first_page;
+  st.n_stages = (st.n_pages + shape.pages_per_stage - 1) / shape.pages_per_stage;
+  st.buffers = smem + calib_bytes;
+  st.full = reinterpret_cast<uint64_t*>(smem + shape.barriers_offset);
+  st.shape = shape;
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < kStages; ++b) mbarrier_init(&st.full[b], 1);
+    mbarrier_init_fence();
+  }
+  __syncthreads();  // the mbarriers are initialized before any thread waits on one
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages - 1 && s < st.n_stages; ++s) st.issue(s);
+  }
+  return st;
+}
+
+// The online softmax of a warp's 16-key tile, as accumulate_key: score is the S^T (keys x heads) C fragment
+// (score[0..1] of key lane / 4, score[2..3] of key lane / 4 + 8, heads 2 (lane % 4) + {0, 1}); the max is
+// raised only past kRescaleSlack, each lane keeps the sum of its own keys' weights (summed over lanes at the
+// end). Branch-free (a correction of 1 when the max stays), so the warp stays converged for the mma. Returns P
+// (keys x heads) in fp16 as the B fragment of O^T += V^T P (k = keys, n = heads): the C layout transposed. The
+// sums take the rounded weights, so numerator and denominator weigh each key alike.
+template <int kDimTiles>
+__device__ __forceinline__ void tile_softmax(const float (&score)[4], bool valid_low, bool valid_high, float scale_log2,
+                                             float (&running_max)[2], float (&running_sum)[2],
+                                             float (&out)[kDimTiles][4], uint32_t (&p)[2]) {
+  float weight[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float low = score[h] * scale_log2, high = score[2 + h] * scale_log2;
+    float top = fmaxf(valid_low ? low : -INFINITY, valid_high ? high : -INFINITY);
+#pragma unroll
+    for (int offset = 4; offset < 32; offset *= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+    const float new_max = top > running_max[h] + kRescaleSlack ? top : running_max[h];
+    // new_max is finite once a key is valid; -inf - -inf would be NaN, so no correction without a change.
+    const float correction = new_max == running_max[h] ? 1.0f : fast_exp2(running_max[h] - new_max);
+    running_max[h] = new_max;
+    running_sum[h] *= correction;
+#pragma unroll
+    for (int mt = 0; mt < kDimTiles; ++mt) {
+      out[mt][h] *= correction;
+      out[mt][2 + h] *= correction;
+    }
+    weight[h] = valid_low ? fast_exp2(low - new_max) : 0.0f;  // at most 2^kRescaleSlack: fits fp16
+    weight[2 + h] = valid_high ? fast_exp2(high - new_max) : 0.0f;
+  }
+  const uint32_t p_low = half2_bits(weight[0], weight[1]), p_high = half2_bits(weight[2], weight[3]);
+  const float2 rounded_low = __half22float2(*reinterpret_cast<const __half2*>(&p_low));
+  const float2 rounded_high = __half22float2(*reinterpret_cast<const __half2*>(&p_high));
+  running_sum[0] += rounded_low.x + rounded_high.x;
+  running_sum[1] += rounded_low.y + rounded_high.y;
+  p[0] = movmatrix_trans(p_low);
+  p[1] = movmatrix_trans(p_high);
+}
+
+// The block merge of a page kernel: each warp's (max, sum) per head column and its O^T (out[mt][2 u + h]:
+// dim dim_of(mt, u) of head 2 (lane % 4) + h), then the split's partial result (decode_partials.cuh's format)
+// for the `group` real heads. Every thread calls it after its last tile; it reuses the shared memory from
+// `smem` on.
+template <int D, typename DimOf>
+__device__ __forceinline__ void merge_page_split(uint8_t* smem, float (&running_max)[2], float (&running_sum)[2],
+                                                 const float (&out)[D / 16][4], DimOf dim_of, int group, int kv_head,
+                                                 int split_index, int n_heads, DecodeWorkspace ws) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  // Each lane summed the weights of its own keys: the sum over the 8 lanes of its head columns.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int offset = 4; offset < 32; offset *= 2) running_sum[h] += __shfl_xor_sync(0xffffffffu, running_sum[h], offset);
+  }
+  __syncthreads();  // every thread is done with the stages and tiles before the merge reuses them
+  float* merge = reinterpret_cast<float*>(smem);
+  float(*s_max)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge);
+  float(*s_sum)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge + kWarps * kMmaHeads);
+  float(*s_out)[kMmaHeads][D] = reinterpret_cast<float(*)[kMmaHeads][D]>(merge + 2 * kWarps * kMmaHeads);
+  const int head_pair = 2 * (lane % 4);
+  if (lane < 4) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_max[warp][head_pair + h] = running_max[h];
+      s_sum[warp][head_pair + h] = running_sum[h];
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_out[warp][head_pair + h][dim_of(mt, 0)] = out[mt][h];
+      s_out[warp][head_pair + h][dim_of(mt, 1)] = out[mt][2 + h];
+    }
+  }
+  __syncthreads();
+  merge_split_parts<D, kMmaHeads, kWarps, kThreads>(merge, group, kv_head, split_index, n_heads, ws);
+}
+
 // One split of the pages of one KV head (the file comment tells the steps); the query heads of the group as
 // mma columns, so one kernel serves every group size up to 8.
 template <int D, int kBits>
@@ -311,43 +492,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   const int column = lane % Tile::kChunks, c0 = column * 8, lane_row = lane / Tile::kChunks;
   const PageBlockLayout& key_layout = kv.key_layout;
   const PageBlockLayout& value_layout = kv.value_layout;
-  const int page_size = key_layout.page_size;
-  const int key_bytes = key_layout.block_bytes;
-  const int64_t page_bytes = int64_t{kv.n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
-  const int64_t key_block_offset = int64_t{kv_head} * key_bytes;
-  const int64_t value_block_offset = int64_t{kv.n_kv_heads} * key_bytes + int64_t{kv_head} * value_layout.block_bytes;
-  const int32_t* pages = kv.page_table + row.page_offset;
-  const int first_page = split.key_begin / page_size;
-  const int n_pages = (split.key_end - 1) / page_size + 1 - first_page;
-  const int n_stages = (n_pages + shape.pages_per_stage - 1) / shape.pages_per_stage;  // uniform over the block
-
-  // Stage s: pages first_page + s * pages_per_stage + j, j < pages_per_stage, each (K block, V block), copied by
-  // thread 0 as one bulk copy a block (block_bytes are multiples of 16) that lands on stage_full[s % kStages]:
-  // the copies of 16-byte chunks by every thread they replace took ~10% of the kernel's instructions (Nsight
-  // Compute source counters, H200, 2026-11-27), and the bulk copies made smollm2 64 x 8192 nuq3-1% 4% faster
-  // (kvq-gpu-bench --parts qdecode, H200, 2026-11-27).
-  uint64_t* stage_full = reinterpret_cast<uint64_t*>(smem + shape.barriers_offset);
-  if (threadIdx.x == 0) {
-    for (int b = 0; b < kStages; ++b) mbarrier_init(&stage_full[b], 1);
-    mbarrier_init_fence();
-  }
-  __syncthreads();  // the mbarriers are initialized before any thread waits on one
-  const auto issue = [&](int s) {
-    uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
-    const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
-    uint64_t* full = &stage_full[s % kStages];
-    mbarrier_arrive_expect_tx(full, stage_pages * shape.pair_bytes);
-    for (int j = 0; j < stage_pages; ++j) {
-      const uint8_t* page = kv.pool + __ldg(pages + first_page + s * shape.pages_per_stage + j) * page_bytes;
-      uint8_t* staged = stage + j * shape.pair_bytes;
-      bulk_copy_to_shared(staged, page + key_block_offset, key_bytes, full);
-      bulk_copy_to_shared(staged + key_bytes, page + value_block_offset, value_layout.block_bytes, full);
-    }
-  };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages - 1 && s < n_stages; ++s) issue(s);
-  }
-
+  const SplitStages st = start_split_stages(kv, row, split, kv_head, shape, smem, kCalibBytes<D>);
+  const int page_size = st.page_size;
+  const int key_bytes = st.key_bytes;
   // Calibration in shared memory (read for every element; the first stage barrier publishes it).
   float* s_calib = reinterpret_cast<float*>(smem);
   const BlockCalibration global_key_calib = block_calibration(kv.calib, key_layout, kv_head);
@@ -404,25 +551,17 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
   // The loop bounds are uniform over the block (the barriers need every thread), the tile loop over the warp
   // (the mma, ldmatrix and shuffles need every lane).
-  for (int s = 0; s < n_stages; ++s) {
-    mbarrier_wait(&stage_full[s % kStages], (s / kStages) & 1);  // stage s has landed
-    __syncthreads();  // every thread is done with stage s - 1
-    if (threadIdx.x == 0 && s + kStages - 1 < n_stages) issue(s + kStages - 1);  // into stage s - 1's buffer
-    const uint8_t* stage = smem + kCalibBytes<D> + (s % kStages) * shape.stage_bytes;
-    const int stage_pages = min(shape.pages_per_stage, n_pages - s * shape.pages_per_stage);
+  for (int s = 0; s < st.n_stages; ++s) {
+    st.begin(s);
+    const uint8_t* stage = st.stage(s);
+    const int stage_pages = st.stage_pages(s);
 
-    // The stage's keys at positions [stage_pos, stage_end) (the split's end cuts the last stage) in tiles of
-    // kTileKeys: warp w takes a run of consecutive tiles, so a lane's rows (and RoPE angles) advance by
-    // kRowStep from one pass to the next across its tiles. A split starting mid-page (after the sinks) skips
-    // the tiles before its first key. Rows outside [key_begin, stage_end) (also those past the staged pages
-    // in a last partial tile) decode the stage's first row instead (staged, written and indexed whatever the
-    // split: finite values, so their zero weights add nothing) and their scores are masked.
-    const int stage_pos = (first_page + s * shape.pages_per_stage) * page_size;
-    const int stage_end = min(split.key_end, stage_pos + stage_pages * page_size);
-    const int n_tiles = (stage_end - stage_pos + kTileKeys - 1) / kTileKeys;
-    const int tiles_per_warp = (n_tiles + kWarps - 1) / kWarps;
-    const int tile_end = min(n_tiles, (warp + 1) * tiles_per_warp);
-    int tile = max(warp * tiles_per_warp, (max(split.key_begin, stage_pos) - stage_pos) / kTileKeys);
+    // The warp's run of the stage's tiles (SplitStages::warp_tiles): a lane's rows (and RoPE angles) advance by
+    // kRowStep from one pass to the next across them. Rows outside [key_begin, stage_end) (also those past the
+    // staged pages in a last partial tile) decode the stage's first row instead (staged, written and indexed
+    // whatever the split: finite values, so their zero weights add nothing) and their scores are masked.
+    const auto [stage_pos, stage_end, first_tile, tile_end] = st.warp_tiles(s, split, warp);
+    int tile = first_tile;
     if (tile >= tile_end) continue;  // nothing for this warp in this stage
     StageRow at = stage_row(tile * kTileKeys + lane_row, page_size);  // the lane's first row of the tile
     StageRow tile_at = stage_row(tile * kTileKeys, page_size);        // the tile's first row (no division per tile)
@@ -459,17 +598,8 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
         const auto slot_patch = [&](int page, const uint32_t* slots, int n_slots, int at_slot, int n_range,
                                     unsigned first_round) {
           const uint32_t slot = slots[at_slot];
-          // The other element of a key's RoPE pair (channels 2j, 2j + 1): from the lane holding its slot when the
-          // range is one round (a row's slots are all in the range), else searched among the row's slots.
-          uint32_t other = slot;
-          if constexpr (kPairs) {
-            if (n_range <= 32) {
-              const unsigned same_pair = __match_any_sync(first_round, slot_index(slot) >> 1) & ~(1u << lane);
-              other = __shfl_sync(first_round, slot, same_pair ? __ffs(same_pair) - 1 : lane);
-            } else {
-              other = pair_slot(slots, n_slots, at_slot, D);
-            }
-          }
+          // The other element of a key's RoPE pair (channels 2j, 2j + 1).
+          const uint32_t other = kPairs ? partner_slot<D>(slots, n_slots, at_slot, n_range, first_round, lane) : slot;
           const int page_row = static_cast<int>(slot_index(slot)) / D, column_of_slot = static_cast<int>(slot_index(slot)) % D;
           const int tile_row = page * page_size + page_row - tile_first, pos = tile_pos + tile_row;
           return pos >= split.key_begin && pos < stage_end ? patch(decode, page, page_row, column_of_slot, tile_row, slot, other)
@@ -594,40 +724,11 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       }
       __syncwarp();  // every lane has read the keys: the values may take their place
 
-      // Online softmax per head column, as accumulate_key: the max is raised only past kRescaleSlack, each
-      // lane keeps the sum of its own keys' weights (summed over lanes at the end). Branch-free (a correction
-      // of 1 when the max stays), so the warp stays converged for the mma.
       const int key = tile_pos + lane / 4;
-      const bool valid_low = key >= split.key_begin && key < stage_end;
-      const bool valid_high = key + 8 >= split.key_begin && key + 8 < stage_end;
-      float weight[4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float low = score[h] * scale_log2, high = score[2 + h] * scale_log2;
-        float top = fmaxf(valid_low ? low : -INFINITY, valid_high ? high : -INFINITY);
-#pragma unroll
-        for (int offset = 4; offset < 32; offset *= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
-        const float new_max = top > running_max[h] + kRescaleSlack ? top : running_max[h];
-        // new_max is finite once a key is valid; -inf - -inf would be NaN, so no correction without a change.
-        const float correction = new_max == running_max[h] ? 1.0f : fast_exp2(running_max[h] - new_max);
-        running_max[h] = new_max;
-        running_sum[h] *= correction;
-#pragma unroll
-        for (int mt = 0; mt < kDimTiles; ++mt) {
-          out[mt][h] *= correction;
-          out[mt][2 + h] *= correction;
-        }
-        weight[h] = valid_low ? fast_exp2(low - new_max) : 0.0f;  // at most 2^kRescaleSlack: fits fp16
-        weight[2 + h] = valid_high ? fast_exp2(high - new_max) : 0.0f;
-      }
-      // P (keys x heads) in fp16, as the mma's B operand (k = keys, n = heads): the C layout transposed. The sums
-      // take the rounded weights, so numerator and denominator weigh each key alike.
-      const uint32_t p_low = half2_bits(weight[0], weight[1]), p_high = half2_bits(weight[2], weight[3]);
-      const float2 rounded_low = __half22float2(*reinterpret_cast<const __half2*>(&p_low));
-      const float2 rounded_high = __half22float2(*reinterpret_cast<const __half2*>(&p_high));
-      running_sum[0] += rounded_low.x + rounded_high.x;
-      running_sum[1] += rounded_low.y + rounded_high.y;
-      const uint32_t p[2] = {movmatrix_trans(p_low), movmatrix_trans(p_high)};
+      uint32_t p[2];
+      tile_softmax<kDimTiles>(score, key >= split.key_begin && key < stage_end,
+                              key + 8 >= split.key_begin && key + 8 < stage_end, scale_log2, running_max, running_sum,
+                              out, p);
 
       // Values: decoded and rounded into the tile (the same rows as the keys); an outlier is its slot's half.
       at = fill_tile(
@@ -652,38 +753,428 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
       advance(tile_at, kTileKeys, page_size);
     }
   }
-  // Each lane summed the weights of its own keys: the sum over the 8 lanes of its head columns.
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int offset = 4; offset < 32; offset *= 2) running_sum[h] += __shfl_xor_sync(0xffffffffu, running_sum[h], offset);
-  }
-  __syncthreads();  // every thread is done with the stages and tiles before the merge reuses them
+  merge_page_split<D>(smem, running_max, running_sum, out,
+                      [&](int mt, int upper) { return 16 * mt + 8 * upper + lane / 4; }, group, kv_head, split_index,
+                      query.n_heads, ws);
+}
 
-  // The block merge: each warp's (max, sum) per head column and its O^T, then the split's partial result
-  // (decode_partials.cuh's format) for the `group` real heads.
-  float* merge = reinterpret_cast<float*>(smem);
-  float(*s_max)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge);
-  float(*s_sum)[kMmaHeads] = reinterpret_cast<float(*)[kMmaHeads]>(merge + kWarps * kMmaHeads);
-  float(*s_out)[kMmaHeads][D] = reinterpret_cast<float(*)[kMmaHeads][D]>(merge + 2 * kWarps * kMmaHeads);
-  const int head_pair = 2 * (lane % 4);
-  if (lane < 4) {
+// ---- page_fragment_kernel ----
+//
+// The packed formats with calibrated key ranges (int, nuq without --kscale page) on pre-RoPE keys, pages of a
+// multiple of 16 rows: each lane decodes its elements straight into its mma fragments, without the tile in
+// shared memory, its stores, ldmatrix and per-row bookkeeping. An mma's k index (and O^T's rows) may take any
+// order of dims as long as both operands (and the merge) agree, so a lane (lane = 4 g + t) takes runs of
+// consecutive dims:
+//   - keys, S^T = K Q^T: rows g and g + 8 of the tile, dims [t D / 4, (t + 1) D / 4); k-step kt holds dims
+//     fragment_key_dim + {0, 1} in a[0], a[1] and + {2, 3} in a[2], a[3] (whole RoPE pairs), Q loaded in the
+//     same order;
+//   - values, O^T += V^T P: keys 2t, 2t + 1, 2t + 8, 2t + 9 (P's rows as movmatrix gives them), dims
+//     [g D / 8, (g + 1) D / 8); m-tile mt holds dims fragment_value_dim (its row g) and + 1 (row g + 8).
+// RoPE: a key at tile row j of a tile at position base scores q . R(base + j) k = (R(base)^T q) . (R(j) k), so
+// the lane rotates its pre-RoPE keys by the angles of position j (the same few rows of the table for every
+// tile, cached) and the warp's Q once per tile by -base: reading each key's own angles took more bytes of the
+// table than the page's codes (call 1, 2026-11-28). The fp16 operands are R(j) k and R(base)^T q, rounded.
+// Key codes decode through a per-channel table (lo + (centre + 1) span, or lo + code step, for every code: the
+// FFMA of decode_packed1, done once), padded so that the 4 lanes reading different channels' entries at once
+// touch different banks; value codes through the codebook's centre + 1 (static shared arrays, so a lookup is
+// one load at the code's offset plus a constant).
+// Outliers go in through a second mma on a per-warp Δ tile (fp16, zero elsewhere): for each of the tile's slots
+// (spread over the lanes, found by warp ballots as in page_split_kernel) the exact element minus the decoded one
+// (keys: the rotated RoPE pair, so that the score sees the pair rotated with its outlier), stored at the column
+// of the dim's k (keys) or m (values) position, and cleared after the mma.
+
+__host__ __device__ constexpr int gcd_of(int a, int b) { return b == 0 ? a : gcd_of(b, a % b); }
+
+// The per-channel key table: channel c's 2^kBits entries at key_table_index(c, 0) on, each t block of D / 4
+// channels (a lane's run) kKeyTablePad floats after the last, so that the 4 t lanes' entries for the same code
+// fall in different banks (3 and 2 bits; 4 bits: two banks' worth apart).
+template <int D, int kBits>
+struct KeyTable {
+  static constexpr int kCodes = 1 << kBits;
+  static constexpr int kPad = kBits == 4 ? 16 : 8;  // floats; a multiple of kCodes: the code bits stay free
+  static constexpr int kBlockFloats = D / 4 * kCodes + kPad;
+  static constexpr int kFloats = 4 * kBlockFloats;
+  __device__ static constexpr int index(int c, int code) { return c / (D / 4) * kBlockFloats + c % (D / 4) * kCodes + code; }
+};
+
+// A float of shared memory at a shared-window address (__cvta_generic_to_shared); a constant added to the
+// address folds into the load's immediate.
+__device__ __forceinline__ float ld_shared_f32(uint32_t address) {
+  float x;
+  asm("ld.shared.f32 %0, [%1];" : "=f"(x) : "r"(address));
+  return x;
+}
+
+// The entry of a table of floats (shared) for the code in bits [shift, shift + kBits) of w (or, past 32 - kBits,
+// of w and next), `offset` bytes past the code's entry in the table at shared address `table` (its code bits,
+// 2 .. kBits + 1, zero): the address is one shift and one LOP3 away from the codes, and the load takes the
+// offset (a constant) as its immediate.
+template <int kBits>
+__device__ __forceinline__ float table_entry(uint32_t table, int offset, uint32_t w, uint32_t next, int shift) {
+  constexpr uint32_t kMask = ((1u << kBits) - 1) << 2;
+  const uint32_t bits = shift + kBits <= 32 ? (shift >= 2 ? w >> (shift - 2) : w << (2 - shift)) : __funnelshift_r(w, next, shift - 2);
+  return ld_shared_f32(((bits & kMask) | table) + offset);
+}
+
+// A run of kCodes codes of one row of a block (head_dim D), from element c0 on, as little-endian 32-bit words
+// (code i in bits [i kBits, i kBits + kBits)), loaded in kUnit-byte pieces: the largest power of two (up to 16)
+// dividing both the run's bytes and the row's, so every load is aligned whatever the row and the lane's c0 (a
+// multiple of kCodes).
+template <int D, int kBits, int kCodes>
+struct CodeRun {
+  static constexpr int kBytes = kCodes * kBits / 8;
+  static constexpr int kRowBytes = D * kBits / 8;
+  static constexpr int kAlign = gcd_of(kBytes, kRowBytes);
+  static constexpr int kUnit = kAlign % 16 == 0 ? 16 : kAlign % 8 == 0 ? 8 : kAlign % 4 == 0 ? 4 : kAlign % 2 == 0 ? 2 : 1;
+  static constexpr int kWords = (kBytes + 3) / 4;
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ void load(const uint8_t* codes, int row, int c0) {
+    const uint8_t* p = codes + row * kRowBytes + c0 * kBits / 8;
+    if constexpr (kUnit >= 4) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      s_max[warp][head_pair + h] = running_max[h];
-      s_sum[warp][head_pair + h] = running_sum[h];
+      for (int u = 0; u < kBytes / kUnit; ++u) {
+        if constexpr (kUnit == 16) {
+          const uint4 x = reinterpret_cast<const uint4*>(p)[u];
+          w[4 * u] = x.x, w[4 * u + 1] = x.y, w[4 * u + 2] = x.z, w[4 * u + 3] = x.w;
+        } else if constexpr (kUnit == 8) {
+          const uint2 x = reinterpret_cast<const uint2*>(p)[u];
+          w[2 * u] = x.x, w[2 * u + 1] = x.y;
+        } else {
+          w[u] = reinterpret_cast<const uint32_t*>(p)[u];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kWords; ++i) w[i] = 0;
+#pragma unroll
+      for (int u = 0; u < kBytes / kUnit; ++u) {
+        const uint32_t x = kUnit == 2 ? reinterpret_cast<const uint16_t*>(p)[u] : p[u];
+        w[u * kUnit / 4] |= x << (u * kUnit % 4 * 8);
+      }
     }
   }
-#pragma unroll
-  for (int mt = 0; mt < kDimTiles; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      s_out[warp][head_pair + h][16 * mt + lane / 4] = out[mt][h];
-      s_out[warp][head_pair + h][16 * mt + 8 + lane / 4] = out[mt][2 + h];
+  // The entry of code i (a compile-time constant once unrolled: the word and shift fold) in a table at shared
+  // address `table` (table_entry), `offset` bytes further.
+  __device__ __forceinline__ float entry(uint32_t table, int i, int offset = 0) const {
+    const int bit = i * kBits, word = bit / 32;
+    return table_entry<kBits>(table, offset, w[word], w[min(word + 1, kWords - 1)], bit % 32);
+  }
+};
+
+// The fragments' dims (the section comment): key k-step kt of lane t, value m-tile mt of lane g.
+template <int D>
+__device__ __forceinline__ int fragment_key_dim(int t, int kt) {
+  return t * (D / 4) + 4 * kt;
+}
+template <int D>
+__device__ __forceinline__ int fragment_value_dim(int g, int mt) {
+  return g * (D / 8) + 2 * mt;
+}
+// The Δ tile's column of dim d: the k index of the keys' fragments (ldmatrix_x4), the m index of the values'
+// (ldmatrix_x4_trans).
+template <int D>
+__device__ __forceinline__ int key_tile_column(int d) {
+  const int t = d / (D / 4), kt = d % (D / 4) / 4, r = d % 4;
+  return 16 * kt + 2 * t + (r < 2 ? r : 6 + r);
+}
+template <int D>
+__device__ __forceinline__ int value_tile_column(int d) {
+  const int g = d / (D / 8), rem = d % (D / 8);
+  return 16 * (rem / 2) + g + 8 * (rem % 2);
+}
+
+// rotate_pair with its roundings spelled out, so that a lane's fragment and an outlier's patch rotate the same
+// decoded pair to the same bits.
+__device__ __forceinline__ float2 rotate_pair_rn(float x0, float x1, float2 cs) {
+  return {__fmaf_rn(x0, cs.x, -__fmul_rn(x1, cs.y)), __fmaf_rn(x0, cs.y, __fmul_rn(x1, cs.x))};
+}
+
+// The patches of a tile's outlier slots: for each slot of the tile's rows [row_begin, row_begin + kTileKeys) of
+// a staged block (spread over the lanes), patch(slot, other, page_row, d, tile_row) with `other` the slot of the
+// RoPE partner (d ^ 1) where that is an outlier too, else the slot itself (kPairs; found as page_split_kernel
+// finds it). Every lane calls it; returns whether the tile has slots (the same on every lane).
+template <int D, bool kPairs, typename Patch>
+__device__ __forceinline__ bool for_tile_slots(const PageBlockLayout& layout, const uint8_t* block, int row_begin,
+                                               int lane, Patch&& patch) {
+  const uint32_t* slots = outlier_slots(layout, block);
+  const int n_slots = static_cast<int>(outlier_count(layout, block));
+  const int2 range = tile_slot_range(slots, n_slots, row_begin * D, (row_begin + kTileKeys) * D, lane);
+  const int n_range = range.y - range.x;
+  const unsigned first_round = __ballot_sync(0xffffffffu, lane < n_range);  // lanes holding a slot
+  for (int at = range.x + lane; at < range.y; at += 32) {
+    const uint32_t slot = slots[at];
+    const uint32_t other = kPairs ? partner_slot<D>(slots, n_slots, at, n_range, first_round, lane) : slot;
+    const int page_row = static_cast<int>(slot_index(slot)) / D;
+    patch(slot, other, page_row, static_cast<int>(slot_index(slot)) % D, page_row - row_begin);
+  }
+  return n_range > 0;
+}
+
+// Zeroes the Δ tile's entries a warp's patches wrote: one per lane (its offset, -1 for none) where the tile had
+// at most 32 slots, else the whole tile.
+template <int D>
+__device__ __forceinline__ void clear_delta_tile(__half* tile, bool many, int offset, int lane) {
+  if (many) {
+    for (int i = lane; i < kTileKeys * D / 8; i += 32) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
+  } else if (offset >= 0) {
+    *reinterpret_cast<uint32_t*>(tile + (offset & ~1)) = 0u;
+  }
+}
+
+// The fragment kernel's resident blocks per multiprocessor compiled for: head_dim 64 in 96 registers (5 blocks;
+// 8-24 bytes of spills, ptxas, nvcc 13.0), head_dim 128 in 168 (3; at 4 blocks, 128 registers, it spilled 64-72
+// bytes).
+template <int D>
+constexpr int kFragmentMinBlocks = D <= 64 ? 5 : 3;
+
+template <int D, int kBits, bool kCodebook>
+__global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
+    page_fragment_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows,
+                         const QuantizedSplit* splits, PageStageShape shape, DecodeWorkspace ws) {
+  constexpr int kDimTiles = D / 16;  // k-steps of S^T, m-tiles of O^T
+  using Table = KeyTable<D, kBits>;
+  using KeyRun = CodeRun<D, kBits, D / 4>;
+  using ValueRun = CodeRun<D, kBits, D / 8>;
+  __shared__ __align__(64) float s_key_table[Table::kFloats];        // 64-byte aligned: table_entry's code bits
+  __shared__ __align__(64) float s_value_centres[kCodebookFloats];  // centre + 1 (nuq) or the code (int)
+  // (cos, sin) of the tile rows' positions 0..15 per pair, rows kAngleRowFloats apart (padded: the 8 g lanes
+  // reading their rows at once fall in different banks).
+  constexpr int kAngleRowFloats = D + 4;
+  __shared__ __align__(16) float s_row_angles[kTileKeys * kAngleRowFloats];
+
+  const int split_index = blockIdx.x, kv_head = blockIdx.y;
+  const QuantizedSplit split = splits[split_index];
+  if (split.exact || split.key_begin == split.key_end) return;  // exact_split_kernel's, or padding
+  const AttentionChunk row = rows[split.row];
+  const int group = query.n_heads / kv.n_kv_heads;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  extern __shared__ uint4 s_dynamic[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(s_dynamic);
+  const PageBlockLayout& key_layout = kv.key_layout;
+  const PageBlockLayout& value_layout = kv.value_layout;
+  const SplitStages st = start_split_stages(kv, row, split, kv_head, shape, smem, kCalibBytes<D>);
+  const int page_size = st.page_size;
+
+  // The tables (published by the first stage's barrier): decode_packed1's values, computed as it computes them.
+  {
+    const BlockCalibration key_calib = block_calibration(kv.calib, key_layout, kv_head);
+    const BlockCalibration value_calib = block_calibration(kv.calib, value_layout, kv_head);
+    const auto x_of = [](const float* codebook, int code) {
+      return kCodebook ? __fadd_rn(codebook[code], 1.0f) : static_cast<float>(code);
+    };
+    for (int i = threadIdx.x; i < D * Table::kCodes; i += kThreads) {
+      const int c = i / Table::kCodes, code = i % Table::kCodes;
+      const float lo = key_calib.key_lo[c], hi = key_calib.key_hi[c];
+      const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+      s_key_table[Table::index(c, code)] = __fmaf_rn(x_of(key_calib.codebook, code), span, lo);
+    }
+    if (threadIdx.x < Table::kCodes) s_value_centres[threadIdx.x] = x_of(value_calib.codebook, threadIdx.x);
+    for (int i = threadIdx.x; i < kTileKeys * D / 2; i += kThreads) {
+      const float2 cs = kv.rope[i];  // row i / (D / 2), pair i % (D / 2)
+      s_row_angles[i / (D / 2) * kAngleRowFloats + i % (D / 2) * 2] = cs.x;
+      s_row_angles[i / (D / 2) * kAngleRowFloats + i % (D / 2) * 2 + 1] = cs.y;
     }
   }
-  __syncthreads();
-  merge_split_parts<D, kMmaHeads, kWarps, kThreads>(merge, group, kv_head, split_index, query.n_heads, ws);
+  // The lane's run of the key table and the value centres, as table_entry takes them.
+  const uint32_t key_table = smem_address(s_key_table + Table::index(t * (D / 4), 0));
+  const uint32_t value_centres = smem_address(s_value_centres);
+  __half* delta = reinterpret_cast<__half*>(smem + shape.tiles_offset) + warp * kTileKeys * D;  // (kTileKeys, D)
+  clear_delta_tile<D>(delta, true, -1, lane);  // the first stage's barrier orders it before the patches
+
+  // Q's B fragments in the keys' dim order: [0] dims fragment_key_dim + {0, 1}, [1] + {2, 3} of head g.
+  uint32_t q[kDimTiles][2];
+  {
+    const __half* q_row = query.q + static_cast<int64_t>(row.first_row) * query.q_stride + (kv_head * group + g) * D;
+#pragma unroll
+    for (int kt = 0; kt < kDimTiles; ++kt) {
+      const uint2 x = g < group ? *reinterpret_cast<const uint2*>(q_row + fragment_key_dim<D>(t, kt)) : make_uint2(0, 0);
+      q[kt][0] = x.x, q[kt][1] = x.y;
+    }
+  }
+  const float scale_log2 = query.scale * 1.4426950408889634f;
+  float running_max[2] = {-INFINITY, -INFINITY}, running_sum[2] = {0.0f, 0.0f};
+  float out[kDimTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kDimTiles; ++mt) out[mt][0] = out[mt][1] = out[mt][2] = out[mt][3] = 0.0f;
+
+  for (int s = 0; s < st.n_stages; ++s) {
+    st.begin(s);
+    const uint8_t* stage = st.stage(s);
+    // The warp's run of the stage's tiles (each within one page here).
+    const auto [stage_pos, stage_end, first_tile, tile_end] = st.warp_tiles(s, split, warp);
+    int tile = first_tile;
+    if (tile >= tile_end) continue;
+    for (StageRow tile_at = stage_row(tile * kTileKeys, page_size); tile < tile_end;
+         ++tile, advance(tile_at, kTileKeys, page_size)) {
+      const int tile_pos = stage_pos + tile * kTileKeys;
+      const uint8_t* key_block = stage + tile_at.page * shape.pair_bytes;
+      const uint8_t* value_block = key_block + st.key_bytes;
+      // Tile row r's block and row: rows outside [key_begin, stage_end) read the stage's first row instead
+      // (staged and written whatever the split: finite values; their scores are masked, their weights zero).
+      const auto valid_row = [&](int r) { return tile_pos + r >= split.key_begin && tile_pos + r < stage_end; };
+      const auto staged_row = [&](int r, int kind_offset, int& block_row) {
+        const bool valid = valid_row(r);
+        block_row = valid ? tile_at.row + r : 0;
+        return stage + (valid ? tile_at.page * shape.pair_bytes : 0) + kind_offset;
+      };
+
+      // R(tile_pos)^T Q: each pair (a, b) of the lane's fragments to (a c + b s, b c - a s).
+      uint32_t q_tile[kDimTiles][2];
+      {
+        // (cos, sin) of the lane's pairs at tile_pos: k-step kt's two pairs are float4 kt.
+        const float4* base_angles = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(tile_pos) * (D / 2) + t * (D / 8));
+#pragma unroll
+        for (int kt = 0; kt < kDimTiles; ++kt) {
+          const float4 cs = __ldg(base_angles + kt);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&q[kt][j]));
+            const float c = j ? cs.z : cs.x, sn = j ? cs.w : cs.y;
+            q_tile[kt][j] = half2_bits(x.x * c + x.y * sn, x.y * c - x.x * sn);
+          }
+        }
+      }
+
+      // S^T (keys x heads) = K Q^T: score[0..1] of key g, score[2..3] of key g + 8, heads 2t + {0, 1}.
+      float score[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      {
+        KeyRun codes[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          int block_row;
+          const uint8_t* block = staged_row(g + 8 * u, 0, block_row);
+          codes[u].load(block + key_layout.codes_offset, block_row, t * (D / 4));
+        }
+#pragma unroll
+        for (int kt = 0; kt < kDimTiles; ++kt) {
+          const int d = fragment_key_dim<D>(t, kt);
+          uint32_t a[4];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const float4 cs = *reinterpret_cast<const float4*>(s_row_angles + (g + 8 * u) * kAngleRowFloats + d);  // pairs d / 2, d / 2 + 1
+            float k[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              k[j] = codes[u].entry(key_table, 4 * kt + j, (4 * kt + j) * Table::kCodes * 4);
+            }
+            const float2 r01 = rotate_pair_rn(k[0], k[1], make_float2(cs.x, cs.y));
+            const float2 r23 = rotate_pair_rn(k[2], k[3], make_float2(cs.z, cs.w));
+            a[u] = half2_bits(r01.x, r01.y);
+            a[2 + u] = half2_bits(r23.x, r23.y);
+          }
+          mma_m16n8k16(score, a, q_tile[kt]);
+        }
+      }
+      // Key outliers: the pair rotated with its outlier(s) minus the pair as decoded, through the Δ tile.
+      if (key_layout.outlier_capacity > 0) {
+        int patched = -1;
+        bool many = false;
+        const bool any = for_tile_slots<D, true>(
+            key_layout, key_block, tile_at.row, lane,
+            [&](uint32_t slot, uint32_t other, int page_row, int d, int tile_row) {
+              many |= patched >= 0;
+              const int pos = tile_pos + tile_row;
+              if (pos < split.key_begin || pos >= stage_end) return;
+              const int d0 = d & ~1;
+              const uint32_t codes = row_codes8<D, kBits>(key_layout, key_block, page_row, d0 / 8 * 8);
+              float decoded[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                decoded[e] = s_key_table[Table::index(d0 + e, (codes >> (kBits * (d0 % 8 + e))) & (Table::kCodes - 1))];
+              }
+              // The pair with its outlier(s): the slot's element, and the partner's slot where it has one.
+              const float own = slot_value(slot), partner = other != slot ? slot_value(other) : d & 1 ? decoded[0] : decoded[1];
+              const float exact0 = d & 1 ? partner : own, exact1 = d & 1 ? own : partner;
+              const float2 cs = *reinterpret_cast<const float2*>(s_row_angles + tile_row * kAngleRowFloats + d0);
+              const float2 rd = rotate_pair_rn(decoded[0], decoded[1], cs), rx = rotate_pair_rn(exact0, exact1, cs);
+              patched = tile_offset<D, kTileKeys>(tile_row, key_tile_column<D>(d0));
+              *reinterpret_cast<__half2*>(delta + patched) =
+                  __hsub2(__floats2half2_rn(rx.x, rx.y), __floats2half2_rn(rd.x, rd.y));
+            });
+        if (any) {
+          __syncwarp();  // the patches are stored
+#pragma unroll
+          for (int kt = 0; kt < kDimTiles; ++kt) {
+            uint32_t a[4];
+            ldmatrix_x4(a, delta + tile_offset<D, kTileKeys>(lane % 16, 16 * kt + 8 * (lane / 16)));
+            mma_m16n8k16(score, a, q_tile[kt]);
+          }
+          __syncwarp();  // every lane has read the tile
+          clear_delta_tile<D>(delta, __any_sync(0xffffffffu, many), patched, lane);
+          __syncwarp();  // cleared before the value patches
+        }
+      }
+
+      uint32_t p[2];
+      tile_softmax<kDimTiles>(score, valid_row(g), valid_row(g + 8), scale_log2, running_max, running_sum, out, p);
+
+      // O^T (dims x heads) += V^T P: keys 2t + {0, 1} and 2t + 8 + {0, 1}.
+      {
+        ValueRun codes[4];
+        float lo[4], span[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          int block_row;
+          const uint8_t* block = staged_row(2 * t + (u & 1) + 8 * (u >> 1), st.key_bytes, block_row);
+          codes[u].load(block + value_layout.codes_offset, block_row, g * (D / 8));
+          const uint32_t params = reinterpret_cast<const uint32_t*>(block + value_layout.row_params_offset)[block_row];
+          lo[u] = half_bits_to_float(params & 0xffff);
+          const float hi = half_bits_to_float(params >> 16);
+          span[u] = kCodebook ? codebook_half_span(lo[u], hi) : uniform_step(lo[u], hi, kBits);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kDimTiles; ++mt) {
+          float v[4][2];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              v[u][e] = __fmaf_rn(codes[u].entry(value_centres, 2 * mt + e), span[u], lo[u]);
+            }
+          }
+          const uint32_t a[4] = {half2_bits(v[0][0], v[1][0]), half2_bits(v[0][1], v[1][1]),
+                                 half2_bits(v[2][0], v[3][0]), half2_bits(v[2][1], v[3][1])};
+          mma_m16n8k16(out[mt], a, p);
+        }
+      }
+      // Value outliers: the slot's half minus the decoded element, through the Δ tile.
+      if (value_layout.outlier_capacity > 0) {
+        int patched = -1;
+        bool many = false;
+        const bool any = for_tile_slots<D, false>(
+            value_layout, value_block, tile_at.row, lane, [&](uint32_t slot, uint32_t, int page_row, int d, int tile_row) {
+              many |= patched >= 0;
+              const int pos = tile_pos + tile_row;
+              if (pos < split.key_begin || pos >= stage_end) return;
+              const uint32_t params = reinterpret_cast<const uint32_t*>(value_block + value_layout.row_params_offset)[page_row];
+              const float lo = half_bits_to_float(params & 0xffff), hi = half_bits_to_float(params >> 16);
+              const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+              const uint32_t codes = row_codes8<D, kBits>(value_layout, value_block, page_row, d / 8 * 8);
+              const float decoded =
+                  __fmaf_rn(s_value_centres[(codes >> (kBits * (d % 8))) & (Table::kCodes - 1)], span, lo);
+              patched = tile_offset<D, kTileKeys>(tile_row, value_tile_column<D>(d));
+              delta[patched] = __hsub(__ushort_as_half(static_cast<uint16_t>(slot >> 16)), __float2half_rn(decoded));
+            });
+        if (any) {
+          __syncwarp();  // the patches are stored
+#pragma unroll
+          for (int mt = 0; mt < kDimTiles; ++mt) {
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, delta + tile_offset<D, kTileKeys>(lane % 8 + 8 * (lane / 16), 16 * mt + 8 * (lane / 8 % 2)));
+            mma_m16n8k16(out[mt], a, p);
+          }
+          __syncwarp();  // every lane has read the tile
+          clear_delta_tile<D>(delta, __any_sync(0xffffffffu, many), patched, lane);
+          __syncwarp();  // cleared before the next tile's patches
+        }
+      }
+    }
+  }
+  merge_page_split<D>(smem, running_max, running_sum, out,
+                      [&](int mt, int upper) { return fragment_value_dim<D>(g, mt) + upper; }, group, kv_head,
+                      split_index, query.n_heads, ws);
 }
 
 // ---- exact_split_kernel ----
@@ -741,8 +1232,10 @@ constexpr int kMaxSharedBytes = 227 * 1024;         // per block, H100
 constexpr int kSharedBytesPerSm = 228 * 1024;       // H100
 constexpr int kReservedSharedBytesPerBlock = 1024;  // the runtime's share of each resident block
 
+// static_bytes: the kernel's static shared memory (page_fragment_kernel's tables), which the dynamic part shares
+// the block's and the multiprocessor's budget with; min_blocks: the blocks per multiprocessor it is compiled for.
 template <int D>
-PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
+PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int static_bytes, int min_blocks) {
   const PageBlockLayout& key = kv.key_layout;
   const PageBlockLayout& value = kv.value_layout;
   if (key.block_bytes % 16 != 0 || value.block_bytes % 16 != 0) {
@@ -761,13 +1254,13 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
   };
   // Fewer pages per stage where the blocks are large (fp8, q8_0: a stage of 128 rows at head_dim 128 left room
   // for one block per multiprocessor), down to one page.
-  constexpr int kBlockBudget = kSharedBytesPerSm / PageTile<D>::kMinBlocks - kReservedSharedBytesPerBlock;
+  const int block_budget = kSharedBytesPerSm / min_blocks - kReservedSharedBytesPerBlock - static_bytes;
   int pages_per_stage = std::max(1, (kStageRows + key.page_size - 1) / key.page_size);
-  while (pages_per_stage > 1 && shape_for(pages_per_stage).smem_bytes > kBlockBudget) --pages_per_stage;
+  while (pages_per_stage > 1 && shape_for(pages_per_stage).smem_bytes > block_budget) --pages_per_stage;
   const PageStageShape shape = shape_for(pages_per_stage);
-  if (shape.smem_bytes > kMaxSharedBytes) {
+  if (shape.smem_bytes + static_bytes > kMaxSharedBytes) {
     fail("quantized attention: pages of {} rows need {} bytes of shared memory per block (at most {})", key.page_size,
-         shape.smem_bytes, kMaxSharedBytes);
+         shape.smem_bytes + static_bytes, kMaxSharedBytes);
   }
   return shape;
 }
@@ -775,9 +1268,15 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv) {
 template <int D, int kBits>
 void launch_page_kernel(const AttentionQuery& query, const QuantizedPagedKv& kv, const AttentionChunk* rows,
                         const QuantizedSplit* splits, int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
-  const PageStageShape shape = page_stage_shape<D>(kv);
-  auto* kernel = page_split_kernel<D, kBits>;
-  if (shape.smem_bytes > 48 * 1024) {
+  const bool fragments = quantized_fragment_pages(kv), codebook = kv.key_layout.scheme == KvScheme::nonuniform;
+  auto* kernel = !fragments ? page_split_kernel<D, kBits>
+                 : codebook ? page_fragment_kernel<D, kBits, true>
+                            : page_fragment_kernel<D, kBits, false>;
+  cudaFuncAttributes attributes;
+  CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const PageStageShape shape = page_stage_shape<D>(kv, static_cast<int>(attributes.sharedSizeBytes),
+                                                   fragments ? kFragmentMinBlocks<D> : PageTile<D>::kMinBlocks);
+  if (shape.smem_bytes > 48 * 1024 - static_cast<int>(attributes.sharedSizeBytes)) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shape.smem_bytes));
   }
   kernel<<<dim3(n_splits, kv.n_kv_heads), kThreads, shape.smem_bytes, stream>>>(query, kv, rows, splits, shape, ws);
@@ -820,6 +1319,14 @@ int quantized_bits_bucket(const PageBlockLayout& layout) {
   const bool packed = layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform ||
                       layout.scheme == KvScheme::kivi;
   return packed ? layout.bits : 4;
+}
+
+bool quantized_fragment_pages(const QuantizedPagedKv& kv) {
+  const auto packed = [&](const PageBlockLayout& layout) {
+    return (layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform) && !layout.per_page_key_ranges;
+  };
+  return packed(kv.key_layout) && packed(kv.value_layout) && kv.key_layout.scheme == kv.value_layout.scheme &&
+         kv.calib.key_lo != nullptr && kv.rotate_keys && kv.key_layout.page_size % kTileKeys == 0;
 }
 
 bool quantized_attention_supported(int head_dim, int group) {

@@ -93,6 +93,10 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
 int quantized_bits_bucket(const PageBlockLayout& layout);
 
 bool quantized_attention_supported(int head_dim, int group);
+// Whether the page splits of these pages run on the fragment kernel: int or nuq keys and values with calibrated
+// key ranges, pre-RoPE, in pages of whole 16-key tiles. Its fp16 operands are R(j) k and R(base)^T q for a key
+// at row j of a tile at position base (a multiple of 16), where the other page kernel's are R(base + j) k and q.
+bool quantized_fragment_pages(const QuantizedPagedKv& kv);
 int64_t quantized_attention_workspace_bytes(int32_t n_splits, int n_heads, int head_dim);
 
 // rows, sources, splits, combine: device arrays of one plan. side: where the exact splits' kernel may run beside

@@ -280,6 +280,8 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
                            values.data() + size_t(b) * page * D, key_calib);
       }
       const bool on_prefill_kernel = shapes.prefill_kernel && chunk[s] > 1;
+      // The fragment kernel's page keys: R(p % 16) k against R(p - p % 16)^T q (quantized_fragment_pages).
+      const bool fragment_keys = !on_prefill_kernel && cuda::quantized_fragment_pages(kv);
       for (int t = 0; t < chunk[s]; ++t) {
         const int64_t pos = earlier[s] + t;
         const int64_t n_sinks = std::min<int64_t>(sinks, pos + 1);
@@ -299,7 +301,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
             std::copy_n(keys.data() + p * D, D, k);
             std::copy_n(values.data() + p * D, D, v);
           }
-          if (rotate_keys) rope.rotate(k, p);
+          if (rotate_keys) rope.rotate(k, fragment_keys && !exact ? p % 16 : p);
           if (on_prefill_kernel || !exact) {  // the kernel's tensor-core operands: rotated keys and values in fp16
             for (int d = 0; d < D; ++d) k[d] = round_to_fp16(k[d]), v[d] = round_to_fp16(v[d]);
           }
@@ -307,11 +309,23 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
         for (int g = 0; g < group; ++g) {
           const int head = h * group + g;
           const uint16_t* q = step.data() + size_t(first_row[s] + t) * stride + head * D;
+          // The query as the fragment kernel's tile at `base` takes it: rotated by -base, rounded to fp16.
+          std::vector<float> q_tile(D);
+          const auto rotate_query = [&](int64_t base) {
+            for (int i = 0; i < D / 2; ++i) {
+              const float a = fp16_to_fp32(q[2 * i]), b = fp16_to_fp32(q[2 * i + 1]);
+              const float c = rope.cos(base)[i], sn = rope.sin(base)[i];
+              q_tile[2 * i] = round_to_fp16(a * c + b * sn);
+              q_tile[2 * i + 1] = round_to_fp16(b * c - a * sn);
+            }
+          };
           std::vector<double> scores(pos + 1);
           double max_score = -1e300;
           for (int64_t p = 0; p <= pos; ++p) {
+            const bool tile_query = fragment_keys && p >= n_sinks && p < exact_from;
+            if (tile_query && (p % 16 == 0 || p == n_sinks)) rotate_query(p - p % 16);
             double dot = 0;
-            for (int d = 0; d < D; ++d) dot += double(fp16_to_fp32(q[d])) * k_rows[p * D + d];
+            for (int d = 0; d < D; ++d) dot += double(tile_query ? q_tile[d] : fp16_to_fp32(q[d])) * k_rows[p * D + d];
             scores[p] = dot / std::sqrt(double(D));
             max_score = std::max(max_score, scores[p]);
           }
