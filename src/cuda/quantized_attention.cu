@@ -928,6 +928,13 @@ __device__ __forceinline__ void clear_delta_tile(__half* tile, bool many, int of
 template <int D>
 constexpr int kFragmentMinBlocks = D <= 64 ? 5 : 3;
 
+// The formats page_fragment_kernel serves (with calibrated, pre-RoPE keys): int and nuq without --kscale page, in
+// pages of whole 16-key tiles.
+bool fragment_scheme(KvScheme scheme, bool per_page_key_ranges, int page_size) {
+  return (scheme == KvScheme::uniform || scheme == KvScheme::nonuniform) && !per_page_key_ranges &&
+         page_size % kTileKeys == 0;
+}
+
 template <int D, int kBits, bool kCodebook>
 __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
     page_fragment_kernel(AttentionQuery query, QuantizedPagedKv kv, const AttentionChunk* rows,
@@ -1322,11 +1329,8 @@ int quantized_bits_bucket(const PageBlockLayout& layout) {
 }
 
 bool quantized_fragment_pages(const QuantizedPagedKv& kv) {
-  const auto packed = [&](const PageBlockLayout& layout) {
-    return (layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform) && !layout.per_page_key_ranges;
-  };
-  return packed(kv.key_layout) && packed(kv.value_layout) && kv.key_layout.scheme == kv.value_layout.scheme &&
-         kv.calib.key_lo != nullptr && kv.rotate_keys && kv.key_layout.page_size % kTileKeys == 0;
+  return fragment_scheme(kv.key_layout.scheme, kv.key_layout.per_page_key_ranges, kv.key_layout.page_size) &&
+         kv.value_layout.scheme == kv.key_layout.scheme && kv.calib.key_lo != nullptr && kv.rotate_keys;
 }
 
 bool quantized_attention_supported(int head_dim, int group) {
@@ -1360,10 +1364,12 @@ RangeCut cut_range(int64_t n, int64_t split_keys, int64_t round_to) {
 // split, so of the sizes that make 1 to kMaxWaves waves the one with the least estimated time, waves x (longest
 // split + kBlockOverheadKeys), wins (ties: the fewer blocks). Sized for two waves of 8 blocks instead, at
 // llama3-8b 16 x 8192 (3 resident blocks) the splits made 5.2 waves, the last 17% full.
-int64_t page_split_keys(const std::vector<RowKeyRanges>& rows, int page_size, int n_kv_heads, int head_dim, int n_sms) {
+// resident_blocks: the page kernel's blocks per multiprocessor.
+int64_t page_split_keys(const std::vector<RowKeyRanges>& rows, int page_size, int n_kv_heads, int resident_blocks,
+                        int n_sms) {
   constexpr int kMaxWaves = 12;
   constexpr int64_t kBlockOverheadKeys = 64;  // a block's setup, merge and combine, as keys (a guess)
-  const int64_t slots = int64_t{head_dim <= 64 ? PageTile<64>::kMinBlocks : PageTile<128>::kMinBlocks} * std::max(n_sms, 1);
+  const int64_t slots = int64_t{resident_blocks} * std::max(n_sms, 1);
   int64_t page_keys = 0;
   for (const RowKeyRanges& r : rows) page_keys += r.exact_from - r.n_sinks;
   int64_t best_keys = 128;
@@ -1401,7 +1407,10 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
       row_keys.push_back({n_keys, n_sinks, std::clamp<int64_t>(options.exact_from(pos, c.start_pos, page_size), n_sinks, n_keys)});
     }
   }
-  const int64_t split_keys = page_split_keys(row_keys, page_size, n_kv_heads, head_dim, n_sms);
+  const bool fragments = fragment_scheme(options.format.scheme, options.per_page_key_ranges, page_size);
+  const int resident_blocks = head_dim <= 64 ? (fragments ? kFragmentMinBlocks<64> : PageTile<64>::kMinBlocks)
+                                             : (fragments ? kFragmentMinBlocks<128> : PageTile<128>::kMinBlocks);
+  const int64_t split_keys = page_split_keys(row_keys, page_size, n_kv_heads, resident_blocks, n_sms);
 
   plans.emplace_back();
   size_t row_index = 0;
