@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Session 20, call 5: f4 (fragment kernel, head_dim 64 at 5 blocks, rescale only where a max moved): the whole
+# GPU suite and sanitizers; qdecode against main (final) and f4x (f4 at 4 blocks); decode end to end vs main.
+cd "$(dirname "$0")"; export LD_LIBRARY_PATH=$PWD/lib; tar xzf lib.tgz; tar xzf main.tgz; tar xzf f4.tgz
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/device.txt
+timeout 300 ab/f4/kvq_gpu_tests --gtest_output=json:$OUT/gpu_tests.json > $OUT/gpu_tests.log 2>&1; echo "gpu tests rc $?"
+grep -E "^\[ +(FAILED|PASSED|SKIPPED) +\]" $OUT/gpu_tests.log | head -20
+grep -E -A2 "Failure|gpu .* cpu" $OUT/gpu_tests.log | head -20
+SUBSET='QuantizedAttention.Sanitizer*:CudaKernels.SanitizerAttentionSmall'
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 ab/f4/kvq_gpu_tests --gtest_filter="$SUBSET" > $OUT/san_$tool.log 2>&1
+  echo "$tool rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' $OUT/san_$tool.log | tail -1)"
+done
+for round in 1 2; do for v in final f4 f4x; do
+  ab/$v/kvq-gpu-bench --parts copy,qdecode --json $OUT/qd_${v}_$round.json 2>&1 | grep -E "nuq|q4_0|fp8" | sed 's/  */ /g' | awk -v v=$v '{print v, $2, $4, $6, $10, $11}' | tr '\n' ' '; echo
+done; done
+e2e() {  # name, then kvq bench args
+  local n=$1; shift
+  ab/$v/kvq bench "$@" --warmup 1 --energy-window 0 --json $OUT/${n}_${v}.json > /dev/null 2>&1
+  python3 -c "
+import json; r=json.load(open('$OUT/${n}_${v}.json'))['results']; f=r[0]
+print('$v $n', ' '.join('%s %.0f tok/s (x fp16 %.3f)'%(q['kv'], q['decode_tok_s'], q['decode_tok_s']/f['decode_tok_s']) for q in r))"
+}
+for v in final f4; do
+  e2e dec_smol --dummy smollm2-135m --prompt-len 8160 --batch 64 --gen 16 --repeats 2 --kv fp16,nuq3-1%,nuq4-1%
+  e2e dec_llama3 --dummy llama3-8b --prompt-len 8160 --batch 16 --gen 16 --repeats 2 --kv fp16,nuq3-1%,nuq4-1%
+done
+cd $OUT && tar czf logs.tgz *.log *.json && rm -f *.log *.json
