@@ -100,14 +100,14 @@ constexpr int kCodebookFloats = 16;  // 2^bits, bits <= 4
 template <int D>
 constexpr int kCalibBytes = (4 * kCodebookFloats + 2 * D) * 4;
 
-// The page kernel's shared memory, sized on the host (page_stage_shape), in this order:
-//   calib:      key codebook, value codebook, then (decode_packed8) both codebooks' centre + 1, kCodebookFloats
+// A page kernel's dynamic shared memory, sized on the host (page_stage_shape), in this order:
+//   calib:      (page_split_kernel; page_fragment_kernel's tables are static) key codebook, value codebook, then (decode_packed8) both codebooks' centre + 1, kCodebookFloats
 //               floats each, first, so that a lookup's address is the code's offset plus a constant (one
 //               instruction fewer per element); then (decode_packed8) the keys' lo and span per channel (D
 //               floats each; in registers they pushed the kernel into spills);
 //   stages:     kStages x pages_per_stage x (K block, V block) of the KV head, 16-byte aligned;
-//   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (tile_offset's swizzle), 128-byte
-//               aligned.
+//   tiles:      kWarps x (kTileKeys, head_dim) fp16, a warp's keys then values (page_fragment_kernel: its Δ tile;
+//               tile_offset's swizzle), 128-byte aligned.
 // After the loop the block merge (kSplitMergeFloats<D, kMmaHeads, kWarps>: per warp the running max and sum of the
 // 8 head columns, then O^T as (warp, head, head_dim)) reuses it from the start, up to the stages' kStages mbarriers,
 // which come last.
@@ -120,7 +120,8 @@ struct PageStageShape {
   int32_t smem_bytes;
 };
 
-// The packed formats with calibrated key ranges (int, nuq without --kscale page), the common case, decoded
+// The packed formats with calibrated key ranges (int, nuq without --kscale page; here in pages of sizes other
+// than multiples of 16, the rest going to page_fragment_kernel), decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
 // (int) or its codebook centre + 1 (nuq), span (hi - lo) / levels or (hi - lo) / 2: decode_chunk8's fp32
 // operations (uniform_decode, codebook_decode) in one fused multiply-add, rounded once where they round twice:
@@ -560,8 +561,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // kRowStep from one pass to the next across them. Rows outside [key_begin, stage_end) (also those past the
     // staged pages in a last partial tile) decode the stage's first row instead (staged, written and indexed
     // whatever the split: finite values, so their zero weights add nothing) and their scores are masked.
-    const auto [stage_pos, stage_end, first_tile, tile_end] = st.warp_tiles(s, split, warp);
-    int tile = first_tile;
+    const SplitStages::WarpTiles tiles = st.warp_tiles(s, split, warp);
+    const int stage_pos = tiles.pos, stage_end = tiles.end, tile_end = tiles.tile_end;
+    int tile = tiles.tile;
     if (tile >= tile_end) continue;  // nothing for this warp in this stage
     StageRow at = stage_row(tile * kTileKeys + lane_row, page_size);  // the lane's first row of the tile
     StageRow tile_at = stage_row(tile * kTileKeys, page_size);        // the tile's first row (no division per tile)
@@ -582,7 +584,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
     // keys (kPairs), the slot of the pair's other element where it is an outlier too, else the slot itself),
     // stored over the decoded tile; instead of every lane looking for its chunk's slots on every row. For the
     // packed decodes, where the tile lies in one page and its slots are one round (pages of 16 rows or a multiple,
-    // up to 32 slots: the common case), the patches are made before the decode, so that their loads (a key's RoPE
+    // up to 32 slots), the patches are made before the decode, so that their loads (a key's RoPE
     // angle, from global memory) wait under it; else after it, page by page (the generic decode keeps its
     // registers: with early patches q4_0 and fp8 pages, which have no slots, took 2-3% longer at llama3-8b).
     // layout, blocks: the staged K (0) or V (key_bytes) blocks.
@@ -785,9 +787,9 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
 
 __host__ __device__ constexpr int gcd_of(int a, int b) { return b == 0 ? a : gcd_of(b, a % b); }
 
-// The per-channel key table: channel c's 2^kBits entries at key_table_index(c, 0) on, each t block of D / 4
-// channels (a lane's run) kKeyTablePad floats after the last, so that the 4 t lanes' entries for the same code
-// fall in different banks (3 and 2 bits; 4 bits: two banks' worth apart).
+// The per-channel key table: channel c's 2^kBits entries at index(c, 0) on, each t block of D / 4 channels (a
+// lane's run) kPad floats after the last, so that the 4 t lanes' entries for the same code fall in different
+// banks at 2 and 3 bits; at 4 bits t blocks t and t + 2 share banks (16 entries a channel).
 template <int D, int kBits>
 struct KeyTable {
   static constexpr int kCodes = 1 << kBits;
@@ -798,7 +800,8 @@ struct KeyTable {
 };
 
 // A float of shared memory at a shared-window address (__cvta_generic_to_shared); a constant added to the
-// address folds into the load's immediate.
+// address folds into the load's immediate. Neither volatile nor clobbering memory: the tables it reads are
+// written once before the first stage's barrier, and every address depends on codes loaded after it.
 __device__ __forceinline__ float ld_shared_f32(uint32_t address) {
   float x;
   asm("ld.shared.f32 %0, [%1];" : "=f"(x) : "r"(address));
@@ -884,6 +887,15 @@ __device__ __forceinline__ int value_tile_column(int d) {
   return 16 * (rem / 2) + g + 8 * (rem % 2);
 }
 
+// The angle table's float of (cos, sin) of dims (d, d + 1) (d even) at tile row `row` (page_fragment_kernel's
+// s_row_angles).
+template <int D>
+constexpr int kAngleRowFloats = 4 * (D / 4 + 4);
+template <int D>
+__device__ __forceinline__ int row_angle_index(int row, int d) {
+  return row * kAngleRowFloats<D> + d / (D / 4) * (D / 4 + 4) + d % (D / 4);
+}
+
 // rotate_pair with its roundings spelled out, so that a lane's fragment and an outlier's patch rotate the same
 // decoded pair to the same bits.
 __device__ __forceinline__ float2 rotate_pair_rn(float x0, float x1, float2 cs) {
@@ -911,6 +923,13 @@ __device__ __forceinline__ bool for_tile_slots(const PageBlockLayout& layout, co
   return n_range > 0;
 }
 
+// An outlier's entry of the Δ tile: the exact operand minus the decoded one (both fp16), clamped to fp16's
+// range (a difference of halves of opposite signs can pass it). The tile's sum with the decoded operand is the
+// exact one to half an ulp of Δ (an ulp of the outlier where the two have opposite signs), not always to the bit.
+__device__ __forceinline__ float delta_of(__half exact, __half decoded) {
+  return fminf(fmaxf(__half2float(exact) - __half2float(decoded), -65504.0f), 65504.0f);
+}
+
 // Zeroes the Δ tile's entries a warp's patches wrote: one per lane (its offset, -1 for none) where the tile had
 // at most 32 slots, else the whole tile.
 template <int D>
@@ -928,11 +947,18 @@ __device__ __forceinline__ void clear_delta_tile(__half* tile, bool many, int of
 template <int D>
 constexpr int kFragmentMinBlocks = D <= 64 ? 5 : 3;
 
-// The formats page_fragment_kernel serves (with calibrated, pre-RoPE keys): int and nuq without --kscale page, in
-// pages of whole 16-key tiles.
+// The formats page_fragment_kernel serves (with calibrated, pre-RoPE keys: int and nuq always have them): int
+// and nuq without --kscale page, in pages of whole 16-key tiles.
 bool fragment_scheme(KvScheme scheme, bool per_page_key_ranges, int page_size) {
   return (scheme == KvScheme::uniform || scheme == KvScheme::nonuniform) && !per_page_key_ranges &&
          page_size % kTileKeys == 0;
+}
+
+// The blocks per multiprocessor the page kernel serving the pages is compiled for (the stages' budget, the
+// planner's waves).
+int page_kernel_blocks(bool fragments, int head_dim) {
+  return head_dim <= 64 ? (fragments ? kFragmentMinBlocks<64> : PageTile<64>::kMinBlocks)
+                        : (fragments ? kFragmentMinBlocks<128> : PageTile<128>::kMinBlocks);
 }
 
 template <int D, int kBits, bool kCodebook>
@@ -945,10 +971,10 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
   using ValueRun = CodeRun<D, kBits, D / 8>;
   __shared__ __align__(64) float s_key_table[Table::kFloats];        // 64-byte aligned: table_entry's code bits
   __shared__ __align__(64) float s_value_centres[kCodebookFloats];  // centre + 1 (nuq) or the code (int)
-  // (cos, sin) of the tile rows' positions 0..15 per pair, rows kAngleRowFloats apart (padded: the 8 g lanes
-  // reading their rows at once fall in different banks).
-  constexpr int kAngleRowFloats = D + 4;
-  __shared__ __align__(16) float s_row_angles[kTileKeys * kAngleRowFloats];
+  // (cos, sin) of the tile rows' positions 0..15 per pair (row_angle_index), each t block of D / 4 floats (a
+  // lane's run) 4 floats after the last: the quarter-warp of a 16-byte load (g, g + 1 and the 4 t) then reads
+  // 32 different banks.
+  __shared__ __align__(16) float s_row_angles[kTileKeys * kAngleRowFloats<D>];
 
   const int split_index = blockIdx.x, kv_head = blockIdx.y;
   const QuantizedSplit split = splits[split_index];
@@ -961,7 +987,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
   uint8_t* smem = reinterpret_cast<uint8_t*>(s_dynamic);
   const PageBlockLayout& key_layout = kv.key_layout;
   const PageBlockLayout& value_layout = kv.value_layout;
-  const SplitStages st = start_split_stages(kv, row, split, kv_head, shape, smem, kCalibBytes<D>);
+  const SplitStages st = start_split_stages(kv, row, split, kv_head, shape, smem, 0);  // its tables are static
   const int page_size = st.page_size;
 
   // The tables (published by the first stage's barrier): decode_packed1's values, computed as it computes them.
@@ -978,10 +1004,9 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
       s_key_table[Table::index(c, code)] = __fmaf_rn(x_of(key_calib.codebook, code), span, lo);
     }
     if (threadIdx.x < Table::kCodes) s_value_centres[threadIdx.x] = x_of(value_calib.codebook, threadIdx.x);
-    for (int i = threadIdx.x; i < kTileKeys * D / 2; i += kThreads) {
+    for (int i = threadIdx.x; i < kTileKeys * D / 2; i += kThreads) {  // a page split means >= 16 positions
       const float2 cs = kv.rope[i];  // row i / (D / 2), pair i % (D / 2)
-      s_row_angles[i / (D / 2) * kAngleRowFloats + i % (D / 2) * 2] = cs.x;
-      s_row_angles[i / (D / 2) * kAngleRowFloats + i % (D / 2) * 2 + 1] = cs.y;
+      *reinterpret_cast<float2*>(s_row_angles + row_angle_index<D>(i / (D / 2), i % (D / 2) * 2)) = cs;
     }
   }
   // The lane's run of the key table and the value centres, as table_entry takes them.
@@ -1010,8 +1035,9 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
     st.begin(s);
     const uint8_t* stage = st.stage(s);
     // The warp's run of the stage's tiles (each within one page here).
-    const auto [stage_pos, stage_end, first_tile, tile_end] = st.warp_tiles(s, split, warp);
-    int tile = first_tile;
+    const SplitStages::WarpTiles tiles = st.warp_tiles(s, split, warp);
+    const int stage_pos = tiles.pos, stage_end = tiles.end, tile_end = tiles.tile_end;
+    int tile = tiles.tile;
     if (tile >= tile_end) continue;
     for (StageRow tile_at = stage_row(tile * kTileKeys, page_size); tile < tile_end;
          ++tile, advance(tile_at, kTileKeys, page_size)) {
@@ -1027,7 +1053,8 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
         return stage + (valid ? tile_at.page * shape.pair_bytes : 0) + kind_offset;
       };
 
-      // R(tile_pos)^T Q: each pair (a, b) of the lane's fragments to (a c + b s, b c - a s).
+      // R(tile_pos)^T Q: each pair (a, b) of the lane's fragments to (a c + b s, b c - a s), the products of s
+      // rounded, then one FFMA each (the CPU twin rounds the same way).
       uint32_t q_tile[kDimTiles][2];
       {
         // (cos, sin) of the lane's pairs at tile_pos: k-step kt's two pairs are float4 kt.
@@ -1039,7 +1066,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
           for (int j = 0; j < 2; ++j) {
             const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&q[kt][j]));
             const float c = j ? cs.z : cs.x, sn = j ? cs.w : cs.y;
-            q_tile[kt][j] = half2_bits(x.x * c + x.y * sn, x.y * c - x.x * sn);
+            q_tile[kt][j] = half2_bits(__fmaf_rn(x.x, c, __fmul_rn(x.y, sn)), __fmaf_rn(x.y, c, -__fmul_rn(x.x, sn)));
           }
         }
       }
@@ -1060,7 +1087,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
           uint32_t a[4];
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const float4 cs = *reinterpret_cast<const float4*>(s_row_angles + (g + 8 * u) * kAngleRowFloats + d);  // pairs d / 2, d / 2 + 1
+            const float4 cs = *reinterpret_cast<const float4*>(s_row_angles + row_angle_index<D>(g + 8 * u, d));  // pairs d / 2, d / 2 + 1
             float k[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -1094,11 +1121,12 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               // The pair with its outlier(s): the slot's element, and the partner's slot where it has one.
               const float own = slot_value(slot), partner = other != slot ? slot_value(other) : d & 1 ? decoded[0] : decoded[1];
               const float exact0 = d & 1 ? partner : own, exact1 = d & 1 ? own : partner;
-              const float2 cs = *reinterpret_cast<const float2*>(s_row_angles + tile_row * kAngleRowFloats + d0);
+              const float2 cs = *reinterpret_cast<const float2*>(s_row_angles + row_angle_index<D>(tile_row, d0));
               const float2 rd = rotate_pair_rn(decoded[0], decoded[1], cs), rx = rotate_pair_rn(exact0, exact1, cs);
               patched = tile_offset<D, kTileKeys>(tile_row, key_tile_column<D>(d0));
-              *reinterpret_cast<__half2*>(delta + patched) =
-                  __hsub2(__floats2half2_rn(rx.x, rx.y), __floats2half2_rn(rd.x, rd.y));
+              const __half2 exact = __floats2half2_rn(rx.x, rx.y), decoded_pair = __floats2half2_rn(rd.x, rd.y);
+              *reinterpret_cast<uint32_t*>(delta + patched) =
+                  half2_bits(delta_of(exact.x, decoded_pair.x), delta_of(exact.y, decoded_pair.y));
             });
         if (any) {
           __syncwarp();  // the patches are stored
@@ -1162,7 +1190,8 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               const float decoded =
                   __fmaf_rn(s_value_centres[(codes >> (kBits * (d % 8))) & (Table::kCodes - 1)], span, lo);
               patched = tile_offset<D, kTileKeys>(tile_row, value_tile_column<D>(d));
-              delta[patched] = __hsub(__ushort_as_half(static_cast<uint16_t>(slot >> 16)), __float2half_rn(decoded));
+              delta[patched] = __float2half_rn(delta_of(__ushort_as_half(static_cast<uint16_t>(slot >> 16)),
+                                                        __float2half_rn(decoded)));
             });
         if (any) {
           __syncwarp();  // the patches are stored
@@ -1239,10 +1268,12 @@ constexpr int kMaxSharedBytes = 227 * 1024;         // per block, H100
 constexpr int kSharedBytesPerSm = 228 * 1024;       // H100
 constexpr int kReservedSharedBytesPerBlock = 1024;  // the runtime's share of each resident block
 
-// static_bytes: the kernel's static shared memory (page_fragment_kernel's tables), which the dynamic part shares
-// the block's and the multiprocessor's budget with; min_blocks: the blocks per multiprocessor it is compiled for.
+// calib_bytes: the calibration region before the stages (page_split_kernel's kCalibBytes; page_fragment_kernel keeps
+// its tables in static shared memory: 0); static_bytes: the kernel's static shared memory, which the dynamic part
+// shares the block's and the multiprocessor's budget with; min_blocks: the blocks per multiprocessor it is
+// compiled for.
 template <int D>
-PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int static_bytes, int min_blocks) {
+PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int calib_bytes, int static_bytes, int min_blocks) {
   const PageBlockLayout& key = kv.key_layout;
   const PageBlockLayout& value = kv.value_layout;
   if (key.block_bytes % 16 != 0 || value.block_bytes % 16 != 0) {
@@ -1253,7 +1284,7 @@ PageStageShape page_stage_shape(const QuantizedPagedKv& kv, int static_bytes, in
     shape.pages_per_stage = pages_per_stage;
     shape.pair_bytes = key.block_bytes + value.block_bytes;
     shape.stage_bytes = shape.pages_per_stage * shape.pair_bytes;
-    shape.tiles_offset = (kCalibBytes<D> + kStages * shape.stage_bytes + 127) / 128 * 128;
+    shape.tiles_offset = (calib_bytes + kStages * shape.stage_bytes + 127) / 128 * 128;
     const int tiles_end = shape.tiles_offset + kWarps * kTileKeys * D * static_cast<int>(sizeof(__half));
     shape.barriers_offset = (std::max(tiles_end, kSplitMergeFloats<D, kMmaHeads, kWarps> * 4) + 7) / 8 * 8;
     shape.smem_bytes = shape.barriers_offset + kStages * static_cast<int>(sizeof(uint64_t));
@@ -1281,13 +1312,14 @@ void launch_page_kernel(const AttentionQuery& query, const QuantizedPagedKv& kv,
                             : page_fragment_kernel<D, kBits, false>;
   cudaFuncAttributes attributes;
   CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const PageStageShape shape = page_stage_shape<D>(kv, static_cast<int>(attributes.sharedSizeBytes),
-                                                   fragments ? kFragmentMinBlocks<D> : PageTile<D>::kMinBlocks);
+  const PageStageShape shape = page_stage_shape<D>(kv, fragments ? 0 : kCalibBytes<D>,
+                                                   static_cast<int>(attributes.sharedSizeBytes),
+                                                   page_kernel_blocks(fragments, D));
   if (shape.smem_bytes > 48 * 1024 - static_cast<int>(attributes.sharedSizeBytes)) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shape.smem_bytes));
   }
   kernel<<<dim3(n_splits, kv.n_kv_heads), kThreads, shape.smem_bytes, stream>>>(query, kv, rows, splits, shape, ws);
-  CUDA_CHECK_LAUNCH(stream, "page_split_kernel");
+  CUDA_CHECK_LAUNCH(stream, fragments ? "page_fragment_kernel" : "page_split_kernel");
 }
 
 template <int D, int kMaxGroup>
@@ -1360,11 +1392,10 @@ RangeCut cut_range(int64_t n, int64_t split_keys, int64_t round_to) {
 }
 
 // The page splits' size in keys (at least 128, so short rows stay one split). A step's page blocks run in
-// waves of the multiprocessors' resident blocks (PageTile's), and a wave takes about as long as its longest
+// waves of the multiprocessors' resident blocks (resident_blocks per multiprocessor), and a wave takes about as long as its longest
 // split, so of the sizes that make 1 to kMaxWaves waves the one with the least estimated time, waves x (longest
 // split + kBlockOverheadKeys), wins (ties: the fewer blocks). Sized for two waves of 8 blocks instead, at
 // llama3-8b 16 x 8192 (3 resident blocks) the splits made 5.2 waves, the last 17% full.
-// resident_blocks: the page kernel's blocks per multiprocessor.
 int64_t page_split_keys(const std::vector<RowKeyRanges>& rows, int page_size, int n_kv_heads, int resident_blocks,
                         int n_sms) {
   constexpr int kMaxWaves = 12;
@@ -1407,9 +1438,8 @@ std::vector<QuantizedAttentionPlan> plan_quantized_attention(const std::vector<A
       row_keys.push_back({n_keys, n_sinks, std::clamp<int64_t>(options.exact_from(pos, c.start_pos, page_size), n_sinks, n_keys)});
     }
   }
-  const bool fragments = fragment_scheme(options.format.scheme, options.per_page_key_ranges, page_size);
-  const int resident_blocks = head_dim <= 64 ? (fragments ? kFragmentMinBlocks<64> : PageTile<64>::kMinBlocks)
-                                             : (fragments ? kFragmentMinBlocks<128> : PageTile<128>::kMinBlocks);
+  const int resident_blocks =
+      page_kernel_blocks(fragment_scheme(options.format.scheme, options.per_page_key_ranges, page_size), head_dim);
   const int64_t split_keys = page_split_keys(row_keys, page_size, n_kv_heads, resident_blocks, n_sms);
 
   plans.emplace_back();
