@@ -120,6 +120,20 @@ struct PageStageShape {
   int32_t smem_bytes;
 };
 
+// The span decode_packed1 multiplies x by, from a packed range (lo, hi): (hi - lo) / 2 for nuq (x the centre + 1),
+// the step (hi - lo) / levels for int (x the code).
+__device__ __forceinline__ float packed_span(bool codebook, float lo, float hi, int bits) {
+  return codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, bits);
+}
+
+// Value row `row`'s (lo, span) from a packed block's row parameters (fp16 lo, hi), as decode_packed1 takes them.
+template <int kBits, bool kCodebook>
+__device__ __forceinline__ float2 value_row_range(const PageBlockLayout& layout, const uint8_t* block, int row) {
+  const uint32_t p = reinterpret_cast<const uint32_t*>(block + layout.row_params_offset)[row];
+  const float lo = half_bits_to_float(p & 0xffff);
+  return {lo, packed_span(kCodebook, lo, half_bits_to_float(p >> 16), kBits)};
+}
+
 // The packed formats with calibrated key ranges (int, nuq without --kscale page; here in pages of sizes other
 // than multiples of 16, the rest going to page_fragment_kernel), decoded
 // with per-channel constants hoisted out of the key loop: element j = lo[j] + x * span[j] with x the code
@@ -193,9 +207,7 @@ __device__ __forceinline__ void decode_value8(const PageBlockLayout& layout, con
     decode_chunk8<kBits>(layout, block, row, c0, calib, v);
   } else {
     constexpr bool kCodebook = kDecode == RowDecode::codebook;
-    const uint32_t p = reinterpret_cast<const uint32_t*>(block + layout.row_params_offset)[row];
-    const float lo = half_bits_to_float(p & 0xffff), hi = half_bits_to_float(p >> 16);
-    const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+    const auto [lo, span] = value_row_range<kBits, kCodebook>(layout, block, row);
     const float row_lo[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
     const float row_span[8] = {span, span, span, span, span, span, span, span};
     decode_packed8<kBits, kCodebook>(row_codes8<D, kBits>(layout, block, row, c0), centre_plus_one, row_lo, row_span, v);
@@ -527,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, PageTile<D>::kMinBlocks)
   for (int i = threadIdx.x; i < D && packed; i += kThreads) {
     const float lo = global_key_calib.key_lo[i], hi = global_key_calib.key_hi[i];
     key_lo[i] = lo;
-    key_span[i] = codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+    key_span[i] = packed_span(codebook, lo, hi, kBits);
   }
   __half* warp_tile = reinterpret_cast<__half*>(smem + shape.tiles_offset) + warp * kTileKeys * D;  // (kTileKeys, D)
 
@@ -1000,8 +1012,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
     for (int i = threadIdx.x; i < D * Table::kCodes; i += kThreads) {
       const int c = i / Table::kCodes, code = i % Table::kCodes;
       const float lo = key_calib.key_lo[c], hi = key_calib.key_hi[c];
-      const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
-      s_key_table[Table::index(c, code)] = __fmaf_rn(x_of(key_calib.codebook, code), span, lo);
+      s_key_table[Table::index(c, code)] = __fmaf_rn(x_of(key_calib.codebook, code), packed_span(kCodebook, lo, hi, kBits), lo);
     }
     if (threadIdx.x < Table::kCodes) s_value_centres[threadIdx.x] = x_of(value_calib.codebook, threadIdx.x);
     for (int i = threadIdx.x; i < kTileKeys * D / 2; i += kThreads) {  // a page split means >= 16 positions
@@ -1148,16 +1159,13 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
       // O^T (dims x heads) += V^T P: keys 2t + {0, 1} and 2t + 8 + {0, 1}.
       {
         ValueRun codes[4];
-        float lo[4], span[4];
+        float2 range[4];  // (lo, span) of each key's row
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           int block_row;
           const uint8_t* block = staged_row(2 * t + (u & 1) + 8 * (u >> 1), st.key_bytes, block_row);
           codes[u].load(block + value_layout.codes_offset, block_row, g * (D / 8));
-          const uint32_t params = reinterpret_cast<const uint32_t*>(block + value_layout.row_params_offset)[block_row];
-          lo[u] = half_bits_to_float(params & 0xffff);
-          const float hi = half_bits_to_float(params >> 16);
-          span[u] = kCodebook ? codebook_half_span(lo[u], hi) : uniform_step(lo[u], hi, kBits);
+          range[u] = value_row_range<kBits, kCodebook>(value_layout, block, block_row);
         }
 #pragma unroll
         for (int mt = 0; mt < kDimTiles; ++mt) {
@@ -1166,7 +1174,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
           for (int u = 0; u < 4; ++u) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              v[u][e] = __fmaf_rn(codes[u].entry(value_centres, 2 * mt + e), span[u], lo[u]);
+              v[u][e] = __fmaf_rn(codes[u].entry(value_centres, 2 * mt + e), range[u].y, range[u].x);
             }
           }
           const uint32_t a[4] = {half2_bits(v[0][0], v[1][0]), half2_bits(v[0][1], v[1][1]),
@@ -1183,12 +1191,10 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               many |= patched >= 0;
               const int pos = tile_pos + tile_row;
               if (pos < split.key_begin || pos >= stage_end) return;
-              const uint32_t params = reinterpret_cast<const uint32_t*>(value_block + value_layout.row_params_offset)[page_row];
-              const float lo = half_bits_to_float(params & 0xffff), hi = half_bits_to_float(params >> 16);
-              const float span = kCodebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, kBits);
+              const float2 range = value_row_range<kBits, kCodebook>(value_layout, value_block, page_row);
               const uint32_t codes = row_codes8<D, kBits>(value_layout, value_block, page_row, d / 8 * 8);
               const float decoded =
-                  __fmaf_rn(s_value_centres[(codes >> (kBits * (d % 8))) & (Table::kCodes - 1)], span, lo);
+                  __fmaf_rn(s_value_centres[(codes >> (kBits * (d % 8))) & (Table::kCodes - 1)], range.y, range.x);
               patched = tile_offset<D, kTileKeys>(tile_row, value_tile_column<D>(d));
               delta[patched] = __float2half_rn(delta_of(__ushort_as_half(static_cast<uint16_t>(slot >> 16)),
                                                         __float2half_rn(decoded)));
