@@ -34,12 +34,14 @@
 // Their decode steps replay graphs too (quantized arrays in the
 // graph's second index buffer), except steps whose writes read earlier rows
 // per layer (KIVI key groups completing) or that take several attention
-// launches (over kQuantizedRowsPerLaunch rows): those run eagerly. Before the
-// prefill kernel, a pre-pass decodes the step's page tiles once into the page
-// scratch (page_scratch.h; one buffer every layer reuses, at most
-// kPageScratchCapBytes, a step over it in groups of chunks): a chunk over the
-// cap by itself, or a step the device has no room for, runs the kernel's
-// decoding producer instead (same results).
+// launches (over kQuantizedRowsPerLaunch rows): those run eagerly. The prefill
+// kernel reads the step's page tiles decoded once into the page scratch
+// (page_scratch.h; one buffer every layer reuses, at most kPageScratchCapBytes,
+// a step over it in groups of chunks): int and nuq formats have quantize-on-write
+// store the first group's own rows there as it encodes them, and a pre-pass
+// decodes the rest (earlier steps' keys, other formats): a chunk over the cap
+// by itself, or a step the device has no room for, runs the kernel's decoding
+// producer instead (same results).
 #include "cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -833,7 +835,9 @@ int32_t CudaBackend::run_step(const StepBatch& batch, const PageTables& tables) 
       have_scratch = page_scratch_.try_reserve(want) || (want > scratch_need && page_scratch_.try_reserve(scratch_need));
       if (!have_scratch) page_scratch_refused_bytes_ = scratch_need;
     }
-    if (!have_scratch) {
+    if (have_scratch) {
+      cuda::route_decoded_rows(quantized_plan.scratch, quantized_plan.writes.runs);
+    } else {
       // No room beside the pool: one group without rows, the prefill kernel decoding its page tiles.
       const auto n_work = static_cast<int32_t>(plan.prefill.size());
       quantized_plan.scratch.work = plan.prefill;
@@ -1032,7 +1036,8 @@ QuantizedStepPlan CudaBackend::plan_quantized_step(const StepBatch& batch, const
   q.attention = cuda::plan_quantized_attention(decode_chunks, decode_slots, kv_options_, page_size_, c.n_kv_heads, hd,
                                                context_.properties.multiProcessorCount);
   q.chunk_slots = chunk_slots;
-  q.scratch = cuda::plan_page_scratch(plan.chunks, plan.prefill, cuda::exact_rule(kv_options_, page_size_), c.n_kv_heads, hd);
+  q.scratch = cuda::plan_page_scratch(plan.chunks, plan.prefill, cuda::exact_rule(kv_options_, page_size_), c.n_kv_heads, hd,
+                                      cuda::kPageScratchCapBytes, cuda::kv_quantize_decodes_rows(key_layout_, value_layout_));
   return q;
 }
 
@@ -1131,8 +1136,16 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
     cuda::fork_side(side, stream);
     rotate(side.stream);
   }
+  // The first scratch group's own rows, stored decoded by the quantize launch (route_decoded_rows).
+  cuda::KvDecodedRows decoded;
+  if (!q.scratch_groups.empty() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_)) {
+    const cuda::PageScratch first = cuda::group_scratch(q.scratch_groups.front(), page_scratch_.as<void>(),
+                                                        q.scratch_chunk_rows, c.n_kv_heads, c.head_dim);
+    decoded = {first.keys, first.values, first.n_rows, keys_post_rope ? nullptr : rope_.as<float2>()};
+  }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
-                           outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream);
+                           outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream,
+                           cuda::KvQuantizeCtas::by_launch, decoded);
   if (!keys_post_rope) cuda::join_side(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};

@@ -55,6 +55,14 @@ __device__ __forceinline__ float codebook_half_span(float lo, float hi) { return
 __device__ __forceinline__ float codebook_decode(float lo, float half_span, float centre) {
   return __fadd_rn(lo, __fmul_rn(__fadd_rn(centre, 1.0f), half_span));
 }
+// Both as lo + x * span: the span from a packed range (lo, hi), (hi - lo) / 2 for nuq (x the centre + 1), the
+// step (hi - lo) / levels for int (x the code).
+__device__ __forceinline__ float packed_span(bool codebook, float lo, float hi, int bits) {
+  return codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, bits);
+}
+__device__ __forceinline__ float packed_x(bool codebook, const float* centres, uint32_t code) {
+  return codebook ? __fadd_rn(centres[code], 1.0f) : static_cast<float>(code);
+}
 // KIVI: code * scale + min.
 __device__ __forceinline__ float kivi_decode(uint32_t code, float scale, float min) {
   return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);

@@ -9,7 +9,8 @@
 // at head_dim 64, one at 128), each lane packing its codes into one field that
 // the row's words gather by shuffles. Grouped codecs encode whole groups: KIVI keys per
 // channel over 32 rows, --kscale page keys per channel over the page after its
-// outliers are taken.
+// outliers are taken. Int and nuq rows a run routes to the page scratch are
+// also stored there decoded (KvDecodedRows) by the lanes that encoded them.
 //
 // Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
@@ -30,6 +31,7 @@
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
+#include "cuda/decode_partials.cuh"
 #include "cuda/kv_dequant.cuh"
 #include "engine/step_batch.h"
 #include "kv/page_tables.h"
@@ -108,7 +110,8 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
   const int page_size = tables.page_size();
   if (row_stride <= 0 || row_stride > INT32_MAX) fail("KV writes: a row stride of {} elements", row_stride);
   KvWritePlan plan;
-  for (const SequenceChunk& chunk : batch.chunks) {
+  for (size_t c = 0; c < batch.chunks.size(); ++c) {
+    const SequenceChunk& chunk = batch.chunks[c];
     const int64_t end = chunk.start_pos + chunk.n_tokens;
     for (KvKind kind : {KvKind::key, KvKind::value}) {
       const int group = (kind == KvKind::key ? key_layout : value_layout).rows_per_group;
@@ -121,6 +124,8 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
         for (int h = 0; h < n_kv_heads; ++h) {
           KvWriteRun run{block_offset(kind, page, h), kConsecutiveRows, static_cast<int32_t>(hi - lo),
                          static_cast<int32_t>(kind), h};
+          run.chunk = static_cast<int32_t>(c);
+          run.first_pos = static_cast<int32_t>(lo);
           if (lo >= chunk.start_pos) {
             run.src = source(chunk, lo, kind, h);
             // The kernel reads row i at src + i * stride: a source laid out otherwise would corrupt blocks silently.
@@ -148,13 +153,19 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
 
 bool kv_quantize_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
+bool kv_quantize_decodes_rows(const PageBlockLayout& key_layout, const PageBlockLayout& value_layout) {
+  const auto per_row = [](const PageBlockLayout& layout) {
+    return (layout.scheme == KvScheme::uniform || layout.scheme == KvScheme::nonuniform) && !layout.per_page_key_ranges;
+  };
+  return per_row(key_layout) && per_row(value_layout);
+}
+
 namespace {
 
 // Threads a CTA: kThreads, or at head_dim 64 kFewRunsThreads for a launch of few runs (KvQuantizeCtas), which
 // encodes more rows of a run at once where the SMs would otherwise sit idle (quantize_run's kCtaThreads).
 constexpr int kThreads = 128;
 constexpr int kFewRunsThreads = 512;
-constexpr int kMaxWarps = kFewRunsThreads / 32;
 constexpr int kMaxCodebook = 16;
 
 // A lane encodes kLaneChannels = 4 consecutive channels of a row, so a row takes head_dim / 4 lanes: at head_dim
@@ -170,7 +181,11 @@ template <int kHeadDim>
 struct RowShape {
   static constexpr int kLanes = kHeadDim / kLaneChannels;
   static constexpr int kRowsPerWarp = 32 / kLanes;
-  static constexpr int kMaxRowsInFlight = kMaxWarps * kRowsPerWarp;  // per CTA, at most
+  // Per CTA, at most: head_dim 128 has no few-run kernel. (Sized for kFewRunsThreads, its row scratch left room
+  // for 7 blocks a multiprocessor, not the 8 its registers allow, once the decoded rows' tables were added:
+  // llama2-7b 4 x 2048 nuq3-1% quantize 0.430 ms, sized for its own 4 rows 0.401; kvq-gpu-bench --parts quantize,
+  // H100, 2026-11-28, two calls whose main measured 0.380 and 0.382.)
+  static constexpr int kMaxRowsInFlight = (kHeadDim == 64 ? kFewRunsThreads : kThreads) / 32 * kRowsPerWarp;
 };
 // Where a lane sits: its row among the warp's (half) and its place in the row (sub: channels sub * 4 ..).
 struct RowLane {
@@ -197,24 +212,27 @@ __device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
 // ---- element encoders (twins of scalar_codecs.cpp and page_codec.cpp) ----
 
 // The nuq code of t: the CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints
-// ascend, so its scan stops at the number of midpoints below t, which a branch-free count finds.
+// ascend, so its scan stops at the number of midpoints below t, which a bisection over the 2^k - 1 midpoints (in
+// shared memory) finds in k steps: each compares t with the median of those left and adds the half below it.
+// Counting compared t with every midpoint (nuq3 11% of kv_quantize_kernel_128's instructions, Nsight Compute);
+// against it the bisection takes quantize from 0.449 to 0.430 ms at nuq3-1% and from 0.516 to 0.445 at nuq4-1%
+// (llama2-7b 4 x 2048; smollm2-135m 64 x 2048 0.402 -> 0.376 and 0.474 -> 0.379; kvq-gpu-bench --parts quantize,
+// H100, 2026-11-28). The same bisection in registers, by selects, spilled at nuq4.
 template <int kMids>
-__device__ __forceinline__ uint32_t count_midpoints_below(float t, const float (&mids)[kMids]) {
-  uint32_t code = 0;
+__device__ __forceinline__ uint32_t count_midpoints_below(float t, const float* mids) {
+  static_assert((kMids & (kMids + 1)) == 0, "2^k - 1 midpoints");
+  uint32_t code = 0;  // midpoints [0, code) lie below t; [code, code + 2n - 1) are undecided
 #pragma unroll
-  for (int i = 0; i < kMids; ++i) code += t > mids[i] ? 1u : 0u;
+  for (uint32_t n = (kMids + 1) / 2; n > 0; n /= 2) code += t > mids[code + n - 1] ? n : 0u;
   return code;
 }
 template <int E, int kMids>
 __device__ __forceinline__ void encode_nonuniform(const float (&x)[E], const float (&lo)[E], const float (&scale)[E],
                                                   const float* shared_mids, uint8_t (&codes)[E]) {
-  float mids[kMids];
-#pragma unroll
-  for (int i = 0; i < kMids; ++i) mids[i] = shared_mids[i];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x[e], lo[e]), scale[e]), 1.0f), -1.0f), 1.0f);
-    codes[e] = static_cast<uint8_t>(count_midpoints_below<kMids>(t, mids));
+    codes[e] = static_cast<uint8_t>(count_midpoints_below<kMids>(t, shared_mids));
   }
 }
 // Codes of E elements with ranges (lo, scale) from code_scale. mids (2^bits - 1): midpoints between the
@@ -335,9 +353,11 @@ struct Scratch {
     uint8_t candidate_channel[kHeadDim];
   } row[RowShape<kHeadDim>::kMaxRowsInFlight];
   float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
+  float key_span[kHeadDim];                                       // their packed_span (rows stored decoded)
   float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
   uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
   float mids[kMaxCodebook];            // codebook midpoints
+  float decode_x[kMaxCodebook];        // int / nuq: packed_x of each code (rows stored decoded: KvDecodedRows)
   // Then, dynamically sized from kRowTableOffset: the run's rows (run_row, page_size KvWriteRow), then slot_start,
   // slot_take, value_limit (page_size each), stored bits (page_size * head_dim / 32).
 };
@@ -452,7 +472,58 @@ struct KernelArgs {
   const KvWriteRun* runs;
   const KvWriteRow* rows;
   unsigned long long* outlier_counts;  // (2)
+  KvDecodedRows decoded;
 };
+
+// Where a row of a run goes decoded (KvDecodedRows): its row of the scratch (null: none) and, to rotate keys,
+// the angles of the lane's pairs at the row's position, loaded before the row's encoding so that the load's
+// latency passes under it.
+struct DecodedRowOut {
+  __half* row;  // (head_dim)
+  bool rotate;
+  float2 angles[kLaneChannels / 2];
+};
+template <int kHeadDim>
+__device__ __forceinline__ DecodedRowOut decoded_row_out(const KvDecodedRows& decoded, const KvWriteRun& run, int i,
+                                                         int sub) {
+  static_assert(kLaneChannels == 4, "a lane's pairs are one 16-byte load");
+  DecodedRowOut out{nullptr, false, {}};
+  if (i >= run.scratch_rows) return out;
+  const bool key = run.kind == static_cast<int32_t>(KvKind::key);
+  out.row = (key ? decoded.keys : decoded.values) + (int64_t{run.kv_head} * decoded.n_rows + run.scratch_row + i) * kHeadDim;
+  out.rotate = key && decoded.rope != nullptr;
+  if (out.rotate) {
+    const float4 pairs = *reinterpret_cast<const float4*>(decoded.rope + int64_t{run.first_pos + i} * (kHeadDim / 2) + sub * 2);
+    out.angles[0] = make_float2(pairs.x, pairs.y);
+    out.angles[1] = make_float2(pairs.z, pairs.w);
+  }
+  return out;
+}
+
+// The lane's E elements (channels c0 ..) of an int / nuq row as the prefill kernel's page tiles hold them
+// (QuantizedPageProducer::tile_chunk): exact for sinks and the outliers the row stored, else decoded from their
+// codes as decode_chunk8 decodes them (lo + x * span, packed_x and packed_span of the same fp32 range ends);
+// rotated at the row's position in fp32 (as rotate8 pairs them); rounded to fp16.
+template <int E>
+__device__ __forceinline__ void store_decoded_row(const DecodedRowOut& out, int c0, const float* decode_x,
+                                                  const float (&lo)[E], const float (&span)[E], const float (&x)[E],
+                                                  bool sink, const bool (&stored)[E], const uint8_t (&codes)[E]) {
+  static_assert(E % 4 == 0, "whole RoPE pairs, stored 8 bytes at a time");
+  float v[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] = sink || stored[e] ? x[e] : __fadd_rn(lo[e], __fmul_rn(decode_x[codes[e]], span[e]));
+  if (out.rotate) {
+#pragma unroll
+    for (int p = 0; p < E / 2; ++p) rotate_pair(v[2 * p], v[2 * p + 1], out.angles[p]);
+  }
+#pragma unroll
+  for (int e = 0; e < E; e += 4) {
+    uint2 packed;
+    *reinterpret_cast<__half2*>(&packed.x) = __floats2half2_rn(v[e], v[e + 1]);
+    *reinterpret_cast<__half2*>(&packed.y) = __floats2half2_rn(v[e + 2], v[e + 3]);
+    *reinterpret_cast<uint2*>(out.row + c0 + e) = packed;
+  }
+}
 
 // The value outlier limit of a row, threshold * rms(row), equal to the CPU's to the bit; all the row's lanes get
 // it. The CPU sums the squares in double in channel order. The squares of fp16 values are exact in double and
@@ -605,10 +676,11 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
 // head_dim 64 the warp's other half encodes another row (or the same one) alongside, so every path below is
 // taken by the whole warp.
 // A sink of the calibrated formats (w.exact: zero codes and, for values, a zero range; no slots, take 0) is
-// encoded as any row and its codes and range replaced by zeros.
+// encoded as any row and its codes and range replaced by zeros. decoded: int / nuq rows also stored decoded.
 template <int kHeadDim>
 __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow& w, uint2 raw, int start,
-                           int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane) {
+                           int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane,
+                           const DecodedRowOut& decoded) {
   constexpr int E = kLaneChannels;
   constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   const RowLane at = row_lane<kLanes>(lane);
@@ -703,10 +775,12 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
       }
       const bool uniform = layout.scheme == KvScheme::uniform;
-      float lo[E], scale[E];
+      float lo[E], scale[E], span[E];  // span: packed_span, for the decoded rows
       if (layout.kind == KvKind::key) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) lo[e] = shared.key_lo[c0 + e], scale[e] = shared.key_scale[c0 + e];
+        for (int e = 0; e < E; ++e) {
+          lo[e] = shared.key_lo[c0 + e], scale[e] = shared.key_scale[c0 + e], span[e] = shared.key_span[c0 + e];
+        }
       } else {  // the row's range over its elements not kept as outliers
         bool kept[E];
 #pragma unroll
@@ -716,15 +790,19 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
         const bool none = sink || mn > mx;  // a sink, or every element is an outlier
         const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
         if (at.sub == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
-        const float row_lo = half_bits_to_float(lo_bits);
-        const float row_scale = code_scale(row_lo, half_bits_to_float(hi_bits), uniform, layout.bits);
+        const float row_lo = half_bits_to_float(lo_bits), row_hi = half_bits_to_float(hi_bits);
+        const float row_scale = code_scale(row_lo, row_hi, uniform, layout.bits);
+        const float row_span = decoded.row != nullptr ? packed_span(!uniform, row_lo, row_hi, layout.bits) : 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale;
+        for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale, span[e] = row_span;
       }
       encode_scaled<E>(x, lo, scale, uniform, layout.bits, shared.mids, row_codes);
       if (sink) {
 #pragma unroll
         for (int e = 0; e < E; ++e) row_codes[e] = 0;
+      }
+      if (decoded.row != nullptr) {
+        store_decoded_row<E>(decoded, c0, shared.decode_x, lo, span, x, sink, stored, row_codes);
       }
       break;
     }
@@ -818,6 +896,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   const RowLane at = row_lane<kLanes>(lane);
   constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp;
   constexpr int kRowsInFlight = kCtaThreads / 32 * kRowsPerWarp;
+  static_assert(kRowsInFlight <= RowShape<kHeadDim>::kMaxRowsInFlight, "a row scratch per row in flight");
   const int first_base = warp * kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
   typename Scratch<kHeadDim>::Row& row_scratch = scratch.row[first_base + at.half];
   for (int i = threadIdx.x; i < run.n_rows; i += kCtaThreads) rows[i] = run_row(run, args.rows, i);
@@ -828,8 +907,12 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
     return;
   }
   const float* codebook = layout.kind == KvKind::key ? args.calib.key_codebook : args.calib.value_codebook;
-  if (layout.scheme == KvScheme::nonuniform && threadIdx.x + 1 < (1 << layout.bits)) {
-    scratch.mids[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(codebook[threadIdx.x], codebook[threadIdx.x + 1]));
+  if (is_calibrated(layout.scheme) && threadIdx.x < (1 << layout.bits)) {
+    const bool nonuniform = layout.scheme == KvScheme::nonuniform;
+    scratch.decode_x[threadIdx.x] = packed_x(nonuniform, codebook, threadIdx.x);
+    if (nonuniform && threadIdx.x + 1 < (1 << layout.bits)) {
+      scratch.mids[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(codebook[threadIdx.x], codebook[threadIdx.x + 1]));
+    }
   }
   const bool page_ranges = layout.per_page_key_ranges;
   if (page_ranges) {
@@ -841,6 +924,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
       scratch.key_lo[c] = args.calib.key_lo[head + c];
       scratch.key_hi[c] = args.calib.key_hi[head + c];
       scratch.key_scale[c] = args.calib.key_scale[head + c];
+      scratch.key_span[c] = packed_span(layout.scheme == KvScheme::nonuniform, scratch.key_lo[c], scratch.key_hi[c], layout.bits);
     }
   }
   __syncthreads();
@@ -880,7 +964,8 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
       const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
       const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
-      encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane);
+      encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane,
+                           decoded_row_out<kHeadDim>(args.decoded, run, i, at.sub));
       raw = next;
     }
     return;
@@ -937,8 +1022,11 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
-// Registers (ptxas, nvcc 13.0) since the run's rows sit in a shared-memory table: kv_quantize_kernel_64 64,
-// kv_quantize_kernel_64_few_runs 64, kv_quantize_kernel_128 61; the history below is of the bounds chosen.
+// Registers (ptxas, nvcc 13.0) since rows are also stored decoded (KvDecodedRows), each kernel at its bound with
+// 16-24 bytes spilled: kv_quantize_kernel_64 72; kv_quantize_kernel_64_few_runs 64, bounded to 2 blocks (unbounded
+// 90: one 512-thread block a multiprocessor, where a 2048-token smollm2-135m step's 192 runs want two);
+// kv_quantize_kernel_128 64, bounded to 8 blocks (unbounded 87 and 0.512 ms against 0.449, llama2-7b 4 x 2048
+// nuq3-1%, kvq-gpu-bench --parts quantize, H100, 2026-11-28). The history below is of the bounds chosen before.
 // Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; then 71 used): with 2 channels a
 // lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
 // quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take
@@ -948,14 +1036,14 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
 // faster: nuq3-1% 0.425 -> 0.401 ms, llama2-7b 4 x 2048, H100, 2026-11-27; bounded to 7 blocks at 71 it ran 5%
 // slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
 // 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
-// The scratch is sized for kFewRunsThreads' rows in flight in every kernel (Scratch<64> ~22 KB, Scratch<128>
-// ~25 KB with 512): at pages of 512 rows that leaves room for 5 blocks of kv_quantize_kernel_64, not 7 (not
-// timed; the default pages are 64 rows).
+// The scratch is sized for the most rows in flight of its head_dim's kernels (RowShape::kMaxRowsInFlight:
+// Scratch<64> ~23 KB for kFewRunsThreads, Scratch<128> ~11 KB): at pages of 512 rows that leaves room for 5
+// blocks of kv_quantize_kernel_64, not 7 (not timed; the default pages are 64 rows).
 __global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64, kThreads>(args); }
-__global__ void __launch_bounds__(kFewRunsThreads) kv_quantize_kernel_64_few_runs(KernelArgs args) {
+__global__ void __launch_bounds__(kFewRunsThreads, 2) kv_quantize_kernel_64_few_runs(KernelArgs args) {
   quantize_run<64, kFewRunsThreads>(args);
 }
-__global__ void __launch_bounds__(kThreads) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128, kThreads>(args); }
+__global__ void __launch_bounds__(kThreads, 8) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128, kThreads>(args); }
 
 template <int kBits>
 __device__ void dequantize_block(const PageBlockLayout& layout, const uint8_t* block, const BlockCalibration& calib,
@@ -998,11 +1086,14 @@ __global__ void __launch_bounds__(kThreads) kv_dequantize_kernel(const uint8_t* 
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
                         const KvWriteRow* rows, unsigned long long* outlier_counts, int n_sms, cudaStream_t stream,
-                        KvQuantizeCtas ctas) {
+                        KvQuantizeCtas ctas, const KvDecodedRows& decoded) {
   if (n_runs == 0) return;
   const int head_dim = key_layout.head_dim;
   if (!kv_quantize_supported(head_dim)) fail("KV quantize-on-write supports head_dim 64 and 128, not {}", head_dim);
-  const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts};
+  if (decoded.keys != nullptr && !kv_quantize_decodes_rows(key_layout, value_layout)) {
+    fail("KV quantize-on-write stores rows decoded for int and nuq formats with per-row ranges only");
+  }
+  const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts, decoded};
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
   // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
   // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27), four times the warps

@@ -7,6 +7,7 @@
 // Decoding (for attention loaders and tests) is in kv_dequant.cuh.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -94,8 +95,28 @@ struct KvWriteRun {
   int32_t src_stride;      // elements
   int32_t first_page_row;  // the first row's row in the block
   int32_t n_sinks;         // leading rows that are sinks (KvWriteRow::exact)
+  int32_t chunk;           // the step's chunk (StepBatch::chunks) the rows belong to
+  int32_t first_pos;       // the first row's position in its sequence
+  // Consecutive rows of kv_quantize_decodes_rows layouts: the first scratch_rows rows are also stored decoded into
+  // the launch's KvDecodedRows, row i at scratch row scratch_row + i (route_decoded_rows, page_scratch.h); 0: none.
+  int32_t scratch_row;
+  int32_t scratch_rows;
 };
 constexpr int32_t kConsecutiveRows = -1;
+
+// Where quantize-on-write also stores rows as the prefill kernel's page tiles hold them (the page scratch,
+// page_scratch.h): decoded with their outliers (sinks exactly), keys of pre-RoPE formats rotated at their
+// positions in fp32, rounded to fp16: the bits of QuantizedPageProducer::tile_chunk(). keys null: nowhere.
+struct KvDecodedRows {
+  __half* keys = nullptr;        // (n_kv_heads, n_rows, head_dim)
+  __half* values = nullptr;      // (n_kv_heads, n_rows, head_dim)
+  int64_t n_rows = 0;            // rows per KV head
+  const float2* rope = nullptr;  // (positions, head_dim / 2) the angles keys are rotated by; null: not rotated
+};
+
+// Whether launch_kv_quantize stores these layouts' rows decoded (KvDecodedRows): int and nuq with per-row ranges
+// (calibrated key ranges, not --kscale page), keys and values alike.
+bool kv_quantize_decodes_rows(const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
 
 // Row i of a run, from the plan's rows (device or host array) or from the run itself.
 __host__ __device__ inline KvWriteRow run_row(const KvWriteRun& run, const KvWriteRow* rows, int i) {
@@ -134,11 +155,11 @@ enum class KvQuantizeCtas { by_launch, many_runs, few_runs };
 // Encodes every run into pool (bytes). runs (n_runs), rows (device arrays); outlier_counts (2) device
 // counters, added to: outliers stored, outliers that found their block's slots full. n_sms: the device's
 // multiprocessors (cudaDeviceProp::multiProcessorCount), which KvQuantizeCtas::by_launch weighs the runs
-// against.
+// against. decoded: where runs with scratch_rows store those rows decoded.
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
                         const KvWriteRow* rows, unsigned long long* outlier_counts, int n_sms, cudaStream_t stream,
-                        KvQuantizeCtas ctas = KvQuantizeCtas::by_launch);
+                        KvQuantizeCtas ctas = KvQuantizeCtas::by_launch, const KvDecodedRows& decoded = {});
 
 // ---- reads (the fallback and the tests' path; attention loaders use kv_dequant.cuh directly) ----
 

@@ -52,9 +52,11 @@ int64_t page_scratch_bytes(int64_t n_rows, int n_kv_heads, int head_dim) {
 }
 
 PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, const std::vector<PrefillWork>& work,
-                                  const ExactRule& rule, int n_kv_heads, int head_dim, int64_t cap_bytes) {
+                                  const ExactRule& rule, int n_kv_heads, int head_dim, int64_t cap_bytes,
+                                  bool quantize_decodes) {
   PageScratchPlan plan;
   plan.chunk_rows.assign(chunks.size(), 0);
+  plan.decoded_end.assign(chunks.size(), 0);
   // The chunks in the order of their first work item (the longest key ranges first), each group's in turn.
   std::vector<int32_t> group_of(chunks.size(), -1);
   const int64_t row_bytes = page_scratch_bytes(1, n_kv_heads, head_dim);
@@ -81,8 +83,15 @@ PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, con
     group_of[w.chunk] = static_cast<int32_t>(plan.groups.size()) - 1;
     if (over_cap) continue;  // n_rows stays 0: the decoding producer
     plan.chunk_rows[w.chunk] = static_cast<int32_t>(group.n_rows);
-    for (int32_t k = 0; k < page_keys; k += kPageScratchSpanRows) {
-      plan.spans.push_back({w.chunk, k, std::min(k + kPageScratchSpanRows, page_keys)});
+    // The first group's own rows are the quantize launch's (it runs before any group): the pre-pass takes the
+    // keys of earlier steps. Later groups reuse the buffer, so their chunks' rows all come from the pre-pass.
+    int32_t prepass_end = page_keys;
+    if (quantize_decodes && plan.groups.size() == 1) {
+      plan.decoded_end[w.chunk] = page_keys;
+      prepass_end = std::min(page_keys, chunk.start_pos);
+    }
+    for (int32_t k = 0; k < prepass_end; k += kPageScratchSpanRows) {
+      plan.spans.push_back({w.chunk, k, std::min(k + kPageScratchSpanRows, prepass_end)});
     }
     group.n_rows += page_keys;
     plan.max_rows = std::max(plan.max_rows, group.n_rows);
@@ -97,6 +106,23 @@ PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, con
     group.work_end = static_cast<int32_t>(plan.work.size());
   }
   return plan;
+}
+
+void route_decoded_rows(const PageScratchPlan& plan, std::vector<KvWriteRun>& runs) {
+  for (KvWriteRun& run : runs) {
+    if (run.first_row != kConsecutiveRows || run.n_rows == 0) continue;  // listed rows are earlier steps'
+    const int32_t end = plan.decoded_end.at(run.chunk);
+    if (run.first_pos >= end) continue;
+    run.scratch_row = plan.chunk_rows[run.chunk] + run.first_pos;
+    run.scratch_rows = std::min(run.n_rows, end - run.first_pos);
+  }
+}
+
+PageScratch group_scratch(const PageScratchGroup& group, void* buffer, const int32_t* chunk_rows, int n_kv_heads,
+                          int head_dim) {
+  if (group.n_rows == 0) return {};
+  __half* keys = static_cast<__half*>(buffer);
+  return {keys, keys + group.n_rows * n_kv_heads * head_dim, chunk_rows, group.n_rows};
 }
 
 void launch_fill_page_scratch(const QuantizedPrefillSource& source, int head_dim, const AttentionChunk* chunks,
@@ -118,12 +144,9 @@ void launch_quantized_prefill_groups(const AttentionQuery& query, const Quantize
                                      void* scratch, cudaStream_t stream) {
   for (const PageScratchGroup& group : groups) {
     QuantizedPrefillSource group_source = source;
-    group_source.scratch = {};
+    // The stream orders this group's fill after the previous group's kernel.
+    group_source.scratch = group_scratch(group, scratch, chunk_rows, source.kv.n_kv_heads, query.head_dim);
     if (group.n_rows > 0) {
-      // Keys then values, each (n_kv_heads, rows, head_dim); the stream orders this group's fill after the
-      // previous group's kernel.
-      __half* keys = static_cast<__half*>(scratch);
-      group_source.scratch = {keys, keys + group.n_rows * source.kv.n_kv_heads * query.head_dim, chunk_rows, group.n_rows};
       launch_fill_page_scratch(group_source, query.head_dim, chunks, spans + group.span_begin,
                                group.span_end - group.span_begin, stream);
     }

@@ -14,6 +14,12 @@
 // fp32, all rounded to fp16, so the tiles and the kernel's results are the
 // same to the bit as with the decoding producer.
 //
+// The step's own rows of the first group's chunks can be stored by
+// quantize-on-write instead (plan_page_scratch's quantize_decodes, then
+// route_decoded_rows and KvDecodedRows: the encoding lanes hold each row's
+// codes, so the pre-pass neither reads them back nor decodes them again); the
+// pre-pass then fills only the keys earlier steps wrote. Same bits either way.
+//
 // Bound: a group's page keys (for a chunk late in a long prompt, the prompt's
 // keys so far) of one layer at a time (every layer reuses the buffer), at most
 // kPageScratchCapBytes: a step over the cap runs in groups of chunks that fit
@@ -58,6 +64,9 @@ struct PageScratchGroup {
 struct PageScratchPlan {
   std::vector<PrefillWork> work;    // the step's work items, group after group (each group's in their order)
   std::vector<int32_t> chunk_rows;  // (chunks) PageScratch::chunk_rows in its group's scratch; 0 without work
+  // (chunks) keys [start_pos, decoded_end) of the chunk are the quantize launch's to store (KvDecodedRows), not
+  // the pre-pass's; decoded_end <= start_pos: none.
+  std::vector<int32_t> decoded_end;
   std::vector<PageScratchSpan> spans;
   std::vector<PageScratchGroup> groups;
   int64_t max_rows = 0;             // the most rows of a group: what the buffer must hold
@@ -65,10 +74,21 @@ struct PageScratchPlan {
 
 int64_t page_scratch_bytes(int64_t n_rows, int n_kv_heads, int head_dim);
 
-// Groups the chunks of `work` (plan_prefill's) in its order, each group's rows within cap_bytes.
+// Groups the chunks of `work` (plan_prefill's) in its order, each group's rows within cap_bytes. quantize_decodes:
+// the step's quantize launch stores the first group's own rows (kv_quantize_decodes_rows layouts; the plan must
+// then go through route_decoded_rows), so its spans leave them out.
 PageScratchPlan plan_page_scratch(const std::vector<AttentionChunk>& chunks, const std::vector<PrefillWork>& work,
                                   const ExactRule& rule, int n_kv_heads, int head_dim,
-                                  int64_t cap_bytes = kPageScratchCapBytes);
+                                  int64_t cap_bytes = kPageScratchCapBytes, bool quantize_decodes = false);
+
+// Points the step's write runs (plan_kv_writes', whose chunks are the plan's) at the scratch rows they store
+// decoded (KvWriteRun::scratch_row), as plan.decoded_end says.
+void route_decoded_rows(const PageScratchPlan& plan, std::vector<KvWriteRun>& runs);
+
+// Where a group's rows lie in the scratch buffer (each group in turn reuses it from the start): keys then values,
+// each (n_kv_heads, group.n_rows, head_dim); keys null for a group without rows. chunk_rows: the plan's (device).
+PageScratch group_scratch(const PageScratchGroup& group, void* buffer, const int32_t* chunk_rows, int n_kv_heads,
+                          int head_dim);
 
 // Fills source.scratch (keys, values, chunk_rows and n_rows of a group) from source's pages and exact rows,
 // after the step's pages are written; chunks and spans (the group's): device arrays.

@@ -120,12 +120,6 @@ struct PageStageShape {
   int32_t smem_bytes;
 };
 
-// The span decode_packed1 multiplies x by, from a packed range (lo, hi): (hi - lo) / 2 for nuq (x the centre + 1),
-// the step (hi - lo) / levels for int (x the code).
-__device__ __forceinline__ float packed_span(bool codebook, float lo, float hi, int bits) {
-  return codebook ? codebook_half_span(lo, hi) : uniform_step(lo, hi, bits);
-}
-
 // Value row `row`'s (lo, span) from a packed block's row parameters (fp16 lo, hi), as decode_packed1 takes them.
 template <int kBits, bool kCodebook>
 __device__ __forceinline__ float2 value_row_range(const PageBlockLayout& layout, const uint8_t* block, int row) {
@@ -1006,15 +1000,13 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
   {
     const BlockCalibration key_calib = block_calibration(kv.calib, key_layout, kv_head);
     const BlockCalibration value_calib = block_calibration(kv.calib, value_layout, kv_head);
-    const auto x_of = [](const float* codebook, int code) {
-      return kCodebook ? __fadd_rn(codebook[code], 1.0f) : static_cast<float>(code);
-    };
     for (int i = threadIdx.x; i < D * Table::kCodes; i += kThreads) {
       const int c = i / Table::kCodes, code = i % Table::kCodes;
       const float lo = key_calib.key_lo[c], hi = key_calib.key_hi[c];
-      s_key_table[Table::index(c, code)] = __fmaf_rn(x_of(key_calib.codebook, code), packed_span(kCodebook, lo, hi, kBits), lo);
+      s_key_table[Table::index(c, code)] =
+          __fmaf_rn(packed_x(kCodebook, key_calib.codebook, code), packed_span(kCodebook, lo, hi, kBits), lo);
     }
-    if (threadIdx.x < Table::kCodes) s_value_centres[threadIdx.x] = x_of(value_calib.codebook, threadIdx.x);
+    if (threadIdx.x < Table::kCodes) s_value_centres[threadIdx.x] = packed_x(kCodebook, value_calib.codebook, threadIdx.x);
     for (int i = threadIdx.x; i < kTileKeys * D / 2; i += kThreads) {  // a page split means >= 16 positions
       const float2 cs = kv.rope[i];  // row i / (D / 2), pair i % (D / 2)
       *reinterpret_cast<float2*>(s_row_angles + row_angle_index<D>(i / (D / 2), i % (D / 2) * 2)) = cs;

@@ -128,16 +128,19 @@ KvCacheOptions options_for(const FormatCase& test) {
   return options;
 }
 
-namespace {
 cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const PageTables& tables,
                                       const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout,
                                       int n_kv_heads, int head_dim, int sinks,
-                                      const std::function<const uint16_t*(int, int64_t)>& row) {
+                                      const std::function<const uint16_t*(int, int64_t)>& row,
+                                      const std::vector<int>& starts) {
   const int kv_dim = n_kv_heads * head_dim;
   const int64_t page_bytes = int64_t{n_kv_heads} * (key_layout.block_bytes + value_layout.block_bytes);
   std::vector<int32_t> ids(*std::max_element(lengths.begin(), lengths.end()), 0);
   StepBatch batch;
-  for (int s = 0; s < int(lengths.size()); ++s) batch.add_chunk(s, 0, ids.data(), lengths[s], false);
+  for (int s = 0; s < int(lengths.size()); ++s) {
+    const int start = starts.empty() ? 0 : starts[s];
+    if (lengths[s] > start) batch.add_chunk(s, start, ids.data(), lengths[s] - start, false);
+  }
   auto source = [&](const SequenceChunk& chunk, int64_t pos, KvKind kind, int h) -> const uint16_t* {
     return row(chunk.seq, pos) + static_cast<int>(kind) * kv_dim + h * head_dim;
   };
@@ -149,7 +152,6 @@ cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const Pag
   return cuda::plan_kv_writes(batch, tables, key_layout, value_layout, n_kv_heads, sinks, source, 2 * kv_dim,
                               block_offset);
 }
-}  // namespace
 
 PrefillWrites::PrefillWrites(const std::vector<int>& lengths, const PageTables& tables,
                              const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout,

@@ -106,10 +106,17 @@ struct FormatCase {
 // The case's KvCacheOptions (no calibration attached).
 KvCacheOptions options_for(const FormatCase& test);
 
-// The writes of a prefill step of rows 0..lengths[s]-1 of every sequence s (one chunk each, from position 0),
-// planned and on the device: the pages of `tables`, blocks laid out per page as n_kv_heads key blocks then
-// n_kv_heads value blocks. row(s, pos): that row's (2, n_kv_heads * head_dim) fp16 keys and values on the device,
-// a sequence's rows one after the other.
+// The writes of a prefill step of rows starts[s]..lengths[s]-1 of every sequence s (one chunk each, chunk i of
+// the step's batch for sequence i where no chunk is empty; starts empty: from position 0): the pages of
+// `tables`, blocks laid out per page as n_kv_heads key blocks then n_kv_heads value blocks. row(s, pos): that
+// row's (2, n_kv_heads * head_dim) fp16 keys and values on the device, a sequence's rows one after the other.
+cuda::KvWritePlan plan_prefill_writes(const std::vector<int>& lengths, const PageTables& tables,
+                                      const cuda::PageBlockLayout& key_layout, const cuda::PageBlockLayout& value_layout,
+                                      int n_kv_heads, int head_dim, int sinks,
+                                      const std::function<const uint16_t*(int, int64_t)>& row,
+                                      const std::vector<int>& starts = {});
+
+// Those writes (from position 0) planned and on the device.
 struct PrefillWrites {
   PrefillWrites(const std::vector<int>& lengths, const PageTables& tables, const cuda::PageBlockLayout& key_layout,
                 const cuda::PageBlockLayout& value_layout, int n_kv_heads, int head_dim, int sinks,

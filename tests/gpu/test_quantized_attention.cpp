@@ -34,8 +34,10 @@
 // four caps of the page scratch (page_scratch.h): 0 (every page tile decoded by
 // the kernel, the fallback), one byte below the largest chunk's rows (that
 // chunk decoded, the others from the scratch), exactly those rows (a group per
-// chunk) and the backend's cap (one group): the tiles are the same halves, so
-// the outputs must be the same bits (no tolerance).
+// chunk) and the backend's cap (one group), and for int and nuq pages once more
+// as the backend runs it, the chunks' own rows stored into the scratch by the
+// quantize launch that writes them (KvDecodedRows): the tiles are the same
+// halves, so the outputs must be the same bits (no tolerance).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -205,8 +207,12 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     const cuda::ExactRule rule = cuda::exact_rule(options, page);
     const cuda::QuantizedPrefillSource source{kv, rule, d_slots.get(), {}};
     // As the backend runs them, under a scratch cap: the work regrouped, per group the pre-pass and the kernel.
-    const auto run_prefill = [&](int64_t cap_bytes) {
-      const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap_bytes);
+    // quantize_decodes: the pages written again as two steps, the earlier rows and then the chunks' rows, whose
+    // launch stores the first group's own rows into the scratch (route_decoded_rows) so that the pre-pass fills
+    // only the earlier ones; the pool's bytes must equal the one launch's.
+    const auto run_prefill = [&](int64_t cap_bytes, bool quantize_decodes = false) {
+      const cuda::PageScratchPlan plan =
+          cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap_bytes, quantize_decodes);
       EXPECT_EQ(plan.work.size(), work.size()) << what;
       DeviceArray<cuda::PrefillWork> d_work(plan.work);
       DeviceArray<int32_t> d_chunk_rows(plan.chunk_rows);
@@ -216,7 +222,34 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       // the output (rows a run misses show).
       if (d_scratch.size() > 0) CUDA_CHECK(cudaMemset(d_scratch.get(), 0xff, d_scratch.size()));
       CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
-      cuda::launch_quantized_prefill_groups(query, source, d_chunks.get(), d_work.get(), d_chunk_rows.get(),
+      cuda::QuantizedPrefillSource run_source = source;
+      DeviceArray<uint8_t> d_pool_by_steps(quantize_decodes ? d_pool.size() : 0);
+      if (quantize_decodes) {
+        const auto row = [&](int s, int64_t pos) { return d_all_rows.get() + seq_offset[s] + size_t(pos) * 2 * kv_dim; };
+        CUDA_CHECK(cudaMemset(d_pool_by_steps.get(), 0, d_pool_by_steps.size()));
+        DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
+        for (const bool own : {false, true}) {
+          cuda::KvWritePlan writes = plan_prefill_writes(own ? lengths : earlier, tables, key_layout, value_layout,
+                                                         n_kv_heads, D, sinks, row, own ? earlier : std::vector<int>{});
+          cuda::KvDecodedRows decoded;
+          if (own) {
+            cuda::route_decoded_rows(plan, writes.runs);
+            const cuda::PageScratch first =
+                cuda::group_scratch(plan.groups.front(), d_scratch.get(), d_chunk_rows.get(), n_kv_heads, D);
+            decoded = {first.keys, first.values, first.n_rows, rotate_keys ? d_rope.get() : nullptr};
+          }
+          if (writes.runs.empty()) continue;
+          DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
+          DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
+          cuda::launch_kv_quantize(d_pool_by_steps.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
+                                   int32_t(writes.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(),
+                                   nullptr, cuda::KvQuantizeCtas::by_launch, decoded);
+          CUDA_CHECK(cudaDeviceSynchronize());
+        }
+        EXPECT_TRUE(d_pool_by_steps.download() == pool) << what << ": pages written in two steps differ from one";
+        run_source.kv.pool = d_pool_by_steps.get();
+      }
+      cuda::launch_quantized_prefill_groups(query, run_source, d_chunks.get(), d_work.get(), d_chunk_rows.get(),
                                             d_spans.get(), plan.groups, d_scratch.get(), nullptr);
       CUDA_CHECK(cudaDeviceSynchronize());
       return plan;
@@ -245,6 +278,11 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
         EXPECT_EQ(plan.groups.size(), 1u) << what;  // the whole step in one launch
       }
       compare_prefill_rows(d_out.download(), "scratch cap " + std::to_string(cap));
+    }
+    // The backend's plan for these pages: one group, its chunks' own rows stored by the quantize launch.
+    if (cuda::kv_quantize_decodes_rows(key_layout, value_layout)) {
+      run_prefill(cuda::kPageScratchCapBytes, true);
+      compare_prefill_rows(d_out.download(), "own rows stored by quantize-on-write");
     }
   }
   // 132 multiprocessors (default): splits of the least size (128 keys), so the longest rows get two page splits.
@@ -496,7 +534,8 @@ TEST(QuantizedAttention, LongSplitsReuseEveryStage) {
 // last row) in spans that cover them once, in order, inside its group's rows after the group's earlier chunks;
 // every query tile's page tiles (keys below its last row's split) lie inside; the work regrouped, each item
 // once; groups within the cap; a chunk over the cap alone in a group without rows; chunks without prefill work
-// get none.
+// get none. With quantize_decodes, the first group's chunks leave their own keys [start, split) to the quantize
+// launch (decoded_end), and route_decoded_rows points the runs of those keys at their rows.
 TEST(QuantizedAttention, PageScratchPlanCoversEveryPageTile) {
   const std::vector<FormatCase> cases = {{"nuq3-1%"}, {"nuq3-1%", 4, true, false, false}, {"nuq4-1%", 2, true, false, true},
                                          {"kivi2"}, {"q4_0", 0, true, false, false}};
@@ -513,68 +552,88 @@ TEST(QuantizedAttention, PageScratchPlanCoversEveryPageTile) {
     // Caps: the backend's (one group); each chunk's rows (groups split); one below the largest (it decodes).
     const int64_t largest = *std::max_element(page_keys.begin(), page_keys.end());
     for (const int64_t cap : {cuda::kPageScratchCapBytes, largest * row_bytes, largest * row_bytes - 1, int64_t{0}}) {
-      const std::string what = test.kv + " cap " + std::to_string(cap);
-      const cuda::PageScratchPlan plan = cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap);
-      ASSERT_EQ(plan.chunk_rows.size(), chunks.size()) << what;
-      ASSERT_EQ(plan.work.size(), work.size()) << what;
-      if (cap == cuda::kPageScratchCapBytes) {
-        EXPECT_EQ(plan.groups.size(), 1u) << what;
-      }
-      std::vector<int> work_seen(chunks.size(), 0), chunk_groups(chunks.size(), 0);
-      int32_t next_work = 0, next_span = 0;
-      int64_t max_rows = 0;
-      for (const cuda::PageScratchGroup& group : plan.groups) {
-        EXPECT_EQ(group.work_begin, next_work) << what;
-        EXPECT_EQ(group.span_begin, next_span) << what;
-        EXPECT_LT(group.work_begin, group.work_end) << what;
-        EXPECT_LE(group.n_rows * row_bytes, cap) << what;
-        next_work = group.work_end;
-        next_span = group.span_end;
-        max_rows = std::max(max_rows, group.n_rows);
-        std::vector<bool> in_group(chunks.size(), false);
-        for (int32_t w = group.work_begin; w < group.work_end; ++w) {
-          ++work_seen[plan.work[w].chunk];
-          in_group[plan.work[w].chunk] = true;
+      for (const bool quantize_decodes : {false, true}) {
+        const std::string what = test.kv + " cap " + std::to_string(cap) + (quantize_decodes ? " quantize decodes" : "");
+        const cuda::PageScratchPlan plan =
+            cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap, quantize_decodes);
+        ASSERT_EQ(plan.chunk_rows.size(), chunks.size()) << what;
+        ASSERT_EQ(plan.decoded_end.size(), chunks.size()) << what;
+        ASSERT_EQ(plan.work.size(), work.size()) << what;
+        if (cap == cuda::kPageScratchCapBytes) {
+          EXPECT_EQ(plan.groups.size(), 1u) << what;
         }
-        int64_t rows = 0;
-        int32_t span = group.span_begin;
+        std::vector<int> work_seen(chunks.size(), 0), chunk_groups(chunks.size(), 0);
+        int32_t next_work = 0, next_span = 0;
+        int64_t max_rows = 0;
+        for (const cuda::PageScratchGroup& group : plan.groups) {
+          EXPECT_EQ(group.work_begin, next_work) << what;
+          EXPECT_EQ(group.span_begin, next_span) << what;
+          EXPECT_LT(group.work_begin, group.work_end) << what;
+          EXPECT_LE(group.n_rows * row_bytes, cap) << what;
+          next_work = group.work_end;
+          next_span = group.span_end;
+          max_rows = std::max(max_rows, group.n_rows);
+          std::vector<bool> in_group(chunks.size(), false);
+          for (int32_t w = group.work_begin; w < group.work_end; ++w) {
+            ++work_seen[plan.work[w].chunk];
+            in_group[plan.work[w].chunk] = true;
+          }
+          int64_t rows = 0;
+          int32_t span = group.span_begin;
+          for (int c = 0; c < int(chunks.size()); ++c) {
+            if (!in_group[c]) continue;
+            ++chunk_groups[c];
+            const bool over_cap = page_keys[c] * row_bytes > cap;
+            if (over_cap) {
+              EXPECT_EQ(group.n_rows, 0) << what << " chunk " << c;  // decoded by the kernel
+              continue;
+            }
+            EXPECT_EQ(plan.chunk_rows[c], rows) << what << " chunk " << c;
+            int next = 0;
+            for (; span < group.span_end && plan.spans[span].chunk == c; ++span) {
+              EXPECT_EQ(plan.spans[span].key_begin, next) << what << " chunk " << c;
+              EXPECT_GT(plan.spans[span].key_end, plan.spans[span].key_begin) << what;
+              EXPECT_LE(plan.spans[span].key_end - plan.spans[span].key_begin, cuda::kPageScratchSpanRows) << what;
+              next = plan.spans[span].key_end;
+            }
+            const bool decoded = quantize_decodes && &group == &plan.groups.front();
+            EXPECT_EQ(next, decoded ? std::min<int64_t>(chunks[c].start_pos, page_keys[c]) : page_keys[c])
+                << what << " chunk " << c;
+            EXPECT_EQ(plan.decoded_end[c], decoded ? page_keys[c] : 0) << what << " chunk " << c;
+            for (const cuda::PrefillWork& w : work) {
+              if (w.chunk != c) continue;
+              const int q_last =
+                  chunks[c].start_pos + std::min(w.q_begin + cuda::prefill_rows_per_tile(D), chunks[c].n_tokens) - 1;
+              EXPECT_LE(rule.split(q_last, chunks[c].start_pos), page_keys[c]) << what << " chunk " << c;
+            }
+            rows += page_keys[c];
+          }
+          EXPECT_EQ(span, group.span_end) << what;
+          if (group.n_rows > 0) {
+            EXPECT_EQ(group.n_rows, rows) << what;
+          }
+        }
+        EXPECT_EQ(next_work, int32_t(plan.work.size())) << what;
+        EXPECT_EQ(next_span, int32_t(plan.spans.size())) << what;
+        // Runs of chunk 0 (positions 1000 on): from its start, across its last page key, and past it.
+        const int32_t end0 = plan.decoded_end[0];
+        std::vector<cuda::KvWriteRun> runs(3, cuda::KvWriteRun{});
+        for (cuda::KvWriteRun& run : runs) run.first_row = cuda::kConsecutiveRows, run.chunk = 0, run.n_rows = 24;
+        runs[0].first_pos = 1000;
+        runs[1].first_pos = std::max(1000, end0 - 10);
+        runs[2].first_pos = std::max(1000, end0);
+        cuda::route_decoded_rows(plan, runs);
+        for (const cuda::KvWriteRun& run : runs) {
+          const int32_t want = std::clamp(end0 - run.first_pos, 0, run.n_rows);
+          EXPECT_EQ(run.scratch_rows, want) << what << " run at " << run.first_pos;
+          if (want > 0) EXPECT_EQ(run.scratch_row, plan.chunk_rows[0] + run.first_pos) << what;
+        }
+        EXPECT_EQ(plan.max_rows, max_rows) << what;
         for (int c = 0; c < int(chunks.size()); ++c) {
-          if (!in_group[c]) continue;
-          ++chunk_groups[c];
-          const bool over_cap = page_keys[c] * row_bytes > cap;
-          if (over_cap) {
-            EXPECT_EQ(group.n_rows, 0) << what << " chunk " << c;  // decoded by the kernel
-            continue;
-          }
-          EXPECT_EQ(plan.chunk_rows[c], rows) << what << " chunk " << c;
-          int next = 0;
-          for (; span < group.span_end && plan.spans[span].chunk == c; ++span) {
-            EXPECT_EQ(plan.spans[span].key_begin, next) << what << " chunk " << c;
-            EXPECT_GT(plan.spans[span].key_end, plan.spans[span].key_begin) << what;
-            EXPECT_LE(plan.spans[span].key_end - plan.spans[span].key_begin, cuda::kPageScratchSpanRows) << what;
-            next = plan.spans[span].key_end;
-          }
-          EXPECT_EQ(next, page_keys[c]) << what << " chunk " << c;
-          for (const cuda::PrefillWork& w : work) {
-            if (w.chunk != c) continue;
-            const int q_last =
-                chunks[c].start_pos + std::min(w.q_begin + cuda::prefill_rows_per_tile(D), chunks[c].n_tokens) - 1;
-            EXPECT_LE(rule.split(q_last, chunks[c].start_pos), page_keys[c]) << what << " chunk " << c;
-          }
-          rows += page_keys[c];
+          const int expected = int(std::count_if(work.begin(), work.end(), [&](const cuda::PrefillWork& w) { return w.chunk == c; }));
+          EXPECT_EQ(work_seen[c], expected) << what << " chunk " << c;           // every work item once
+          EXPECT_EQ(chunk_groups[c], c == 2 ? 0 : 1) << what << " chunk " << c;  // a chunk in one group
         }
-        EXPECT_EQ(span, group.span_end) << what;
-        if (group.n_rows > 0) {
-          EXPECT_EQ(group.n_rows, rows) << what;
-        }
-      }
-      EXPECT_EQ(next_work, int32_t(plan.work.size())) << what;
-      EXPECT_EQ(next_span, int32_t(plan.spans.size())) << what;
-      EXPECT_EQ(plan.max_rows, max_rows) << what;
-      for (int c = 0; c < int(chunks.size()); ++c) {
-        const int expected = int(std::count_if(work.begin(), work.end(), [&](const cuda::PrefillWork& w) { return w.chunk == c; }));
-        EXPECT_EQ(work_seen[c], expected) << what << " chunk " << c;           // every work item once
-        EXPECT_EQ(chunk_groups[c], c == 2 ? 0 : 1) << what << " chunk " << c;  // a chunk in one group
       }
     }
   }
