@@ -1037,7 +1037,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
 // slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
 // 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
 // The scratch is sized for the most rows in flight of its head_dim's kernels (RowShape::kMaxRowsInFlight:
-// Scratch<64> ~23 KB for kFewRunsThreads, Scratch<128> ~11 KB): at pages of 512 rows that leaves room for 5
+// Scratch<64> ~22 KB for kFewRunsThreads, Scratch<128> ~12 KB): at pages of 512 rows that leaves room for 5
 // blocks of kv_quantize_kernel_64, not 7 (not timed; the default pages are 64 rows).
 __global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64, kThreads>(args); }
 __global__ void __launch_bounds__(kFewRunsThreads, 2) kv_quantize_kernel_64_few_runs(KernelArgs args) {

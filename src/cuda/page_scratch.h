@@ -1,6 +1,7 @@
 // The page scratch of quantized prefill: every key and value the prefill
 // kernel reads as a page tile (quantized_prefill.h), decoded once per layer and
-// step by a pre-pass into fp16 rows, so the kernel's query tiles copy them
+// step into fp16 rows (by a pre-pass, or by quantize-on-write: below), so the
+// kernel's query tiles copy them
 // (ScratchPageProducer, quantized_page_producer.cuh) instead of each decoding
 // them again (a key was decoded S / 128 times a step, 64 times at S = 8192).
 //
@@ -9,10 +10,11 @@
 // chunk_rows[c] + p, for keys [0, split(last row of c)): the page tiles of
 // every query tile of c lie inside (split rises with the position), band tiles
 // are read exactly as before. Each row holds what
-// QuantizedPageProducer::tile_chunk() gives (the pre-pass calls it): sinks read
-// exactly, other keys decoded with their outliers, pre-RoPE keys rotated in
-// fp32, all rounded to fp16, so the tiles and the kernel's results are the
-// same to the bit as with the decoding producer.
+// QuantizedPageProducer::tile_chunk() gives (the pre-pass calls it;
+// quantize-on-write repeats its operations): sinks read exactly, other keys
+// decoded with their outliers, pre-RoPE keys rotated in fp32, all rounded to
+// fp16, so the tiles and the kernel's results are the same to the bit as with
+// the decoding producer.
 //
 // The step's own rows of the first group's chunks can be stored by
 // quantize-on-write instead (plan_page_scratch's quantize_decodes, then

@@ -20,11 +20,12 @@
 //
 // Every query tile of a chunk decodes every page tile it reads, so a key is
 // decoded S / 128 times a step; ScratchPageProducer instead copies page tiles
-// (cp.async, as Fp16PageProducer) from the page scratch (page_scratch.h), which
-// a pre-pass fills once per layer and step with the very chunks
-// QuantizedPageProducer::tile_chunk() computes (the pre-pass calls it), so the
-// tiles, and the kernel's results, are the same to the bit. Band tiles are
-// copied from the exact rows and their keys rotated in place.
+// (cp.async, as Fp16PageProducer) from the page scratch (page_scratch.h), filled
+// once per layer and step with the very chunks QuantizedPageProducer::tile_chunk()
+// computes (its pre-pass calls it; quantize-on-write, storing the step's own rows
+// of int and nuq formats, repeats its operations), so the tiles, and the kernel's
+// results, are the same to the bit. Band tiles are copied from the exact rows and
+// their keys rotated in place.
 #pragma once
 
 #include <cuda_fp16.h>

@@ -209,8 +209,9 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     // As the backend runs them, under a scratch cap: the work regrouped, per group the pre-pass and the kernel.
     // quantize_decodes: the pages written again as two steps, the earlier rows and then the chunks' rows, whose
     // launch stores the first group's own rows into the scratch (route_decoded_rows) so that the pre-pass fills
-    // only the earlier ones; the pool's bytes must equal the one launch's.
-    const auto run_prefill = [&](int64_t cap_bytes, bool quantize_decodes = false) {
+    // only the earlier ones (ctas: those launches' kernel); the pool's bytes must equal the one launch's.
+    const auto run_prefill = [&](int64_t cap_bytes, bool quantize_decodes = false,
+                                 cuda::KvQuantizeCtas ctas = cuda::KvQuantizeCtas::by_launch) {
       const cuda::PageScratchPlan plan =
           cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap_bytes, quantize_decodes);
       EXPECT_EQ(plan.work.size(), work.size()) << what;
@@ -243,7 +244,7 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
           DeviceArray<cuda::KvWriteRow> d_rows(writes.rows);
           cuda::launch_kv_quantize(d_pool_by_steps.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
                                    int32_t(writes.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(),
-                                   nullptr, cuda::KvQuantizeCtas::by_launch, decoded);
+                                   nullptr, ctas, decoded);
           CUDA_CHECK(cudaDeviceSynchronize());
         }
         EXPECT_TRUE(d_pool_by_steps.download() == pool) << what << ": pages written in two steps differ from one";
@@ -279,10 +280,16 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       }
       compare_prefill_rows(d_out.download(), "scratch cap " + std::to_string(cap));
     }
-    // The backend's plan for these pages: one group, its chunks' own rows stored by the quantize launch.
+    // The backend's plan for these pages: one group, its chunks' own rows stored by the quantize launch. These
+    // small steps take head_dim 64's few-run kernel; the 128-thread one (a large step's) is forced once more.
     if (cuda::kv_quantize_decodes_rows(key_layout, value_layout)) {
-      run_prefill(cuda::kPageScratchCapBytes, true);
-      compare_prefill_rows(d_out.download(), "own rows stored by quantize-on-write");
+      std::vector<cuda::KvQuantizeCtas> kernels = {cuda::KvQuantizeCtas::by_launch};
+      if (D == 64) kernels.push_back(cuda::KvQuantizeCtas::many_runs);
+      for (const cuda::KvQuantizeCtas ctas : kernels) {
+        run_prefill(cuda::kPageScratchCapBytes, true, ctas);
+        compare_prefill_rows(d_out.download(), std::string("own rows stored by quantize-on-write") +
+                                                   (ctas == cuda::KvQuantizeCtas::many_runs ? ", 128-thread CTAs" : ""));
+      }
     }
   }
   // 132 multiprocessors (default): splits of the least size (128 keys), so the longest rows get two page splits.
