@@ -947,6 +947,18 @@ __device__ __forceinline__ void clear_delta_tile(__half* tile, bool many, int of
   }
 }
 
+// After a tile's patches (any: the tile has slots; many: a lane patched more than once): the Δ tile's mma
+// (`mma` reads it), then the entries cleared for the next patches. Every lane calls it.
+template <int D, typename Mma>
+__device__ __forceinline__ void apply_delta_tile(__half* delta, bool any, bool many, int patched, int lane, Mma&& mma) {
+  if (!any) return;
+  __syncwarp();  // the patches are stored
+  mma();
+  __syncwarp();  // every lane has read the tile
+  clear_delta_tile<D>(delta, __any_sync(0xffffffffu, many), patched, lane);
+  __syncwarp();  // cleared before the next patches
+}
+
 // The fragment kernel's resident blocks per multiprocessor compiled for: head_dim 64 in 96 registers (5 blocks;
 // 8-24 bytes of spills, ptxas, nvcc 13.0), head_dim 128 in 168 (3; at 4 blocks, 128 registers, it spilled 64-72
 // bytes).
@@ -1131,18 +1143,14 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               *reinterpret_cast<uint32_t*>(delta + patched) =
                   half2_bits(delta_of(exact.x, decoded_pair.x), delta_of(exact.y, decoded_pair.y));
             });
-        if (any) {
-          __syncwarp();  // the patches are stored
+        apply_delta_tile<D>(delta, any, many, patched, lane, [&] {
 #pragma unroll
           for (int kt = 0; kt < kDimTiles; ++kt) {
             uint32_t a[4];
             ldmatrix_x4(a, delta + tile_offset<D, kTileKeys>(lane % 16, 16 * kt + 8 * (lane / 16)));
             mma_m16n8k16(score, a, q_tile[kt]);
           }
-          __syncwarp();  // every lane has read the tile
-          clear_delta_tile<D>(delta, __any_sync(0xffffffffu, many), patched, lane);
-          __syncwarp();  // cleared before the value patches
-        }
+        });
       }
 
       uint32_t p[2];
@@ -1191,18 +1199,14 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               delta[patched] = __float2half_rn(delta_of(__ushort_as_half(static_cast<uint16_t>(slot >> 16)),
                                                         __float2half_rn(decoded)));
             });
-        if (any) {
-          __syncwarp();  // the patches are stored
+        apply_delta_tile<D>(delta, any, many, patched, lane, [&] {
 #pragma unroll
           for (int mt = 0; mt < kDimTiles; ++mt) {
             uint32_t a[4];
             ldmatrix_x4_trans(a, delta + tile_offset<D, kTileKeys>(lane % 8 + 8 * (lane / 16), 16 * mt + 8 * (lane / 8 % 2)));
             mma_m16n8k16(out[mt], a, p);
           }
-          __syncwarp();  // every lane has read the tile
-          clear_delta_tile<D>(delta, __any_sync(0xffffffffu, many), patched, lane);
-          __syncwarp();  // cleared before the next tile's patches
-        }
+        });
       }
     }
   }

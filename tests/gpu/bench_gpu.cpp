@@ -50,6 +50,15 @@ using nlohmann::json;
 
 namespace {
 
+// The RoPE angles the benches rotate by: positions [0, context), theta 10000.
+std::vector<float2> bench_rope(int head_dim, int context) {
+  LlamaConfig c;
+  c.head_dim = head_dim;
+  c.context = context;
+  c.rope_theta = 10000.0f;
+  return rope_table(c);
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -111,12 +120,8 @@ struct AttentionSetup {
     d_pages.upload(order);
     d_chunks.resize(chunks.size());
     d_chunks.upload(chunks);
-    LlamaConfig c;
-    c.head_dim = head_dim;
-    c.context = seq_len;
-    c.rope_theta = 10000.0f;
     d_rope.resize(size_t(seq_len) * head_dim / 2);
-    d_rope.upload(rope_table(c));
+    d_rope.upload(bench_rope(head_dim, seq_len));
     query = {q.get(), n_heads * head_dim, out.get(), n_heads * head_dim, n_heads, head_dim, 1.0f / std::sqrt(float(head_dim))};
     kv = {keys.get(), values.get(), d_pages.get(), d_rope.get(), page, n_kv_heads};
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -412,11 +417,7 @@ json bench_quantized_prefill() {
     }
     DeviceArray<int32_t> d_pages(page_table), d_slots(slots);
     DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
-    LlamaConfig c;
-    c.head_dim = D;
-    c.context = p.seq_len;
-    c.rope_theta = 10000.0f;
-    DeviceArray<float2> d_rope(rope_table(c));
+    DeviceArray<float2> d_rope(bench_rope(D, p.seq_len));
     for (const Format& f : formats) {
       KvCacheOptions options;
       options.format = parse_kv_format(f.name);
@@ -504,11 +505,7 @@ json bench_quantized_decode(double copy_gbs, const json& fp16_points) {
       slots.push_back(s);
     }
     DeviceArray<int32_t> d_pages(page_table);
-    LlamaConfig c;
-    c.head_dim = D;
-    c.context = p.context;
-    c.rope_theta = 10000.0f;
-    DeviceArray<float2> d_rope(rope_table(c));
+    DeviceArray<float2> d_rope(bench_rope(D, p.context));
     for (const char* name : {"nuq4-1%", "nuq3-1%", "q4_0", "fp8"}) {
       KvCacheOptions options;
       options.format = parse_kv_format(name);
@@ -613,11 +610,7 @@ json bench_quantize(double copy_gbs) {
         cuda::route_decoded_rows(plan, routed);
         const DeviceArray<cuda::KvWriteRun> d_routed(routed);
         DeviceArray<__half> scratch(size_t(plan.max_rows) * n_kv * D * 2);
-        LlamaConfig c;
-        c.head_dim = D;
-        c.context = p.seq_len;
-        c.rope_theta = 10000.0f;
-        const DeviceArray<float2> d_rope(rope_table(c));
+        const DeviceArray<float2> d_rope(bench_rope(D, p.seq_len));
         const cuda::KvDecodedRows decoded{scratch.get(), scratch.get() + plan.max_rows * n_kv * D, plan.max_rows,
                                           d_rope.get()};
         decoded_ms = time_kernel_ms(

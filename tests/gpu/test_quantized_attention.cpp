@@ -121,14 +121,13 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     all_rows.insert(all_rows.end(), kv_rows[s].begin(), kv_rows[s].end());
   }
   DeviceArray<uint16_t> d_all_rows(all_rows);
+  const auto device_row = [&](int s, int64_t pos) { return d_all_rows.get() + seq_offset[s] + size_t(pos) * 2 * kv_dim; };
   std::vector<int> lengths(n_seqs);
   for (int s = 0; s < n_seqs; ++s) lengths[s] = earlier[s] + chunk[s];
   DeviceArray<uint8_t> d_pool(size_t(n_pages) * page_bytes);
   const std::array<unsigned long long, 2> outlier_counts =  // stored, found their block full
       quantize_rows_into_pool(d_pool.get(), d_pool.size(), lengths, tables, key_layout, value_layout, n_kv_heads, D,
-                              sinks, device_calib.layer(0), [&](int s, int64_t pos) {
-                                return d_all_rows.get() + seq_offset[s] + size_t(pos) * 2 * kv_dim;
-                              });
+                              sinks, device_calib.layer(0), device_row);
   const std::vector<uint8_t> pool = d_pool.download();
 
   // Exact-row store: sinks and the ring of the newest `window` rows before each chunk.
@@ -226,12 +225,11 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       cuda::QuantizedPrefillSource run_source = source;
       DeviceArray<uint8_t> d_pool_by_steps(quantize_decodes ? d_pool.size() : 0);
       if (quantize_decodes) {
-        const auto row = [&](int s, int64_t pos) { return d_all_rows.get() + seq_offset[s] + size_t(pos) * 2 * kv_dim; };
         CUDA_CHECK(cudaMemset(d_pool_by_steps.get(), 0, d_pool_by_steps.size()));
         DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
         for (const bool own : {false, true}) {
           cuda::KvWritePlan writes = plan_prefill_writes(own ? lengths : earlier, tables, key_layout, value_layout,
-                                                         n_kv_heads, D, sinks, row, own ? earlier : std::vector<int>{});
+                                                         n_kv_heads, D, sinks, device_row, own ? earlier : std::vector<int>{});
           cuda::KvDecodedRows decoded;
           if (own) {
             cuda::route_decoded_rows(plan, writes.runs);
