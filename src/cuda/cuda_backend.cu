@@ -416,6 +416,11 @@ class CudaBackend final : public Backend {
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
             float beta);
   bool quantized() const { return kv_options_.format.scheme != KvScheme::fp16; }
+  // Pre-RoPE formats whose rule reads some keys exactly in band tiles: a prefill step's keys are also rotated
+  // into rotated_keys_ (QuantizedPrefillSource::rotated_step_keys).
+  bool rotates_band_keys() const {
+    return quantized() && !kv_options_.format.keys_post_rope() && cuda::exact_rule(kv_options_, page_size_).has_bands();
+  }
   // The sequences' store slots for this step (a chunk at position 0 takes a fresh one); grows the store.
   std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
   QuantizedStepPlan plan_quantized_step(const StepBatch& batch, const PageTables& tables, const StepPlan& plan,
@@ -477,6 +482,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer attn_;     // (T, q_dim) fp16
   DeviceBuffer gate_up_;  // (T, 2 ffn) fp16
   DeviceBuffer act_;      // (T, ffn) fp16
+  DeviceBuffer rotated_keys_;  // (T, kv_dim) fp16, rotates_band_keys() formats: a prefill step's keys rotated
   DeviceBuffer logits_;   // (logit rows, vocab) fp32
   DeviceBuffer decode_workspace_;
   DeviceBuffer step_index_;  // the step's index arrays when it runs eagerly
@@ -667,6 +673,7 @@ bool CudaBackend::reserve_workspace(int32_t n_tokens, int32_t n_logit_rows) {
     grew |= attn_.reserve(t * c.q_dim() * 2);
     grew |= gate_up_.reserve(t * 2 * c.ffn * 2);
     grew |= act_.reserve(t * c.ffn * 2);
+    if (rotates_band_keys()) grew |= rotated_keys_.reserve(t * c.kv_dim() * 2);
     workspace_tokens_ = n_tokens;
   }
   if (n_logit_rows > workspace_logit_rows_) {
@@ -1122,13 +1129,16 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   const cuda::ExactRowStore store = exact_store(layer);
   // The CPU's order: keys rotated before they are stored (post-RoPE formats), pages written, attention, then
   // the exact rows saved (the attention still reads the window's older rows). What does not depend on the step
-  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats beside the
-  // quantization (which never reads the queries), the exact splits beside the page splits, and the save beside
-  // the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it reads: enqueue_forward).
+  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats (with, for
+  // prefill steps with band tiles, a rotated copy of the keys, which the tiles then copy instead of rotating
+  // each as it lands) beside the quantization (which reads neither), the exact splits beside the page splits,
+  // and the save beside the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it
+  // reads: enqueue_forward).
   const cuda::SideStream& side = context_.side;
+  __half* rotated_keys = step.n_prefill > 0 && rotates_band_keys() ? rotated_keys_.as<__half>() : nullptr;
   const auto rotate = [&](cudaStream_t on) {
     cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
-                               rope_.as<float2>(), on);
+                               rope_.as<float2>(), on, rotated_keys);
   };
   if (keys_post_rope) {
     rotate(stream);
@@ -1149,7 +1159,8 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   if (!keys_post_rope) cuda::join_side(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
-  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {}};
+  const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {},
+                                             rotated_keys};
   // The step's prefill work (step.prefill) regrouped by the page scratch's plan.
   cuda::launch_quantized_prefill_groups(query, prefill, step.chunks, q.scratch_work, q.scratch_chunk_rows,
                                         q.scratch_spans, q.scratch_groups, page_scratch_.as<void>(), stream);

@@ -24,8 +24,8 @@
 // once per layer and step with the very chunks QuantizedPageProducer::tile_chunk()
 // computes (its pre-pass calls it; quantize-on-write, storing the step's own rows
 // of int and nuq formats, repeats its operations), so the tiles, and the kernel's
-// results, are the same to the bit. Band tiles are copied from the exact rows and
-// their keys rotated in place.
+// results, are the same to the bit. Band tiles are copied from the exact rows,
+// keys rotated in place or, for this step's rows, from the step's rotated keys.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -87,7 +87,7 @@ struct QuantizedPageProducer {
     float x[8];
     half8_to_float(raw, x);
     rotate(kv, pos, x);
-    return to_half8(x);
+    return float8_to_half8(x);
   }
 
   // The fp16 chunk (elements [8 column, 8 column + 8)) a tile holds at key (or value) pos of the sequence,
@@ -101,7 +101,7 @@ struct QuantizedPageProducer {
       decode_page_chunk(source.kv, kind, pos, column * 8, x);
     }
     if (kind == KvKind::key && source.kv.rotate_keys) rotate(source.kv, pos, x);
-    return to_half8(x);
+    return float8_to_half8(x);
   }
 
  private:
@@ -140,21 +140,12 @@ struct QuantizedPageProducer {
         decode_page_chunk(kv, kind, pos, c0, x);
       }
       if (kind == KvKind::key && kv.rotate_keys && pos < range.end) rotate(kv, pos, x);
-      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = to_half8(x);
+      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = float8_to_half8(x);
     }
   }
 
   __device__ __forceinline__ void load_exact(const QuantizedPagedKv& kv, KvKind kind, int pos, float (&x)[8]) const {
     half8_to_float(*reinterpret_cast<const uint4*>(exact_chunk(kv, kind, pos)), x);
-  }
-
-  // Rounded to fp16 for the tensor cores.
-  __device__ __forceinline__ static uint4 to_half8(const float (&x)[8]) {
-    uint4 packed;
-    __half2* pairs = reinterpret_cast<__half2*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
-    return packed;
   }
 
   // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
@@ -183,17 +174,17 @@ struct QuantizedPageProducer {
 
   // RoPE at pos on the thread's 4 pairs, fp32 (as the CPU rotates its decoded keys).
   __device__ void rotate(const QuantizedPagedKv& kv, int pos, float (&x)[8]) const {
-    const float4* angles = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(pos) * (D / 2) + column * 4);
-    const float4 a = __ldg(angles), b = __ldg(angles + 1);
-    const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
-    rotate8(cs, x);
+    rotate_chunk8(kv.rope + static_cast<int64_t>(pos) * (D / 2), column, x);
   }
 };
 
 // Page tiles from the page scratch (page_scratch.h), band tiles read exactly; same thread layout as
 // QuantizedPageProducer. Both by cp.async (rows past the tile's keys zero-filled, as the decoding producer
-// zeroes them): page-tile keys are stored rotated (the pre-pass rotated them); band-tile keys are rotated in
-// place once landed, as the decoding producer rotates them. (Read with ordinary loads, two rows in flight, the
+// zeroes them): page-tile keys are stored rotated (the pre-pass rotated them); band-tile keys of this step come
+// rotated too where the step has its keys rotated (QuantizedPrefillSource::rotated_step_keys, with the decoding
+// producer's operations), others are rotated in place once landed, as the decoding producer rotates them.
+// (Rotated in place, --tail's band tile of each query block took llama2-7b's prefill attention from 3.90 to
+// 5.47 ms a 2048-token step: Nsight Compute, H100, 2026-11-28.) (Read with ordinary loads, two rows in flight, the
 // tail's one band tile per query block made llama2-7b 4 x 2048 prefill attention 1.93x fp16's instead of 1.27x;
 // copied, 1.53x: H100, kvq-gpu-bench --parts qprefill.)
 template <int D, int kRows, int kThreads>
@@ -223,11 +214,13 @@ struct ScratchPageProducer {
   __device__ void locate(const Source&, const int32_t*, const KeyRange&) const {}
 
   __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
-    if (range.exact) {
+    if (!range.exact) {
+      copy_rows(keys, range, sK);
+    } else if (source.rotated_step_keys != nullptr && range.k0 >= band.exact.chunk_start) {
+      copy_rotated_step_keys(source, range, sK);  // this step's keys only: rotated already
+    } else {
       copy_band(source.kv, range, KvKind::key, sK);
       if (source.kv.rotate_keys) rotate_band(source.kv, range, sK);
-    } else {
-      copy_rows(keys, range, sK);
     }
     return {};
   }
@@ -262,6 +255,21 @@ struct ScratchPageProducer {
       const bool valid = pos < range.end;
       cp_async_16(tile + tile_offset<D, kRows>(r, band.column * 8), valid ? band.exact_chunk(kv, kind, pos) : kv.step_keys,
                   valid);
+    }
+  }
+
+  // cp.async of the thread's chunks of band keys [k0, end), all of this step's rows, from the step's rotated keys.
+  __device__ void copy_rotated_step_keys(const Source& source, const KeyRange& range, __half* tile) const {
+    const ExactSource& exact = band.exact;
+    const int n_kv_heads = source.kv.n_kv_heads;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = band.first_row + j * kRowStep;
+      const int pos = range.k0 + r;
+      const bool valid = pos < range.end;
+      const int64_t step_row = exact.chunk_first_row + (valid ? pos : range.k0) - exact.chunk_start;
+      cp_async_16(tile + tile_offset<D, kRows>(r, band.column * 8),
+                  source.rotated_step_keys + (step_row * n_kv_heads + band.kv_head) * D + band.column * 8, valid);
     }
   }
 

@@ -48,6 +48,8 @@ struct ExactRule {
     return max_(max_(from, 0), n_sinks);  // never above pos + 1: every term above is at most pos + 1
   }
   __host__ __device__ bool has_band(int pos, int chunk_start) const { return split(pos, chunk_start) <= pos; }
+  // Whether any query can have a band (sinks alone make none).
+  __host__ __device__ bool has_bands() const { return native_window > 0 || page_align > 0 || exact_chunk; }
 
  private:
   __host__ __device__ static int min_(int a, int b) { return a < b ? a : b; }
@@ -67,12 +69,16 @@ struct PageScratch {
 };
 
 // What the quantized prefill kernel reads: the layer's pages and exact rows, the rule, each chunk's slot
-// in the exact-row store, and the page scratch if the step has one.
+// in the exact-row store, the page scratch if the step has one, and this step's keys rotated if it has them.
 struct QuantizedPrefillSource {
   QuantizedPagedKv kv;
   ExactRule rule;
   const int32_t* chunk_slots;  // (chunks) store slot of each chunk's sequence
   PageScratch scratch;         // filled by launch_fill_page_scratch before the kernel; keys null: none
+  // (step rows, n_kv_heads, head_dim) pre-RoPE formats: this step's keys rotated as the tiles rotate exactly read
+  // keys (launch_rope_in_place's rotated_keys), so that band tiles of the step's own keys are plain copies (the
+  // page scratch's kernel); null: band keys are rotated as they land.
+  const __half* rotated_step_keys = nullptr;
 };
 
 // head_dim 64 or 128, keys and values of the same bits bucket.

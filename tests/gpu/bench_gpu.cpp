@@ -33,6 +33,7 @@
 #include "core/error.h"
 #include "cuda/attention.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/exact_rows.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/llama_kernels.h"
 #include "cuda/page_scratch.h"
@@ -373,7 +374,8 @@ PageTables interleaved_tables(int batch, int context, int page) {
 // Prefill attention over quantized pages against fp16 pages, same shapes: B prompts of S tokens in one chunk
 // each (position 0 on), time of the attention alone: the page scratch's pre-pass plus the kernel (what a layer
 // of the backend runs), the pre-pass alone, and the kernel with the decoding producer. Default options (sinks 1, no tail) and the tail for
-// nuq3-1% (a band of up to a page per query tile).
+// nuq3-1% (a band of up to a page per query tile), whose band keys come from the step's keys rotated beside, as
+// in the backend (the side stream's RoPE launch with that copy is timed too, against it without).
 json bench_quantized_prefill() {
   struct Point {
     const char* model;
@@ -418,6 +420,18 @@ json bench_quantized_prefill() {
     DeviceArray<int32_t> d_pages(page_table), d_slots(slots);
     DeviceArray<cuda::AttentionChunk> d_chunks(chunks);
     DeviceArray<float2> d_rope(bench_rope(D, p.seq_len));
+    std::vector<int32_t> positions;
+    for (int s = 0; s < p.batch; ++s) {
+      for (int t = 0; t < p.seq_len; ++t) positions.push_back(t);
+    }
+    DeviceArray<int32_t> d_positions(positions);
+    DeviceArray<__half> rope_rows(step.size()), rotated_keys(size_t(p.batch) * p.seq_len * kv_dim);
+    CUDA_CHECK(cudaMemcpy(rope_rows.get(), step.get(), step.size() * 2, cudaMemcpyDeviceToDevice));
+    const auto rope = [&](bool copy) {  // the queries of a copy of the step, rotated again each time
+      cuda::launch_rope_in_place(rope_rows.get(), int32_t(positions.size()), d_positions.get(), n_heads, n_kv, D, false,
+                                 d_rope.get(), nullptr, copy ? rotated_keys.get() : nullptr);
+    };
+    rope(true);
     for (const Format& f : formats) {
       KvCacheOptions options;
       options.format = parse_kv_format(f.name);
@@ -431,6 +445,9 @@ json bench_quantized_prefill() {
                                       step.get() + q_dim, stride, {store.get(), sinks, window}};
       const cuda::ExactRule rule = cuda::exact_rule(options, page);
       cuda::QuantizedPrefillSource decoding{kv, rule, d_slots.get(), {}};
+      const bool rotated_band = !options.format.keys_post_rope() && rule.has_bands();
+      cuda::QuantizedPrefillSource backend = decoding;
+      if (rotated_band) backend.rotated_step_keys = rotated_keys.get();
       const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
       const auto run_kernel = [&](const cuda::QuantizedPrefillSource& source) {
         cuda::launch_quantized_prefill_attention(query, source, d_chunks.get(), d_work.get(), int32_t(work.size()), nullptr);
@@ -450,20 +467,28 @@ json bench_quantized_prefill() {
       const double fill_ms = plan.max_rows > 0 ? time_kernel_ms(fill, 3, 10) : 0.0;
       const double ms = time_kernel_ms(
           [&] {
-            cuda::launch_quantized_prefill_groups(query, decoding, d_chunks.get(), d_scratch_work.get(),
+            cuda::launch_quantized_prefill_groups(query, backend, d_chunks.get(), d_scratch_work.get(),
                                                   d_chunk_rows.get(), d_spans.get(), plan.groups, scratch.get(), nullptr);
           },
           3, 10);
       const std::string kv_name = std::string(f.name) + (f.tail ? " tail" : "");
-      results.push_back({{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
-                         {"seq_len", p.seq_len}, {"ms", ms}, {"scratch_fill_ms", fill_ms},
-                         {"scratch_bytes", cuda::page_scratch_bytes(plan.max_rows, n_kv, D)},
-                         {"decoding_producer_ms", decoding_ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms},
-                         {"decoding_ratio_vs_fp16", decoding_ms / fp16_ms}});
+      json point = {{"model", p.model}, {"shape", p.shape.name}, {"kv", kv_name}, {"batch", p.batch},
+                    {"seq_len", p.seq_len}, {"ms", ms}, {"scratch_fill_ms", fill_ms},
+                    {"scratch_bytes", cuda::page_scratch_bytes(plan.max_rows, n_kv, D)},
+                    {"decoding_producer_ms", decoding_ms}, {"fp16_ms", fp16_ms}, {"ratio_vs_fp16", ms / fp16_ms},
+                    {"decoding_ratio_vs_fp16", decoding_ms / fp16_ms}};
       std::printf("qprefill-attn %-12s %-12s %-12s B=%-3d S=%-6d %8.3f ms %6.2fx fp16 pages (pre-pass %.3f ms, "
-                  "%.0f MiB; decoding producer %.3f ms %.2fx)\n",
+                  "%.0f MiB; decoding producer %.3f ms %.2fx)",
                   p.model, p.shape.name, kv_name.c_str(), p.batch, p.seq_len, ms, ms / fp16_ms, fill_ms,
                   cuda::page_scratch_bytes(plan.max_rows, n_kv, D) / 1048576.0, decoding_ms, decoding_ms / fp16_ms);
+      if (rotated_band) {
+        point["rope_ms"] = time_kernel_ms([&] { rope(false); }, 3, 10);
+        point["rope_rotated_keys_ms"] = time_kernel_ms([&] { rope(true); }, 3, 10);
+        std::printf(" (side stream: RoPE %.3f ms, with the rotated keys %.3f)", point["rope_ms"].get<double>(),
+                    point["rope_rotated_keys_ms"].get<double>());
+      }
+      std::printf("\n");
+      results.push_back(point);
       std::fflush(stdout);
     }
   }
