@@ -416,10 +416,11 @@ class CudaBackend final : public Backend {
   void gemm(int32_t rows, int32_t n_out, int32_t k, const __half* a, const __half* w, void* out, bool out_fp32,
             float beta);
   bool quantized() const { return kv_options_.format.scheme != KvScheme::fp16; }
-  // Pre-RoPE formats whose rule reads some keys exactly in band tiles: a prefill step's keys are also rotated
-  // into rotated_keys_ (QuantizedPrefillSource::rotated_step_keys).
+  // Pre-RoPE formats whose rule reads some keys exactly in band tiles, int and nuq with per-row ranges: quantize-on-
+  // write also stores a prefill step's keys rotated into rotated_keys_ (QuantizedPrefillSource::rotated_step_keys).
   bool rotates_band_keys() const {
-    return quantized() && !kv_options_.format.keys_post_rope() && cuda::exact_rule(kv_options_, page_size_).has_bands();
+    return quantized() && !kv_options_.format.keys_post_rope() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_) &&
+           cuda::exact_rule(kv_options_, page_size_).has_bands();
   }
   // The sequences' store slots for this step (a chunk at position 0 takes a fresh one); grows the store.
   std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
@@ -1129,16 +1130,13 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   const cuda::ExactRowStore store = exact_store(layer);
   // The CPU's order: keys rotated before they are stored (post-RoPE formats), pages written, attention, then
   // the exact rows saved (the attention still reads the window's older rows). What does not depend on the step
-  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats (with, for
-  // prefill steps with band tiles, a rotated copy of the keys, which the tiles then copy instead of rotating
-  // each as it lands) beside the quantization (which reads neither), the exact splits beside the page splits,
-  // and the save beside the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it
-  // reads: enqueue_forward).
+  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats beside the
+  // quantization (which never reads the queries), the exact splits beside the page splits, and the save beside
+  // the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it reads: enqueue_forward).
   const cuda::SideStream& side = context_.side;
-  __half* rotated_keys = step.n_prefill > 0 && rotates_band_keys() ? rotated_keys_.as<__half>() : nullptr;
   const auto rotate = [&](cudaStream_t on) {
     cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
-                               rope_.as<float2>(), on, rotated_keys);
+                               rope_.as<float2>(), on);
   };
   if (keys_post_rope) {
     rotate(stream);
@@ -1146,12 +1144,20 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
     cuda::fork_side(side, stream);
     rotate(side.stream);
   }
-  // The first scratch group's own rows, stored decoded by the quantize launch (route_decoded_rows).
+  // The first scratch group's own rows, stored decoded by the quantize launch (route_decoded_rows), and the step's
+  // keys rotated, which band tiles copy instead of rotating each as it lands.
   cuda::KvDecodedRows decoded;
   if (!q.scratch_groups.empty() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_)) {
     const cuda::PageScratch first = cuda::group_scratch(q.scratch_groups.front(), page_scratch_.as<void>(),
                                                         q.scratch_chunk_rows, c.n_kv_heads, c.head_dim);
     decoded = {first.keys, first.values, first.n_rows, keys_post_rope ? nullptr : rope_.as<float2>()};
+  }
+  const __half* rotated_keys = nullptr;
+  if (step.n_prefill > 0 && rotates_band_keys()) {
+    decoded.rope = rope_.as<float2>();
+    decoded.rotated_keys = rotated_keys_.as<__half>();
+    decoded.n_kv_heads = c.n_kv_heads;
+    rotated_keys = decoded.rotated_keys;
   }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
                            outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream,

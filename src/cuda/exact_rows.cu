@@ -3,7 +3,6 @@
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
-#include "cuda/decode_partials.cuh"
 
 namespace kvq::cuda {
 namespace {
@@ -25,11 +24,9 @@ __global__ void save_exact_rows_kernel(const __half* qkv, int32_t q_dim, int32_t
 
 // RopeTable::rotate's operations, each rounded as the CPU rounds them (explicit _rn intrinsics: never
 // contracted into FMAs), then rounded to fp16: keys rotated here before quantization equal the CPU's
-// kv_rows_ whenever the pre-RoPE halves are equal. The rotated copy of pre-RoPE keys is rotated by the
-// prefill tiles' own operations instead (rotate_chunk8), so a band tile copied from it holds the bits of one
-// rotated as it lands.
+// kv_rows_ whenever the pre-RoPE halves are equal.
 __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
-                                     int32_t head_dim, int32_t rotate_keys, const float2* rope, __half* rotated_keys) {
+                                     int32_t head_dim, int32_t rotate_keys, const float2* rope) {
   const int32_t t = blockIdx.x;
   const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
   __half* row = qkv + static_cast<int64_t>(t) * (q_dim + 2 * kv_dim);
@@ -41,13 +38,6 @@ __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int3
     *reinterpret_cast<__half2*>(row + k) =
         __floats2half2_rn(__fsub_rn(__fmul_rn(x.x, cs.x), __fmul_rn(x.y, cs.y)),
                           __fadd_rn(__fmul_rn(x.x, cs.y), __fmul_rn(x.y, cs.x)));
-  }
-  if (rotated_keys == nullptr) return;
-  for (int chunk = threadIdx.x; chunk < kv_dim / 8; chunk += blockDim.x) {  // 8 elements of one head each
-    float k[8];
-    half8_to_float(reinterpret_cast<const uint4*>(row + q_dim)[chunk], k);
-    rotate_chunk8(angles, chunk % (head_dim / 8), k);
-    reinterpret_cast<uint4*>(rotated_keys + static_cast<int64_t>(t) * kv_dim)[chunk] = float8_to_half8(k);
   }
 }
 
@@ -62,14 +52,10 @@ void launch_save_exact_rows(const __half* qkv, int32_t q_dim, int32_t n_kv_heads
 }
 
 void launch_rope_in_place(__half* qkv, int32_t n_tokens, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
-                          int32_t head_dim, bool rotate_keys, const float2* rope, cudaStream_t stream,
-                          __half* rotated_keys) {
+                          int32_t head_dim, bool rotate_keys, const float2* rope, cudaStream_t stream) {
   if (n_tokens == 0) return;
-  if (rotated_keys != nullptr && (rotate_keys || head_dim % 8 != 0)) {
-    fail("rope: a rotated copy is of pre-RoPE keys, head_dim a multiple of 8 (head_dim {})", head_dim);
-  }
   rope_in_place_kernel<<<n_tokens, kRowThreads, 0, stream>>>(qkv, positions, n_heads, n_kv_heads, head_dim,
-                                                             rotate_keys ? 1 : 0, rope, rotated_keys);
+                                                             rotate_keys ? 1 : 0, rope);
   CUDA_CHECK_LAUNCH(stream, "rope_in_place_kernel");
 }
 

@@ -41,10 +41,7 @@ void launch_save_exact_rows(const __half* qkv, int32_t q_dim, int32_t n_kv_heads
 
 // Rotates the query heads of every token of qkv (n_tokens, q_dim + 2 kv_dim) in place at positions (n_tokens),
 // and the key heads too when rotate_keys (formats that store keys after RoPE); rope (context, head_dim / 2).
-// rotated_keys (n_tokens, kv_dim), unless null: the key heads rotated as the prefill tiles rotate exactly read
-// keys (QuantizedPrefillSource::rotated_step_keys), the qkv rows' keys left as they are (pre-RoPE formats).
 void launch_rope_in_place(__half* qkv, int32_t n_tokens, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
-                          int32_t head_dim, bool rotate_keys, const float2* rope, cudaStream_t stream,
-                          __half* rotated_keys = nullptr);
+                          int32_t head_dim, bool rotate_keys, const float2* rope, cudaStream_t stream);
 
 }  // namespace kvq::cuda

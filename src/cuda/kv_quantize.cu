@@ -10,7 +10,9 @@
 // the row's words gather by shuffles. Grouped codecs encode whole groups: KIVI keys per
 // channel over 32 rows, --kscale page keys per channel over the page after its
 // outliers are taken. Int and nuq rows a run routes to the page scratch are
-// also stored there decoded (KvDecodedRows) by the lanes that encoded them.
+// also stored there decoded (KvDecodedRows) by the lanes that encoded them,
+// and their keys exactly, rotated, where the prefill kernel's band tiles copy
+// them from.
 //
 // Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
@@ -126,6 +128,7 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
                          static_cast<int32_t>(kind), h};
           run.chunk = static_cast<int32_t>(c);
           run.first_pos = static_cast<int32_t>(lo);
+          run.step_row = static_cast<int32_t>(chunk.first_row + (lo - chunk.start_pos));
           if (lo >= chunk.start_pos) {
             run.src = source(chunk, lo, kind, h);
             // The kernel reads row i at src + i * stride: a source laid out otherwise would corrupt blocks silently.
@@ -423,8 +426,9 @@ __device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bi
   }
 }
 
+template <int kHeadDim>
 __device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, uint8_t* block, int row) {
-  return reinterpret_cast<uint32_t*>(block + layout.codes_offset + int64_t{row} * layout.head_dim * layout.bits / 8);
+  return reinterpret_cast<uint32_t*>(block + layout.codes_offset + row * (kHeadDim / 8 * layout.bits));
 }
 
 // The lane's 4 consecutive fp16 elements (channels sub * 4 ..) of a row, as loaded, so a loop can have the
@@ -475,43 +479,57 @@ struct KernelArgs {
   KvDecodedRows decoded;
 };
 
-// Where a row of a run goes decoded (KvDecodedRows): its row of the scratch (null: none) and, to rotate keys,
-// the angles of the lane's pairs at the row's position, loaded before the row's encoding so that the load's
-// latency passes under it.
+// Where a run's rows go as the prefill kernel's tiles hold them (KvDecodedRows), resolved once per run: row i's
+// page-tile row at page_rows + i head_dim (i < n_page_rows), its rotated key at rotated_keys + i rotated_stride,
+// the angles to rotate keys by at angles + i head_dim / 2.
+struct RunTileRows {
+  __half* page_rows;     // null: none
+  int32_t n_page_rows;
+  __half* rotated_keys;  // null: none
+  int32_t rotated_stride;
+  const float2* angles;  // null: not rotated (values, keys after RoPE)
+};
+template <int kHeadDim>
+__device__ __forceinline__ RunTileRows run_tile_rows(const KvDecodedRows& decoded, const KvWriteRun& run) {
+  const bool key = run.kind == static_cast<int32_t>(KvKind::key);
+  RunTileRows rows{nullptr, run.scratch_rows, nullptr, decoded.n_kv_heads * kHeadDim, nullptr};
+  if (run.scratch_rows > 0) {
+    rows.page_rows = (key ? decoded.keys : decoded.values) + (int64_t{run.kv_head} * decoded.n_rows + run.scratch_row) * kHeadDim;
+  }
+  if (key && decoded.rotated_keys != nullptr && run.first_row == kConsecutiveRows) {
+    rows.rotated_keys = decoded.rotated_keys + (int64_t{run.step_row} * decoded.n_kv_heads + run.kv_head) * kHeadDim;
+  }
+  if (key && decoded.rope != nullptr) rows.angles = decoded.rope + int64_t{run.first_pos} * (kHeadDim / 2);
+  return rows;
+}
+// Where row i of a run goes (null: nowhere) and, to rotate keys, the angles of the lane's pairs at the row's
+// position, loaded before the row's encoding so that the load's latency passes under it.
 struct DecodedRowOut {
-  __half* row;  // (head_dim)
+  __half* row;          // (head_dim) page-tile row
+  __half* rotated_key;  // (head_dim)
   bool rotate;
   float2 angles[kLaneChannels / 2];
 };
 template <int kHeadDim>
-__device__ __forceinline__ DecodedRowOut decoded_row_out(const KvDecodedRows& decoded, const KvWriteRun& run, int i,
-                                                         int sub) {
+__device__ __forceinline__ DecodedRowOut decoded_row_out(const RunTileRows& rows, int i, int sub) {
   static_assert(kLaneChannels == 4, "a lane's pairs are one 16-byte load");
-  DecodedRowOut out{nullptr, false, {}};
-  if (i >= run.scratch_rows) return out;
-  const bool key = run.kind == static_cast<int32_t>(KvKind::key);
-  out.row = (key ? decoded.keys : decoded.values) + (int64_t{run.kv_head} * decoded.n_rows + run.scratch_row + i) * kHeadDim;
-  out.rotate = key && decoded.rope != nullptr;
+  DecodedRowOut out{nullptr, nullptr, false, {}};
+  if (i < rows.n_page_rows) out.row = rows.page_rows + int64_t{i} * kHeadDim;
+  if (rows.rotated_keys != nullptr) out.rotated_key = rows.rotated_keys + int64_t{i} * rows.rotated_stride;
+  out.rotate = rows.angles != nullptr && (out.row != nullptr || out.rotated_key != nullptr);
   if (out.rotate) {
-    const float4 pairs = *reinterpret_cast<const float4*>(decoded.rope + int64_t{run.first_pos + i} * (kHeadDim / 2) + sub * 2);
+    const float4 pairs = *reinterpret_cast<const float4*>(rows.angles + int64_t{i} * (kHeadDim / 2) + sub * 2);
     out.angles[0] = make_float2(pairs.x, pairs.y);
     out.angles[1] = make_float2(pairs.z, pairs.w);
   }
   return out;
 }
 
-// The lane's E elements (channels c0 ..) of an int / nuq row as the prefill kernel's page tiles hold them
-// (QuantizedPageProducer::tile_chunk): exact for sinks and the outliers the row stored, else decoded from their
-// codes as decode_chunk8 decodes them (lo + x * span, packed_x and packed_span of the same fp32 range ends);
-// rotated at the row's position in fp32 (as rotate8 pairs them); rounded to fp16.
+// The lane's E fp32 elements (channels c0 ..) of a row into row + c0 as a tile holds them: keys rotated at the
+// row's position in fp32 (out.rotate; as rotate8 pairs them), rounded to fp16.
 template <int E>
-__device__ __forceinline__ void store_decoded_row(const DecodedRowOut& out, int c0, const float* decode_x,
-                                                  const float (&lo)[E], const float (&span)[E], const float (&x)[E],
-                                                  bool sink, const bool (&stored)[E], const uint8_t (&codes)[E]) {
+__device__ __forceinline__ void store_tile_row(const DecodedRowOut& out, __half* row, int c0, float (&v)[E]) {
   static_assert(E % 4 == 0, "whole RoPE pairs, stored 8 bytes at a time");
-  float v[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) v[e] = sink || stored[e] ? x[e] : __fadd_rn(lo[e], __fmul_rn(decode_x[codes[e]], span[e]));
   if (out.rotate) {
 #pragma unroll
     for (int p = 0; p < E / 2; ++p) rotate_pair(v[2 * p], v[2 * p + 1], out.angles[p]);
@@ -521,7 +539,28 @@ __device__ __forceinline__ void store_decoded_row(const DecodedRowOut& out, int 
     uint2 packed;
     *reinterpret_cast<__half2*>(&packed.x) = __floats2half2_rn(v[e], v[e + 1]);
     *reinterpret_cast<__half2*>(&packed.y) = __floats2half2_rn(v[e + 2], v[e + 3]);
-    *reinterpret_cast<uint2*>(out.row + c0 + e) = packed;
+    *reinterpret_cast<uint2*>(row + c0 + e) = packed;
+  }
+}
+// The lane's E elements (channels c0 ..) of an int / nuq row where the row goes (DecodedRowOut): as the prefill
+// kernel's page tiles hold them (QuantizedPageProducer::tile_chunk: exact for sinks and the outliers the row
+// stored, else decoded from their codes as decode_chunk8 decodes them, lo + x * span with packed_x and
+// packed_span of the same fp32 range ends) and, for keys, as its band tiles hold them (exact).
+template <int E>
+__device__ __forceinline__ void store_tile_rows(const DecodedRowOut& out, int c0, const float* decode_x,
+                                                const float (&lo)[E], const float (&span)[E], const float (&x)[E],
+                                                bool sink, const bool (&stored)[E], const uint8_t (&codes)[E]) {
+  if (out.row != nullptr) {
+    float v[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = sink || stored[e] ? x[e] : __fadd_rn(lo[e], __fmul_rn(decode_x[codes[e]], span[e]));
+    store_tile_row<E>(out, out.row, c0, v);
+  }
+  if (out.rotated_key != nullptr) {
+    float v[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = x[e];
+    store_tile_row<E>(out, out.rotated_key, c0, v);
   }
 }
 
@@ -801,13 +840,11 @@ __device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const 
 #pragma unroll
         for (int e = 0; e < E; ++e) row_codes[e] = 0;
       }
-      if (decoded.row != nullptr) {
-        store_decoded_row<E>(decoded, c0, shared.decode_x, lo, span, x, sink, stored, row_codes);
-      }
+      store_tile_rows<E>(decoded, c0, shared.decode_x, lo, span, x, sink, stored, row_codes);
       break;
     }
   }
-  pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words(layout, block, row), at.sub);
+  pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words<kHeadDim>(layout, block, row), at.sub);
 }
 
 // KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
@@ -834,7 +871,7 @@ __device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* b
       for (int r = 0; r < 32; ++r) scratch.group_codes[r * kHeadDim + c] = static_cast<uint8_t>(asymmetric_encode(x[r], p, levels));
     }
     __syncthreads();
-    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words(layout, block, row0), threadIdx.x, blockDim.x);
+    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words<kHeadDim>(layout, block, row0), threadIdx.x, blockDim.x);
     __syncthreads();
   }
 }
@@ -957,6 +994,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   __syncthreads();
 
   if (!page_ranges) {
+    const RunTileRows tile_rows = run_tile_rows<kHeadDim>(args.decoded, run);
     uint2 raw = prefetch_row<kRowsPerWarp>(rows, first_base, run.n_rows, at);
     for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
       const uint2 next = prefetch_row<kRowsPerWarp>(rows, base + kRowsInFlight, run.n_rows, at);
@@ -965,7 +1003,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
       const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
       const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
       encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane,
-                           decoded_row_out<kHeadDim>(args.decoded, run, i, at.sub));
+                           decoded_row_out<kHeadDim>(tile_rows, i, at.sub));
       raw = next;
     }
     return;
@@ -1018,7 +1056,7 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
       for (int e = 0; e < E; ++e) lo[e] = scratch.page_lo[at.sub * E + e], scale[e] = scratch.page_scale[at.sub * E + e];
       encode_scaled<E>(x, lo, scale, uniform, layout.bits, scratch.mids, row_codes);
     }
-    pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words(layout, block, rows[i].page_row), at.sub);
+    pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words<kHeadDim>(layout, block, rows[i].page_row), at.sub);
   }
 }
 
@@ -1090,8 +1128,11 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   if (n_runs == 0) return;
   const int head_dim = key_layout.head_dim;
   if (!kv_quantize_supported(head_dim)) fail("KV quantize-on-write supports head_dim 64 and 128, not {}", head_dim);
-  if (decoded.keys != nullptr && !kv_quantize_decodes_rows(key_layout, value_layout)) {
-    fail("KV quantize-on-write stores rows decoded for int and nuq formats with per-row ranges only");
+  if ((decoded.keys != nullptr || decoded.rotated_keys != nullptr) && !kv_quantize_decodes_rows(key_layout, value_layout)) {
+    fail("KV quantize-on-write stores rows decoded or keys rotated for int and nuq formats with per-row ranges only");
+  }
+  if (decoded.rotated_keys != nullptr && (decoded.rope == nullptr || decoded.n_kv_heads <= 0)) {
+    fail("KV quantize-on-write: rotated keys need the RoPE table and the KV heads");
   }
   const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts, decoded};
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill

@@ -101,21 +101,26 @@ struct KvWriteRun {
   // the launch's KvDecodedRows, row i at scratch row scratch_row + i (route_decoded_rows, page_scratch.h); 0: none.
   int32_t scratch_row;
   int32_t scratch_rows;
+  int32_t step_row;  // consecutive rows: row i is the step's row step_row + i (KvDecodedRows::rotated_keys)
 };
 constexpr int32_t kConsecutiveRows = -1;
 
-// Where quantize-on-write also stores rows as the prefill kernel's page tiles hold them (the page scratch,
-// page_scratch.h): decoded with their outliers (sinks exactly), keys of pre-RoPE formats rotated at their
-// positions in fp32, rounded to fp16: the bits of QuantizedPageProducer::tile_chunk(). keys null: nowhere.
+// Where quantize-on-write also stores rows as the prefill kernel's tiles hold them: page-tile rows (the page
+// scratch, page_scratch.h) decoded with their outliers (sinks exactly), keys of pre-RoPE formats rotated at
+// their positions in fp32, rounded to fp16: the bits of QuantizedPageProducer::tile_chunk(); keys null: none.
+// And band-tile keys: every key of the launch's consecutive runs exactly, rotated the same way
+// (QuantizedPrefillSource::rotated_step_keys); rotated_keys null: none.
 struct KvDecodedRows {
   __half* keys = nullptr;        // (n_kv_heads, n_rows, head_dim)
   __half* values = nullptr;      // (n_kv_heads, n_rows, head_dim)
   int64_t n_rows = 0;            // rows per KV head
   const float2* rope = nullptr;  // (positions, head_dim / 2) the angles keys are rotated by; null: not rotated
+  __half* rotated_keys = nullptr;  // (step rows, n_kv_heads, head_dim), by KvWriteRun::step_row; needs rope
+  int32_t n_kv_heads = 0;
 };
 
-// Whether launch_kv_quantize stores these layouts' rows decoded (KvDecodedRows): int and nuq with per-row ranges
-// (calibrated key ranges, not --kscale page), keys and values alike.
+// Whether launch_kv_quantize stores these layouts' rows decoded and their keys rotated (KvDecodedRows): int and
+// nuq with per-row ranges (calibrated key ranges, not --kscale page), keys and values alike.
 bool kv_quantize_decodes_rows(const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
 
 // Row i of a run, from the plan's rows (device or host array) or from the run itself.

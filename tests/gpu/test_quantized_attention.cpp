@@ -36,10 +36,9 @@
 // chunk decoded, the others from the scratch), exactly those rows (a group per
 // chunk) and the backend's cap (one group), and for int and nuq pages once more
 // as the backend runs it, the chunks' own rows stored into the scratch by the
-// quantize launch that writes them (KvDecodedRows); pre-RoPE formats with band
-// tiles also at the backend's cap with the step's keys rotated beside
-// (launch_rope_in_place's rotated copy, which band tiles of the step's own keys
-// copy): the tiles are the same halves, so the outputs must be the same bits
+// quantize launch that writes them (KvDecodedRows), with, where the rule has
+// bands, the chunks' keys rotated, which band tiles of the step's own keys then
+// copy: the tiles are the same halves, so the outputs must be the same bits
 // (no tolerance).
 #include <gtest/gtest.h>
 
@@ -47,7 +46,6 @@
 #include <random>
 
 #include "core/dtypes.h"
-#include "cuda/exact_rows.h"
 #include "cuda/kv_quantize.h"
 #include "cuda/page_scratch.h"
 #include "cuda/quantized_attention.h"
@@ -209,29 +207,16 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     DeviceArray<int32_t> d_slots(slots);
     const cuda::ExactRule rule = cuda::exact_rule(options, page);
     const cuda::QuantizedPrefillSource source{kv, rule, d_slots.get(), {}};
-    // As the backend for pre-RoPE formats with bands: the step's keys rotated beside (the queries rotated in place
-    // on a copy of the step), into fp16 NaNs.
-    std::vector<int32_t> positions;
-    for (int s = 0; s < n_seqs; ++s) {
-      for (int t = 0; t < chunk[s]; ++t) positions.push_back(earlier[s] + t);
-    }
+    // As the backend for formats with bands: the quantize launch of the chunks' rows also stores their keys rotated,
+    // which band tiles copy (into fp16 NaNs: a row read but never written shows).
     const bool rotated_band = rotate_keys && rule.has_bands();
-    DeviceArray<uint16_t> d_rotated_keys(std::vector<uint16_t>(rotated_band ? size_t(total_rows) * kv_dim : 0, 0xffff));
-    if (rotated_band) {
-      DeviceArray<uint16_t> d_step_copy(step);
-      DeviceArray<int32_t> d_positions(positions);
-      cuda::launch_rope_in_place(reinterpret_cast<__half*>(d_step_copy.get()), total_rows, d_positions.get(), n_heads,
-                                 n_kv_heads, D, false, d_rope.get(), nullptr,
-                                 reinterpret_cast<__half*>(d_rotated_keys.get()));
-      CUDA_CHECK(cudaDeviceSynchronize());
-    }
+    DeviceArray<uint16_t> d_rotated_keys(size_t(total_rows) * kv_dim);
     // As the backend runs them, under a scratch cap: the work regrouped, per group the pre-pass and the kernel.
     // quantize_decodes: the pages written again as two steps, the earlier rows and then the chunks' rows, whose
     // launch stores the first group's own rows into the scratch (route_decoded_rows) so that the pre-pass fills
     // only the earlier ones (ctas: those launches' kernel); the pool's bytes must equal the one launch's.
-    // rotated: band keys from d_rotated_keys where the format has them.
     const auto run_prefill = [&](int64_t cap_bytes, bool quantize_decodes = false,
-                                 cuda::KvQuantizeCtas ctas = cuda::KvQuantizeCtas::by_launch, bool rotated = false) {
+                                 cuda::KvQuantizeCtas ctas = cuda::KvQuantizeCtas::by_launch) {
       const cuda::PageScratchPlan plan =
           cuda::plan_page_scratch(chunks, work, rule, n_kv_heads, D, cap_bytes, quantize_decodes);
       EXPECT_EQ(plan.work.size(), work.size()) << what;
@@ -244,7 +229,6 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       if (d_scratch.size() > 0) CUDA_CHECK(cudaMemset(d_scratch.get(), 0xff, d_scratch.size()));
       CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
       cuda::QuantizedPrefillSource run_source = source;
-      if (rotated && rotated_band) run_source.rotated_step_keys = reinterpret_cast<const __half*>(d_rotated_keys.get());
       DeviceArray<uint8_t> d_pool_by_steps(quantize_decodes ? d_pool.size() : 0);
       if (quantize_decodes) {
         CUDA_CHECK(cudaMemset(d_pool_by_steps.get(), 0, d_pool_by_steps.size()));
@@ -258,6 +242,12 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
             const cuda::PageScratch first =
                 cuda::group_scratch(plan.groups.front(), d_scratch.get(), d_chunk_rows.get(), n_kv_heads, D);
             decoded = {first.keys, first.values, first.n_rows, rotate_keys ? d_rope.get() : nullptr};
+            if (rotated_band) {
+              CUDA_CHECK(cudaMemset(d_rotated_keys.get(), 0xff, d_rotated_keys.size() * 2));
+              decoded.rotated_keys = reinterpret_cast<__half*>(d_rotated_keys.get());
+              decoded.n_kv_heads = n_kv_heads;
+              run_source.rotated_step_keys = decoded.rotated_keys;
+            }
           }
           if (writes.runs.empty()) continue;
           DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
@@ -300,18 +290,14 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       }
       compare_prefill_rows(d_out.download(), "scratch cap " + std::to_string(cap));
     }
-    if (rotated_band) {
-      run_prefill(cuda::kPageScratchCapBytes, false, cuda::KvQuantizeCtas::by_launch, true);
-      compare_prefill_rows(d_out.download(), "band keys rotated beside");
-    }
     // The backend's plan for these pages: one group, its chunks' own rows stored by the quantize launch. These
     // small steps take head_dim 64's few-run kernel; the 128-thread one (a large step's) is forced once more.
     if (cuda::kv_quantize_decodes_rows(key_layout, value_layout)) {
       std::vector<cuda::KvQuantizeCtas> kernels = {cuda::KvQuantizeCtas::by_launch};
       if (D == 64) kernels.push_back(cuda::KvQuantizeCtas::many_runs);
       for (const cuda::KvQuantizeCtas ctas : kernels) {
-        run_prefill(cuda::kPageScratchCapBytes, true, ctas, true);
-        compare_prefill_rows(d_out.download(), std::string("own rows stored by quantize-on-write, band keys rotated beside") +
+        run_prefill(cuda::kPageScratchCapBytes, true, ctas);
+        compare_prefill_rows(d_out.download(), std::string("own rows and rotated keys stored by quantize-on-write") +
                                                    (ctas == cuda::KvQuantizeCtas::many_runs ? ", 128-thread CTAs" : ""));
       }
     }
