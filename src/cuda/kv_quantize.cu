@@ -667,9 +667,10 @@ __device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHead
 }
 
 // Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
-// [start, start + take) and marks them in `stored`. The candidates are listed in scratch first, so each
-// ranks itself against the few others rather than against every channel; where neither of the warp's rows
-// has a slot to take (most rows), nothing is listed.
+// [start, start + take) and marks them in `stored`. A lone candidate ranks first (in the 1% formats, about half
+// the rows with one have one); otherwise the candidates are listed in scratch first, so each ranks itself
+// against the few others rather than against every channel. Where neither of the warp's rows has a slot to take
+// (most rows), nothing is listed.
 template <int kHeadDim>
 __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row,
                               const uint16_t (&bits)[kLaneChannels], const bool (&candidate)[kLaneChannels],
@@ -681,19 +682,38 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
   for (int e = 0; e < E; ++e) stored[e] = false;
   if (!__any_sync(0xffffffffu, take > 0)) return;
   const int sub = row_lane<kLanes>(lane).sub;
+  unsigned ballots[E];  // the row's candidates of the lanes' element e
   int n_candidates = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    const unsigned ballot = row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane);
+    ballots[e] = row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane);
+    n_candidates += __popc(ballots[e]);
+  }
+  uint32_t* slots = reinterpret_cast<uint32_t*>(block + layout.outliers_offset + 4);
+  const auto store = [&](int e, int rank) {
+    if (rank < take) {
+      slots[start + rank] = static_cast<uint32_t>(row * kHeadDim + sub * E + e) | static_cast<uint32_t>(bits[e]) << 16;
+      stored[e] = true;
+    }
+  };
+  if (__all_sync(0xffffffffu, n_candidates <= 1)) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if (candidate[e]) store(e, 0);
+    }
+    return;
+  }
+  int listed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
     if (candidate[e]) {
-      const int at = n_candidates + __popc(ballot & ((1u << sub) - 1));
+      const int at = listed + __popc(ballots[e] & ((1u << sub) - 1));
       scratch.candidate_channel[at] = static_cast<uint8_t>(sub * E + e);
       scratch.candidate_magnitude[at] = magnitude[e];
     }
-    n_candidates += __popc(ballot);
+    listed += __popc(ballots[e]);
   }
   __syncwarp();
-  uint32_t* slots = reinterpret_cast<uint32_t*>(block + layout.outliers_offset + 4);
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     if (!candidate[e]) continue;
@@ -703,10 +723,7 @@ __device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int
       const float m = scratch.candidate_magnitude[j];
       rank += m > magnitude[e] || (m == magnitude[e] && scratch.candidate_channel[j] < c);
     }
-    if (rank < take) {
-      slots[start + rank] = static_cast<uint32_t>(row * kHeadDim + c) | static_cast<uint32_t>(bits[e]) << 16;
-      stored[e] = true;
-    }
+    store(e, rank);
   }
   __syncwarp();
 }

@@ -76,8 +76,8 @@ struct QuantizedPrefillSource {
   const int32_t* chunk_slots;  // (chunks) store slot of each chunk's sequence
   PageScratch scratch;         // filled by launch_fill_page_scratch before the kernel; keys null: none
   // (step rows, n_kv_heads, head_dim) pre-RoPE formats: this step's keys rotated as the tiles rotate exactly read
-  // keys (launch_rope_in_place's rotated_keys), so that band tiles of the step's own keys are plain copies (the
-  // page scratch's kernel); null: band keys are rotated as they land.
+  // keys (quantize-on-write stores them: KvDecodedRows::rotated_keys), so that band tiles of the step's own keys
+  // are plain copies (the page scratch's kernel); null: band keys are rotated as they land.
   const __half* rotated_step_keys = nullptr;
 };
 
