@@ -38,7 +38,8 @@
 // kernel reads the step's page tiles decoded once into the page scratch
 // (page_scratch.h; one buffer every layer reuses, at most kPageScratchCapBytes,
 // a step over it in groups of chunks): int and nuq formats have quantize-on-write
-// store the first group's own rows there as it encodes them, and a pre-pass
+// store the first group's own rows there as it encodes them (and, where the rule
+// has bands, every key of the step rotated, which band tiles copy), and a pre-pass
 // decodes the rest (earlier steps' keys, other formats): a chunk over the cap
 // by itself, or a step the device has no room for, runs the kernel's decoding
 // producer instead (same results).
