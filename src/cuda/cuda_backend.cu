@@ -420,8 +420,8 @@ class CudaBackend final : public Backend {
   // Pre-RoPE formats whose rule reads some keys exactly in band tiles, int and nuq with per-row ranges: quantize-on-
   // write also stores a prefill step's keys rotated into rotated_keys_ (QuantizedPrefillSource::rotated_step_keys).
   bool rotates_band_keys() const {
-    return quantized() && !kv_options_.format.keys_post_rope() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_) &&
-           cuda::exact_rule(kv_options_, page_size_).has_bands();
+    return quantized() &&
+           cuda::quantize_rotates_band_keys(key_layout_, value_layout_, cuda::exact_rule(kv_options_, page_size_));
   }
   // The sequences' store slots for this step (a chunk at position 0 takes a fresh one); grows the store.
   std::vector<int32_t> assign_exact_slots(const StepBatch& batch);
@@ -1154,7 +1154,9 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
     decoded = {first.keys, first.values, first.n_rows, keys_post_rope ? nullptr : rope_.as<float2>()};
   }
   const __half* rotated_keys = nullptr;
-  if (step.n_prefill > 0 && rotates_band_keys()) {
+  const bool scratch_rows = std::any_of(q.scratch_groups.begin(), q.scratch_groups.end(),
+                                        [](const cuda::PageScratchGroup& g) { return g.n_rows > 0; });
+  if (scratch_rows && rotates_band_keys()) {  // only the page scratch's kernel copies them
     decoded.rope = rope_.as<float2>();
     decoded.rotated_keys = rotated_keys_.as<__half>();
     decoded.n_kv_heads = c.n_kv_heads;

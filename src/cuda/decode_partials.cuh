@@ -61,22 +61,6 @@ __device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) rotate_pair(k[2 * j], k[2 * j + 1], cs[j]);
 }
-// Rotates the 8 fp32 key elements of chunk `column` of a row (elements [8 column, 8 column + 8)) by the row's
-// angles (head_dim / 2 (cos, sin), a RoPE table's row at the key's position): the prefill tiles' rotation.
-__device__ __forceinline__ void rotate_chunk8(const float2* row_angles, int column, float (&k)[8]) {
-  const float4* angles = reinterpret_cast<const float4*>(row_angles + column * 4);
-  const float4 a = __ldg(angles), b = __ldg(angles + 1);
-  const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
-  rotate8(cs, k);
-}
-// 8 fp32 elements rounded to fp16 (the tiles the tensor cores read).
-__device__ __forceinline__ uint4 float8_to_half8(const float (&x)[8]) {
-  uint4 packed;
-  __half2* pairs = reinterpret_cast<__half2*>(&packed);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
-  return packed;
-}
 
 // The running max is raised only when a score exceeds it by more than this (log2 units), so the rescale of
 // l and acc is rare after the first keys; p = exp2(score - m) then stays below 2^kRescaleSlack, far inside fp32.

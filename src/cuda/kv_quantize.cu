@@ -11,8 +11,8 @@
 // channel over 32 rows, --kscale page keys per channel over the page after its
 // outliers are taken. Int and nuq rows a run routes to the page scratch are
 // also stored there decoded (KvDecodedRows) by the lanes that encoded them,
-// and their keys exactly, rotated, where the prefill kernel's band tiles copy
-// them from.
+// and every key row of a consecutive run exactly, rotated, where the prefill
+// kernel's band tiles copy them from.
 //
 // Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
@@ -128,7 +128,6 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
                          static_cast<int32_t>(kind), h};
           run.chunk = static_cast<int32_t>(c);
           run.first_pos = static_cast<int32_t>(lo);
-          run.step_row = static_cast<int32_t>(chunk.first_row + (lo - chunk.start_pos));
           if (lo >= chunk.start_pos) {
             run.src = source(chunk, lo, kind, h);
             // The kernel reads row i at src + i * stride: a source laid out otherwise would corrupt blocks silently.
@@ -137,10 +136,12 @@ KvWritePlan plan_kv_writes(const StepBatch& batch, const PageTables& tables, con
                    row_stride);
             }
             run.src_stride = static_cast<int32_t>(row_stride);
+            run.step_row = static_cast<int32_t>(chunk.first_row + (lo - chunk.start_pos));
             run.first_page_row = static_cast<int32_t>(lo % page_size);
             run.n_sinks = static_cast<int32_t>(std::clamp<int64_t>(sinks - lo, 0, hi - lo));
           } else {
             run.first_row = static_cast<int32_t>(plan.rows.size());
+            run.step_row = -1;
             for (int64_t pos = lo; pos < hi; ++pos) {
               plan.rows.push_back(
                   {source(chunk, pos, kind, h), static_cast<int32_t>(pos % page_size), pos < sinks ? 1 : 0});

@@ -101,7 +101,7 @@ struct KvWriteRun {
   // the launch's KvDecodedRows, row i at scratch row scratch_row + i (route_decoded_rows, page_scratch.h); 0: none.
   int32_t scratch_row;
   int32_t scratch_rows;
-  int32_t step_row;  // consecutive rows: row i is the step's row step_row + i (KvDecodedRows::rotated_keys)
+  int32_t step_row;  // consecutive rows: row i is the step's row step_row + i (KvDecodedRows::rotated_keys); else -1
 };
 constexpr int32_t kConsecutiveRows = -1;
 
@@ -115,7 +115,8 @@ struct KvDecodedRows {
   __half* values = nullptr;      // (n_kv_heads, n_rows, head_dim)
   int64_t n_rows = 0;            // rows per KV head
   const float2* rope = nullptr;  // (positions, head_dim / 2) the angles keys are rotated by; null: not rotated
-  __half* rotated_keys = nullptr;  // (step rows, n_kv_heads, head_dim), by KvWriteRun::step_row; needs rope
+  __half* rotated_keys = nullptr;  // (step rows, n_kv_heads, head_dim), by KvWriteRun::step_row (every run's rows
+                                   // inside); needs rope
   int32_t n_kv_heads = 0;
 };
 

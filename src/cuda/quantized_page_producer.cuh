@@ -87,7 +87,7 @@ struct QuantizedPageProducer {
     float x[8];
     half8_to_float(raw, x);
     rotate(kv, pos, x);
-    return float8_to_half8(x);
+    return to_half8(x);
   }
 
   // The fp16 chunk (elements [8 column, 8 column + 8)) a tile holds at key (or value) pos of the sequence,
@@ -101,7 +101,7 @@ struct QuantizedPageProducer {
       decode_page_chunk(source.kv, kind, pos, column * 8, x);
     }
     if (kind == KvKind::key && source.kv.rotate_keys) rotate(source.kv, pos, x);
-    return float8_to_half8(x);
+    return to_half8(x);
   }
 
  private:
@@ -140,12 +140,21 @@ struct QuantizedPageProducer {
         decode_page_chunk(kv, kind, pos, c0, x);
       }
       if (kind == KvKind::key && kv.rotate_keys && pos < range.end) rotate(kv, pos, x);
-      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = float8_to_half8(x);
+      *reinterpret_cast<uint4*>(tile + tile_offset<D, kRows>(r, c0)) = to_half8(x);
     }
   }
 
   __device__ __forceinline__ void load_exact(const QuantizedPagedKv& kv, KvKind kind, int pos, float (&x)[8]) const {
     half8_to_float(*reinterpret_cast<const uint4*>(exact_chunk(kv, kind, pos)), x);
+  }
+
+  // Rounded to fp16 for the tensor cores.
+  __device__ __forceinline__ static uint4 to_half8(const float (&x)[8]) {
+    uint4 packed;
+    __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+    return packed;
   }
 
   // The pool block holding key (or value) pos of the thread's KV head, and pos's row in it.
@@ -174,7 +183,10 @@ struct QuantizedPageProducer {
 
   // RoPE at pos on the thread's 4 pairs, fp32 (as the CPU rotates its decoded keys).
   __device__ void rotate(const QuantizedPagedKv& kv, int pos, float (&x)[8]) const {
-    rotate_chunk8(kv.rope + static_cast<int64_t>(pos) * (D / 2), column, x);
+    const float4* angles = reinterpret_cast<const float4*>(kv.rope + static_cast<int64_t>(pos) * (D / 2) + column * 4);
+    const float4 a = __ldg(angles), b = __ldg(angles + 1);
+    const float2 cs[4] = {{a.x, a.y}, {a.z, a.w}, {b.x, b.y}, {b.z, b.w}};
+    rotate8(cs, x);
   }
 };
 

@@ -58,6 +58,14 @@ struct ExactRule {
 
 ExactRule exact_rule(const KvCacheOptions& options, int page_size);
 
+// Whether a prefill step's quantize-on-write stores its keys rotated for these pages' band tiles
+// (KvDecodedRows::rotated_keys, QuantizedPrefillSource::rotated_step_keys): int and nuq with per-row ranges
+// (pre-RoPE keys) under a rule with bands.
+inline bool quantize_rotates_band_keys(const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
+                                       const ExactRule& rule) {
+  return kv_quantize_decodes_rows(key_layout, value_layout) && rule.has_bands();
+}
+
 // The step's page-tile keys and values decoded once (page_scratch.h): for each prefill chunk, keys
 // [0, split(its last row)) of its sequence as the page tiles hold them (fp16, keys of pre-RoPE formats
 // rotated), per KV head. keys null: no scratch, the kernel decodes its page tiles itself.

@@ -435,7 +435,7 @@ json bench_quantized_prefill() {
                                       step.get() + q_dim, stride, {store.get(), sinks, window}};
       const cuda::ExactRule rule = cuda::exact_rule(options, page);
       cuda::QuantizedPrefillSource decoding{kv, rule, d_slots.get(), {}};
-      const bool rotated_band = !options.format.keys_post_rope() && rule.has_bands();
+      const bool rotated_band = cuda::quantize_rotates_band_keys(pages.key_layout, pages.value_layout, rule);
       cuda::QuantizedPrefillSource backend = decoding;
       if (rotated_band) backend.rotated_step_keys = rotated_keys.get();
       const cuda::AttentionQuery query{step.get(), stride, out.get(), q_dim, n_heads, D, 1.0f / std::sqrt(float(D))};
@@ -643,7 +643,7 @@ json bench_quantize(double copy_gbs) {
                          {"with_decoded_rows_ms", decoded_ms}, {"with_rotated_keys_ms", rotated_ms}});
       std::printf("quantize %-12s %-8s B=%-3d S=%-5d kv_heads=%-2d hd=%-3d %8.3f ms %7.0f GB/s (%.0f%% of copy)", p.model,
                   name, p.batch, p.seq_len, n_kv, D, ms, gbs, 100.0 * gbs / copy_gbs);
-      if (decoded_ms > 0) std::printf("; storing the page tiles too %.3f ms, and rotated keys %.3f", decoded_ms, rotated_ms);
+      if (decoded_ms > 0) std::printf("; storing the page tiles too %.3f ms, and rotated keys %.3f ms", decoded_ms, rotated_ms);
       std::printf("\n");
       std::fflush(stdout);
     }

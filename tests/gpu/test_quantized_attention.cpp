@@ -36,9 +36,10 @@
 // chunk decoded, the others from the scratch), exactly those rows (a group per
 // chunk) and the backend's cap (one group), and for int and nuq pages once more
 // as the backend runs it, the chunks' own rows stored into the scratch by the
-// quantize launch that writes them (KvDecodedRows), with, where the rule has
-// bands, the chunks' keys rotated, which band tiles of the step's own keys then
-// copy: the tiles are the same halves, so the outputs must be the same bits
+// quantize launch that writes them (KvDecodedRows). Where that launch also
+// rotates the chunks' keys for band tiles (int and nuq under a rule with
+// bands), every run's band tiles of the step's own keys copy them, as in the
+// backend. The tiles are the same halves, so the outputs must be the same bits
 // (no tolerance).
 #include <gtest/gtest.h>
 
@@ -207,14 +208,14 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
     DeviceArray<int32_t> d_slots(slots);
     const cuda::ExactRule rule = cuda::exact_rule(options, page);
     const cuda::QuantizedPrefillSource source{kv, rule, d_slots.get(), {}};
-    // As the backend for formats with bands: the quantize launch of the chunks' rows also stores their keys rotated,
-    // which band tiles copy (into fp16 NaNs: a row read but never written shows).
-    const bool rotated_band = rotate_keys && rule.has_bands();
+    const bool rotated_band = cuda::quantize_rotates_band_keys(key_layout, value_layout, rule);
     DeviceArray<uint16_t> d_rotated_keys(size_t(total_rows) * kv_dim);
     // As the backend runs them, under a scratch cap: the work regrouped, per group the pre-pass and the kernel.
-    // quantize_decodes: the pages written again as two steps, the earlier rows and then the chunks' rows, whose
-    // launch stores the first group's own rows into the scratch (route_decoded_rows) so that the pre-pass fills
-    // only the earlier ones (ctas: those launches' kernel); the pool's bytes must equal the one launch's.
+    // quantize_decodes, and every run of formats whose quantize-on-write rotates band keys: the pages written again
+    // as two steps, the earlier rows and then the chunks' rows, whose launch stores the first group's own rows into
+    // the scratch (quantize_decodes: route_decoded_rows, so that the pre-pass fills only the earlier ones) and
+    // the chunks' keys rotated, which every group's band tiles copy (both into fp16 NaNs); ctas: those launches'
+    // kernel. The pool's bytes must equal the one launch's.
     const auto run_prefill = [&](int64_t cap_bytes, bool quantize_decodes = false,
                                  cuda::KvQuantizeCtas ctas = cuda::KvQuantizeCtas::by_launch) {
       const cuda::PageScratchPlan plan =
@@ -229,25 +230,27 @@ void run_case(const FormatCase& test, int head_dim, int group, uint32_t seed, co
       if (d_scratch.size() > 0) CUDA_CHECK(cudaMemset(d_scratch.get(), 0xff, d_scratch.size()));
       CUDA_CHECK(cudaMemset(d_out.get(), 0xff, out.size() * 2));
       cuda::QuantizedPrefillSource run_source = source;
-      DeviceArray<uint8_t> d_pool_by_steps(quantize_decodes ? d_pool.size() : 0);
-      if (quantize_decodes) {
+      const bool two_steps = quantize_decodes || rotated_band;
+      DeviceArray<uint8_t> d_pool_by_steps(two_steps ? d_pool.size() : 0);
+      if (two_steps) {
         CUDA_CHECK(cudaMemset(d_pool_by_steps.get(), 0, d_pool_by_steps.size()));
         DeviceArray<unsigned long long> d_counts(std::vector<unsigned long long>{0, 0});
         for (const bool own : {false, true}) {
           cuda::KvWritePlan writes = plan_prefill_writes(own ? lengths : earlier, tables, key_layout, value_layout,
                                                          n_kv_heads, D, sinks, device_row, own ? earlier : std::vector<int>{});
           cuda::KvDecodedRows decoded;
-          if (own) {
+          if (own && quantize_decodes) {
             cuda::route_decoded_rows(plan, writes.runs);
             const cuda::PageScratch first =
                 cuda::group_scratch(plan.groups.front(), d_scratch.get(), d_chunk_rows.get(), n_kv_heads, D);
             decoded = {first.keys, first.values, first.n_rows, rotate_keys ? d_rope.get() : nullptr};
-            if (rotated_band) {
-              CUDA_CHECK(cudaMemset(d_rotated_keys.get(), 0xff, d_rotated_keys.size() * 2));
-              decoded.rotated_keys = reinterpret_cast<__half*>(d_rotated_keys.get());
-              decoded.n_kv_heads = n_kv_heads;
-              run_source.rotated_step_keys = decoded.rotated_keys;
-            }
+          }
+          if (own && rotated_band) {
+            CUDA_CHECK(cudaMemset(d_rotated_keys.get(), 0xff, d_rotated_keys.size() * 2));
+            decoded.rope = d_rope.get();
+            decoded.rotated_keys = reinterpret_cast<__half*>(d_rotated_keys.get());
+            decoded.n_kv_heads = n_kv_heads;
+            run_source.rotated_step_keys = decoded.rotated_keys;
           }
           if (writes.runs.empty()) continue;
           DeviceArray<cuda::KvWriteRun> d_runs(writes.runs);
