@@ -1148,19 +1148,17 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   // The first scratch group's own rows, stored decoded by the quantize launch (route_decoded_rows), and the step's
   // keys rotated, which band tiles copy instead of rotating each as it lands.
   cuda::KvDecodedRows decoded;
+  decoded.rope = keys_post_rope ? nullptr : rope_.as<float2>();
   if (!q.scratch_groups.empty() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_)) {
     const cuda::PageScratch first = cuda::group_scratch(q.scratch_groups.front(), page_scratch_.as<void>(),
                                                         q.scratch_chunk_rows, c.n_kv_heads, c.head_dim);
-    decoded = {first.keys, first.values, first.n_rows, keys_post_rope ? nullptr : rope_.as<float2>()};
+    decoded.keys = first.keys, decoded.values = first.values, decoded.n_rows = first.n_rows;
   }
-  const __half* rotated_keys = nullptr;
   const bool scratch_rows = std::any_of(q.scratch_groups.begin(), q.scratch_groups.end(),
                                         [](const cuda::PageScratchGroup& g) { return g.n_rows > 0; });
   if (scratch_rows && rotates_band_keys()) {  // only the page scratch's kernel copies them
-    decoded.rope = rope_.as<float2>();
     decoded.rotated_keys = rotated_keys_.as<__half>();
     decoded.n_kv_heads = c.n_kv_heads;
-    rotated_keys = decoded.rotated_keys;
   }
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
                            outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream,
@@ -1169,7 +1167,7 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
   const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {},
-                                             rotated_keys};
+                                             decoded.rotated_keys};
   // The step's prefill work (step.prefill) regrouped by the page scratch's plan.
   cuda::launch_quantized_prefill_groups(query, prefill, step.chunks, q.scratch_work, q.scratch_chunk_rows,
                                         q.scratch_spans, q.scratch_groups, page_scratch_.as<void>(), stream);

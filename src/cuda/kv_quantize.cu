@@ -1078,11 +1078,12 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
   }
 }
 
-// Registers (ptxas, nvcc 13.0) since rows are also stored decoded (KvDecodedRows), each kernel at its bound with
-// 16-24 bytes spilled: kv_quantize_kernel_64 72; kv_quantize_kernel_64_few_runs 64, bounded to 2 blocks (unbounded
-// 90: one 512-thread block a multiprocessor, where a 2048-token smollm2-135m step's 192 runs want two);
-// kv_quantize_kernel_128 64, bounded to 8 blocks (unbounded 87 and 0.512 ms against 0.449, llama2-7b 4 x 2048
-// nuq3-1%, kvq-gpu-bench --parts quantize, H100, 2026-11-28). The history below is of the bounds chosen before.
+// Registers (ptxas, nvcc 13.0) since rows are also stored decoded and keys rotated (KvDecodedRows), each kernel at
+// its bound: kv_quantize_kernel_64 72 (no spills); kv_quantize_kernel_64_few_runs 64 with 16 bytes spilled,
+// bounded to 2 blocks (unbounded 90: one 512-thread block a multiprocessor, where a 2048-token smollm2-135m step's
+// 192 runs want two); kv_quantize_kernel_128 63 (no spills), bounded to 8 blocks (unbounded 87 and 0.512 ms
+// against 0.449, llama2-7b 4 x 2048 nuq3-1%, kvq-gpu-bench --parts quantize, H100, 2026-11-28). The history below
+// is of the bounds chosen before.
 // Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; then 71 used): with 2 channels a
 // lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
 // quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take

@@ -227,9 +227,12 @@ struct ScratchPageProducer {
 
   __device__ Pending issue_keys(const Source& source, const KeyRange& range, __half* sK) const {
     if (!range.exact) {
-      copy_rows(keys, range, sK);
+      copy_rows(keys, D, 0, range, sK);
     } else if (source.rotated_step_keys != nullptr && range.k0 >= band.exact.chunk_start) {
-      copy_rotated_step_keys(source, range, sK);  // this step's keys only: rotated already
+      // This step's keys only, rotated already: key pos at step row chunk_first_row + pos - chunk_start.
+      const int n_kv_heads = source.kv.n_kv_heads;
+      copy_rows(source.rotated_step_keys + band.kv_head * D, int64_t{n_kv_heads} * D,
+                band.exact.chunk_first_row - band.exact.chunk_start, range, sK);
     } else {
       copy_band(source.kv, range, KvKind::key, sK);
       if (source.kv.rotate_keys) rotate_band(source.kv, range, sK);
@@ -240,21 +243,22 @@ struct ScratchPageProducer {
     if (range.exact) {
       copy_band(source.kv, range, KvKind::value, sV);
     } else {
-      copy_rows(values, range, sV);
+      copy_rows(values, D, 0, range, sV);
     }
   }
   __device__ void finish_keys(const Pending&, __half*) const {}
 
  private:
-  // cp.async of the thread's chunks of page-tile keys [k0, end) (rows: the scratch rows of key 0 on) into tile.
-  __device__ void copy_rows(const __half* rows, const KeyRange& range, __half* tile) const {
+  // cp.async of the thread's chunks of keys (or values) [k0, end) into tile, key pos at rows + (pos + offset)
+  // stride: the scratch's page-tile rows (offset 0, stride D) or the step's rotated keys.
+  __device__ void copy_rows(const __half* rows, int64_t stride, int offset, const KeyRange& range, __half* tile) const {
     const int c0 = band.column * 8;
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int r = band.first_row + j * kRowStep;
       const int pos = range.k0 + r;
       const bool valid = pos < range.end;
-      cp_async_16(tile + tile_offset<D, kRows>(r, c0), rows + static_cast<int64_t>(valid ? pos : 0) * D + c0, valid);
+      cp_async_16(tile + tile_offset<D, kRows>(r, c0), rows + ((valid ? pos : range.k0) + offset) * stride + c0, valid);
     }
   }
 
@@ -267,21 +271,6 @@ struct ScratchPageProducer {
       const bool valid = pos < range.end;
       cp_async_16(tile + tile_offset<D, kRows>(r, band.column * 8), valid ? band.exact_chunk(kv, kind, pos) : kv.step_keys,
                   valid);
-    }
-  }
-
-  // cp.async of the thread's chunks of band keys [k0, end), all of this step's rows, from the step's rotated keys.
-  __device__ void copy_rotated_step_keys(const Source& source, const KeyRange& range, __half* tile) const {
-    const ExactSource& exact = band.exact;
-    const int n_kv_heads = source.kv.n_kv_heads;
-#pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = band.first_row + j * kRowStep;
-      const int pos = range.k0 + r;
-      const bool valid = pos < range.end;
-      const int64_t step_row = exact.chunk_first_row + (valid ? pos : range.k0) - exact.chunk_start;
-      cp_async_16(tile + tile_offset<D, kRows>(r, band.column * 8),
-                  source.rotated_step_keys + (step_row * n_kv_heads + band.kv_head) * D + band.column * 8, valid);
     }
   }
 
