@@ -50,11 +50,16 @@ __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step
   }
 }
 
-// Rotates one RoPE pair of fp32 key elements by its (cos, sin).
+// One RoPE pair of fp32 key elements rotated by its (cos, sin), the roundings spelled out (one product rounded,
+// the other fused), so that every kernel rotating a pair gets the same bits: quantize-on-write's rotated keys
+// and decoded rows, the page producer's tiles, and a lane's fragment and an outlier's patch.
+__device__ __forceinline__ float2 rotated_pair(float x0, float x1, float2 cs) {
+  return {__fmaf_rn(x0, cs.x, -__fmul_rn(x1, cs.y)), __fmaf_rn(x0, cs.y, __fmul_rn(x1, cs.x))};
+}
 __device__ __forceinline__ void rotate_pair(float& x0, float& x1, float2 cs) {
-  const float r0 = x0 * cs.x - x1 * cs.y, r1 = x0 * cs.y + x1 * cs.x;
-  x0 = r0;
-  x1 = r1;
+  const float2 r = rotated_pair(x0, x1, cs);
+  x0 = r.x;
+  x1 = r.y;
 }
 // Rotates 8 fp32 key elements (4 adjacent pairs) by their (cos, sin).
 __device__ __forceinline__ void rotate8(const float2 (&cs)[4], float (&k)[8]) {

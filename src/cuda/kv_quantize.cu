@@ -1,18 +1,21 @@
 // Quantize-on-write and whole-block dequantization of KV pages (kv_quantize.h).
 //
-// One CTA encodes one run (the rows one launch writes into one block). For
-// formats with outlier slots it first counts every row's candidates, then one
-// warp hands out the block's free slots in row order by a prefix sum (a row
-// takes min(candidates, free) slots, largest magnitude first; the rest are
-// clamped and counted), which is exactly the order the CPU codec fills them
-// in; then warps encode rows in parallel, 4 channels a lane (two rows a warp
-// at head_dim 64, one at 128), each lane packing its codes into one field that
-// the row's words gather by shuffles. Grouped codecs encode whole groups: KIVI keys per
-// channel over 32 rows, --kscale page keys per channel over the page after its
-// outliers are taken. Int and nuq rows a run routes to the page scratch are
-// also stored there decoded (KvDecodedRows) by the lanes that encoded them,
-// and every key row of a consecutive run exactly, rotated, where the prefill
-// kernel's band tiles copy them from.
+// One CTA encodes one run (the rows one launch writes into one block); warps encode rows in parallel, 4 channels a
+// lane (two rows a warp at head_dim 64, one at 128), each lane packing its codes into one field that neighbouring
+// lanes merge into the row's words by shuffles. Two kernel families:
+// - int / nuq (calibrated ranges, outlier slots, sinks), one instance per bit width: rows go a round at a time (one
+//   row a warp-half); each row's outlier candidates are found, the round's wants published in shared memory, and
+//   after one CTA barrier every row takes its slots from a prefix sum over the rows before it (a row takes
+//   min(candidates, free) slots, largest magnitude first; the rest are clamped and counted), which is exactly the
+//   order the CPU codec fills them in, then encodes. --kscale page keys take their outliers the same way, then
+//   per-channel ranges over the page's other elements, then codes. Rows a run routes to the page scratch are also
+//   stored there decoded (KvDecodedRows) by the lanes that encoded them, and every key row of a consecutive run
+//   exactly, rotated, where the prefill kernel's band tiles copy them from.
+// - the other formats (fp16, fp8, q8_0, q4_0, KIVI): per row, or KIVI keys per channel over 32-row groups.
+// One kernel for all formats, slots counted in a first pass over the rows and handed out by one warp before a
+// second, executed 668 instructions a row at llama2-7b nuq3-1% (Nsight Compute: formats' branches, the pass over
+// the rows twice); this split, with the packing and bisection below, 501 (kvq-gpu-bench --parts quantize,
+// llama2-7b 4 x 2048 nuq3-1%: 0.392 -> 0.337 ms; q4_0 0.208 -> 0.146; H100, 2026-11-28).
 //
 // Bit-exactness with the CPU codec (built with -ffp-contract=off): fp32
 // arithmetic uses the explicitly rounded intrinsics, which nvcc never fuses;
@@ -30,6 +33,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
@@ -209,19 +213,29 @@ __device__ __forceinline__ unsigned row_bits(unsigned ballot, int lane) {
   }
 }
 
-__device__ __forceinline__ bool is_calibrated(KvScheme scheme) {
-  return scheme == KvScheme::uniform || scheme == KvScheme::nonuniform;
-}
+// A thread's place in a CTA of kCtaThreads threads encoding rows of head_dim kHeadDim (RowShape): its warp, its
+// lane and where that sits in its row; the CTA has kRowsInFlight rows in flight.
+template <int kHeadDim, int kCtaThreads>
+struct CtaLane {
+  static constexpr int kLanes = RowShape<kHeadDim>::kLanes;
+  static constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp;
+  static constexpr int kRowsInFlight = kCtaThreads / 32 * kRowsPerWarp;
+  static_assert(kRowsInFlight <= RowShape<kHeadDim>::kMaxRowsInFlight, "a row scratch per row in flight");
+  int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  RowLane at = row_lane<kLanes>(lane);
+};
 
 // ---- element encoders (twins of scalar_codecs.cpp and page_codec.cpp) ----
 
 // The nuq code of t: the CPU scans up while t > mids[code] (ties go to the lower centre); the midpoints
-// ascend, so its scan stops at the number of midpoints below t, which a bisection over the 2^k - 1 midpoints (in
-// shared memory) finds in k steps: each compares t with the median of those left and adds the half below it.
-// Counting compared t with every midpoint (nuq3 11% of kv_quantize_kernel_128's instructions, Nsight Compute);
-// against it the bisection takes quantize from 0.449 to 0.430 ms at nuq3-1% and from 0.516 to 0.445 at nuq4-1%
-// (llama2-7b 4 x 2048; smollm2-135m 64 x 2048 0.402 -> 0.376 and 0.474 -> 0.379; kvq-gpu-bench --parts quantize,
-// H100, 2026-11-28). The same bisection in registers, by selects, spilled at nuq4.
+// ascend, so its scan stops at the number of midpoints below t, which a bisection over the 2^k - 1 midpoints finds
+// in k steps: each compares t with the median of those left and adds the half below it. Counting compared t with
+// every midpoint (nuq3 11% of the quantize kernel's instructions, Nsight Compute); against it the bisection in
+// shared memory took quantize from 0.449 to 0.430 ms at nuq3-1% and from 0.516 to 0.445 at nuq4-1% (llama2-7b 4 x
+// 2048; smollm2-135m 64 x 2048 0.402 -> 0.376 and 0.474 -> 0.379; kvq-gpu-bench --parts quantize, H100,
+// 2026-11-28). At 2 and 3 bits the midpoints sit in registers and each step's is picked by selects (a dependent
+// shared-memory load and its address a step before, ~20 instructions an element at nuq3 against ~9); nuq4's 15
+// stay in shared memory (in registers, by selects, they spilled).
 template <int kMids>
 __device__ __forceinline__ uint32_t count_midpoints_below(float t, const float* mids) {
   static_assert((kMids & (kMids + 1)) == 0, "2^k - 1 midpoints");
@@ -230,32 +244,48 @@ __device__ __forceinline__ uint32_t count_midpoints_below(float t, const float* 
   for (uint32_t n = (kMids + 1) / 2; n > 0; n /= 2) code += t > mids[code + n - 1] ? n : 0u;
   return code;
 }
+__device__ __forceinline__ uint32_t count_midpoints_below(float t, const float (&m)[3]) {
+  const bool above1 = t > m[1];
+  const bool above_next = t > (above1 ? m[2] : m[0]);
+  return (above1 ? 2u : 0u) + (above_next ? 1u : 0u);
+}
+__device__ __forceinline__ uint32_t count_midpoints_below(float t, const float (&m)[7]) {
+  const bool above3 = t > m[3];
+  const bool above_second = t > (above3 ? m[5] : m[1]);
+  const bool above_third = t > (above3 ? (above_second ? m[6] : m[4]) : (above_second ? m[2] : m[0]));
+  return (above3 ? 4u : 0u) + (above_second ? 2u : 0u) + (above_third ? 1u : 0u);
+}
 template <int E, int kMids>
 __device__ __forceinline__ void encode_nonuniform(const float (&x)[E], const float (&lo)[E], const float (&scale)[E],
                                                   const float* shared_mids, uint8_t (&codes)[E]) {
+  float mids[kMids <= 7 ? kMids : 1];  // 2 and 3 bits: in registers
+  if constexpr (kMids <= 7) {
+#pragma unroll
+    for (int j = 0; j < kMids; ++j) mids[j] = shared_mids[j];
+  }
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     const float t = fminf(fmaxf(__fsub_rn(__fmul_rn(__fsub_rn(x[e], lo[e]), scale[e]), 1.0f), -1.0f), 1.0f);
-    codes[e] = static_cast<uint8_t>(count_midpoints_below<kMids>(t, shared_mids));
+    if constexpr (kMids <= 7) {
+      codes[e] = static_cast<uint8_t>(count_midpoints_below(t, mids));
+    } else {
+      codes[e] = static_cast<uint8_t>(count_midpoints_below<kMids>(t, shared_mids));
+    }
   }
 }
 // Codes of E elements with ranges (lo, scale) from code_scale. mids (2^bits - 1): midpoints between the
 // codebook's neighbours (nuq).
-template <int E>
+template <int E, int kBits>
 __device__ __forceinline__ void encode_scaled(const float (&x)[E], const float (&lo)[E], const float (&scale)[E],
-                                              bool uniform, int bits, const float* mids, uint8_t (&codes)[E]) {
+                                              bool uniform, const float* mids, uint8_t (&codes)[E]) {
   if (uniform) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const float q = rintf(__fmul_rn(__fsub_rn(x[e], lo[e]), scale[e]));
-      codes[e] = static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), levels_of(bits)));
+      codes[e] = static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), levels_of(kBits)));
     }
-    return;
-  }
-  switch (bits) {
-    case 2: encode_nonuniform<E, 3>(x, lo, scale, mids, codes); break;
-    case 3: encode_nonuniform<E, 7>(x, lo, scale, mids, codes); break;
-    default: encode_nonuniform<E, 15>(x, lo, scale, mids, codes); break;
+  } else {
+    encode_nonuniform<E, (1 << kBits) - 1>(x, lo, scale, mids, codes);
   }
 }
 
@@ -347,30 +377,44 @@ __device__ __forceinline__ float reduce_max(float v, int width) {
 
 // ---- shared memory ----
 
-// Per row in flight (warp * kRowsPerWarp + half, RowShape): the row being encoded. Per CTA: the run's slot plan
-// and the group scratch.
+// Per row in flight (warp * kRowsPerWarp + half, RowShape) of an int / nuq run.
 template <int kHeadDim>
-struct Scratch {
-  struct Row {
-    float x[kHeadDim];                   // the row, fp32 (16-byte aligned: sizeof(Row) is a multiple of 16)
-    float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
-    uint8_t candidate_channel[kHeadDim];
-  } row[RowShape<kHeadDim>::kMaxRowsInFlight];
+struct RowScratch {
+  float x[kHeadDim];                    // the row, fp32 (16-byte aligned: the size is a multiple of 16)
+  float candidate_magnitude[kHeadDim];  // the row's outlier candidates, in no particular order
+  uint8_t candidate_channel[kHeadDim];
+};
+// Per CTA of an int / nuq run; the rows in flight's wants (bytes: a row wants at most head_dim <= 128 slots) by
+// the parity of the round (RoundPlace).
+template <int kHeadDim>
+struct CalibratedScratch {
+  RowScratch<kHeadDim> row[RowShape<kHeadDim>::kMaxRowsInFlight];
   float key_lo[kHeadDim], key_hi[kHeadDim], key_scale[kHeadDim];  // the run's KV head's calibrated key ranges
   float key_span[kHeadDim];                                       // their packed_span (rows stored decoded)
   float page_lo[kHeadDim], page_scale[kHeadDim];                  // --kscale page: the page's own ranges
-  uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
-  float mids[kMaxCodebook];            // codebook midpoints
-  float decode_x[kMaxCodebook];        // int / nuq: packed_x of each code (rows stored decoded: KvDecodedRows)
-  // Then, dynamically sized from kRowTableOffset: the run's rows (run_row, page_size KvWriteRow), then slot_start,
-  // slot_take, value_limit (page_size each), stored bits (page_size * head_dim / 32).
+  float mids[kMaxCodebook];                                       // codebook midpoints
+  float decode_x[kMaxCodebook];                                   // packed_x of each code (KvDecodedRows)
+  uint8_t wants[2][RowShape<kHeadDim>::kMaxRowsInFlight];
+  // Then, dynamically sized from kRowTableOffset: the run's rows (page_size KvWriteRow), then (--kscale page keys)
+  // the stored bits (page_size * head_dim / 32 words).
 };
+// Per CTA of the other formats' runs.
 template <int kHeadDim>
-constexpr size_t kRowTableOffset = (sizeof(Scratch<kHeadDim>) + 15) / 16 * 16;
+struct PeerScratch {
+  uint8_t group_codes[32 * kHeadDim];  // KIVI keys: one group's codes (32, head_dim)
+  // Then, dynamically sized from kRowTableOffset: the run's rows (page_size KvWriteRow).
+};
+template <class Scratch>
+constexpr size_t kRowTableOffset = (sizeof(Scratch) + 15) / 16 * 16;
 
 template <int kHeadDim>
-size_t scratch_bytes(int page_size) {
-  return kRowTableOffset<kHeadDim> + size_t(page_size) * (sizeof(KvWriteRow) + 12) + size_t(page_size) * kHeadDim / 8;
+size_t calibrated_scratch_bytes(int page_size) {
+  return kRowTableOffset<CalibratedScratch<kHeadDim>> + size_t(page_size) * sizeof(KvWriteRow) +
+         size_t(page_size) * kHeadDim / 8;
+}
+template <int kHeadDim>
+size_t peer_scratch_bytes(int page_size) {
+  return kRowTableOffset<PeerScratch<kHeadDim>> + size_t(page_size) * sizeof(KvWriteRow);
 }
 
 // codes (n) of one row or group, 8-bit each, into whole 32-bit words of the block's stream at `words`
@@ -388,33 +432,41 @@ __device__ __forceinline__ void pack_words(const uint8_t* codes, int n, int bits
   }
 }
 
-// A row's codes, E per lane (channels sub * E ..), into its words of the block's stream at `words`, laid out
-// as pack_words and pack_codes lay them (code c at bits [c * bits, (c + 1) * bits), masked to bits as
-// pack_codes masks): a lane's codes are one field of E * bits bits, the row kLanes * E * bits / 32 words,
-// and the row's lane w gathers word w from the fields that overlap it, each shifted into place. The bits are a template argument: with a
-// run-time width the field count took an integer division and a rolled loop, ~200 instructions a row
-// (Nsight Compute, smollm2 nuq3-1%, a third of the kernel's), for ~40 unrolled.
+// A row's codes, E = 4 per lane (channels sub * 4 ..), into its words of the block's stream at `words`, laid out
+// as pack_words and pack_codes lay them (code c at bits [c * bits, (c + 1) * bits), masked to bits as pack_codes
+// masks): a lane's codes are one field of 4 * bits bits, and the fields of a few neighbouring lanes make whole
+// words (2 lanes a word at 4 bits, 4 lanes a word at 2 bits, 8 lanes 3 words at 3 bits). Neighbours merge by
+// shuffles, doubling the fields a step, and the group's first lane stores its words. A gather of each word from
+// the fields overlapping it, shifts computed per lane, took ~80 instructions a row at 3 bits (Nsight Compute,
+// llama2-7b nuq3-1%).
 template <int E, int kBits, int kLanes>
 __device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], uint32_t* words, int sub) {
-  constexpr int kFieldBits = E * kBits;
-  constexpr int kRowWords = kLanes * kFieldBits / 32;
-  static_assert(kLanes * kFieldBits % 32 == 0 && kRowWords <= kLanes, "a row is whole words, a lane each");
-  // The most fields that overlap one word: 32 / kFieldBits where fields tile the words, else one more than
-  // fit in it, plus one straddling each end.
-  constexpr int kFields = 32 % kFieldBits == 0 ? 32 / kFieldBits : (32 + kFieldBits - 1) / kFieldBits + 1;
+  static_assert(E == 4 && kLanes % 8 == 0, "a lane's field is 4 codes; groups of 8 lanes stay within a row");
+  constexpr unsigned kFull = 0xffffffffu;
   uint32_t field = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) field |= (codes[e] & ((1u << kBits) - 1u)) << (e * kBits);
-  const int first = 32 * sub / kFieldBits;  // the field holding the word's bit 0
-  uint32_t word = 0;
-#pragma unroll
-  for (int j = 0; j < kFields; ++j) {
-    const int source = first + j;
-    const uint32_t bits_of_source = __shfl_sync(0xffffffffu, field, source % kLanes, kLanes);
-    const int shift = source * kFieldBits - 32 * sub;  // the field's bit 0 relative to the word's, > -kFieldBits
-    if (source < kLanes && shift < 32) word |= shift >= 0 ? bits_of_source << shift : bits_of_source >> -shift;
+  if constexpr (kBits == 4) {
+    const uint32_t word = field | __shfl_down_sync(kFull, field, 1, kLanes) << 16;
+    if (sub % 2 == 0) words[sub / 2] = word;
+  } else if constexpr (kBits == 2) {
+    uint32_t word = field | __shfl_down_sync(kFull, field, 1, kLanes) << 8;
+    word |= __shfl_down_sync(kFull, word, 2, kLanes) << 16;
+    if (sub % 4 == 0) words[sub / 4] = word;
+  } else {
+    static_assert(kBits == 3, "2, 3 or 4 bits");
+    const uint32_t pair = field | __shfl_down_sync(kFull, field, 1, kLanes) << 12;                    // 24 bits
+    const uint64_t quad = pair | static_cast<uint64_t>(__shfl_down_sync(kFull, pair, 2, kLanes)) << 24;  // 48 bits
+    const uint32_t low = static_cast<uint32_t>(quad), high = static_cast<uint32_t>(quad >> 32);
+    const uint32_t next_low = __shfl_down_sync(kFull, low, 4, kLanes);
+    const uint32_t next_high = __shfl_down_sync(kFull, high, 4, kLanes);
+    if (sub % 8 == 0) {  // 96 bits: this quad, then the next lane group's at bit 48
+      uint32_t* group = words + sub / 8 * 3;
+      group[0] = low;
+      group[1] = high | next_low << 16;
+      group[2] = next_low >> 16 | next_high << 16;
+    }
   }
-  if (sub < kRowWords) words[sub] = word;
 }
 // The same for the layout's bits: 2, 3 or 4, the packed schemes' and q4_0's (fp16, fp8 and q8_0 rows are stored
 // before any packing).
@@ -428,8 +480,8 @@ __device__ __forceinline__ void pack_row_codes(const uint8_t (&codes)[E], int bi
 }
 
 template <int kHeadDim>
-__device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, uint8_t* block, int row) {
-  return reinterpret_cast<uint32_t*>(block + layout.codes_offset + row * (kHeadDim / 8 * layout.bits));
+__device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, uint8_t* block, int row, int bits) {
+  return reinterpret_cast<uint32_t*>(block + layout.codes_offset + row * (kHeadDim / 8 * bits));
 }
 
 // The lane's 4 consecutive fp16 elements (channels sub * 4 ..) of a row, as loaded, so a loop can have the
@@ -437,16 +489,12 @@ __device__ __forceinline__ uint32_t* row_words(const PageBlockLayout& layout, ui
 __device__ __forceinline__ uint2 load_row_raw(const uint16_t* src, int sub) {
   return reinterpret_cast<const uint2*>(src)[sub];
 }
-__device__ __forceinline__ void unpack_row(uint2 raw, uint16_t (&bits)[kLaneChannels], float (&x)[kLaneChannels]) {
-#pragma unroll
-  for (int e = 0; e < kLaneChannels; ++e) {
-    bits[e] = static_cast<uint16_t>((e < 2 ? raw.x : raw.y) >> (16 * (e % 2)));
-    x[e] = half_bits_to_float(bits[e]);
-  }
+__device__ __forceinline__ uint16_t raw_bits(uint2 raw, int e) {
+  return static_cast<uint16_t>((e < 2 ? raw.x : raw.y) >> (16 * (e % 2)));
 }
-__device__ __forceinline__ void load_row(const uint16_t* src, int sub, uint16_t (&bits)[kLaneChannels],
-                                         float (&x)[kLaneChannels]) {
-  unpack_row(load_row_raw(src, sub), bits, x);
+__device__ __forceinline__ void unpack_row(uint2 raw, float (&x)[kLaneChannels]) {
+#pragma unroll
+  for (int e = 0; e < kLaneChannels; ++e) x[e] = half_bits_to_float(raw_bits(raw, e));
 }
 // The row a lane encodes in a loop whose warp takes rows base + half (half < kRowsPerWarp), then kRowsInFlight
 // further: past the run's end (an odd last row at head_dim 64) both halves take the last row, so every lane has
@@ -479,6 +527,165 @@ struct KernelArgs {
   unsigned long long* outlier_counts;  // (2)
   KvDecodedRows decoded;
 };
+
+// A run's layout, its block, and its rows, listed or consecutive, in one table in shared memory past the kernel's
+// Scratch that the loops read (the caller synchronizes before reading it). Computing a consecutive run's rows
+// where they are read instead took 128 registers at head_dim 128 (nuq3-1% 0.63 ms against 0.40), or bounded to 64
+// ran 12% slower (kvq-gpu-bench --parts quantize, llama2-7b 4 x 2048, H100, 2026-11-27).
+struct RunRows {
+  const PageBlockLayout& layout;
+  uint8_t* block;
+  KvWriteRow* rows;  // (layout.page_size)
+};
+template <class Scratch, int kCtaThreads>
+__device__ __forceinline__ RunRows load_run_rows(const KernelArgs& args, const KvWriteRun& run, unsigned char* shared) {
+  KvWriteRow* rows = reinterpret_cast<KvWriteRow*>(shared + kRowTableOffset<Scratch>);
+  for (int i = threadIdx.x; i < run.n_rows; i += kCtaThreads) rows[i] = run_row(run, args.rows, i);
+  return {args.layouts[run.kind], args.pool + run.block_offset, rows};
+}
+
+// ---- the other formats' runs: fp16, fp8, q8_0, q4_0, KIVI (no outliers, no sinks) ----
+
+// One row, by its lanes (RowShape); at head_dim 64 the warp's other half encodes another row (or the same one)
+// alongside, so every path below is taken by the whole warp.
+template <int kHeadDim>
+__device__ void encode_peer_row(const PageBlockLayout& layout, uint8_t* block, int row, uint2 raw, int lane) {
+  constexpr int E = kLaneChannels;
+  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
+  const RowLane at = row_lane<kLanes>(lane);
+  const int64_t first = int64_t{row} * kHeadDim;
+  uint8_t* codes = block + layout.codes_offset;
+  uint8_t* row_params = block + layout.row_params_offset;
+  float x[E];
+  unpack_row(raw, x);
+  const int c0 = at.sub * E;
+  uint8_t row_codes[E];  // q4_0 and KIVI: the lane's codes
+  switch (layout.scheme) {
+    case KvScheme::fp16: {
+      uint16_t* halves = reinterpret_cast<uint16_t*>(codes) + first + c0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) halves[e] = raw_bits(raw, e);
+      return;
+    }
+    case KvScheme::fp8: {
+      float amax = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+      amax = reduce_max(amax, kLanes);
+      const uint16_t scale_bits = float_to_half_bits(__fdiv_rn(amax, 448.0f));
+      if (at.sub == 0) reinterpret_cast<uint16_t*>(row_params)[row] = scale_bits;
+      const float scale = half_bits_to_float(scale_bits);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        codes[first + c0 + e] = scale > 0 ? __nv_cvt_float_to_fp8(__fdiv_rn(x[e], scale), __NV_SATFINITE, __NV_E4M3) : 0;
+      }
+      return;
+    }
+    default: {  // q8_0, q4_0, KIVI values: per 32-channel block of the row, 32 / E lanes
+      const int width = 32 / E;
+      const int block32 = c0 / 32;
+      const bool leader = lane % width == 0;
+      if (layout.scheme == KvScheme::kivi) {
+        bool all[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) all[e] = true;
+        const float mn = scan_extreme<E, false, false>(x, all, c0, width);  // std::minmax_element: first smallest,
+        const float mx = scan_extreme<E, true, true>(x, all, c0, width);    // last largest
+        const float levels = levels_of(layout.bits);
+        const AsymmetricParams p = asymmetric_params(mn, mx, levels);
+        if (leader) reinterpret_cast<uint32_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = p.packed;
+#pragma unroll
+        for (int e = 0; e < E; ++e) row_codes[e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
+      } else if (layout.scheme == KvScheme::q8_0) {
+        float amax = 0;
+#pragma unroll
+        for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+        amax = reduce_max(amax, width);
+        const float d = __fdiv_rn(amax, 127.0f);
+        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
+        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          codes[first + c0 + e] = static_cast<uint8_t>(static_cast<int8_t>(roundf(__fmul_rn(x[e], id))));
+        }
+        return;
+      } else {  // q4_0: d from the element of largest magnitude (the first of equals), with its sign
+        Extreme amax{0.0f, 0.0f, -1};
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          if (fabsf(x[e]) > (amax.index < 0 ? 0.0f : amax.key)) amax = Extreme{fabsf(x[e]), x[e], c0 + e};
+        }
+        amax = reduce_extreme<true, false>(amax, width);
+        const float max = amax.index < 0 ? 0.0f : amax.payload;
+        const float d = __fdiv_rn(max, -8.0f);
+        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
+        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int q = static_cast<int8_t>(__float2int_rz(__fadd_rn(__fmul_rn(x[e], id), 8.5f)));
+          row_codes[e] = static_cast<uint8_t>(min(15, q));
+        }
+      }
+      break;
+    }
+  }
+  pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words<kHeadDim>(layout, block, row, layout.bits), at.sub);
+}
+
+// KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
+template <int kHeadDim>
+__device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* block, const KvWriteRun& run,
+                                       const KvWriteRow* rows, PeerScratch<kHeadDim>& scratch) {
+  const float levels = levels_of(layout.bits);
+  for (int g = 0; g < run.n_rows; g += 32) {
+    const KvWriteRow* group = rows + g;
+    const int row0 = group[0].page_row;
+    for (int c = threadIdx.x; c < kHeadDim; c += blockDim.x) {
+      float x[32];
+#pragma unroll
+      for (int r = 0; r < 32; ++r) x[r] = half_bits_to_float(group[r].src[c]);
+      float mn = x[0], mx = x[0];
+#pragma unroll
+      for (int r = 1; r < 32; ++r) {
+        mn = x[r] < mn ? x[r] : mn;  // std::min, std::max
+        mx = mx < x[r] ? x[r] : mx;
+      }
+      const AsymmetricParams p = asymmetric_params(mn, mx, levels);
+      reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[int64_t{row0 / 32} * kHeadDim + c] = p.packed;
+#pragma unroll
+      for (int r = 0; r < 32; ++r) scratch.group_codes[r * kHeadDim + c] = static_cast<uint8_t>(asymmetric_encode(x[r], p, levels));
+    }
+    __syncthreads();
+    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words<kHeadDim>(layout, block, row0, layout.bits),
+               threadIdx.x, blockDim.x);
+    __syncthreads();
+  }
+}
+
+template <int kHeadDim, int kCtaThreads>
+__device__ __forceinline__ void quantize_peer_run(const KernelArgs& args) {
+  using Cta = CtaLane<kHeadDim, kCtaThreads>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const KvWriteRun run = args.runs[blockIdx.x];
+  if (run.n_rows == 0) return;  // padding
+  const auto [layout, block, rows] = load_run_rows<PeerScratch<kHeadDim>, kCtaThreads>(args, run, shared);
+  __syncthreads();
+  if (layout.scheme == KvScheme::kivi && layout.kind == KvKind::key) {
+    encode_kivi_key_groups<kHeadDim>(layout, block, run, rows, *reinterpret_cast<PeerScratch<kHeadDim>*>(shared));
+    return;
+  }
+  const Cta cta;
+  const int first_base = cta.warp * Cta::kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
+  uint2 raw = prefetch_row<Cta::kRowsPerWarp>(rows, first_base, run.n_rows, cta.at);
+  for (int base = first_base; base < run.n_rows; base += Cta::kRowsInFlight) {
+    const uint2 next = prefetch_row<Cta::kRowsPerWarp>(rows, base + Cta::kRowsInFlight, run.n_rows, cta.at);
+    encode_peer_row<kHeadDim>(layout, block, rows[row_of<Cta::kRowsPerWarp>(base, cta.at.half, run.n_rows)].page_row,
+                              raw, cta.lane);
+    raw = next;
+  }
+}
+
+// ---- int / nuq runs (calibrated ranges, outlier slots, sinks) ----
 
 // Where a run's rows go as the prefill kernel's tiles hold them (KvDecodedRows), resolved once per run: row i's
 // page-tile row at page_rows + i head_dim (i < n_page_rows), its rotated key at rotated_keys + i rotated_stride,
@@ -545,16 +752,18 @@ __device__ __forceinline__ void store_tile_row(const DecodedRowOut& out, __half*
 }
 // The lane's E elements (channels c0 ..) of an int / nuq row where the row goes (DecodedRowOut): as the prefill
 // kernel's page tiles hold them (QuantizedPageProducer::tile_chunk: exact for sinks and the outliers the row
-// stored, else decoded from their codes as decode_chunk8 decodes them, lo + x * span with packed_x and
-// packed_span of the same fp32 range ends) and, for keys, as its band tiles hold them (exact).
+// stored, bit e of `stored`, else decoded from their codes as decode_chunk8 decodes them, lo + x * span with
+// packed_x and packed_span of the same fp32 range ends) and, for keys, as its band tiles hold them (exact).
 template <int E>
 __device__ __forceinline__ void store_tile_rows(const DecodedRowOut& out, int c0, const float* decode_x,
                                                 const float (&lo)[E], const float (&span)[E], const float (&x)[E],
-                                                bool sink, const bool (&stored)[E], const uint8_t (&codes)[E]) {
+                                                bool sink, unsigned stored, const uint8_t (&codes)[E]) {
   if (out.row != nullptr) {
     float v[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) v[e] = sink || stored[e] ? x[e] : __fadd_rn(lo[e], __fmul_rn(decode_x[codes[e]], span[e]));
+    for (int e = 0; e < E; ++e) {
+      v[e] = sink || (stored >> e & 1u) ? x[e] : __fadd_rn(lo[e], __fmul_rn(decode_x[codes[e]], span[e]));
+    }
     store_tile_row<E>(out, out.row, c0, v);
   }
   if (out.rotated_key != nullptr) {
@@ -573,7 +782,7 @@ __device__ __forceinline__ void store_tile_rows(const DecodedRowOut& out, int c0
 // lane repeats the CPU's sum in its order.
 template <int kHeadDim>
 __device__ float exact_value_outlier_limit(const float (&x)[kLaneChannels], float threshold,
-                                           typename Scratch<kHeadDim>::Row& scratch, RowLane at) {
+                                           RowScratch<kHeadDim>& scratch, RowLane at) {
   constexpr int E = kLaneChannels;
   constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   auto limit_of = [threshold](double sum_sq) {
@@ -621,8 +830,8 @@ __device__ float exact_value_outlier_limit(const float (&x)[kLaneChannels], floa
 // each rounding is relative), every element compares with the estimate as with the CPU's limit. Otherwise
 // the limit itself, to the bit, in double.
 template <int kHeadDim>
-__device__ float value_outlier_limit(const float (&x)[kLaneChannels], float threshold,
-                                     typename Scratch<kHeadDim>::Row& scratch, RowLane at) {
+__device__ float value_outlier_limit(const float (&x)[kLaneChannels], float threshold, RowScratch<kHeadDim>& scratch,
+                                     RowLane at) {
   constexpr int E = kLaneChannels;
   constexpr int kLanes = RowShape<kHeadDim>::kLanes;
   float sum_sq = 0;
@@ -640,416 +849,313 @@ __device__ float value_outlier_limit(const float (&x)[kLaneChannels], float thre
   return exact_value_outlier_limit<kHeadDim>(x, threshold, scratch, at);
 }
 
-// Outlier candidates of a row (int / nuq; a sink's are counted too, and it takes no slot): flags and magnitudes
-// of the lane's elements; returns the row's total. value_limit: from value_outlier_limit (values only).
-template <int kHeadDim>
-__device__ int row_candidates(const PageBlockLayout& layout, const Scratch<kHeadDim>& scratch, float value_limit,
-                              const float (&x)[kLaneChannels], int lane, bool (&candidate)[kLaneChannels],
-                              float (&magnitude)[kLaneChannels]) {
-  constexpr int E = kLaneChannels;
-  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
-  if (layout.kind == KvKind::key) {
+// A row's outlier candidates (a sink's are counted too, and it takes no slot): for each of a lane's elements e,
+// the row's lanes whose element e is one; the magnitudes they rank by (candidates only); their number.
+struct RowCandidates {
+  unsigned ballot[kLaneChannels];
+  float magnitude[kLaneChannels];
+  int count;
+};
+template <int kLanes>
+__device__ __forceinline__ RowCandidates gather_candidates(const bool (&candidate)[kLaneChannels],
+                                                           const float (&magnitude)[kLaneChannels], int lane) {
+  RowCandidates c;
+  c.count = 0;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int c = row_lane<kLanes>(lane).sub * E + e;
-      candidate[e] = key_candidate(x[e], scratch.key_lo[c], scratch.key_hi[c], magnitude[e]);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      magnitude[e] = fabsf(x[e]);
-      candidate[e] = magnitude[e] > value_limit;
-    }
+  for (int e = 0; e < kLaneChannels; ++e) {
+    c.ballot[e] = row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane);
+    c.magnitude[e] = magnitude[e];
+    c.count += __popc(c.ballot[e]);
   }
-  int count = 0;
+  return c;
+}
+// Keys: outside the calibrated range (key_lo, key_hi: the KV head's, in shared memory).
+template <int kLanes>
+__device__ __forceinline__ RowCandidates key_candidates(const float (&x)[kLaneChannels], const float* key_lo,
+                                                        const float* key_hi, int lane) {
+  const int c0 = row_lane<kLanes>(lane).sub * kLaneChannels;
+  const float4 lo = *reinterpret_cast<const float4*>(key_lo + c0), hi = *reinterpret_cast<const float4*>(key_hi + c0);
+  const float los[kLaneChannels] = {lo.x, lo.y, lo.z, lo.w}, his[kLaneChannels] = {hi.x, hi.y, hi.z, hi.w};
+  bool candidate[kLaneChannels];
+  float magnitude[kLaneChannels];
 #pragma unroll
-  for (int e = 0; e < E; ++e) count += __popc(row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane));
-  return count;
+  for (int e = 0; e < kLaneChannels; ++e) candidate[e] = key_candidate(x[e], los[e], his[e], magnitude[e]);
+  return gather_candidates<kLanes>(candidate, magnitude, lane);
+}
+// Values: above the row's limit (value_outlier_limit) in magnitude.
+template <int kLanes>
+__device__ __forceinline__ RowCandidates value_candidates(const float (&x)[kLaneChannels], float limit, int lane) {
+  bool candidate[kLaneChannels];
+  float magnitude[kLaneChannels];
+#pragma unroll
+  for (int e = 0; e < kLaneChannels; ++e) {
+    magnitude[e] = fabsf(x[e]);
+    candidate[e] = magnitude[e] > limit;
+  }
+  return gather_candidates<kLanes>(candidate, magnitude, lane);
 }
 
-// Stores the first `take` of the row's candidates by (magnitude descending, channel ascending) into slots
-// [start, start + take) and marks them in `stored`. A lone candidate ranks first (in the 1% formats, about half
-// the rows with one have one); otherwise the candidates are listed in scratch first, so each ranks itself
-// against the few others rather than against every channel. Where neither of the warp's rows has a slot to take
-// (most rows), nothing is listed.
-template <int kHeadDim>
-__device__ void take_outliers(const PageBlockLayout& layout, uint8_t* block, int row,
-                              const uint16_t (&bits)[kLaneChannels], const bool (&candidate)[kLaneChannels],
-                              const float (&magnitude)[kLaneChannels], int start, int take,
-                              typename Scratch<kHeadDim>::Row& scratch, int lane, bool (&stored)[kLaneChannels]) {
-  constexpr int E = kLaneChannels;
-  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
+// The block's free slots, handed out in row order a round of rows at a time (RoundPlace) as the rows are
+// encoded, so that each row is loaded and its candidates found once. The CPU fills slots one by one, so the
+// count after rows 0..i is min(capacity, before + their wants) (once full, it stays full), or stays `before` if
+// that already exceeds the capacity. Every thread of the CTA holds the same copy.
+struct SlotHandout {
+  unsigned before, capacity;
+  unsigned wanted;  // by the rows of the rounds so far
+  __device__ unsigned used_after(unsigned want) const { return max(before, min(capacity, before + want)); }
+};
+struct SlotGrant {
+  int start, take;  // the row's slots: [start, start + take)
+};
+// The rows of one round: kRowsInFlight = the CTA's warps x kRowsPerWarp, the warp's first at `first`.
+template <int kRowsPerWarp>
+struct RoundPlace {
+  int first;     // the warp's first row
+  bool has_row;  // the warp has a row this round (the same on all its lanes)
+  bool own;      // the lane's half has a row of its own (not the last row again: row_of)
+  int i;         // the row the lane encodes
+  __device__ RoundPlace(int base, int warp, int half, int n_rows)
+      : first(base + warp * kRowsPerWarp), has_row(first < n_rows), own(first + half < n_rows),
+        i(row_of<kRowsPerWarp>(first, half, n_rows)) {}
+};
+// One round of the hand-out, called by every thread of the CTA: each row publishes its want (a row's twin in the
+// other half, and a warp without a row, want nothing), the CTA waits, and the row's slots follow from the wants of
+// the round's rows before it (round slot i - base); the hand-out moves past the round. wants: this round's
+// parity's bytes (the other parity's may still be read by warps finishing the last round).
+template <int kRowsInFlight, int kRowsPerWarp>
+__device__ SlotGrant grant_slots(SlotHandout& handout, uint8_t* wants, int base, const RoundPlace<kRowsPerWarp>& place,
+                                 RowLane at, int want) {
+  if (at.sub == 0) wants[threadIdx.x / 32 * kRowsPerWarp + at.half] = place.own ? want : 0;
+  __syncthreads();
+  const int slot = place.i - base;
+  unsigned below = 0, total = 0;
 #pragma unroll
-  for (int e = 0; e < E; ++e) stored[e] = false;
-  if (!__any_sync(0xffffffffu, take > 0)) return;
-  const int sub = row_lane<kLanes>(lane).sub;
-  unsigned ballots[E];  // the row's candidates of the lanes' element e
-  int n_candidates = 0;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    ballots[e] = row_bits<kLanes>(__ballot_sync(0xffffffffu, candidate[e]), lane);
-    n_candidates += __popc(ballots[e]);
+  for (int w = 0; w < kRowsInFlight / 4; ++w) {
+    const unsigned four = reinterpret_cast<const unsigned*>(wants)[w];
+    const int n_below = slot - 4 * w;  // bytes of this word below the row's
+    const unsigned mask = n_below >= 4 ? ~0u : n_below <= 0 ? 0u : (1u << (8 * n_below)) - 1u;
+    total = __dp4a(four, 0x01010101u, total);
+    below = __dp4a(four & mask, 0x01010101u, below);
   }
+  const unsigned start = handout.used_after(handout.wanted + below);
+  const unsigned end = handout.used_after(handout.wanted + below + want);
+  const SlotGrant grant{static_cast<int>(start), static_cast<int>(end - start)};
+  handout.wanted += total;
+  return grant;
+}
+
+// Stores the first grant.take of the row's candidates by (magnitude descending, channel ascending) into slots
+// [grant.start, ..) and returns which of the lane's elements it stored (bit e). A lone candidate ranks first (in
+// the 1% formats, about half the rows with one have one); otherwise the candidates are listed in scratch first, so
+// each ranks itself against the few others rather than against every channel. Where neither of the warp's rows
+// has a slot to take, nothing is listed.
+template <int kHeadDim>
+__device__ unsigned take_outliers(const PageBlockLayout& layout, uint8_t* block, int row, uint2 raw,
+                                  const RowCandidates& candidates, SlotGrant grant, RowScratch<kHeadDim>& scratch,
+                                  RowLane at) {
+  constexpr int E = kLaneChannels;
+  if (!__any_sync(0xffffffffu, grant.take > 0)) return 0;
   uint32_t* slots = reinterpret_cast<uint32_t*>(block + layout.outliers_offset + 4);
+  unsigned stored = 0;
   const auto store = [&](int e, int rank) {
-    if (rank < take) {
-      slots[start + rank] = static_cast<uint32_t>(row * kHeadDim + sub * E + e) | static_cast<uint32_t>(bits[e]) << 16;
-      stored[e] = true;
+    if (rank < grant.take) {
+      const uint32_t index = static_cast<uint32_t>(row * kHeadDim + at.sub * E + e);
+      slots[grant.start + rank] = index | static_cast<uint32_t>(raw_bits(raw, e)) << 16;
+      stored |= 1u << e;
     }
   };
-  if (__all_sync(0xffffffffu, n_candidates <= 1)) {
+  const auto mine = [&](int e) { return (candidates.ballot[e] >> at.sub & 1u) != 0; };
+  if (__all_sync(0xffffffffu, candidates.count <= 1)) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      if (candidate[e]) store(e, 0);
+      if (mine(e)) store(e, 0);
     }
-    return;
+    return stored;
   }
   int listed = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    if (candidate[e]) {
-      const int at = listed + __popc(ballots[e] & ((1u << sub) - 1));
-      scratch.candidate_channel[at] = static_cast<uint8_t>(sub * E + e);
-      scratch.candidate_magnitude[at] = magnitude[e];
+    if (mine(e)) {
+      const int at_list = listed + __popc(candidates.ballot[e] & ((1u << at.sub) - 1));
+      scratch.candidate_channel[at_list] = static_cast<uint8_t>(at.sub * E + e);
+      scratch.candidate_magnitude[at_list] = candidates.magnitude[e];
     }
-    listed += __popc(ballots[e]);
+    listed += __popc(candidates.ballot[e]);
   }
   __syncwarp();
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    if (!candidate[e]) continue;
-    const int c = sub * E + e;
+    if (!mine(e)) continue;
+    const int c = at.sub * E + e;
     int rank = 0;
-    for (int j = 0; j < n_candidates; ++j) {
+    for (int j = 0; j < candidates.count; ++j) {
       const float m = scratch.candidate_magnitude[j];
-      rank += m > magnitude[e] || (m == magnitude[e] && scratch.candidate_channel[j] < c);
+      rank += m > candidates.magnitude[e] || (m == candidates.magnitude[e] && scratch.candidate_channel[j] < c);
     }
     store(e, rank);
   }
   __syncwarp();
+  return stored;
 }
 
-// One row of a per-row format (everything but KIVI keys and --kscale page keys), by its lanes (RowShape); at
-// head_dim 64 the warp's other half encodes another row (or the same one) alongside, so every path below is
-// taken by the whole warp.
-// A sink of the calibrated formats (w.exact: zero codes and, for values, a zero range; no slots, take 0) is
-// encoded as any row and its codes and range replaced by zeros. decoded: int / nuq rows also stored decoded.
-template <int kHeadDim>
-__device__ void encode_row(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow& w, uint2 raw, int start,
-                           int take, float value_limit, Scratch<kHeadDim>& shared, int warp, int lane,
-                           const DecodedRowOut& decoded) {
+// The smallest and largest of the lane's elements marked in `kept` (bit e) over the row's kLanes lanes, as
+// sequential std::min and std::max scans keep them (scan_extreme); +-infinity when none is. The elements are fp16
+// values, so a lane's (min, -max) travel as one half2, one shuffle and one min a step instead of two; an extreme
+// of zero, whose sign is the first zero's the scan meets, is left to scan_extreme.
+template <int kLanes>
+__device__ __forceinline__ void kept_range(uint2 raw, const float (&x)[kLaneChannels], unsigned kept, int c0, float& mn,
+                                           float& mx) {
+  constexpr int E = kLaneChannels;
+  __half2 extremes = __halves2half2(__ushort_as_half(0x7c00), __ushort_as_half(0x7c00));  // (min, -max) = (+inf, +inf)
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const uint16_t bits = raw_bits(raw, e);
+    const __half2 element = __halves2half2(__ushort_as_half(bits), __ushort_as_half(bits ^ 0x8000));  // (x, -x)
+    if (kept >> e & 1u) extremes = __hmin2(extremes, element);
+  }
+  for (int offset = 1; offset < kLanes; offset <<= 1) {
+    const unsigned other = __shfl_xor_sync(0xffffffffu, *reinterpret_cast<const unsigned*>(&extremes), offset);
+    extremes = __hmin2(extremes, *reinterpret_cast<const __half2*>(&other));
+  }
+  mn = __low2float(extremes);
+  mx = -__high2float(extremes);
+  if (__all_sync(0xffffffffu, mn != 0.0f && mx != 0.0f)) return;
+  bool include[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) include[e] = (kept >> e & 1u) != 0;
+  mn = scan_extreme<E, false, false>(x, include, c0, kLanes);
+  mx = scan_extreme<E, true, false>(x, include, c0, kLanes);
+}
+
+// One int / nuq row with per-row ranges (every format's values, keys but --kscale page), by its lanes (RowShape),
+// once its slots are granted; at head_dim 64 the warp's other half encodes another row (or the same one)
+// alongside. A sink (zero codes and, for values, a zero range; takes no slot) is encoded as any row and its codes
+// and range replaced by zeros. decoded: where the row is also stored as the prefill kernel's tiles hold it.
+template <int kHeadDim, int kBits, bool kKey>
+__device__ __forceinline__ void encode_calibrated_row(const PageBlockLayout& layout, uint8_t* block, int row, bool sink,
+                                                      uint2 raw, const float (&x)[kLaneChannels],
+                                                      const RowCandidates& candidates, SlotGrant grant,
+                                                      const CalibratedScratch<kHeadDim>& shared,
+                                                      RowScratch<kHeadDim>& row_scratch, RowLane at,
+                                                      const DecodedRowOut& decoded, bool uniform) {
   constexpr int E = kLaneChannels;
   constexpr int kLanes = RowShape<kHeadDim>::kLanes;
-  const RowLane at = row_lane<kLanes>(lane);
-  typename Scratch<kHeadDim>::Row& scratch = shared.row[warp * RowShape<kHeadDim>::kRowsPerWarp + at.half];
-  const int row = w.page_row;
-  const int64_t first = int64_t{row} * kHeadDim;
-  uint8_t* codes = block + layout.codes_offset;
-  uint8_t* row_params = block + layout.row_params_offset;
-  const bool sink = is_calibrated(layout.scheme) && w.exact;
-  uint16_t bits[E];
-  float x[E];
-  unpack_row(raw, bits, x);
   const int c0 = at.sub * E;
-  uint8_t row_codes[E];  // packed schemes: the lane's codes
-  switch (layout.scheme) {
-    case KvScheme::fp16: {
-      uint16_t* halves = reinterpret_cast<uint16_t*>(codes) + first + c0;
-#pragma unroll
-      for (int e = 0; e < E; ++e) halves[e] = float_to_half_bits(x[e]);
-      return;
+  const unsigned stored = layout.outlier_capacity > 0
+                              ? take_outliers<kHeadDim>(layout, block, row, raw, candidates, grant, row_scratch, at)
+                              : 0u;
+  float lo[E], scale[E], span[E];  // span: packed_span, for the decoded rows
+  if constexpr (kKey) {
+    const float4 lo4 = *reinterpret_cast<const float4*>(shared.key_lo + c0);
+    const float4 scale4 = *reinterpret_cast<const float4*>(shared.key_scale + c0);
+    const float4 span4 = *reinterpret_cast<const float4*>(shared.key_span + c0);
+    lo[0] = lo4.x, lo[1] = lo4.y, lo[2] = lo4.z, lo[3] = lo4.w;
+    scale[0] = scale4.x, scale[1] = scale4.y, scale[2] = scale4.z, scale[3] = scale4.w;
+    span[0] = span4.x, span[1] = span4.y, span[2] = span4.z, span[3] = span4.w;
+  } else {  // the row's range over its elements not kept as outliers
+    float mn, mx;
+    kept_range<kLanes>(raw, x, ~stored, c0, mn, mx);
+    const bool none = sink || mn > mx;  // a sink, or every element is an outlier
+    const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
+    if (at.sub == 0) {
+      reinterpret_cast<uint32_t*>(block + layout.row_params_offset)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
     }
-    case KvScheme::fp8: {
-      float amax = 0;
+    const float row_lo = half_bits_to_float(lo_bits), row_hi = half_bits_to_float(hi_bits);
+    const float row_scale = code_scale(row_lo, row_hi, uniform, kBits);
+    const float row_span = decoded.row != nullptr ? packed_span(!uniform, row_lo, row_hi, kBits) : 0.0f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
-      amax = reduce_max(amax, kLanes);
-      const uint16_t scale_bits = float_to_half_bits(__fdiv_rn(amax, 448.0f));
-      if (at.sub == 0) reinterpret_cast<uint16_t*>(row_params)[row] = scale_bits;
-      const float scale = half_bits_to_float(scale_bits);
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        codes[first + c0 + e] = scale > 0 ? __nv_cvt_float_to_fp8(__fdiv_rn(x[e], scale), __NV_SATFINITE, __NV_E4M3) : 0;
-      }
-      return;
-    }
-    case KvScheme::q8_0:
-    case KvScheme::q4_0:
-    case KvScheme::kivi: {  // per 32-channel block of the row: 32 / E lanes
-      const int width = 32 / E;
-      const int block32 = c0 / 32;
-      const bool leader = lane % width == 0;
-      if (layout.scheme == KvScheme::kivi) {
-        bool all[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) all[e] = true;
-        const float mn = scan_extreme<E, false, false>(x, all, c0, width);  // std::minmax_element: first smallest,
-        const float mx = scan_extreme<E, true, true>(x, all, c0, width);    // last largest
-        const float levels = levels_of(layout.bits);
-        const AsymmetricParams p = asymmetric_params(mn, mx, levels);
-        if (leader) reinterpret_cast<uint32_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = p.packed;
-#pragma unroll
-        for (int e = 0; e < E; ++e) row_codes[e] = static_cast<uint8_t>(asymmetric_encode(x[e], p, levels));
-      } else if (layout.scheme == KvScheme::q8_0) {
-        float amax = 0;
-#pragma unroll
-        for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
-        amax = reduce_max(amax, width);
-        const float d = __fdiv_rn(amax, 127.0f);
-        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
-        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          codes[first + c0 + e] = static_cast<uint8_t>(static_cast<int8_t>(roundf(__fmul_rn(x[e], id))));
-        }
-        return;
-      } else {  // q4_0: d from the element of largest magnitude (the first of equals), with its sign
-        Extreme amax{0.0f, 0.0f, -1};
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          if (fabsf(x[e]) > (amax.index < 0 ? 0.0f : amax.key)) amax = Extreme{fabsf(x[e]), x[e], c0 + e};
-        }
-        amax = reduce_extreme<true, false>(amax, width);
-        const float max = amax.index < 0 ? 0.0f : amax.payload;
-        const float d = __fdiv_rn(max, -8.0f);
-        const float id = d != 0 ? __fdiv_rn(1.0f, d) : 0.0f;
-        if (leader) reinterpret_cast<uint16_t*>(row_params)[int64_t{row} * (kHeadDim / 32) + block32] = float_to_half_bits(d);
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int q = static_cast<int8_t>(__float2int_rz(__fadd_rn(__fmul_rn(x[e], id), 8.5f)));
-          row_codes[e] = static_cast<uint8_t>(min(15, q));
-        }
-      }
-      break;
-    }
-    case KvScheme::uniform:
-    case KvScheme::nonuniform: {
-      bool stored[E] = {};
-      if (__any_sync(0xffffffffu, take > 0)) {  // slots to fill in either row (none in most)
-        bool candidate[E];
-        float magnitude[E];
-        row_candidates<kHeadDim>(layout, shared, value_limit, x, lane, candidate, magnitude);
-        take_outliers<kHeadDim>(layout, block, row, bits, candidate, magnitude, start, take, scratch, lane, stored);
-      }
-      const bool uniform = layout.scheme == KvScheme::uniform;
-      float lo[E], scale[E], span[E];  // span: packed_span, for the decoded rows
-      if (layout.kind == KvKind::key) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          lo[e] = shared.key_lo[c0 + e], scale[e] = shared.key_scale[c0 + e], span[e] = shared.key_span[c0 + e];
-        }
-      } else {  // the row's range over its elements not kept as outliers
-        bool kept[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) kept[e] = !stored[e];
-        const float mn = scan_extreme<E, false, false>(x, kept, c0, kLanes);
-        const float mx = scan_extreme<E, true, false>(x, kept, c0, kLanes);
-        const bool none = sink || mn > mx;  // a sink, or every element is an outlier
-        const uint16_t lo_bits = none ? 0 : float_to_half_bits(mn), hi_bits = none ? 0 : float_to_half_bits(mx);
-        if (at.sub == 0) reinterpret_cast<uint32_t*>(row_params)[row] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
-        const float row_lo = half_bits_to_float(lo_bits), row_hi = half_bits_to_float(hi_bits);
-        const float row_scale = code_scale(row_lo, row_hi, uniform, layout.bits);
-        const float row_span = decoded.row != nullptr ? packed_span(!uniform, row_lo, row_hi, layout.bits) : 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale, span[e] = row_span;
-      }
-      encode_scaled<E>(x, lo, scale, uniform, layout.bits, shared.mids, row_codes);
-      if (sink) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) row_codes[e] = 0;
-      }
-      store_tile_rows<E>(decoded, c0, shared.decode_x, lo, span, x, sink, stored, row_codes);
-      break;
-    }
+    for (int e = 0; e < E; ++e) lo[e] = row_lo, scale[e] = row_scale, span[e] = row_span;
   }
-  pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words<kHeadDim>(layout, block, row), at.sub);
+  uint8_t codes[E];
+  encode_scaled<E, kBits>(x, lo, scale, uniform, shared.mids, codes);
+  if (sink) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) codes[e] = 0;
+  }
+  store_tile_rows<E>(decoded, c0, shared.decode_x, lo, span, x, sink, stored, codes);
+  pack_row_codes<E, kBits, kLanes>(codes, row_words<kHeadDim>(layout, block, row, kBits), at.sub);
 }
 
-// KIVI keys: every 32-row group of the run, per channel (scale, min) over the group.
-template <int kHeadDim>
-__device__ void encode_kivi_key_groups(const PageBlockLayout& layout, uint8_t* block, const KvWriteRun& run,
-                                       const KvWriteRow* rows, Scratch<kHeadDim>& scratch) {
-  const float levels = levels_of(layout.bits);
-  for (int g = 0; g < run.n_rows; g += 32) {
-    const KvWriteRow* group = rows + g;
-    const int row0 = group[0].page_row;
-    for (int c = threadIdx.x; c < kHeadDim; c += blockDim.x) {
-      float x[32];
-#pragma unroll
-      for (int r = 0; r < 32; ++r) x[r] = half_bits_to_float(group[r].src[c]);
-      float mn = x[0], mx = x[0];
-#pragma unroll
-      for (int r = 1; r < 32; ++r) {
-        mn = x[r] < mn ? x[r] : mn;  // std::min, std::max
-        mx = mx < x[r] ? x[r] : mx;
-      }
-      const AsymmetricParams p = asymmetric_params(mn, mx, levels);
-      reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[int64_t{row0 / 32} * kHeadDim + c] = p.packed;
-#pragma unroll
-      for (int r = 0; r < 32; ++r) scratch.group_codes[r * kHeadDim + c] = static_cast<uint8_t>(asymmetric_encode(x[r], p, levels));
-    }
-    __syncthreads();
-    pack_words(scratch.group_codes, 32 * kHeadDim, layout.bits, row_words<kHeadDim>(layout, block, row0), threadIdx.x, blockDim.x);
-    __syncthreads();
-  }
-}
-
-// The block's free slots handed out in row order, by one warp: row i wants slot_take[i] and gets
-// slot_start[i], slot_take[i] (replaced). The CPU fills slots one by one, so the count after rows 0..i is
-// min(capacity, before + their wants) (once full, it stays full), or stays `before` if that already
-// exceeds the capacity: max(before, min(capacity, before + prefix)) of a prefix sum over the rows.
-__device__ void hand_out_slots(const PageBlockLayout& layout, uint8_t* block, bool fresh, int n_rows, int* slot_start,
-                               int* slot_take, unsigned long long* outlier_counts, int lane) {
-  uint32_t* count = reinterpret_cast<uint32_t*>(block + layout.outliers_offset);
-  const unsigned long long capacity = static_cast<unsigned long long>(layout.outlier_capacity);
-  const unsigned long long before = fresh ? 0ull : *count;  // encoding row 0 starts the block afresh
-  const auto used_after = [&](unsigned long long wanted) { return max(before, min(capacity, before + wanted)); };
-  unsigned long long wanted_earlier = 0;  // by the rows of earlier rounds
-  for (int base = 0; base < n_rows; base += 32) {
-    const int i = base + lane;
-    const unsigned wanted = i < n_rows ? static_cast<unsigned>(slot_take[i]) : 0u;
-    unsigned inclusive = wanted;
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += other;
-    }
-    const unsigned long long start = used_after(wanted_earlier + inclusive - wanted);
-    if (i < n_rows) {
-      slot_start[i] = static_cast<int>(start);
-      slot_take[i] = static_cast<int>(used_after(wanted_earlier + inclusive) - start);
-    }
-    wanted_earlier += __shfl_sync(0xffffffffu, inclusive, 31);
-  }
-  if (lane == 0) {
-    const unsigned long long used = used_after(wanted_earlier);
-    *count = static_cast<uint32_t>(used);
-    if (used > before) atomicAdd(outlier_counts, used - before);
-    if (wanted_earlier > used - before) atomicAdd(outlier_counts + 1, wanted_earlier - (used - before));
-  }
-}
-
-// One run per block (the file comment tells the steps); the kernels below instantiate it per head_dim.
-template <int kHeadDim, int kCtaThreads>
-__device__ __forceinline__ void quantize_run(const KernelArgs& args) {
+// The run's rows with per-row ranges, a round of kRowsInFlight at a time: each row's candidates, the round's
+// slots handed out (one CTA barrier a round), then each row encoded. kKey: the run's kind.
+template <int kHeadDim, int kCtaThreads, int kBits, bool kKey>
+__device__ void encode_calibrated_rows(const KernelArgs& args, const KvWriteRun& run, const PageBlockLayout& layout,
+                                       uint8_t* block, const KvWriteRow* rows, CalibratedScratch<kHeadDim>& scratch,
+                                       SlotHandout& handout) {
   constexpr int E = kLaneChannels;
-  constexpr int kLanes = RowShape<kHeadDim>::kLanes;
-  extern __shared__ __align__(16) unsigned char shared[];
-  Scratch<kHeadDim>& scratch = *reinterpret_cast<Scratch<kHeadDim>*>(shared);
-  const KvWriteRun run = args.runs[blockIdx.x];
-  if (run.n_rows == 0) return;  // padding
-  const PageBlockLayout& layout = args.layouts[run.kind];
-  // The run's rows, listed or consecutive, in one table the loops read. Computing a consecutive run's rows where
-  // they are read instead took 128 registers at head_dim 128 (nuq3-1% 0.63 ms against 0.40), or bounded to 64
-  // ran 12% slower (kvq-gpu-bench --parts quantize, llama2-7b 4 x 2048, H100, 2026-11-27).
-  KvWriteRow* rows = reinterpret_cast<KvWriteRow*>(shared + kRowTableOffset<kHeadDim>);
-  int* slot_start = reinterpret_cast<int*>(rows + layout.page_size);
-  int* slot_take = slot_start + layout.page_size;
-  float* value_limit = reinterpret_cast<float*>(slot_take + layout.page_size);             // values: per row
-  uint32_t* stored_bits = reinterpret_cast<uint32_t*>(value_limit + layout.page_size);  // (n_rows * head_dim / 32)
-  uint8_t* block = args.pool + run.block_offset;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowLane at = row_lane<kLanes>(lane);
-  constexpr int kRowsPerWarp = RowShape<kHeadDim>::kRowsPerWarp;
-  constexpr int kRowsInFlight = kCtaThreads / 32 * kRowsPerWarp;
-  static_assert(kRowsInFlight <= RowShape<kHeadDim>::kMaxRowsInFlight, "a row scratch per row in flight");
-  const int first_base = warp * kRowsPerWarp;  // the warp's rows: + half, then kRowsInFlight on
-  typename Scratch<kHeadDim>::Row& row_scratch = scratch.row[first_base + at.half];
-  for (int i = threadIdx.x; i < run.n_rows; i += kCtaThreads) rows[i] = run_row(run, args.rows, i);
-  __syncthreads();  // the row table is filled
-
-  if (layout.scheme == KvScheme::kivi && layout.kind == KvKind::key) {
-    encode_kivi_key_groups<kHeadDim>(layout, block, run, rows, scratch);
-    return;
-  }
-  const float* codebook = layout.kind == KvKind::key ? args.calib.key_codebook : args.calib.value_codebook;
-  if (is_calibrated(layout.scheme) && threadIdx.x < (1 << layout.bits)) {
-    const bool nonuniform = layout.scheme == KvScheme::nonuniform;
-    scratch.decode_x[threadIdx.x] = packed_x(nonuniform, codebook, threadIdx.x);
-    if (nonuniform && threadIdx.x + 1 < (1 << layout.bits)) {
-      scratch.mids[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(codebook[threadIdx.x], codebook[threadIdx.x + 1]));
-    }
-  }
-  const bool page_ranges = layout.per_page_key_ranges;
-  if (page_ranges) {
-    for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kCtaThreads) stored_bits[i] = 0;
-  }
-  if (is_calibrated(layout.scheme) && layout.kind == KvKind::key) {
-    const int64_t head = int64_t{run.kv_head} * kHeadDim;
-    for (int c = threadIdx.x; c < kHeadDim; c += kCtaThreads) {
-      scratch.key_lo[c] = args.calib.key_lo[head + c];
-      scratch.key_hi[c] = args.calib.key_hi[head + c];
-      scratch.key_scale[c] = args.calib.key_scale[head + c];
-      scratch.key_span[c] = packed_span(layout.scheme == KvScheme::nonuniform, scratch.key_lo[c], scratch.key_hi[c], layout.bits);
-    }
-  }
-  __syncthreads();
-
-  // Slots: every row's candidates, then the block's free slots handed out in row order.
-  if (layout.outlier_capacity > 0) {
-    uint2 raw = prefetch_row<kRowsPerWarp>(rows, first_base, run.n_rows, at);
-    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const uint2 next = prefetch_row<kRowsPerWarp>(rows, base + kRowsInFlight, run.n_rows, at);
-      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
-      const bool sink = rows[i].exact;  // loaded first, so its latency passes under the row's work
-      uint16_t bits[E];
-      float x[E], magnitude[E];
-      bool candidate[E];
-      unpack_row(raw, bits, x);
-      const float limit = layout.kind == KvKind::value
-                              ? value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, row_scratch, at)
-                              : 0.0f;
-      const int count = row_candidates<kHeadDim>(layout, scratch, limit, x, lane, candidate, magnitude);
-      if (at.sub == 0) {
-        value_limit[i] = limit;
-        slot_take[i] = sink ? 0 : count;  // a sink takes no slot
+  using Cta = CtaLane<kHeadDim, kCtaThreads>;
+  const Cta cta;
+  RowScratch<kHeadDim>& row_scratch = scratch.row[cta.warp * Cta::kRowsPerWarp + cta.at.half];
+  const bool slots = layout.outlier_capacity > 0;
+  const bool uniform = layout.scheme == KvScheme::uniform;
+  const RunTileRows tile_rows = run_tile_rows<kHeadDim>(args.decoded, run);
+  uint2 raw = prefetch_row<Cta::kRowsPerWarp>(rows, cta.warp * Cta::kRowsPerWarp, run.n_rows, cta.at);
+  for (int base = 0, parity = 0; base < run.n_rows; base += Cta::kRowsInFlight, parity ^= 1) {
+    const RoundPlace<Cta::kRowsPerWarp> place(base, cta.warp, cta.at.half, run.n_rows);
+    const uint2 next = prefetch_row<Cta::kRowsPerWarp>(rows, place.first + Cta::kRowsInFlight, run.n_rows, cta.at);
+    float x[E];
+    unpack_row(raw, x);
+    RowCandidates candidates{};
+    bool sink = false;
+    if (place.has_row && slots) {
+      sink = rows[place.i].exact;
+      if constexpr (kKey) {
+        candidates = key_candidates<Cta::kLanes>(x, scratch.key_lo, scratch.key_hi, cta.lane);
+      } else {
+        const float limit = value_outlier_limit<kHeadDim>(x, args.calib.value_threshold, row_scratch, cta.at);
+        candidates = value_candidates<Cta::kLanes>(x, limit, cta.lane);
       }
-      raw = next;
     }
-    __syncthreads();
-    if (warp == 0) hand_out_slots(layout, block, rows[0].page_row == 0, run.n_rows, slot_start, slot_take,
-                                  args.outlier_counts, lane);
-  }
-  __syncthreads();
-
-  if (!page_ranges) {
-    const RunTileRows tile_rows = run_tile_rows<kHeadDim>(args.decoded, run);
-    uint2 raw = prefetch_row<kRowsPerWarp>(rows, first_base, run.n_rows, at);
-    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const uint2 next = prefetch_row<kRowsPerWarp>(rows, base + kRowsInFlight, run.n_rows, at);
-      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
-      const int start = layout.outlier_capacity > 0 ? slot_start[i] : 0;
-      const int take = layout.outlier_capacity > 0 ? slot_take[i] : 0;
-      const float limit = layout.outlier_capacity > 0 ? value_limit[i] : 0.0f;
-      encode_row<kHeadDim>(layout, block, rows[i], raw, start, take, limit, scratch, warp, lane,
-                           decoded_row_out<kHeadDim>(tile_rows, i, at.sub));
-      raw = next;
+    const SlotGrant grant = slots ? grant_slots<Cta::kRowsInFlight>(handout, scratch.wants[parity], base, place, cta.at,
+                                                                    sink ? 0 : candidates.count)
+                                  : SlotGrant{0, 0};
+    if (place.has_row) {
+      const KvWriteRow w = rows[place.i];
+      encode_calibrated_row<kHeadDim, kBits, kKey>(layout, block, w.page_row, w.exact, raw, x, candidates, grant,
+                                                   scratch, row_scratch, cta.at,
+                                                   decoded_row_out<kHeadDim>(tile_rows, place.i, cta.at.sub), uniform);
     }
-    return;
+    raw = next;
   }
+}
 
-  // --kscale page keys (the run is the whole page): outliers, then per-channel ranges of the rest, then codes.
+// --kscale page keys (the run is the whole page): outliers, a round at a time as encode_calibrated_rows takes
+// them, then per-channel ranges of the rest, then codes.
+template <int kHeadDim, int kCtaThreads, int kBits>
+__device__ void encode_page_keys(const PageBlockLayout& layout, uint8_t* block, const KvWriteRow* rows, int n_rows,
+                                 CalibratedScratch<kHeadDim>& scratch, uint32_t* stored_bits, SlotHandout& handout) {
+  constexpr int E = kLaneChannels;
+  using Cta = CtaLane<kHeadDim, kCtaThreads>;
+  const Cta cta;
   const bool uniform = layout.scheme == KvScheme::uniform;
   if (layout.outlier_capacity > 0) {
-    for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-      const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);  // sinks too: they take no slot
-      uint16_t bits[E];
-      float x[E], magnitude[E];
-      bool candidate[E], stored[E];
-      load_row(rows[i].src, at.sub, bits, x);
-      row_candidates<kHeadDim>(layout, scratch, 0.0f, x, lane, candidate, magnitude);
-      take_outliers<kHeadDim>(layout, block, rows[i].page_row, bits, candidate, magnitude, slot_start[i], slot_take[i],
-                              row_scratch, lane, stored);
+    for (int base = 0, parity = 0; base < n_rows; base += Cta::kRowsInFlight, parity ^= 1) {
+      const RoundPlace<Cta::kRowsPerWarp> place(base, cta.warp, cta.at.half, n_rows);
+      uint2 raw{};
+      RowCandidates candidates{};
+      if (place.has_row) {
+        float x[E];
+        raw = load_row_raw(rows[place.i].src, cta.at.sub);
+        unpack_row(raw, x);
+        candidates = key_candidates<Cta::kLanes>(x, scratch.key_lo, scratch.key_hi, cta.lane);
+      }
+      const bool sink = place.has_row && rows[place.i].exact;
+      const SlotGrant grant = grant_slots<Cta::kRowsInFlight>(handout, scratch.wants[parity], base, place, cta.at,
+                                                         sink ? 0 : candidates.count);
+      if (!place.has_row) continue;
+      const unsigned stored = take_outliers<kHeadDim>(layout, block, rows[place.i].page_row, raw, candidates, grant,
+                                                      scratch.row[cta.warp * Cta::kRowsPerWarp + cta.at.half], cta.at);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        const int bit = i * kHeadDim + at.sub * E + e;
-        if (stored[e]) atomicOr(&stored_bits[bit / 32], 1u << (bit % 32));
+        const int bit = place.i * kHeadDim + cta.at.sub * E + e;
+        if (stored >> e & 1u) atomicOr(&stored_bits[bit / 32], 1u << (bit % 32));
       }
     }
     __syncthreads();
   }
   for (int c = threadIdx.x; c < kHeadDim; c += kCtaThreads) {
     float mn = INFINITY, mx = -INFINITY;
-    for (int i = 0; i < run.n_rows; ++i) {
+    for (int i = 0; i < n_rows; ++i) {
       const int bit = i * kHeadDim + c;
       if (rows[i].exact || (stored_bits[bit / 32] >> (bit % 32) & 1u)) continue;
       const float v = half_bits_to_float(rows[i].src[c]);
@@ -1060,47 +1166,105 @@ __device__ __forceinline__ void quantize_run(const KernelArgs& args) {
     const uint16_t lo_bits = float_to_half_bits(mn), hi_bits = float_to_half_bits(mx);
     reinterpret_cast<uint32_t*>(block + layout.group_params_offset)[c] = lo_bits | static_cast<uint32_t>(hi_bits) << 16;
     scratch.page_lo[c] = half_bits_to_float(lo_bits);
-    scratch.page_scale[c] = code_scale(scratch.page_lo[c], half_bits_to_float(hi_bits), uniform, layout.bits);
+    scratch.page_scale[c] = code_scale(scratch.page_lo[c], half_bits_to_float(hi_bits), uniform, kBits);
   }
   __syncthreads();
-  for (int base = first_base; base < run.n_rows; base += kRowsInFlight) {
-    const int i = row_of<kRowsPerWarp>(base, at.half, run.n_rows);
-    uint8_t row_codes[E] = {};  // sinks: zero codes
+  for (int base = cta.warp * Cta::kRowsPerWarp; base < n_rows; base += Cta::kRowsInFlight) {
+    const int i = row_of<Cta::kRowsPerWarp>(base, cta.at.half, n_rows);
+    uint8_t codes[E] = {};  // sinks: zero codes
     if (!rows[i].exact) {
-      uint16_t bits[E];
       float x[E], lo[E], scale[E];
-      load_row(rows[i].src, at.sub, bits, x);
+      unpack_row(load_row_raw(rows[i].src, cta.at.sub), x);
 #pragma unroll
-      for (int e = 0; e < E; ++e) lo[e] = scratch.page_lo[at.sub * E + e], scale[e] = scratch.page_scale[at.sub * E + e];
-      encode_scaled<E>(x, lo, scale, uniform, layout.bits, scratch.mids, row_codes);
+      for (int e = 0; e < E; ++e) {
+        lo[e] = scratch.page_lo[cta.at.sub * E + e], scale[e] = scratch.page_scale[cta.at.sub * E + e];
+      }
+      encode_scaled<E, kBits>(x, lo, scale, uniform, scratch.mids, codes);
     }
-    pack_row_codes<E, kLanes>(row_codes, layout.bits, row_words<kHeadDim>(layout, block, rows[i].page_row), at.sub);
+    pack_row_codes<E, kBits, Cta::kLanes>(codes, row_words<kHeadDim>(layout, block, rows[i].page_row, kBits), cta.at.sub);
   }
 }
 
-// Registers (ptxas, nvcc 13.0) since rows are also stored decoded and keys rotated (KvDecodedRows), each kernel at
-// its bound: kv_quantize_kernel_64 72 (no spills); kv_quantize_kernel_64_few_runs 64 with 16 bytes spilled,
-// bounded to 2 blocks (unbounded 90: one 512-thread block a multiprocessor, where a 2048-token smollm2-135m step's
-// 192 runs want two); kv_quantize_kernel_128 63 (no spills), bounded to 8 blocks (unbounded 87 and 0.512 ms
-// against 0.449, llama2-7b 4 x 2048 nuq3-1%, kvq-gpu-bench --parts quantize, H100, 2026-11-28). The history below
-// is of the bounds chosen before.
-// Head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor; then 71 used): with 2 channels a
-// lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52 (kvq-gpu-bench --parts
-// quantize, smollm2 64 x 2048, H200, 2026-11-27); not timed unbounded since. Its few-run launches take
-// kFewRunsThreads. One kernel for both, its loops strided by blockDim.x, ran head_dim 128's nuq3-1% in 0.45 ms
-// instead of 0.42: the CTA size is a compile-time constant of each kernel.
-// Head_dim 128 unbounded (64 registers once the row scratch was sized for kFewRunsThreads, 72 before, and 5%
-// faster: nuq3-1% 0.425 -> 0.401 ms, llama2-7b 4 x 2048, H100, 2026-11-27; bounded to 7 blocks at 71 it ran 5%
-// slower than at 72, and with a minimum of one block ptxas took 94 registers and fp8 ran 0.25 ms instead of
-// 0.19). Its few-run launches are rare (8 KV heads and more): kThreads always.
-// The scratch is sized for the most rows in flight of its head_dim's kernels (RowShape::kMaxRowsInFlight:
-// Scratch<64> ~22 KB for kFewRunsThreads, Scratch<128> ~12 KB): at pages of 512 rows that leaves room for 5
-// blocks of kv_quantize_kernel_64, not 7 (not timed; the default pages are 64 rows).
-__global__ void __launch_bounds__(kThreads, 7) kv_quantize_kernel_64(KernelArgs args) { quantize_run<64, kThreads>(args); }
-__global__ void __launch_bounds__(kFewRunsThreads, 2) kv_quantize_kernel_64_few_runs(KernelArgs args) {
-  quantize_run<64, kFewRunsThreads>(args);
+// One int / nuq run per block (the file comment tells the steps); the kernels below instantiate it per head_dim
+// and bits.
+template <int kHeadDim, int kCtaThreads, int kBits>
+__device__ __forceinline__ void quantize_calibrated_run(const KernelArgs& args) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  CalibratedScratch<kHeadDim>& scratch = *reinterpret_cast<CalibratedScratch<kHeadDim>*>(shared);
+  const KvWriteRun run = args.runs[blockIdx.x];
+  if (run.n_rows == 0) return;  // padding
+  const auto [layout, block, rows] = load_run_rows<CalibratedScratch<kHeadDim>, kCtaThreads>(args, run, shared);
+  uint32_t* stored_bits = reinterpret_cast<uint32_t*>(rows + layout.page_size);  // --kscale page (n_rows * head_dim / 32)
+  const bool key = layout.kind == KvKind::key;
+  const bool nonuniform = layout.scheme == KvScheme::nonuniform;
+  const float* codebook = key ? args.calib.key_codebook : args.calib.value_codebook;
+  if (threadIdx.x < (1 << kBits)) {
+    scratch.decode_x[threadIdx.x] = packed_x(nonuniform, codebook, threadIdx.x);
+    if (nonuniform && threadIdx.x + 1 < (1 << kBits)) {
+      scratch.mids[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(codebook[threadIdx.x], codebook[threadIdx.x + 1]));
+    }
+  }
+  if (layout.per_page_key_ranges) {
+    for (int i = threadIdx.x; i < run.n_rows * kHeadDim / 32; i += kCtaThreads) stored_bits[i] = 0;
+  }
+  if (key) {
+    const int64_t head = int64_t{run.kv_head} * kHeadDim;
+    for (int c = threadIdx.x; c < kHeadDim; c += kCtaThreads) {
+      scratch.key_lo[c] = args.calib.key_lo[head + c];
+      scratch.key_hi[c] = args.calib.key_hi[head + c];
+      scratch.key_scale[c] = args.calib.key_scale[head + c];
+      scratch.key_span[c] = packed_span(nonuniform, scratch.key_lo[c], scratch.key_hi[c], kBits);
+    }
+  }
+  __syncthreads();  // the row table, the ranges and the codebook are in place
+  // The block's count, read by every thread before the first round's barrier and written after the last one's.
+  uint32_t* count = reinterpret_cast<uint32_t*>(block + layout.outliers_offset);
+  SlotHandout handout{0, static_cast<unsigned>(layout.outlier_capacity), 0};
+  if (layout.outlier_capacity > 0 && rows[0].page_row != 0) handout.before = *count;  // row 0 starts it afresh
+  if (layout.per_page_key_ranges) {
+    encode_page_keys<kHeadDim, kCtaThreads, kBits>(layout, block, rows, run.n_rows, scratch, stored_bits, handout);
+  } else if (key) {
+    encode_calibrated_rows<kHeadDim, kCtaThreads, kBits, true>(args, run, layout, block, rows, scratch, handout);
+  } else {
+    encode_calibrated_rows<kHeadDim, kCtaThreads, kBits, false>(args, run, layout, block, rows, scratch, handout);
+  }
+  if (layout.outlier_capacity > 0 && threadIdx.x == 0) {
+    const unsigned used = handout.used_after(handout.wanted);
+    *count = used;
+    const unsigned stored = used - handout.before;
+    if (stored > 0) atomicAdd(args.outlier_counts, static_cast<unsigned long long>(stored));
+    const unsigned clamped = handout.wanted - stored;
+    if (clamped > 0) atomicAdd(args.outlier_counts + 1, static_cast<unsigned long long>(clamped));
+  }
 }
-__global__ void __launch_bounds__(kThreads, 8) kv_quantize_kernel_128(KernelArgs args) { quantize_run<128, kThreads>(args); }
+
+// Registers (ptxas, nvcc 13.0), each kernel at its bound, none spilling: kv_quantize_calibrated_64 69-71,
+// kv_quantize_calibrated_64_few_runs and kv_quantize_calibrated_128 64, the peer kernels 58-60.
+// The history of the bounds: head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): with 2
+// channels a lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52
+// (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200, 2026-11-27). The few-run launches take kFewRunsThreads,
+// bounded to 2 blocks (unbounded 90 registers: one 512-thread block a multiprocessor, where a 2048-token
+// smollm2-135m step's 192 runs want two). One kernel for both, its loops strided by blockDim.x, ran head_dim 128's
+// nuq3-1% in 0.45 ms instead of 0.42: the CTA size is a compile-time constant of each kernel. Head_dim 128 bounded
+// to 8 blocks (unbounded 87 registers and 0.512 ms against 0.449, llama2-7b 4 x 2048 nuq3-1%, H100, 2026-11-28); its
+// few-run launches are rare (8 KV heads and more): kThreads always.
+__global__ void __launch_bounds__(kThreads, 7) kv_quantize_peer_64(KernelArgs args) { quantize_peer_run<64, kThreads>(args); }
+__global__ void __launch_bounds__(kFewRunsThreads, 2) kv_quantize_peer_64_few_runs(KernelArgs args) {
+  quantize_peer_run<64, kFewRunsThreads>(args);
+}
+__global__ void __launch_bounds__(kThreads, 8) kv_quantize_peer_128(KernelArgs args) { quantize_peer_run<128, kThreads>(args); }
+template <int kBits>
+__global__ void __launch_bounds__(kThreads, 7) kv_quantize_calibrated_64(KernelArgs args) {
+  quantize_calibrated_run<64, kThreads, kBits>(args);
+}
+template <int kBits>
+__global__ void __launch_bounds__(kFewRunsThreads, 2) kv_quantize_calibrated_64_few_runs(KernelArgs args) {
+  quantize_calibrated_run<64, kFewRunsThreads, kBits>(args);
+}
+template <int kBits>
+__global__ void __launch_bounds__(kThreads, 8) kv_quantize_calibrated_128(KernelArgs args) {
+  quantize_calibrated_run<128, kThreads, kBits>(args);
+}
 
 template <int kBits>
 __device__ void dequantize_block(const PageBlockLayout& layout, const uint8_t* block, const BlockCalibration& calib,
@@ -1160,6 +1324,7 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   // (512 threads, 32 rows in flight) made smollm2-135m's prefill at 2048 x 64 a further 2.6% faster (kvq bench
   // --dummy smollm2-135m --prompt-len 2048 --batch 64, three rounds, H100, 2026-11-27).
   const bool few_runs = ctas == KvQuantizeCtas::by_launch ? n_runs <= 2 * n_sms : ctas == KvQuantizeCtas::few_runs;
+  const int page_size = key_layout.page_size;
   auto launch = [&](auto kernel, int threads, size_t smem) {
     constexpr size_t kDefaultLimit = 48 * 1024;  // above it a kernel must opt in (pages of 512+ rows)
     if (smem > kDefaultLimit) {
@@ -1167,14 +1332,32 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
     }
     kernel<<<n_runs, threads, smem, stream>>>(args);
   };
-  if (head_dim == 64) {
-    if (few_runs) {
-      launch(kv_quantize_kernel_64_few_runs, kFewRunsThreads, scratch_bytes<64>(key_layout.page_size));
+  const bool calibrated = key_layout.scheme == KvScheme::uniform || key_layout.scheme == KvScheme::nonuniform;
+  if (!calibrated) {
+    if (head_dim == 128) {
+      launch(kv_quantize_peer_128, kThreads, peer_scratch_bytes<128>(page_size));
+    } else if (few_runs) {
+      launch(kv_quantize_peer_64_few_runs, kFewRunsThreads, peer_scratch_bytes<64>(page_size));
     } else {
-      launch(kv_quantize_kernel_64, kThreads, scratch_bytes<64>(key_layout.page_size));
+      launch(kv_quantize_peer_64, kThreads, peer_scratch_bytes<64>(page_size));
     }
   } else {
-    launch(kv_quantize_kernel_128, kThreads, scratch_bytes<128>(key_layout.page_size));
+    const auto launch_bits = [&](auto bits) {
+      constexpr int kBits = decltype(bits)::value;
+      if (head_dim == 128) {
+        launch(kv_quantize_calibrated_128<kBits>, kThreads, calibrated_scratch_bytes<128>(page_size));
+      } else if (few_runs) {
+        launch(kv_quantize_calibrated_64_few_runs<kBits>, kFewRunsThreads, calibrated_scratch_bytes<64>(page_size));
+      } else {
+        launch(kv_quantize_calibrated_64<kBits>, kThreads, calibrated_scratch_bytes<64>(page_size));
+      }
+    };
+    switch (key_layout.bits) {
+      case 2: launch_bits(std::integral_constant<int, 2>{}); break;
+      case 3: launch_bits(std::integral_constant<int, 3>{}); break;
+      case 4: launch_bits(std::integral_constant<int, 4>{}); break;
+      default: fail("KV quantize-on-write: int / nuq formats have 2, 3 or 4 bits, not {}", key_layout.bits);
+    }
   }
   CUDA_CHECK_LAUNCH(stream, "kv_quantize_kernel");
 }

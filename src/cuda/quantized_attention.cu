@@ -902,12 +902,6 @@ __device__ __forceinline__ int row_angle_index(int row, int d) {
   return row * kAngleRowFloats<D> + d / (D / 4) * (D / 4 + 4) + d % (D / 4);
 }
 
-// rotate_pair with its roundings spelled out, so that a lane's fragment and an outlier's patch rotate the same
-// decoded pair to the same bits.
-__device__ __forceinline__ float2 rotate_pair_rn(float x0, float x1, float2 cs) {
-  return {__fmaf_rn(x0, cs.x, -__fmul_rn(x1, cs.y)), __fmaf_rn(x0, cs.y, __fmul_rn(x1, cs.x))};
-}
-
 // The patches of a tile's outlier slots: for each slot of the tile's rows [row_begin, row_begin + kTileKeys) of
 // a staged block (spread over the lanes), patch(slot, other, page_row, d, tile_row) with `other` the slot of the
 // RoPE partner (d ^ 1) where that is an outlier too, else the slot itself (kPairs; found as page_split_kernel
@@ -1108,8 +1102,8 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
             for (int j = 0; j < 4; ++j) {
               k[j] = codes[u].entry(key_table, 4 * kt + j, (4 * kt + j) * Table::kCodes * 4);
             }
-            const float2 r01 = rotate_pair_rn(k[0], k[1], make_float2(cs.x, cs.y));
-            const float2 r23 = rotate_pair_rn(k[2], k[3], make_float2(cs.z, cs.w));
+            const float2 r01 = rotated_pair(k[0], k[1], make_float2(cs.x, cs.y));
+            const float2 r23 = rotated_pair(k[2], k[3], make_float2(cs.z, cs.w));
             a[u] = half2_bits(r01.x, r01.y);
             a[2 + u] = half2_bits(r23.x, r23.y);
           }
@@ -1137,7 +1131,7 @@ __global__ void __launch_bounds__(kThreads, kFragmentMinBlocks<D>)
               const float own = slot_value(slot), partner = other != slot ? slot_value(other) : d & 1 ? decoded[0] : decoded[1];
               const float exact0 = d & 1 ? partner : own, exact1 = d & 1 ? own : partner;
               const float2 cs = *reinterpret_cast<const float2*>(s_row_angles + row_angle_index<D>(tile_row, d0));
-              const float2 rd = rotate_pair_rn(decoded[0], decoded[1], cs), rx = rotate_pair_rn(exact0, exact1, cs);
+              const float2 rd = rotated_pair(decoded[0], decoded[1], cs), rx = rotated_pair(exact0, exact1, cs);
               patched = tile_offset<D, kTileKeys>(tile_row, key_tile_column<D>(d0));
               const __half2 exact = __floats2half2_rn(rx.x, rx.y), decoded_pair = __floats2half2_rn(rd.x, rd.y);
               *reinterpret_cast<uint32_t*>(delta + patched) =
