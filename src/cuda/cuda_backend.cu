@@ -1130,18 +1130,24 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   const cuda::DeviceLayerCalibration calib = calibration_->layer(layer);
   const cuda::ExactRowStore store = exact_store(layer);
   // The CPU's order: keys rotated before they are stored (post-RoPE formats), pages written, attention, then
-  // the exact rows saved (the attention still reads the window's older rows). What does not depend on the step
-  // before it runs on the side stream (context_.side): the queries' rotation of pre-RoPE formats beside the
-  // quantization (which never reads the queries), the exact splits beside the page splits, and the save beside
-  // the rest of the layer (joined before the next layer's QKV GEMM overwrites the rows it reads: enqueue_forward).
+  // the exact rows saved (the attention still reads the window's older rows). The queries of int/nuq formats with
+  // per-row ranges are rotated by the quantize launch (its key rows' lanes, which load the angles anyway): a launch
+  // of its own ran beside none of the quantization's blocks, and quantize plus RoPE took 4.234 ms a llama2-7b
+  // 2048-token nuq3-1% step against 4.158 fused, 0.568 against 0.470 at smollm2-135m (Nsight Compute, H100,
+  // 2026-11-28). What
+  // does not depend on the step before it runs on the side stream (context_.side): the other pre-RoPE formats'
+  // query rotation beside the quantization (which never reads the queries), the exact splits beside the page
+  // splits, and the save beside the rest of the layer (joined before the next layer's QKV GEMM overwrites the
+  // rows it reads: enqueue_forward).
   const cuda::SideStream& side = context_.side;
+  const bool quantize_rotates_queries = cuda::kv_quantize_decodes_rows(key_layout_, value_layout_);
   const auto rotate = [&](cudaStream_t on) {
     cuda::launch_rope_in_place(qkv, step.n_tokens, step.positions, c.n_heads, c.n_kv_heads, c.head_dim, keys_post_rope,
                                rope_.as<float2>(), on);
   };
   if (keys_post_rope) {
     rotate(stream);
-  } else {
+  } else if (!quantize_rotates_queries) {
     cuda::fork_side(side, stream);
     rotate(side.stream);
   }
@@ -1158,12 +1164,13 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
                                         [](const cuda::PageScratchGroup& g) { return g.n_rows > 0; });
   if (scratch_rows && rotates_band_keys()) {  // only the page scratch's kernel copies them
     decoded.rotated_keys = rotated_keys_.as<__half>();
-    decoded.n_kv_heads = c.n_kv_heads;
   }
+  if (quantize_rotates_queries) decoded.n_heads = c.n_heads;  // the runs' rows are qkv's (plan_quantized_step)
+  decoded.n_kv_heads = c.n_kv_heads;
   cuda::launch_kv_quantize(pool, key_layout_, value_layout_, calib, q.runs, q.n_runs, q.rows + layer * q.rows_layer_stride,
                            outlier_counts_.as<unsigned long long>(), context_.properties.multiProcessorCount, stream,
                            cuda::KvQuantizeCtas::by_launch, decoded);
-  if (!keys_post_rope) cuda::join_side(side, stream);
+  if (!keys_post_rope && !quantize_rotates_queries) cuda::join_side(side, stream);
   const cuda::QuantizedPagedKv kv{pool, key_layout_, value_layout_, calib, step.pages, rope_.as<float2>(), c.n_kv_heads,
                                   keys_post_rope ? 0 : 1, qkv + c.q_dim(), c.qkv_dim(), store};
   const cuda::QuantizedPrefillSource prefill{kv, cuda::exact_rule(kv_options_, page_size_), q.chunk_slots, {},

@@ -56,6 +56,13 @@ __device__ __forceinline__ void step_angles(float2 (&cs)[4], const float2 (&step
 __device__ __forceinline__ float2 rotated_pair(float x0, float x1, float2 cs) {
   return {__fmaf_rn(x0, cs.x, -__fmul_rn(x1, cs.y)), __fmaf_rn(x0, cs.y, __fmul_rn(x1, cs.x))};
 }
+// The pair rotated as the CPU's RopeTable::rotate rounds it (every product and sum rounded: never fused), then
+// rounded to fp16: the queries' and post-RoPE keys' rotation, equal to the CPU's for equal fp16 inputs.
+__device__ __forceinline__ __half2 cpu_rotated_half2(__half2 pair, float2 cs) {
+  const float2 x = __half22float2(pair);
+  return __floats2half2_rn(__fsub_rn(__fmul_rn(x.x, cs.x), __fmul_rn(x.y, cs.y)),
+                           __fadd_rn(__fmul_rn(x.x, cs.y), __fmul_rn(x.y, cs.x)));
+}
 __device__ __forceinline__ void rotate_pair(float& x0, float& x1, float2 cs) {
   const float2 r = rotated_pair(x0, x1, cs);
   x0 = r.x;

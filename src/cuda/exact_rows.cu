@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
+#include "cuda/decode_partials.cuh"
 
 namespace kvq::cuda {
 namespace {
@@ -22,9 +23,8 @@ __global__ void save_exact_rows_kernel(const __half* qkv, int32_t q_dim, int32_t
   }
 }
 
-// RopeTable::rotate's operations, each rounded as the CPU rounds them (explicit _rn intrinsics: never
-// contracted into FMAs), then rounded to fp16: keys rotated here before quantization equal the CPU's
-// kv_rows_ whenever the pre-RoPE halves are equal. A thread takes 8 elements (4 pairs) at a time: a pair at a
+// RopeTable::rotate's operations, each rounded as the CPU rounds them (cpu_rotated_half2), then rounded to fp16:
+// keys rotated here before quantization equal the CPU's kv_rows_ whenever the pre-RoPE halves are equal. A thread takes 8 elements (4 pairs) at a time: a pair at a
 // time, llama2-7b's 2048-token queries took 15 us a layer, a third of the copy rate (Nsight Compute, H100,
 // 2026-11-28).
 __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
@@ -41,11 +41,7 @@ __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int3
     uint4 chunk = row[c];
     __half2* pairs = reinterpret_cast<__half2*>(&chunk);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const float2 x = __half22float2(pairs[p]);
-      pairs[p] = __floats2half2_rn(__fsub_rn(__fmul_rn(x.x, cs[p].x), __fmul_rn(x.y, cs[p].y)),
-                                   __fadd_rn(__fmul_rn(x.x, cs[p].y), __fmul_rn(x.y, cs[p].x)));
-    }
+    for (int p = 0; p < 4; ++p) pairs[p] = cpu_rotated_half2(pairs[p], cs[p]);
     row[c] = chunk;
   }
 }

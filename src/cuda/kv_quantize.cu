@@ -10,7 +10,8 @@
 //   order the CPU codec fills them in, then encodes. --kscale page keys take their outliers the same way, then
 //   per-channel ranges over the page's other elements, then codes. Rows a run routes to the page scratch are also
 //   stored there decoded (KvDecodedRows) by the lanes that encoded them, and every key row of a consecutive run
-//   exactly, rotated, where the prefill kernel's band tiles copy them from.
+//   exactly, rotated, where the prefill kernel's band tiles copy them from; the key rows' lanes also rotate the
+//   step's queries of their KV head in place.
 // - the other formats (fp16, fp8, q8_0, q4_0, KIVI): per row, or KIVI keys per channel over 32-row groups.
 // One kernel for all formats, slots counted in a first pass over the rows and handed out by one warp before a
 // second, executed 668 instructions a row at llama2-7b nuq3-1% (Nsight Compute: formats' branches, the pass over
@@ -526,6 +527,7 @@ struct KernelArgs {
   const KvWriteRow* rows;
   unsigned long long* outlier_counts;  // (2)
   KvDecodedRows decoded;
+  int32_t queries_per_kv_head;  // decoded.n_heads / decoded.n_kv_heads
 };
 
 // A run's layout, its block, and its rows, listed or consecutive, in one table in shared memory past the kernel's
@@ -689,29 +691,39 @@ __device__ __forceinline__ void quantize_peer_run(const KernelArgs& args) {
 
 // Where a run's rows go as the prefill kernel's tiles hold them (KvDecodedRows), resolved once per run: row i's
 // page-tile row at page_rows + i head_dim (i < n_page_rows), its rotated key at rotated_keys + i rotated_stride,
-// the angles to rotate keys by at angles + i head_dim / 2.
+// the angles to rotate keys and queries by at angles + i head_dim / 2; and the n_queries queries of a key row's
+// KV head, first at its src + query_offset.
 struct RunTileRows {
   __half* page_rows;     // null: none
   int32_t n_page_rows;
   __half* rotated_keys;  // null: none
   int32_t rotated_stride;
+  int32_t n_queries;     // 0: none
+  int32_t query_offset;  // elements
   const float2* angles;  // null: not rotated (values, keys after RoPE)
 };
 template <int kHeadDim>
-__device__ __forceinline__ RunTileRows run_tile_rows(const KvDecodedRows& decoded, const KvWriteRun& run) {
+__device__ __forceinline__ RunTileRows run_tile_rows(const KernelArgs& args, const KvWriteRun& run) {
+  const KvDecodedRows& decoded = args.decoded;
   const bool key = run.kind == static_cast<int32_t>(KvKind::key);
-  RunTileRows rows{nullptr, run.scratch_rows, nullptr, decoded.n_kv_heads * kHeadDim, nullptr};
+  RunTileRows rows{nullptr, run.scratch_rows, nullptr, decoded.n_kv_heads * kHeadDim, 0, 0, nullptr};
   if (run.scratch_rows > 0) {
     rows.page_rows = (key ? decoded.keys : decoded.values) + (int64_t{run.kv_head} * decoded.n_rows + run.scratch_row) * kHeadDim;
   }
-  if (key && decoded.rotated_keys != nullptr && run.first_row == kConsecutiveRows) {
-    rows.rotated_keys = decoded.rotated_keys + (int64_t{run.step_row} * decoded.n_kv_heads + run.kv_head) * kHeadDim;
+  if (key && run.first_row == kConsecutiveRows) {
+    if (decoded.rotated_keys != nullptr) {
+      rows.rotated_keys = decoded.rotated_keys + (int64_t{run.step_row} * decoded.n_kv_heads + run.kv_head) * kHeadDim;
+    }
+    if (decoded.n_heads > 0) {  // query heads h G .. of KV head h start (h G - n_heads - h) heads from its key
+      rows.n_queries = args.queries_per_kv_head;
+      rows.query_offset = (run.kv_head * (args.queries_per_kv_head - 1) - decoded.n_heads) * kHeadDim;
+    }
   }
   if (key && decoded.rope != nullptr) rows.angles = decoded.rope + int64_t{run.first_pos} * (kHeadDim / 2);
   return rows;
 }
-// Where row i of a run goes (null: nowhere) and, to rotate keys, the angles of the lane's pairs at the row's
-// position, loaded before the row's encoding so that the load's latency passes under it.
+// Where row i of a run goes (null: nowhere) and, to rotate keys and queries, the angles of the lane's pairs at the
+// row's position, loaded before the row's encoding so that the load's latency passes under it.
 struct DecodedRowOut {
   __half* row;          // (head_dim) page-tile row
   __half* rotated_key;  // (head_dim)
@@ -724,7 +736,7 @@ __device__ __forceinline__ DecodedRowOut decoded_row_out(const RunTileRows& rows
   DecodedRowOut out{nullptr, nullptr, false, {}};
   if (i < rows.n_page_rows) out.row = rows.page_rows + int64_t{i} * kHeadDim;
   if (rows.rotated_keys != nullptr) out.rotated_key = rows.rotated_keys + int64_t{i} * rows.rotated_stride;
-  out.rotate = rows.angles != nullptr && (out.row != nullptr || out.rotated_key != nullptr);
+  out.rotate = rows.angles != nullptr && (out.row != nullptr || out.rotated_key != nullptr || rows.n_queries > 0);
   if (out.rotate) {
     const float4 pairs = *reinterpret_cast<const float4*>(rows.angles + int64_t{i} * (kHeadDim / 2) + sub * 2);
     out.angles[0] = make_float2(pairs.x, pairs.y);
@@ -771,6 +783,22 @@ __device__ __forceinline__ void store_tile_rows(const DecodedRowOut& out, int c0
 #pragma unroll
     for (int e = 0; e < E; ++e) v[e] = x[e];
     store_tile_row<E>(out, out.rotated_key, c0, v);
+  }
+}
+
+// A key row's queries (RunTileRows::n_queries), the lane's 4 elements of each (channels sub * 4 ..), rotated in
+// place as launch_rope_in_place rotates them. first: the first query's elements, loaded ahead (load_row_raw). The
+// rows are the QKV GEMM's output, which the launch owns for the step (KvDecodedRows::n_heads), hence the const_cast.
+template <int kHeadDim>
+__device__ __forceinline__ void rotate_queries(const RunTileRows& rows, const uint16_t* key, uint2 first,
+                                               const DecodedRowOut& out, int sub) {
+  uint2* query = reinterpret_cast<uint2*>(const_cast<uint16_t*>(key) + rows.query_offset) + sub;
+  for (int g = 0; g < rows.n_queries; ++g) {
+    uint2 pairs = g == 0 ? first : query[g * kHeadDim / 4];
+    __half2* halves = reinterpret_cast<__half2*>(&pairs);
+    halves[0] = cpu_rotated_half2(halves[0], out.angles[0]);
+    halves[1] = cpu_rotated_half2(halves[1], out.angles[1]);
+    query[g * kHeadDim / 4] = pairs;
   }
 }
 
@@ -1088,7 +1116,7 @@ __device__ void encode_calibrated_rows(const KernelArgs& args, const KvWriteRun&
   RowScratch<kHeadDim>& row_scratch = scratch.row[cta.warp * Cta::kRowsPerWarp + cta.at.half];
   const bool slots = layout.outlier_capacity > 0;
   const bool uniform = layout.scheme == KvScheme::uniform;
-  const RunTileRows tile_rows = run_tile_rows<kHeadDim>(args.decoded, run);
+  const RunTileRows tile_rows = run_tile_rows<kHeadDim>(args, run);
   uint2 raw = prefetch_row<Cta::kRowsPerWarp>(rows, cta.warp * Cta::kRowsPerWarp, run.n_rows, cta.at);
   for (int base = 0, parity = 0; base < run.n_rows; base += Cta::kRowsInFlight, parity ^= 1) {
     const RoundPlace<Cta::kRowsPerWarp> place(base, cta.warp, cta.at.half, run.n_rows);
@@ -1106,14 +1134,19 @@ __device__ void encode_calibrated_rows(const KernelArgs& args, const KvWriteRun&
         candidates = value_candidates<Cta::kLanes>(x, limit, cta.lane);
       }
     }
+    uint2 first_query{};  // loaded before the round's barrier, so that its latency passes under it
+    if (kKey && place.has_row && tile_rows.n_queries > 0) {
+      first_query = load_row_raw(rows[place.i].src + tile_rows.query_offset, cta.at.sub);
+    }
     const SlotGrant grant = slots ? grant_slots<Cta::kRowsInFlight>(handout, scratch.wants[parity], base, place, cta.at,
                                                                     sink ? 0 : candidates.count)
                                   : SlotGrant{0, 0};
     if (place.has_row) {
       const KvWriteRow w = rows[place.i];
+      const DecodedRowOut decoded = decoded_row_out<kHeadDim>(tile_rows, place.i, cta.at.sub);
       encode_calibrated_row<kHeadDim, kBits, kKey>(layout, block, w.page_row, w.exact, raw, x, candidates, grant,
-                                                   scratch, row_scratch, cta.at,
-                                                   decoded_row_out<kHeadDim>(tile_rows, place.i, cta.at.sub), uniform);
+                                                   scratch, row_scratch, cta.at, decoded, uniform);
+      if (kKey && tile_rows.n_queries > 0) rotate_queries<kHeadDim>(tile_rows, w.src, first_query, decoded, cta.at.sub);
     }
     raw = next;
   }
@@ -1238,8 +1271,10 @@ __device__ __forceinline__ void quantize_calibrated_run(const KernelArgs& args) 
   }
 }
 
-// Registers (ptxas, nvcc 13.0), each kernel at its bound, none spilling: kv_quantize_calibrated_64 69-71,
-// kv_quantize_calibrated_64_few_runs and kv_quantize_calibrated_128 64, the peer kernels 58-60.
+// Registers (ptxas, nvcc 13.0), each kernel at its bound: kv_quantize_calibrated_64 67-71, _64_few_runs 64 (8 bytes
+// spilled at 3 bits), _128 63-64, the peer kernels 58-60. Rotating the queries cost the int/nuq kernels ~5% where
+// there are none to rotate (kvq-gpu-bench --parts quantize, llama2-7b 4 x 2048 nuq3-1% 0.333-0.338 -> 0.352 ms,
+// H100, 2026-11-28): the code is in every instance.
 // The history of the bounds: head_dim 64 at most 72 registers (7 blocks of 128 threads per multiprocessor): with 2
 // channels a lane and unbounded, the unrolled packing took 111 and nuq3-1% ran 0.72 ms instead of 0.52
 // (kvq-gpu-bench --parts quantize, smollm2 64 x 2048, H200, 2026-11-27). The few-run launches take kFewRunsThreads,
@@ -1317,7 +1352,17 @@ void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const 
   if (decoded.rotated_keys != nullptr && (decoded.rope == nullptr || decoded.n_kv_heads <= 0)) {
     fail("KV quantize-on-write: rotated keys need the RoPE table and the KV heads");
   }
-  const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts, decoded};
+  if (decoded.n_heads > 0) {
+    if (!kv_quantize_decodes_rows(key_layout, value_layout)) {
+      fail("KV quantize-on-write rotates the queries of int and nuq formats with per-row ranges only");
+    }
+    if (decoded.rope == nullptr || decoded.n_kv_heads <= 0 || decoded.n_heads % decoded.n_kv_heads != 0) {
+      fail("KV quantize-on-write: rotating {} query heads of {} KV heads needs the RoPE table and whole groups",
+           decoded.n_heads, decoded.n_kv_heads);
+    }
+  }
+  const int32_t queries_per_kv_head = decoded.n_heads > 0 ? decoded.n_heads / decoded.n_kv_heads : 0;
+  const KernelArgs args{pool, {key_layout, value_layout}, calib, runs, rows, outlier_counts, decoded, queries_per_kv_head};
   // A CTA encodes its run's rows a few at a time, so a launch of at most two runs a multiprocessor (a prefill
   // step of one 2048-token smollm2-135m prompt: 192 runs) waits on those chains with most of the device
   // idle; twice the warps a CTA took such a launch from 27.1 to 18.3 us (H100, 2026-11-27), four times the warps

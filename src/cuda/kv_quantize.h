@@ -118,10 +118,16 @@ struct KvDecodedRows {
   __half* rotated_keys = nullptr;  // (step rows, n_kv_heads, head_dim), by KvWriteRun::step_row (every run's rows
                                    // inside); needs rope
   int32_t n_kv_heads = 0;
+  // > 0: the step's queries, n_heads of them a row (heads h * n_heads / n_kv_heads .. with KV head h), rotated in
+  // place at their positions as launch_rope_in_place rotates them, by the lanes of the consecutive key runs (a step
+  // row's key of each KV head is in exactly one). Those runs' rows must lie as the QKV GEMM leaves them: a row's
+  // queries, then its keys (KvWriteRow::src of KV head h n_heads + h heads after its first query). Needs rope.
+  int32_t n_heads = 0;
 };
 
-// Whether launch_kv_quantize stores these layouts' rows decoded and their keys rotated (KvDecodedRows): int and
-// nuq with per-row ranges (calibrated key ranges, not --kscale page), keys and values alike.
+// Whether launch_kv_quantize stores these layouts' rows decoded, their keys rotated and rotates the queries
+// (KvDecodedRows): int and nuq with per-row ranges (calibrated key ranges, not --kscale page), keys and values
+// alike; their keys are stored pre-RoPE, and their consecutive key runs hold every row of a step.
 bool kv_quantize_decodes_rows(const PageBlockLayout& key_layout, const PageBlockLayout& value_layout);
 
 // Row i of a run, from the plan's rows (device or host array) or from the run itself.

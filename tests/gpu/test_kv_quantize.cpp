@@ -24,6 +24,7 @@
 #include "calib/calibration_file.h"
 #include "core/dtypes.h"
 #include "core/error.h"
+#include "cpu/llama_ops.h"
 #include "cuda/kv_quantize.h"
 #include "engine/step_batch.h"
 #include "gpu_test_util.h"
@@ -304,9 +305,20 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     if (rng() % 100 < 2) std::generate_n(history.begin() + row, head_dim, [&] { return signed_zero(rng); });
   }
 
-  // The step's rows as the QKV GEMM leaves them: (n_tokens, q_dim + 2 kv_dim), K and V after q_dim columns.
-  // Rows of earlier steps (grouped codecs) come from the history, standing in for the exact window.
-  const int q_dim = 3 * head_dim, stride = q_dim + 2 * kv_dim;
+  // The step's rows as the QKV GEMM leaves them: (n_tokens, q_dim + 2 kv_dim), 2 query heads a KV head, K and V
+  // after q_dim columns. Rows of earlier steps (grouped codecs) come from the history, standing in for the exact
+  // window. Int and nuq formats with per-row ranges also rotate the queries (KvDecodedRows::queries), checked
+  // against RopeTable::rotate rounded to fp16 after every step.
+  const int q_dim = 2 * kv_dim, stride = q_dim + 2 * kv_dim;
+  const bool rotates_queries = cuda::kv_quantize_decodes_rows(key_layout, value_layout);
+  LlamaConfig rope_config;
+  rope_config.head_dim = head_dim;
+  rope_config.context = static_cast<int32_t>(max_len);
+  rope_config.rope_theta = 10000.0f;
+  const RopeTable rope(rope_config);
+  const DeviceArray<float2> d_rope(rope_table(rope_config));
+  std::mt19937 query_rng(seed + 1);
+  std::normal_distribution<float> query_value(0.0f, 2.0f);
   const int max_step_tokens = n_seqs * (page_size + 8);
   const size_t step_elements = size_t(max_step_tokens) * stride;
   std::vector<uint16_t> sources(step_elements + history.size());
@@ -350,6 +362,11 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
             std::copy_n(row, head_dim, &sources[size_t(chunk.first_row + t) * stride + q_dim + kind * kv_dim + h * head_dim]);
           }
     }
+    if (rotates_queries) {
+      for (const SequenceChunk& chunk : batch.chunks)
+        for (int t = 0; t < chunk.n_tokens; ++t)
+          for (int c = 0; c < q_dim; ++c) sources[size_t(chunk.first_row + t) * stride + c] = fp32_to_fp16(query_value(query_rng));
+    }
     d_sources.upload(sources);
     const uint16_t* device_base = d_sources.get();
     const KvWritePlan plan = cuda::plan_kv_writes(
@@ -366,10 +383,35 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
     DeviceArray<KvWriteRow> d_rows(plan.rows.size());
     d_runs.upload(plan.runs);
     d_rows.upload(plan.rows);
+    cuda::KvDecodedRows decoded;
+    if (rotates_queries) {
+      decoded.rope = d_rope.get();
+      decoded.n_kv_heads = kKvHeads;
+      decoded.n_heads = q_dim / head_dim;
+    }
     cuda::launch_kv_quantize(d_pool.get(), key_layout, value_layout, device_calib.layer(0), d_runs.get(),
                              static_cast<int32_t>(plan.runs.size()), d_rows.get(), d_counts.get(), device_sm_count(),
-                             nullptr, ctas);
+                             nullptr, ctas, decoded);
     CUDA_CHECK(cudaDeviceSynchronize());
+    if (rotates_queries) {
+      const std::vector<uint16_t> rotated = d_sources.download();
+      for (const SequenceChunk& chunk : batch.chunks)
+        for (int t = 0; t < chunk.n_tokens; ++t)
+          for (int head = 0; head < q_dim / head_dim; ++head) {
+            const size_t at = size_t(chunk.first_row + t) * stride + size_t(head) * head_dim;
+            std::vector<float> want(head_dim);
+            for (int c = 0; c < head_dim; ++c) want[c] = fp16_to_fp32(sources[at + c]);
+            rope.rotate(want.data(), chunk.start_pos + t);
+            for (int c = 0; c < head_dim; ++c) {
+              if (rotated[at + c] != fp32_to_fp16(want[c])) {
+                ADD_FAILURE() << what << ": step " << step << ": query head " << head << " of sequence " << chunk.seq
+                              << " at " << chunk.start_pos + t << " channel " << c << " rotated to "
+                              << fp16_to_fp32(rotated[at + c]) << ", RopeTable " << want[c];
+                return {};
+              }
+            }
+          }
+    }
 
     // The CPU codec over the same runs, from the host copy of the same rows.
     for (const KvWriteRun& run : plan.runs) {
