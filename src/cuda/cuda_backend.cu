@@ -1134,11 +1134,10 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   // per-row ranges are rotated by the quantize launch (its key rows' lanes, which load the angles anyway): a launch
   // of its own ran beside none of the quantization's blocks, and quantize plus RoPE took 4.234 ms a llama2-7b
   // 2048-token nuq3-1% step against 4.158 fused, 0.568 against 0.470 at smollm2-135m (Nsight Compute, H100,
-  // 2026-11-28). What
-  // does not depend on the step before it runs on the side stream (context_.side): the other pre-RoPE formats'
-  // query rotation beside the quantization (which never reads the queries), the exact splits beside the page
-  // splits, and the save beside the rest of the layer (joined before the next layer's QKV GEMM overwrites the
-  // rows it reads: enqueue_forward).
+  // 2026-11-28). What does not depend on the step before it runs on the side stream (context_.side): the other
+  // pre-RoPE formats' query rotation beside the quantization (which never reads the queries), the exact splits
+  // beside the page splits, and the save beside the rest of the layer (joined before the next layer's QKV GEMM
+  // overwrites the rows it reads: enqueue_forward).
   const cuda::SideStream& side = context_.side;
   const bool quantize_rotates_queries = cuda::kv_quantize_decodes_rows(key_layout_, value_layout_);
   const auto rotate = [&](cudaStream_t on) {
@@ -1155,7 +1154,7 @@ void CudaBackend::enqueue_quantized_layer(int layer, const StepArgs& step, const
   // keys rotated, which band tiles copy instead of rotating each as it lands.
   cuda::KvDecodedRows decoded;
   decoded.rope = keys_post_rope ? nullptr : rope_.as<float2>();
-  if (!q.scratch_groups.empty() && cuda::kv_quantize_decodes_rows(key_layout_, value_layout_)) {
+  if (!q.scratch_groups.empty() && quantize_rotates_queries) {  // the formats that store rows decoded
     const cuda::PageScratch first = cuda::group_scratch(q.scratch_groups.front(), page_scratch_.as<void>(),
                                                         q.scratch_chunk_rows, c.n_kv_heads, c.head_dim);
     decoded.keys = first.keys, decoded.values = first.values, decoded.n_rows = first.n_rows;

@@ -24,9 +24,9 @@ __global__ void save_exact_rows_kernel(const __half* qkv, int32_t q_dim, int32_t
 }
 
 // RopeTable::rotate's operations, each rounded as the CPU rounds them (cpu_rotated_half2), then rounded to fp16:
-// keys rotated here before quantization equal the CPU's kv_rows_ whenever the pre-RoPE halves are equal. A thread takes 8 elements (4 pairs) at a time: a pair at a
-// time, llama2-7b's 2048-token queries took 15 us a layer, a third of the copy rate (Nsight Compute, H100,
-// 2026-11-28).
+// keys rotated here before quantization equal the CPU's kv_rows_ whenever the pre-RoPE halves are equal. A thread
+// takes 8 elements (4 pairs) at a time: a pair at a time, llama2-7b's 2048-token queries took 15 us a layer, a
+// third of the copy rate (Nsight Compute, H100, 2026-11-28).
 __global__ void rope_in_place_kernel(__half* qkv, const int32_t* positions, int32_t n_heads, int32_t n_kv_heads,
                                      int32_t head_dim, int32_t rotate_keys, const float2* rope) {
   const int32_t t = blockIdx.x;

@@ -953,6 +953,7 @@ struct RoundPlace {
 template <int kRowsInFlight, int kRowsPerWarp>
 __device__ SlotGrant grant_slots(SlotHandout& handout, uint8_t* wants, int base, const RoundPlace<kRowsPerWarp>& place,
                                  RowLane at, int want) {
+  static_assert(kRowsInFlight % 4 == 0, "wants are summed a word of four at a time");
   if (at.sub == 0) wants[threadIdx.x / 32 * kRowsPerWarp + at.half] = place.own ? want : 0;
   __syncthreads();
   const int slot = place.i - base;
@@ -1134,8 +1135,11 @@ __device__ void encode_calibrated_rows(const KernelArgs& args, const KvWriteRun&
         candidates = value_candidates<Cta::kLanes>(x, limit, cta.lane);
       }
     }
-    uint2 first_query{};  // loaded before the round's barrier, so that its latency passes under it
-    if (kKey && place.has_row && tile_rows.n_queries > 0) {
+    // The row's first query, loaded before the round's barrier so that its latency passes under it. Rotated in place,
+    // queries are not rewritten by a row's twin (row_of), which could read them rotated.
+    const bool rotates_queries = kKey && place.own && tile_rows.n_queries > 0;
+    uint2 first_query{};
+    if (rotates_queries) {
       first_query = load_row_raw(rows[place.i].src + tile_rows.query_offset, cta.at.sub);
     }
     const SlotGrant grant = slots ? grant_slots<Cta::kRowsInFlight>(handout, scratch.wants[parity], base, place, cta.at,
@@ -1146,7 +1150,7 @@ __device__ void encode_calibrated_rows(const KernelArgs& args, const KvWriteRun&
       const DecodedRowOut decoded = decoded_row_out<kHeadDim>(tile_rows, place.i, cta.at.sub);
       encode_calibrated_row<kHeadDim, kBits, kKey>(layout, block, w.page_row, w.exact, raw, x, candidates, grant,
                                                    scratch, row_scratch, cta.at, decoded, uniform);
-      if (kKey && tile_rows.n_queries > 0) rotate_queries<kHeadDim>(tile_rows, w.src, first_query, decoded, cta.at.sub);
+      if (rotates_queries) rotate_queries<kHeadDim>(tile_rows, w.src, first_query, decoded, cta.at.sub);
     }
     raw = next;
   }

@@ -167,7 +167,8 @@ enum class KvQuantizeCtas { by_launch, many_runs, few_runs };
 // Encodes every run into pool (bytes). runs (n_runs), rows (device arrays); outlier_counts (2) device
 // counters, added to: outliers stored, outliers that found their block's slots full. n_sms: the device's
 // multiprocessors (cudaDeviceProp::multiProcessorCount), which KvQuantizeCtas::by_launch weighs the runs
-// against. decoded: where runs with scratch_rows store those rows decoded, and consecutive runs' keys rotated.
+// against. decoded: where runs with scratch_rows store those rows decoded, consecutive runs' keys rotated, and
+// whether their lanes rotate the step's queries.
 void launch_kv_quantize(uint8_t* pool, const PageBlockLayout& key_layout, const PageBlockLayout& value_layout,
                         const DeviceLayerCalibration& calib, const KvWriteRun* runs, int32_t n_runs,
                         const KvWriteRow* rows, unsigned long long* outlier_counts, int n_sms, cudaStream_t stream,

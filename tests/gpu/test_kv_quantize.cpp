@@ -307,7 +307,7 @@ CaseResult run_case(const std::string& format_name, int head_dim, int page_size,
 
   // The step's rows as the QKV GEMM leaves them: (n_tokens, q_dim + 2 kv_dim), 2 query heads a KV head, K and V
   // after q_dim columns. Rows of earlier steps (grouped codecs) come from the history, standing in for the exact
-  // window. Int and nuq formats with per-row ranges also rotate the queries (KvDecodedRows::queries), checked
+  // window. Int and nuq formats with per-row ranges also rotate the queries (KvDecodedRows::n_heads), checked
   // against RopeTable::rotate rounded to fp16 after every step.
   const int q_dim = 2 * kv_dim, stride = q_dim + 2 * kv_dim;
   const bool rotates_queries = cuda::kv_quantize_decodes_rows(key_layout, value_layout);
