@@ -391,6 +391,7 @@ class CudaBackend final : public Backend {
   }
   void release_sequence(int32_t seq) override;
   KvCacheStats kv_stats() const override;
+  int64_t decode_graph_captures() const override { return decode_graph_captures_; }
 
  private:
   void allocate_weights();
@@ -493,6 +494,7 @@ class CudaBackend final : public Backend {
 
   bool use_graphs_;
   std::map<int32_t, std::unique_ptr<DecodeGraph>> decode_graphs_;  // by batch size
+  int64_t decode_graph_captures_ = 0;
 };
 
 CudaBackend::CudaBackend(const LlamaConfig& config, const LlamaWeights* weights, const CudaBackendOptions& options)
@@ -795,6 +797,7 @@ DecodeGraph& CudaBackend::decode_graph(int32_t batch_size, const GraphCapacity& 
   const cudaError_t instantiated = cudaGraphInstantiate(&graph->exec, captured, 0);
   cudaGraphDestroy(captured);
   CUDA_CHECK(instantiated);
+  ++decode_graph_captures_;
   std::unique_ptr<DecodeGraph>& captured_slot = decode_graphs_[batch_size];  // clear() may have removed the first
   captured_slot = std::move(graph);
   return *captured_slot;

@@ -59,6 +59,8 @@ class Backend {
   // Drops a finished sequence's state outside the pages (call with PageTables::free_sequence).
   virtual void release_sequence(int32_t /*seq*/) {}
   virtual KvCacheStats kv_stats() const { return {}; }
+  // Decode steps captured as CUDA graphs so far (backends that replay them): a step whose graph replays adds none.
+  virtual int64_t decode_graph_captures() const { return 0; }
 };
 
 }  // namespace kvq

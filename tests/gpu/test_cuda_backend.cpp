@@ -222,9 +222,11 @@ void expect_graphs_match_eager(const LlamaConfig& c, const LlamaWeights& w, cons
   }
   std::vector<int64_t> pos(ids.size(), 0);
   int step_index = 0;
-  // take[s]: tokens of sequence s in the step (0: not in it).
-  auto step = [&](const std::vector<int>& take) {
+  // take[s]: tokens of sequence s in the step (0: not in it). replays: the step must replay a graph captured before
+  // it (a batch size seen in the step before, no buffer grown since, no page or split boundary crossed).
+  auto step = [&](const std::vector<int>& take, bool replays = false) {
     const std::string what = name + " step " + std::to_string(step_index);
+    const int64_t captures_before = graphs->decode_graph_captures();
     const bool greedy = step_index++ % 2 == 1;
     StepBatch batch;
     for (size_t s = 0; s < take.size(); ++s) {
@@ -253,14 +255,18 @@ void expect_graphs_match_eager(const LlamaConfig& c, const LlamaWeights& w, cons
       graph_tables.append(int32_t(s), take[s]);
       pos[s] += take[s];
     }
+    EXPECT_EQ(eager->decode_graph_captures(), 0) << what;
+    if (replays) {
+      EXPECT_EQ(graphs->decode_graph_captures(), captures_before) << what << ": captured instead of replayed";
+    }
   };
   step({14, 1, 47, 60, 0});
   for (int k = 0; k < 4; ++k) step({1, 1, 1, 1, 0});  // batch 4: positions 14..17 cross 16, 47..50 cross 48
   for (int k = 0; k < 3; ++k) step({1, 0, 1, 1, 0});  // batch 3: a second graph
   step({0, 0, 0, 0, 20});                               // prefill between decode steps (a new store slot)
-  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0});  // batch 4 again
+  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 0}, k > 0);  // batch 4 again
   step({0, 0, 0, 0, 200});                              // more tokens than any step before: reallocated
-  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1});  // batch 5 after the reallocation
+  for (int k = 0; k < 3; ++k) step({1, 1, 1, 1, 1}, k > 0);  // batch 5 after the reallocation
   for (int k = 0; k < 2; ++k) step({1, 1, 1, 1, 0});  // batch 4 captured again
   step({300, 0, 0, 0, 0});                              // sequence 0 grows to ~330 keys: more splits
   for (int k = 0; k < 6; ++k) step({1, 1, 1, 1, 0});  // more splits than batch 4's graph holds: recaptured
