@@ -182,9 +182,13 @@ constexpr int kMaxCodebook = 16;
 // row's instructions there) serving both. Against a whole warp a row (2 channels a lane; kvq-gpu-bench --parts
 // quantize, H100, 2026-11-27): nuq3-1% 0.52 -> 0.35 ms, q4_0 0.35 -> 0.165 (smollm2 64 x 2048). Two rows a warp
 // at head_dim 128 (8 channels a lane) made q4_0 faster (0.24 -> 0.13 ms, llama2-7b 4 x 2048) but int and nuq
-// 10-20% slower, so 128 keeps a warp a row. Every shuffle stays within its row's lanes (width kLanes); both rows
-// of a warp run every warp-wide instruction, so rows that differ (a sink beside an ordinary row) take the same
-// path and differ in data.
+// 10-20% slower, so 128 keeps a warp a row. Nor does a warp take two of its rows a round one after the other
+// (one barrier for both, their chains interleaved): the unrolled rows doubled the code the loop runs, and the
+// int/nuq kernel, whose hot code is ~24 KB, then waited on its instruction cache (no-instruction stalls 10% -> 35%
+// of samples), 0.353 -> 0.60 ms at llama2-7b 4 x 2048 nuq3-1% (Nsight Compute, H200, 2026-11-28;
+// docs/results/2026-11-28-s24/two_rows_a_lane.patch). Every shuffle stays within its row's lanes (width kLanes);
+// both rows of a warp run every warp-wide instruction, so rows that differ (a sink beside an ordinary row) take the
+// same path and differ in data.
 constexpr int kLaneChannels = 4;
 template <int kHeadDim>
 struct RowShape {
